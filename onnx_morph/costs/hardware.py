@@ -1,0 +1,49 @@
+"""Peak compute and memory bandwidth for the roofline latency model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from onnx_morph.errors import OptionError
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    peak_gflops: float
+    bandwidth_gbs: float
+    note: str = ""
+
+
+# MorphNet's table (GFLOP/s, GB/s), then current parts from vendors' datasheets
+# (dense FP16/BF16 tensor throughput unless noted).
+HARDWARE: dict[str, Hardware] = {h.name.lower(): h for h in (
+    Hardware("K80", 8740, 480, "MorphNet"),
+    Hardware("P4", 5500, 192, "MorphNet"),
+    Hardware("T4", 8100, 300, "MorphNet"),
+    Hardware("P100", 9300, 732, "MorphNet"),
+    Hardware("V100", 125000, 900, "MorphNet"),
+    Hardware("TPUv2", 22500, 300, "MorphNet"),
+    Hardware("A100", 312000, 1555, "A100 40GB SXM, dense FP16 tensor"),
+    Hardware("H100", 989000, 3350, "H100 SXM, dense FP16 tensor"),
+    Hardware("L4", 121000, 300, "L4, dense FP16 tensor"),
+    Hardware("OrinNano", 10000, 68, "Jetson Orin Nano 8GB, approximate dense FP16"),
+)}
+
+
+def parse_hardware(spec: str) -> Hardware:
+    """'V100', or 'PEAK_GFLOPS,BANDWIDTH_GBS' for hardware not in the table."""
+    known = HARDWARE.get(spec.lower())
+    if known is not None:
+        return known
+    parts = spec.split(",")
+    try:
+        peak, bandwidth = (float(p) for p in parts)
+    except ValueError:
+        names = ", ".join(h.name for h in HARDWARE.values())
+        raise OptionError(
+            f"unknown hardware '{spec}': use one of {names}, or PEAK_GFLOPS,BANDWIDTH_GBS"
+        ) from None
+    if peak <= 0 or bandwidth <= 0:
+        raise OptionError(f"hardware '{spec}': peak compute and bandwidth must be positive")
+    return Hardware(f"custom({peak:g} GFLOP/s, {bandwidth:g} GB/s)", peak, bandwidth)

@@ -1,0 +1,146 @@
+"""Resource functions: the cost of every op as a function of its alive input and output channels.
+
+MorphNet's conventions: FLOPs count 2 per multiply-accumulate (MACs on request) and only for ops
+with a bilinear weight (Conv, ConvTranspose, Gemm, MatMul); parameters count every trained
+initializer (weights, biases, norm scales and shifts; not BatchNorm running statistics);
+activations count alive output channels of those ops; memory counts the bytes they read and
+write; latency is their roofline time, max(FLOPs / peak, bytes / bandwidth), summed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from onnx_morph.costs.hardware import Hardware
+from onnx_morph.graph.channel_graph import ChannelGraph
+from onnx_morph.handlers import OpGeometry
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class OpCost:
+    node: str
+    op_type: str
+    in_alive: int
+    in_total: int
+    out_alive: int
+    out_total: int
+    flops: float
+    params: float
+    activations: int
+    memory_bytes: float
+    latency_s: float
+
+
+def alive_along(graph: ChannelGraph, alive: np.ndarray, tensor: str, axis: int) -> np.ndarray:
+    """Alive mask of the channels along `axis` of `tensor`; all alive if that axis is not its channel axis."""
+    info = graph.tensors.get(tensor)
+    shape = info.shape if info is not None else graph.model.shapes.get(tensor)
+    classes = graph.classes(tensor)
+    if classes is None or info.axes != (axis,):
+        return np.ones(shape[axis] if shape is not None else 0, dtype=bool)
+    return alive[classes]
+
+
+def bilinear_count(a_in: np.ndarray, a_out: np.ndarray, groups: int) -> int:
+    """Sum over groups of alive inputs times alive outputs: the weight count per kernel position."""
+    if groups <= 1 or a_in.size % groups or a_out.size % groups:
+        return int(a_in.sum()) * int(a_out.sum())
+    per_in = a_in.reshape(groups, -1).sum(axis=1)
+    per_out = a_out.reshape(groups, -1).sum(axis=1)
+    return int((per_in * per_out).sum())
+
+
+def flop_cost(geometry: OpGeometry, a_in: np.ndarray, a_out: np.ndarray, macs: bool = False) -> float:
+    return (1 if macs else 2) * geometry.positions * geometry.kernel * bilinear_count(a_in, a_out, geometry.groups)
+
+
+def op_costs(
+    graph: ChannelGraph,
+    alive: np.ndarray,
+    *,
+    macs: bool = False,
+    hardware: Hardware | None = None,
+) -> list[OpCost]:
+    """The cost of every non-static node, in graph order, under the given alive classes."""
+    counted: set[str] = set()
+    costs = []
+    for name, relation in graph.relations.items():
+        node = graph.nodes[name]
+        geometry = relation.geometry
+        params = 0.0
+        flops = activations = 0
+        memory = latency = 0.0
+        if geometry is not None:
+            a_in = alive_along(graph, alive, geometry.input, geometry.in_axis)
+            a_out = alive_along(graph, alive, geometry.output, geometry.out_axis)
+            in_alive, in_total, out_alive, out_total = int(a_in.sum()), a_in.size, int(a_out.sum()), a_out.size
+            flops = flop_cost(geometry, a_in, a_out, macs)
+            weights = geometry.kernel * bilinear_count(a_in, a_out, geometry.groups)
+            if geometry.weight is not None and _take_param(graph, geometry.weight, counted):
+                params += weights
+            activations = out_alive
+            memory = _itemsize(graph, geometry.output) * (
+                _elements(graph, geometry.input) * _fraction(in_alive, in_total)
+                + _elements(graph, geometry.output) * _fraction(out_alive, out_total)
+                + weights
+            )
+            if hardware is not None:
+                full_flops = flops * (2 if macs else 1)
+                latency = max(full_flops / (hardware.peak_gflops * 1e9), memory / (hardware.bandwidth_gbs * 1e9))
+        else:
+            in_alive, in_total = _channel_counts(graph, alive, node.input[0] if node.input else "")
+            out_alive, out_total = _channel_counts(graph, alive, node.output[0] if node.output else "")
+        for term in relation.params:
+            if _take_param(graph, term.param, counted):
+                params += term.size * _tensor_fraction(graph, alive, term.tensor)
+        costs.append(OpCost(name, node.op_type, in_alive, in_total, out_alive, out_total,
+                            flops, params, activations, memory, latency))
+    return costs
+
+
+def _take_param(graph: ChannelGraph, name: str, counted: set[str]) -> bool:
+    """True the first time a float initializer is seen: shared weights count once."""
+    root = graph.param_root(name)
+    if root is None or root[0] in counted:
+        return False
+    tensor = graph.model.initializer(root[0])
+    if tensor.data_type not in _FLOAT_TYPES:
+        return False
+    counted.add(root[0])
+    return True
+
+
+def _channel_counts(graph: ChannelGraph, alive: np.ndarray, tensor: str) -> tuple[int, int]:
+    classes = graph.classes(tensor)
+    if classes is None:
+        return 0, 0
+    return int(alive[classes].sum()), int(classes.size)
+
+
+def _tensor_fraction(graph: ChannelGraph, alive: np.ndarray, tensor: str | None) -> float:
+    if tensor is None:
+        return 1.0
+    alive_count, total = _channel_counts(graph, alive, tensor)
+    return _fraction(alive_count, total)
+
+
+def _fraction(part: int, whole: int) -> float:
+    return part / whole if whole else 1.0
+
+
+def _elements(graph: ChannelGraph, tensor: str) -> int:
+    shape = graph.model.shapes.get(tensor)
+    return int(np.prod(shape, dtype=np.int64)) if shape is not None else 0
+
+
+def _itemsize(graph: ChannelGraph, tensor: str) -> int:
+    dtype = graph.model.dtypes.get(tensor, onnx.TensorProto.FLOAT)
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype)).itemsize
+    except (KeyError, TypeError):
+        return 4

@@ -1,0 +1,273 @@
+"""The channel graph: ONNX nodes joined by activation tensors, and every channel of every
+activation as an element of a union-find structure that the op handlers tie together."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import networkx as nx
+import numpy as np
+import onnx
+
+from onnx_morph.errors import ModelLoadError
+from onnx_morph.graph.groups import ChannelGroup, build_groups
+from onnx_morph.graph.load import LoadedModel
+from onnx_morph.handlers import NodeView, Pin, Relation, TensorInfo, handler_for, is_known
+
+_ALIAS_OPS = ("Identity", "Transpose")
+
+
+@dataclass
+class ChannelGraph:
+    """Activations, node relations and channel classes of one model.
+
+    Element e of tensor t is `offsets[t] + e`; `class_of[element]` is its channel class (the set
+    of channels that live or die together); `groups` collects classes that span the same tensors.
+    """
+
+    model: LoadedModel
+    nx: nx.MultiDiGraph
+    order: list[str]
+    nodes: dict[str, onnx.NodeProto]
+    tensors: dict[str, TensorInfo]
+    relations: dict[str, Relation]
+    offsets: dict[str, int]
+    class_of: np.ndarray
+    class_pins: dict[int, list[str]]
+    groups: list[ChannelGroup]
+    aliases: dict[str, tuple[str, tuple[int, ...] | None]]
+    unknown_ops: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.class_of.max()) + 1 if self.class_of.size else 0
+
+    def classes(self, tensor: str) -> np.ndarray | None:
+        """Channel class of each channel element of `tensor`, or None if it has no channel layout."""
+        if tensor not in self.offsets:
+            return None
+        start = self.offsets[tensor]
+        return self.class_of[start:start + self.tensors[tensor].channels]
+
+    def param_root(self, name: str) -> tuple[str, tuple[int, ...] | None] | None:
+        """The initializer behind a constant input (seen through Identity/Transpose) and the permutation applied."""
+        if self.model.initializer(name) is not None:
+            return name, None
+        return self.aliases.get(name)
+
+    def class_pinned(self) -> np.ndarray:
+        pinned = np.zeros(self.num_classes, dtype=bool)
+        pinned[list(self.class_pins)] = True
+        return pinned
+
+
+def build_channel_graph(model: LoadedModel) -> ChannelGraph:
+    """Ask every node's handler how its channels relate, then unite the related channels."""
+    graph = model.graph
+    names = _unique_names(graph.node)
+    nodes = dict(zip(names, graph.node))
+    consumers: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for name, node in nodes.items():
+        for index, tensor in enumerate(node.input):
+            if tensor:
+                consumers[tensor].append((name, index))
+
+    static = {t.name for t in graph.initializer} | set(model.folded)
+    aliases: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+    tensors: dict[str, TensorInfo] = {}
+    for value in graph.input:
+        if value.name not in static:
+            tensors[value.name] = _graph_input(model, value.name, consumers, nodes, tensors, static)
+
+    relations: dict[str, Relation] = {}
+    unknown: dict[str, list[str]] = defaultdict(list)
+    for name, node in nodes.items():
+        handler = handler_for(node.op_type, node.domain)
+        inputs = [i for i in node.input if i]
+        if getattr(handler, "static_output", False) or all(i in static for i in inputs):
+            static.update(o for o in node.output if o)
+            _record_alias(model, node, aliases)
+            continue
+        if not is_known(node.op_type, node.domain):
+            unknown[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"].append(name)
+        view = _view(model, name, node, tensors, static)
+        relation = handler.relate(view)
+        relations[name] = relation
+        for output, axes in zip(view.outputs, relation.output_axes):
+            if output is not None:
+                tensors[output.name] = TensorInfo(output.name, output.shape, _valid_axes(axes, output.shape))
+
+    offsets, total = {}, 0
+    for name, info in tensors.items():
+        if info.channels:
+            offsets[name] = total
+            total += info.channels
+    parent = list(range(total))
+    pins: list[tuple[int, str]] = []
+
+    def pin(p: Pin) -> None:
+        if p.tensor not in offsets:
+            return
+        start = offsets[p.tensor]
+        index = range(tensors[p.tensor].channels) if p.index is None else p.index
+        pins.extend((start + int(i), p.reason) for i in index)
+
+    for value in graph.input:
+        pin(Pin(value.name, f"graph input '{value.name}'"))
+    for value in graph.output:
+        pin(Pin(value.name, f"graph output '{value.name}'"))
+    for name, relation in relations.items():
+        for p in relation.pins:
+            pin(p)
+        for tie in relation.ties:
+            if tie.a not in offsets or tie.b not in offsets:
+                lost = f"channel layout is lost at {nodes[name].op_type} node '{name}'"
+                for side in (tie.a, tie.b):
+                    pin(Pin(side, lost))
+                continue
+            _unite(parent, offsets[tie.a] + tie.a_index, offsets[tie.b] + tie.b_index)
+
+    roots = np.fromiter((_find(parent, e) for e in range(total)), dtype=np.int64, count=total)
+    _, class_of = np.unique(roots, return_inverse=True)
+    class_pins: dict[int, list[str]] = defaultdict(list)
+    for element, reason in pins:
+        reasons = class_pins[int(class_of[element])]
+        if reason not in reasons:
+            reasons.append(reason)
+
+    digraph = _networkx(model, nodes, tensors, consumers)
+    partial = ChannelGraph(
+        model, digraph, names, nodes, tensors, relations, offsets, class_of.astype(np.int64),
+        dict(class_pins), [], aliases, dict(unknown),
+    )
+    partial.groups = build_groups(partial)
+    return partial
+
+
+def _unique_names(nodes) -> list[str]:
+    seen: dict[str, int] = {}
+    names = []
+    for index, node in enumerate(nodes):
+        base = node.name or f"{node.op_type}_{index}"
+        count = seen.get(base, 0)
+        seen[base] = count + 1
+        names.append(base if count == 0 else f"{base}#{count}")
+    return names
+
+
+def _graph_input(model, name, consumers, nodes, tensors, static) -> TensorInfo:
+    """A graph input takes the channel axes its first opinionated consumer reads."""
+    shape = model.shapes.get(name)
+    axes = None
+    if shape is not None:
+        for node_name, index in consumers.get(name, []):
+            node = nodes[node_name]
+            view = _view(model, node_name, node, {**tensors, name: TensorInfo(name, shape)}, static)
+            axes = handler_for(node.op_type, node.domain).preferred_axes(view, index, len(shape))
+            if axes is not None:
+                break
+        if axes is None and len(shape) >= 2:
+            axes = (1,)
+    return TensorInfo(name, shape, _valid_axes(axes, shape))
+
+
+def _view(model: LoadedModel, name: str, node: onnx.NodeProto, tensors: dict[str, TensorInfo], static: set[str]) -> NodeView:
+    def info(tensor: str) -> TensorInfo | None:
+        if not tensor:
+            return None
+        if tensor in static:
+            return TensorInfo(tensor, model.shapes.get(tensor), None, constant=True)
+        return tensors.get(tensor) or TensorInfo(tensor, model.shapes.get(tensor))
+
+    outputs = [TensorInfo(o, model.shapes.get(o)) if o else None for o in node.output]
+    return NodeView(node, name, [info(i) for i in node.input], outputs, model.constant, model.opset)
+
+
+def _valid_axes(axes, shape) -> tuple[int, ...] | None:
+    if axes is None or shape is None or not axes:
+        return None
+    if any(a < 0 or a >= len(shape) for a in axes) or math.prod(shape[a] for a in axes) == 0:
+        return None
+    return tuple(axes)
+
+
+def _record_alias(model: LoadedModel, node: onnx.NodeProto, aliases) -> None:
+    """Weights reach MatMul through Transpose (or Identity) when exported without constant folding."""
+    if node.op_type not in _ALIAS_OPS or not node.input or not node.input[0]:
+        return
+    source = node.input[0]
+    root = (source, None) if model.initializer(source) is not None else aliases.get(source)
+    if root is None:
+        return
+    perm = None
+    if node.op_type == "Transpose":
+        rank = len(model.shapes.get(source, ()))
+        perm = next((tuple(a.ints) for a in node.attribute if a.name == "perm"), tuple(reversed(range(rank))))
+        if root[1] is not None:
+            perm = tuple(root[1][p] for p in perm)
+    else:
+        perm = root[1]
+    aliases[node.output[0]] = (root[0], perm)
+
+
+def _find(parent: list[int], element: int) -> int:
+    while parent[element] != element:
+        parent[element] = parent[parent[element]]
+        element = parent[element]
+    return element
+
+
+def _unite(parent: list[int], a: np.ndarray, b: np.ndarray) -> None:
+    for x, y in zip(a.tolist(), b.tolist()):
+        rx, ry = _find(parent, x), _find(parent, y)
+        if rx != ry:
+            if rx < ry:
+                parent[ry] = rx
+            else:
+                parent[rx] = ry
+
+
+def _networkx(model: LoadedModel, nodes, tensors, consumers) -> nx.MultiDiGraph:
+    """Op nodes plus graph inputs/outputs; one edge per (tensor, consumer), with shape and channel axes."""
+    graph = nx.MultiDiGraph()
+    producer = {}
+    for name, node in nodes.items():
+        graph.add_node(name, kind="op", op_type=node.op_type)
+        for output in node.output:
+            if output:
+                producer[output] = name
+    for value in model.graph.input:
+        if value.name in tensors:
+            graph.add_node(f"input:{value.name}", kind="input")
+            producer[value.name] = f"input:{value.name}"
+    for value in model.graph.output:
+        graph.add_node(f"output:{value.name}", kind="output")
+    outputs = {v.name for v in model.graph.output}
+    for tensor, source in producer.items():
+        info = tensors.get(tensor)
+        attrs = dict(tensor=tensor, shape=info.shape if info else model.shapes.get(tensor),
+                     channel_axes=info.axes if info else None)
+        for consumer, _ in consumers.get(tensor, []):
+            graph.add_edge(source, consumer, key=tensor, **attrs)
+        if tensor in outputs:
+            graph.add_edge(source, f"output:{tensor}", key=tensor, **attrs)
+    return graph
+
+
+def check_acyclic(model: LoadedModel) -> None:
+    """ONNX requires a DAG; the checker catches most cycles, this names the node for the rest."""
+    digraph = nx.DiGraph()
+    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
+    for index, node in enumerate(model.graph.node):
+        digraph.add_node(index)
+        for tensor in node.input:
+            if tensor in producer:
+                digraph.add_edge(producer[tensor], index)
+    try:
+        cycle = nx.find_cycle(digraph)
+    except nx.NetworkXNoCycle:
+        return
+    node = model.graph.node[cycle[0][0]]
+    raise ModelLoadError(f"{model.source}: the graph has a cycle through {node.op_type} node '{node.name}'")

@@ -1,0 +1,397 @@
+"""Loading and validating an ONNX model, and inferring every tensor's shape on a weightless view.
+
+Shape inference never sees the weights: large initializers are replaced by graph inputs of the
+same name and type, so checking and inferring cost memory proportional to the graph, not to
+the model file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, numpy_helper
+
+from onnx_morph.errors import ModelLoadError, OptionError
+
+MIN_OPSET = 11
+MAX_OPSET = 21
+# Initializers at most this large stay in the weightless view: shape constants need their values.
+_SMALL_INITIALIZER = 1024
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass
+class LoadedModel:
+    """A validated model plus the static shape and element type of every tensor."""
+
+    model: onnx.ModelProto
+    source: str
+    base_dir: Path | None
+    opset: int
+    shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, int]
+    input_shapes: dict[str, tuple[int, ...]]
+    notes: list[str] = field(default_factory=list)
+    folded: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> onnx.GraphProto:
+        return self.model.graph
+
+    def initializer(self, name: str) -> TensorProto | None:
+        return self._initializers.get(name)
+
+    def __post_init__(self) -> None:
+        self._initializers = {t.name: t for t in self.model.graph.initializer}
+        self._constants: dict[str, np.ndarray] = {}
+        for node in self.model.graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                value = _constant_node_value(node)
+                if value is not None:
+                    self._constants[node.output[0]] = value
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant output, or None if `name` is computed at run time."""
+        if name in self._constants:
+            return self._constants[name]
+        if name in self.folded:
+            return self.folded[name]
+        tensor = self._initializers.get(name)
+        if tensor is None:
+            return None
+        if tensor.data_location == TensorProto.EXTERNAL:
+            tensor = _with_external_data(tensor, self.base_dir, self.source)
+        return numpy_helper.to_array(tensor)
+
+    def is_constant(self, name: str) -> bool:
+        return name in self._initializers or name in self._constants or name in self.folded
+
+
+def load_model(
+    source: str | os.PathLike | onnx.ModelProto,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+) -> LoadedModel:
+    """Read, validate and shape-infer a model; every failure raises ModelLoadError naming the cause."""
+    if isinstance(source, onnx.ModelProto):
+        model, label, base_dir = source, "<model>", None
+    else:
+        path = Path(source)
+        model, label, base_dir = _read(path), str(path), path.resolve().parent
+    opset = _check_opset(model, label)
+    _check_initializers(model, label, base_dir)
+    view, resolved_inputs, notes = _weightless_view(model, label, input_shapes or {})
+    try:
+        onnx.checker.check_model(view)
+    except onnx.checker.ValidationError as exc:
+        raise ModelLoadError(f"{label}: the ONNX checker rejects the model: {_first_line(exc)}") from None
+    inferred, folded = _infer_and_fold(view, label)
+    shapes, dtypes = _collect_types(inferred)
+    return LoadedModel(model, label, base_dir, opset, shapes, dtypes, resolved_inputs, notes, folded)
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file")
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelLoadError(f"{path}: the file is empty, not an ONNX model")
+    if size > _PROTOBUF_LIMIT:
+        raise ModelLoadError(
+            f"{path}: {size} bytes is over protobuf's 2 GB limit; save the weights as external data"
+        )
+    model = onnx.ModelProto()
+    try:
+        with open(path, "rb") as f:
+            model.ParseFromString(f.read())
+    except DecodeError:
+        raise ModelLoadError(f"{path}: not an ONNX model (the protobuf is corrupt or truncated)") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read: {exc.strerror}") from None
+    if model.ir_version == 0 or not model.HasField("graph") or not model.opset_import:
+        raise ModelLoadError(f"{path}: not an ONNX model (no IR version, graph or opset)")
+    return model
+
+
+def _check_opset(model: onnx.ModelProto, label: str) -> int:
+    versions = {o.domain: o.version for o in model.opset_import}
+    opset = versions.get("", versions.get("ai.onnx"))
+    if opset is None:
+        raise ModelLoadError(f"{label}: the model imports no default-domain (ai.onnx) opset")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ModelLoadError(
+            f"{label}: opset {opset} is not supported (supported: {MIN_OPSET} to {MAX_OPSET}); "
+            "convert it with onnx.version_converter.convert_version"
+        )
+    return opset
+
+
+def _check_initializers(model: onnx.ModelProto, label: str, base_dir: Path | None) -> None:
+    """Each initializer's stored data must match its declared shape; external files must exist."""
+    for tensor in model.graph.initializer:
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        if tensor.data_location == TensorProto.EXTERNAL:
+            _external_file(tensor, base_dir, label)
+            continue
+        if tensor.HasField("raw_data"):
+            itemsize = _itemsize(tensor.data_type)
+            if itemsize and len(tensor.raw_data) != count * itemsize:
+                raise ModelLoadError(
+                    f"{label}: initializer '{tensor.name}' declares shape {list(tensor.dims)} "
+                    f"({count * itemsize} bytes) but stores {len(tensor.raw_data)} bytes"
+                )
+
+
+def _itemsize(data_type: int) -> int:
+    if data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+        return 0
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    except (KeyError, TypeError):
+        return 0
+
+
+def _external_file(tensor: TensorProto, base_dir: Path | None, label: str) -> tuple[Path, int, int | None]:
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location")
+    if not location:
+        raise ModelLoadError(f"{label}: initializer '{tensor.name}' is external but names no file")
+    if base_dir is None:
+        raise ModelLoadError(
+            f"{label}: initializer '{tensor.name}' keeps its data in '{location}'; load the model from "
+            "its path so the file can be found"
+        )
+    target = (base_dir / location).resolve()
+    if os.path.isabs(location) or not target.is_relative_to(base_dir):
+        raise ModelLoadError(
+            f"{label}: initializer '{tensor.name}' points outside the model's folder ('{location}'); refused"
+        )
+    if not target.is_file():
+        raise ModelLoadError(f"{label}: external data file '{location}' for initializer '{tensor.name}' is missing")
+    offset = int(info.get("offset", 0))
+    length = int(info["length"]) if "length" in info else None
+    end = offset + (length if length is not None else 0)
+    if end > target.stat().st_size:
+        raise ModelLoadError(
+            f"{label}: external data file '{location}' is shorter than initializer '{tensor.name}' needs"
+        )
+    return target, offset, length
+
+
+def _with_external_data(tensor: TensorProto, base_dir: Path | None, label: str) -> TensorProto:
+    target, offset, length = _external_file(tensor, base_dir, label)
+    with open(target, "rb") as f:
+        f.seek(offset)
+        raw = f.read() if length is None else f.read(length)
+    loaded = TensorProto()
+    loaded.CopyFrom(tensor)
+    del loaded.external_data[:]
+    loaded.data_location = TensorProto.DEFAULT
+    loaded.raw_data = raw
+    return loaded
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value":
+            return numpy_helper.to_array(attr.t)
+        if attr.name in ("value_float", "value_int"):
+            return np.array(onnx.helper.get_attribute_value(attr))
+        if attr.name in ("value_floats", "value_ints"):
+            return np.array(onnx.helper.get_attribute_value(attr))
+    return None
+
+
+def _weightless_view(
+    model: onnx.ModelProto, label: str, requested: dict[str, tuple[int, ...]]
+) -> tuple[onnx.ModelProto, dict[str, tuple[int, ...]], list[str]]:
+    """A copy of the model without large weights and with every graph-input dimension fixed."""
+    view = onnx.ModelProto()
+    view.ir_version = model.ir_version
+    view.opset_import.extend(model.opset_import)
+    view.functions.extend(model.functions)
+    graph = view.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    for value in model.graph.output:
+        declared = graph.output.add()
+        declared.CopyFrom(value)
+        for dim in declared.type.tensor_type.shape.dim:
+            dim.Clear()
+    graph.value_info.extend(model.graph.value_info)
+    init_names = set()
+    weight_inputs = []
+    for tensor in model.graph.initializer:
+        init_names.add(tensor.name)
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        if count <= _SMALL_INITIALIZER and tensor.data_location != TensorProto.EXTERNAL:
+            graph.initializer.append(tensor)
+        else:
+            weight_inputs.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+
+    unknown = set(requested) - {i.name for i in model.graph.input if i.name not in init_names}
+    if unknown:
+        names = ", ".join(sorted(i.name for i in model.graph.input if i.name not in init_names))
+        raise OptionError(f"{label}: --input-shape names {', '.join(sorted(unknown))}, not a model input (inputs: {names})")
+    resolved: dict[str, tuple[int, ...]] = {}
+    notes: list[str] = []
+    for value in model.graph.input:
+        if value.name in init_names:
+            continue
+        fixed = graph.input.add()
+        fixed.CopyFrom(value)
+        if not value.type.HasField("tensor_type"):
+            raise ModelLoadError(f"{label}: input '{value.name}' is not a tensor; only tensor inputs are supported")
+        resolved[value.name] = _fix_dims(fixed, requested.get(value.name), label, notes)
+    graph.input.extend(weight_inputs)
+    return view, resolved, notes
+
+
+def _fix_dims(value: onnx.ValueInfoProto, requested: tuple[int, ...] | None, label: str, notes: list[str]) -> tuple[int, ...]:
+    tensor_type = value.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        if requested is None:
+            raise OptionError(f"{label}: input '{value.name}' has no declared shape; pass --input-shape {value.name}=...")
+        dims = [None] * len(requested)
+    else:
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor_type.shape.dim]
+    if requested is not None:
+        if len(requested) != len(dims):
+            raise OptionError(
+                f"{label}: --input-shape for '{value.name}' has rank {len(requested)}, the model's input has rank {len(dims)}"
+            )
+        for axis, (want, have) in enumerate(zip(requested, dims)):
+            if want <= 0:
+                raise OptionError(f"{label}: --input-shape for '{value.name}': dimension {axis} must be positive")
+            if have is not None and have != want:
+                raise OptionError(
+                    f"{label}: --input-shape for '{value.name}' sets dimension {axis} to {want}, the model fixes it at {have}"
+                )
+        final = tuple(requested)
+    else:
+        unknown = [axis for axis, d in enumerate(dims) if d is None]
+        if any(axis != 0 for axis in unknown):
+            shown = ",".join("?" if d is None else str(d) for d in dims)
+            raise OptionError(
+                f"{label}: input '{value.name}' has dynamic dimensions {unknown} (shape [{shown}]); "
+                f"pass --input-shape {value.name}=<{len(dims)} comma-separated sizes>"
+            )
+        if unknown:
+            notes.append(f"input '{value.name}': dynamic batch dimension set to 1")
+        final = tuple(1 if d is None else d for d in dims)
+    shape = tensor_type.shape
+    shape.Clear()
+    for d in final:
+        shape.dim.add().dim_value = d
+    return final
+
+
+def _infer_shapes(view: onnx.ModelProto, label: str) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(view, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise ModelLoadError(f"{label}: shape inference failed: {_first_line(exc)}") from None
+
+
+_MAX_FOLDED_ELEMENTS = 1 << 16
+_NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def _infer_and_fold(view: onnx.ModelProto, label: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """Shape inference alternating with evaluation of shape computations (Shape -> Gather -> Div ...).
+
+    Exporters compute slice bounds and reshape targets from x.size() at run time; with every input
+    dimension fixed those are constants, and folding them lets inference see through them.
+    """
+    folded: dict[str, np.ndarray] = {}
+    known = {t.name: numpy_helper.to_array(t) for t in view.graph.initializer}
+    while True:
+        inferred = _infer_shapes(view, label)
+        shapes, _ = _collect_types(inferred)
+        kept, new_values = [], {}
+        for node in view.graph.node:
+            values = _evaluate(node, known, shapes)
+            if values is None:
+                kept.append(node)
+                continue
+            for name, value in zip(node.output, values):
+                if name:
+                    new_values[name] = known[name] = value
+        if not new_values:
+            return inferred, folded
+        folded.update(new_values)
+        del view.graph.node[:]
+        view.graph.node.extend(kept)
+        view.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in new_values.items())
+
+
+def _evaluate(node: onnx.NodeProto, known: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> list[np.ndarray] | None:
+    if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDABLE:
+        return None
+    if node.op_type == "Constant":
+        value = _constant_node_value(node)
+        return None if value is None or value.size > _MAX_FOLDED_ELEMENTS else [value]
+    if node.op_type in ("Shape", "Size"):
+        shape = shapes.get(node.input[0])
+        if shape is None:
+            return None
+        if node.op_type == "Size":
+            return [np.array(int(np.prod(shape)), dtype=np.int64)]
+        attrs = {a.name: a.i for a in node.attribute}
+        start, end = attrs.get("start", 0), attrs.get("end", len(shape))
+        return [np.array(shape[start:end], dtype=np.int64)]
+    if not node.input or any(name and name not in known for name in node.input):
+        return None
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        outputs = ReferenceEvaluator(node).run(None, {name: known[name] for name in node.input if name})
+    except Exception:  # noqa: BLE001 - an op the reference runtime cannot run is simply not folded
+        return None
+    values = [np.asarray(v) for v in outputs]
+    if any(v.size > _MAX_FOLDED_ELEMENTS for v in values):
+        return None
+    return values
+
+
+def _collect_types(inferred: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    dtypes: dict[str, int] = {}
+    graph = inferred.graph
+    for value in (*graph.input, *graph.value_info, *graph.output):
+        tensor_type = value.type.tensor_type
+        dtypes[value.name] = tensor_type.elem_type
+        if tensor_type.HasField("shape"):
+            dims = tensor_type.shape.dim
+            if all(d.HasField("dim_value") for d in dims):
+                shapes[value.name] = tuple(int(d.dim_value) for d in dims)
+    for tensor in graph.initializer:
+        shapes[tensor.name] = tuple(tensor.dims)
+        dtypes[tensor.name] = tensor.data_type
+    return shapes, dtypes
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:
+    """Parse CLI specs like 'input=1,3,224,224' into {name: shape}."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition("=")
+        try:
+            shape = tuple(int(d) for d in dims.split(","))
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape:
+            raise OptionError(f"--input-shape '{spec}': expected NAME=D0,D1,... (for example input=1,3,224,224)")
+        shapes[name] = shape
+    return shapes

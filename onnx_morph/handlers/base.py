@@ -1,0 +1,189 @@
+"""What a handler sees of a node, and the relation it states about the node's channels.
+
+A tensor's channels are the elements of its channel axes, flattened in the order the axes are
+listed: (1,) for an NCHW activation, (2, 1) after a channel shuffle's transpose. Handlers relate
+these elements between a node's inputs and outputs; the channel graph unites them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+import onnx
+
+Axes = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """An input or output of a node: static shape, channel axes, and whether its value is constant."""
+
+    name: str
+    shape: tuple[int, ...] | None
+    axes: Axes | None = None
+    constant: bool = False
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+    @property
+    def channels(self) -> int | None:
+        if self.shape is None or self.axes is None:
+            return None
+        return math.prod(self.shape[a] for a in self.axes)
+
+    @property
+    def is_activation(self) -> bool:
+        return not self.constant
+
+
+@dataclass
+class NodeView:
+    """A node together with its tensors, as handed to a handler."""
+
+    node: onnx.NodeProto
+    name: str
+    inputs: list[TensorInfo | None]
+    outputs: list[TensorInfo | None]
+    constant_of: Callable[[str], np.ndarray | None]
+    opset: int
+
+    @property
+    def op_type(self) -> str:
+        return self.node.op_type
+
+    def attr(self, name: str, default=None):
+        for attribute in self.node.attribute:
+            if attribute.name == name:
+                return onnx.helper.get_attribute_value(attribute)
+        return default
+
+    def input(self, index: int) -> TensorInfo | None:
+        return self.inputs[index] if index < len(self.inputs) else None
+
+    def const(self, index: int) -> np.ndarray | None:
+        info = self.input(index)
+        return None if info is None or not info.constant else self.constant_of(info.name)
+
+    def activations(self) -> list[TensorInfo]:
+        return [t for t in self.inputs if t is not None and t.is_activation]
+
+
+@dataclass(frozen=True)
+class Tie:
+    """Element a[k] of tensor `a` and element b[k] of tensor `b` live or die together, for every k."""
+
+    a: str
+    a_index: np.ndarray
+    b: str
+    b_index: np.ndarray
+
+
+@dataclass(frozen=True)
+class Pin:
+    """Channels of `tensor` that must not shrink (all of them when `index` is None), and why."""
+
+    tensor: str
+    reason: str
+    index: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Source:
+    """A parameter slice carrying a per-channel penalty for channels of `tensor`.
+
+    kind is "gamma" (a normalization scale) or "weight" (a producer's weight slice). Channel i of
+    `tensor` owns slice i of `param` along `axis`.
+    """
+
+    kind: str
+    tensor: str
+    node: str
+    param: str
+    axis: int = 0
+
+
+@dataclass(frozen=True)
+class OpGeometry:
+    """The bilinear shape of an op whose cost grows with alive input times alive output channels.
+
+    FLOPs = 2 * positions * kernel * sum over groups of (alive inputs * alive outputs).
+    """
+
+    input: str
+    in_axis: int
+    output: str
+    out_axis: int
+    kernel: int
+    positions: int
+    groups: int = 1
+    weight: str | None = None
+
+
+@dataclass(frozen=True)
+class ParamTerm:
+    """A parameter of the op; with `tensor` set, its size scales with that tensor's alive channels."""
+
+    param: str
+    size: int
+    tensor: str | None = None
+
+
+@dataclass
+class Relation:
+    """Everything a handler states about one node."""
+
+    output_axes: list[Axes | None]
+    ties: list[Tie] = field(default_factory=list)
+    pins: list[Pin] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)
+    geometry: OpGeometry | None = None
+    params: list[ParamTerm] = field(default_factory=list)
+
+
+class Handler(Protocol):
+    """The meaning of one op family; the registry maps op types to handlers."""
+
+    def relate(self, view: NodeView) -> Relation: ...
+
+    def preferred_axes(self, view: NodeView, index: int, rank: int) -> Axes | None:
+        """Channel axes this op reads from input `index`; a graph input takes them from its consumer."""
+        ...
+
+
+class BaseHandler:
+    static_output = False
+
+    def preferred_axes(self, view: NodeView, index: int, rank: int) -> Axes | None:
+        return None
+
+
+def identity_tie(a: TensorInfo, b: TensorInfo) -> Tie:
+    count = a.channels
+    index = np.arange(count, dtype=np.int64)
+    return Tie(a.name, index, b.name, index)
+
+
+def pin_all(view: NodeView, reason: str) -> list[Pin]:
+    """Pins every activation the node touches."""
+    tensors = [*view.activations(), *(t for t in view.outputs if t is not None)]
+    return [Pin(t.name, reason) for t in tensors]
+
+
+def normalize_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def param_count(view: NodeView, index: int) -> int:
+    info = view.input(index)
+    if info is None or info.shape is None:
+        return 0
+    return math.prod(info.shape)
+
+
+def describe(view: NodeView) -> str:
+    return f"{view.op_type} node '{view.name}'"

@@ -1,0 +1,82 @@
+"""Conv and ConvTranspose: sources of new channels; grouped convs tie channels group by group."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from onnx_morph.handlers.base import (
+    BaseHandler,
+    NodeView,
+    OpGeometry,
+    ParamTerm,
+    Pin,
+    Relation,
+    Source,
+    Tie,
+    TensorInfo,
+    describe,
+)
+
+NCHW = (1,)
+
+
+def group_ties(x: TensorInfo, y: TensorInfo, groups: int) -> list[Tie]:
+    """With groups > 1, every input and output channel of one group lives or dies with the group.
+
+    For depthwise convs (groups = C_in) this ties output j to input j // multiplier; for ResNeXt-style
+    groups it makes the whole group the unit of pruning, so group sizes stay equal.
+    """
+    if groups == 1:
+        return []
+    c_in, c_out = x.shape[1], y.shape[1]
+    per_in, per_out = c_in // groups, c_out // groups
+    inputs, outputs = np.arange(c_in, dtype=np.int64), np.arange(c_out, dtype=np.int64)
+    return [
+        Tie(x.name, inputs, y.name, (inputs // per_in) * per_out),
+        Tie(y.name, outputs, y.name, (outputs // per_out) * per_out),
+    ]
+
+
+class Conv(BaseHandler):
+    """Conv: W is [C_out, C_in / group, k...]; output channels are new."""
+
+    transposed = False
+
+    def preferred_axes(self, view: NodeView, index: int, rank: int):
+        return NCHW if index == 0 else None
+
+    def relate(self, view: NodeView) -> Relation:
+        x, w, y = view.input(0), view.input(1), view.outputs[0]
+        relation = Relation([NCHW])
+        if w is None or not w.constant or w.shape is None or x is None or x.shape is None or y.shape is None:
+            relation.pins = [Pin(t.name, f"{describe(view)} has a weight computed at run time")
+                             for t in (x, y) if t is not None and t.is_activation]
+            return relation
+        groups = int(view.attr("group", 1))
+        if x.axes != NCHW:
+            relation.pins.append(Pin(x.name, f"{describe(view)} reads channels on axis 1, the input's are on {x.axes}"))
+        else:
+            relation.ties = group_ties(x, y, groups)
+        relation.sources.append(Source("weight", y.name, view.name, w.name, axis=1 if self.transposed else 0))
+        relation.geometry = OpGeometry(
+            input=x.name,
+            in_axis=1,
+            output=y.name,
+            out_axis=1,
+            kernel=math.prod(w.shape[2:]),
+            positions=x.shape[0] * math.prod((x.shape if self.transposed else y.shape)[2:]),
+            groups=groups,
+            weight=w.name,
+        )
+        bias = view.input(2)
+        if bias is not None and bias.shape is not None:
+            relation.params.append(ParamTerm(bias.name, math.prod(bias.shape), y.name))
+        return relation
+
+
+class ConvTranspose(Conv):
+    """ConvTranspose: W is [C_in, C_out / group, k...]; cost counts input positions."""
+
+    transposed = True

@@ -1,0 +1,76 @@
+"""Broadcasting elementwise ops (Add, Mul, Where, PRelu, ...): operands' channel c are one channel.
+
+A constant operand that spans the channels is a per-channel parameter (a bias, a layer scale);
+an operand of size 1 on the channel axis broadcasts and ties nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+from onnx_morph.handlers.base import (
+    BaseHandler,
+    NodeView,
+    ParamTerm,
+    Pin,
+    Relation,
+    TensorInfo,
+    describe,
+    identity_tie,
+)
+
+
+def _aligned(info: TensorInfo, out_rank: int) -> tuple[int, ...]:
+    """The operand's shape padded on the left to the output's rank, as broadcasting aligns it."""
+    return (1,) * (out_rank - len(info.shape)) + tuple(info.shape)
+
+
+class Elementwise(BaseHandler):
+    def relate(self, view: NodeView) -> Relation:
+        y = view.outputs[0]
+        operands = [t for t in view.inputs if t is not None]
+        if y is None or y.shape is None or any(t.shape is None for t in operands):
+            return Relation([None], pins=[Pin(t.name, f"{describe(view)} has operands of unknown shape")
+                                          for t in operands if t.is_activation and t.axes is not None])
+        rank = len(y.shape)
+        out_axes = self._output_axes(operands, y, rank)
+        if out_axes is None:
+            return Relation([None], params=self._params(operands, y, None, rank))
+        out = TensorInfo(y.name, y.shape, out_axes)
+        relation = Relation([out_axes], params=self._params(operands, y, out_axes, rank))
+        reason = f"{describe(view)} combines operands whose channel layouts differ"
+        for t in operands:
+            if t.constant:
+                continue
+            shape = _aligned(t, rank)
+            if all(shape[a] == 1 for a in out_axes):
+                continue
+            shift = rank - len(t.shape)
+            if t.axes is not None and tuple(a + shift for a in t.axes) == out_axes:
+                relation.ties.append(identity_tie(t, out))
+            else:
+                relation.pins.append(Pin(y.name, reason))
+                if t.axes is not None:
+                    relation.pins.append(Pin(t.name, reason))
+        return relation
+
+    @staticmethod
+    def _output_axes(operands: list[TensorInfo], y: TensorInfo, rank: int) -> tuple[int, ...] | None:
+        for t in operands:
+            if t.constant or t.axes is None:
+                continue
+            shift = rank - len(t.shape)
+            axes = tuple(a + shift for a in t.axes)
+            if all(_aligned(t, rank)[a] == y.shape[a] for a in axes):
+                return axes
+        return None
+
+    @staticmethod
+    def _params(operands: list[TensorInfo], y: TensorInfo, out_axes, rank: int) -> list[ParamTerm]:
+        params = []
+        for t in operands:
+            if not t.constant:
+                continue
+            spans = out_axes is not None and all(_aligned(t, rank)[a] == y.shape[a] > 1 for a in out_axes)
+            params.append(ParamTerm(t.name, math.prod(t.shape), y.name if spans else None))
+        return params

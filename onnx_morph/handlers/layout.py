@@ -1,0 +1,227 @@
+"""Ops that move channels around without computing on them: reshapes, transposes, concat,
+split, slice, gather, expand. Relations are computed exactly from the static shapes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from onnx_morph.handlers.base import (
+    BaseHandler,
+    NodeView,
+    ParamTerm,
+    Pin,
+    Relation,
+    Source,
+    Tie,
+    TensorInfo,
+    describe,
+    identity_tie,
+    normalize_axis,
+)
+
+_MAX_RESHAPE_ELEMENTS = 1 << 26
+
+
+def channel_ids(info: TensorInfo) -> np.ndarray:
+    """An array broadcastable to `info.shape` holding each position's channel element index."""
+    dims = [info.shape[a] for a in info.axes]
+    ids = np.arange(math.prod(dims), dtype=np.int64).reshape(dims)
+    order = sorted(range(len(info.axes)), key=lambda k: info.axes[k])
+    ids = ids.transpose(order)
+    view_shape = [1] * len(info.shape)
+    for a in info.axes:
+        view_shape[a] = info.shape[a]
+    return ids.reshape(view_shape)
+
+
+class Reshape(BaseHandler):
+    """Reshape, Flatten, Squeeze, Unsqueeze: follow every channel element through the row-major
+    reshape. The output's channel axes are those along which the element index varies; a
+    Flatten of [N, C, H, W] gives each channel c the block of H*W features c*HW .. c*HW+HW-1, and a
+    split of C into (groups, C/groups) gives two channel axes."""
+
+    def relate(self, view: NodeView) -> Relation:
+        x, y = view.input(0), view.outputs[0]
+        if x is None or x.axes is None or x.constant:
+            return Relation([None])
+        if y.shape is None or x.shape is None or math.prod(x.shape) != math.prod(y.shape):
+            return Relation([None], pins=[Pin(x.name, f"{describe(view)} has an unknown output shape")])
+        if math.prod(x.shape) > _MAX_RESHAPE_ELEMENTS:
+            return Relation([None], pins=[Pin(x.name, f"{describe(view)} is too large to follow channel by channel")])
+        ids = np.broadcast_to(channel_ids(x), x.shape).reshape(y.shape)
+        varying = tuple(a for a in range(len(y.shape)) if y.shape[a] > 1 and not _constant_along(ids, a))
+        if not varying:
+            return Relation([None], pins=[Pin(x.name, f"{describe(view)} leaves no channel axis")])
+        index = tuple(slice(None) if a in varying else slice(0, 1) for a in range(len(y.shape)))
+        small = ids[index]
+        if not np.array_equal(np.broadcast_to(small, y.shape), ids):
+            return Relation([None], pins=[Pin(x.name, f"{describe(view)} mixes channels with other axes")])
+        out_elements = small.reshape(-1)
+        return Relation([varying], ties=[Tie(y.name, np.arange(out_elements.size, dtype=np.int64), x.name, out_elements)])
+
+
+def _constant_along(ids: np.ndarray, axis: int) -> bool:
+    first = np.take(ids, [0], axis=axis)
+    return bool(np.all(ids == first))
+
+
+class Transpose(BaseHandler):
+    def relate(self, view: NodeView) -> Relation:
+        x, y = view.input(0), view.outputs[0]
+        if x is None or x.axes is None or x.constant:
+            return Relation([None])
+        perm = view.attr("perm") or list(reversed(range(len(x.shape))))
+        axes = tuple(perm.index(a) for a in x.axes)
+        return Relation([axes], ties=[identity_tie(x, TensorInfo(y.name, y.shape, axes))])
+
+
+class Concat(BaseHandler):
+    """On the channel axis the inputs' channels are laid end to end; off it, like an elementwise op."""
+
+    def relate(self, view: NodeView) -> Relation:
+        y = view.outputs[0]
+        parts = [t for t in view.inputs if t is not None]
+        activations = [t for t in parts if t.is_activation]
+        unknown = y.shape is None or any(t.shape is None for t in parts)
+        if unknown or not activations or any(t.axes is None for t in activations):
+            return Relation([None], pins=[Pin(t.name, f"{describe(view)} joins tensors of unknown layout")
+                                          for t in activations if t.axes is not None])
+        axis = normalize_axis(view.attr("axis"), len(y.shape))
+        layouts = {t.axes for t in activations}
+        if len(layouts) != 1:
+            reason = f"{describe(view)} joins tensors whose channel layouts differ"
+            return Relation([None], pins=[Pin(t.name, reason) for t in activations])
+        axes = layouts.pop()
+        out = TensorInfo(y.name, y.shape, axes)
+        if axis not in axes:
+            relation = Relation([axes], ties=[identity_tie(t, out) for t in activations])
+            relation.params = [ParamTerm(t.name, math.prod(t.shape), y.name) for t in parts if t.constant]
+            return relation
+        if axes != (axis,):
+            return Relation([None], pins=[Pin(t.name, f"{describe(view)} concatenates along one of several channel axes")
+                                          for t in activations])
+        relation = Relation([axes])
+        offset = 0
+        for t in parts:
+            count = t.shape[axis]
+            block = np.arange(offset, offset + count, dtype=np.int64)
+            if t.constant:
+                relation.pins.append(Pin(y.name, f"{describe(view)} concatenates constant channels", block))
+                relation.params.append(ParamTerm(t.name, math.prod(t.shape)))
+            else:
+                relation.ties.append(Tie(t.name, np.arange(count, dtype=np.int64), y.name, block))
+            offset += count
+        return relation
+
+
+def _subset(view: NodeView, x: TensorInfo, outputs: list[tuple[TensorInfo, np.ndarray | None]], axis: int) -> Relation:
+    """Each output keeps the input channels listed for it (None: it does not cut the channel axis)."""
+    if axis not in x.axes:
+        axes_out = [x.axes] * len(outputs)
+        return Relation(axes_out, ties=[identity_tie(x, TensorInfo(y.name, y.shape, x.axes)) for y, _ in outputs])
+    if x.axes != (axis,):
+        return Relation([None] * len(outputs), pins=[Pin(x.name, f"{describe(view)} cuts one of several channel axes")])
+    relation = Relation([x.axes] * len(outputs))
+    for y, kept in outputs:
+        relation.ties.append(Tie(y.name, np.arange(len(kept), dtype=np.int64), x.name, kept))
+    return relation
+
+
+class Split(BaseHandler):
+    def relate(self, view: NodeView) -> Relation:
+        x = view.input(0)
+        outputs = view.outputs
+        if x is None or x.axes is None or x.constant:
+            return Relation([None] * len(outputs))
+        if any(y is None or y.shape is None for y in outputs):
+            return Relation([None] * len(outputs), pins=[Pin(x.name, f"{describe(view)} has outputs of unknown shape")])
+        axis = normalize_axis(view.attr("axis", 0), len(x.shape))
+        parts, offset = [], 0
+        for y in outputs:
+            size = y.shape[axis]
+            parts.append((y, np.arange(offset, offset + size, dtype=np.int64)))
+            offset += size
+        return _subset(view, x, parts, axis)
+
+
+class Slice(BaseHandler):
+    def relate(self, view: NodeView) -> Relation:
+        x, y = view.input(0), view.outputs[0]
+        if x is None or x.axes is None or x.constant:
+            return Relation([None])
+        rank = len(x.shape)
+        starts, ends, axes, steps = self._bounds(view, rank)
+        if starts is None:
+            return Relation([None], pins=[Pin(x.name, f"{describe(view)} takes its bounds at run time")])
+        sliced = [a for a in axes if a in x.axes]
+        if not sliced:
+            return _subset(view, x, [(y, None)], -1)
+        position = axes.index(sliced[0])
+        kept = np.arange(x.shape[sliced[0]], dtype=np.int64)[slice(starts[position], ends[position], steps[position])]
+        return _subset(view, x, [(y, kept)], sliced[0])
+
+    @staticmethod
+    def _bounds(view: NodeView, rank: int):
+        if view.input(1) is None:
+            starts, ends = view.attr("starts"), view.attr("ends")
+            axes, steps = view.attr("axes"), None
+        else:
+            values = [view.const(i) if view.input(i) is not None else None for i in range(1, 5)]
+            if values[0] is None or values[1] is None or (view.input(3) is not None and values[2] is None) or (
+                view.input(4) is not None and values[3] is None
+            ):
+                return None, None, None, None
+            starts, ends = values[0].tolist(), values[1].tolist()
+            axes = None if values[2] is None else values[2].tolist()
+            steps = None if values[3] is None else values[3].tolist()
+        axes = [normalize_axis(int(a), rank) for a in (axes if axes is not None else range(len(starts)))]
+        steps = [int(s) for s in steps] if steps is not None else [1] * len(starts)
+        return [int(s) for s in starts], [int(e) for e in ends], axes, steps
+
+
+class Gather(BaseHandler):
+    """Gather from an activation by constant indices, or an embedding lookup (constant table)."""
+
+    def relate(self, view: NodeView) -> Relation:
+        data, indices, y = view.input(0), view.input(1), view.outputs[0]
+        if data is None or indices is None or y.shape is None or data.shape is None:
+            return Relation([None])
+        axis = normalize_axis(view.attr("axis", 0), len(data.shape))
+        if data.constant and indices.is_activation:
+            if len(data.shape) == 2 and axis == 0:
+                out_axes = (len(y.shape) - 1,)
+                return Relation(
+                    [out_axes],
+                    sources=[Source("weight", y.name, view.name, data.name, axis=1)],
+                    params=[ParamTerm(data.name, math.prod(data.shape), y.name)],
+                )
+            return Relation([None], pins=[Pin(y.name, f"{describe(view)} gathers from a constant table")])
+        if data.axes is None or data.constant:
+            return Relation([None])
+        if indices.is_activation:
+            return Relation([None], pins=[Pin(data.name, f"{describe(view)} gathers by run-time indices")])
+        chosen = np.asarray(view.const(1)).astype(np.int64)
+        if axis in data.axes:
+            if data.axes != (axis,) or chosen.ndim != 1:
+                return Relation([None], pins=[Pin(data.name, f"{describe(view)} picks single channels")])
+            kept = np.where(chosen < 0, chosen + data.shape[axis], chosen)
+            return _subset(view, data, [(y, kept)], axis)
+        shift = chosen.ndim - 1
+        axes = tuple(a if a < axis else a + shift for a in data.axes)
+        return Relation([axes], ties=[identity_tie(data, TensorInfo(y.name, y.shape, axes))])
+
+
+class Expand(BaseHandler):
+    """Broadcast to a larger shape: channels pass when the channel dims are already full size."""
+
+    def relate(self, view: NodeView) -> Relation:
+        x, y = view.input(0), view.outputs[0]
+        if x is None or x.axes is None or x.constant or y.shape is None:
+            return Relation([None])
+        shift = len(y.shape) - len(x.shape)
+        axes = tuple(a + shift for a in x.axes)
+        if all(x.shape[a] == y.shape[a + shift] for a in x.axes):
+            return Relation([axes], ties=[identity_tie(x, TensorInfo(y.name, y.shape, axes))])
+        return Relation([None], pins=[Pin(x.name, f"{describe(view)} broadcasts along the channel axis")])

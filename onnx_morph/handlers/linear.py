@@ -1,0 +1,110 @@
+"""Gemm and MatMul: with a constant weight they create new feature channels; between two
+activations a MatMul ties the contracted axis of both operands."""
+
+from __future__ import annotations
+
+import math
+
+from onnx_morph.handlers.base import (
+    BaseHandler,
+    NodeView,
+    OpGeometry,
+    ParamTerm,
+    Pin,
+    Relation,
+    Source,
+    TensorInfo,
+    describe,
+    identity_tie,
+)
+
+
+def _last(rank: int) -> tuple[int, ...]:
+    return (rank - 1,)
+
+
+class Gemm(BaseHandler):
+    """Y = A' B' + C with A' = A or A^T (transA), B' = B or B^T (transB)."""
+
+    def preferred_axes(self, view: NodeView, index: int, rank: int):
+        if index == 0:
+            return (0,) if view.attr("transA", 0) else (1,)
+        return None
+
+    def relate(self, view: NodeView) -> Relation:
+        a, b, y = view.input(0), view.input(1), view.outputs[0]
+        relation = Relation([(1,)])
+        if a is None or a.shape is None or b is None or b.shape is None or y.shape is None or not b.constant:
+            relation.pins = [Pin(t.name, f"{describe(view)} has a weight computed at run time")
+                             for t in (a, y) if t is not None and t.is_activation]
+            return relation
+        feature_axis = 0 if view.attr("transA", 0) else 1
+        if a.axes != (feature_axis,):
+            relation.pins.append(Pin(a.name, f"{describe(view)} reads features on axis {feature_axis}, the input's are on {a.axes}"))
+        trans_b = bool(view.attr("transB", 0))
+        relation.sources.append(Source("weight", y.name, view.name, b.name, axis=0 if trans_b else 1))
+        relation.geometry = OpGeometry(a.name, feature_axis, y.name, 1, kernel=1, positions=y.shape[0], weight=b.name)
+        c = view.input(2)
+        if c is not None and c.shape is not None:
+            per_feature = len(c.shape) >= 1 and c.shape[-1] == y.shape[1] and math.prod(c.shape) == y.shape[1]
+            relation.params.append(ParamTerm(c.name, math.prod(c.shape), y.name if per_feature else None))
+        return relation
+
+
+class MatMul(BaseHandler):
+    """MatMul [.., M, K] x [.., K, N]; a constant 2-D right operand is a weight [in, out]."""
+
+    def preferred_axes(self, view: NodeView, index: int, rank: int):
+        return _last(rank) if index == 0 else None
+
+    def relate(self, view: NodeView) -> Relation:
+        a, b, y = view.input(0), view.input(1), view.outputs[0]
+        if any(t is None or t.shape is None for t in (a, b, y)) or len(a.shape) < 2 or len(b.shape) < 2:
+            return Relation([None], pins=[Pin(t.name, f"{describe(view)} has operands of unknown shape")
+                                          for t in (a, b) if t is not None and t.is_activation])
+        if b.constant and a.is_activation:
+            return self._with_weight(view, a, b, y)
+        if a.constant or b.constant:
+            return Relation([None], pins=[Pin(t.name, f"{describe(view)} multiplies by a constant on the left")
+                                          for t in (a, b) if t.is_activation])
+        return self._between_activations(view, a, b, y)
+
+    def _with_weight(self, view: NodeView, a: TensorInfo, b: TensorInfo, y: TensorInfo) -> Relation:
+        out_axes = _last(len(y.shape))
+        relation = Relation([out_axes])
+        if len(b.shape) != 2:
+            relation.pins.append(Pin(a.name, f"{describe(view)} has a batched constant weight"))
+        elif a.axes != _last(len(a.shape)):
+            relation.pins.append(Pin(a.name, f"{describe(view)} reads features on the last axis, the input's are on {a.axes}"))
+        relation.sources.append(Source("weight", y.name, view.name, b.name, axis=len(b.shape) - 1))
+        relation.geometry = OpGeometry(
+            a.name, len(a.shape) - 1, y.name, len(y.shape) - 1,
+            kernel=1, positions=math.prod(y.shape[:-1]), weight=b.name,
+        )
+        return relation
+
+    def _between_activations(self, view: NodeView, a: TensorInfo, b: TensorInfo, y: TensorInfo) -> Relation:
+        """Attention-style products: the contracted axes are tied; rows of A and columns of B pass on."""
+        ra, rb, ry = len(a.shape), len(b.shape), len(y.shape)
+        relation = Relation([None])
+        relation.geometry = OpGeometry(a.name, ra - 1, y.name, ry - 1, kernel=1, positions=math.prod(y.shape[:-1]))
+        a_role = _role(a.axes, {(ra - 1,): "contracted", (ra - 2,): "rows"})
+        b_role = _role(b.axes, {(rb - 2,): "contracted", (rb - 1,): "columns"})
+        if a_role == "contracted" and b_role == "contracted":
+            relation.ties.append(identity_tie(a, b))
+        out_axes = {"rows": (ry - 2,), "columns": (ry - 1,)}
+        passed = [(t, out_axes[role]) for t, role in ((a, a_role), (b, b_role)) if role in out_axes]
+        if len(passed) == 1:
+            source, axes = passed[0]
+            relation.output_axes = [axes]
+            relation.ties.append(identity_tie(source, TensorInfo(y.name, y.shape, axes)))
+        for t, role in ((a, a_role), (b, b_role)):
+            if role == "mixed" or (role in out_axes and len(passed) > 1) or (role == "contracted" and a_role != b_role):
+                relation.pins.append(Pin(t.name, f"{describe(view)} multiplies two activations whose channel axes it cannot follow"))
+        return relation
+
+
+def _role(axes: tuple[int, ...] | None, roles: dict[tuple[int, ...], str]) -> str | None:
+    if axes is None:
+        return None
+    return roles.get(axes, "mixed")

@@ -1,0 +1,79 @@
+"""Normalizations: BatchNorm and InstanceNorm scales are MorphNet's gammas; LayerNorm and
+GroupNorm compute statistics across channels, so their channels are pinned."""
+
+from __future__ import annotations
+
+import math
+
+from onnx_morph.handlers.base import (
+    BaseHandler,
+    NodeView,
+    ParamTerm,
+    Relation,
+    Source,
+    describe,
+    normalize_axis,
+)
+from onnx_morph.handlers.passthrough import pass_through
+
+NCHW = (1,)
+
+
+def _per_channel_params(view: NodeView, indices: tuple[int, ...], tensor: str | None) -> list[ParamTerm]:
+    params = []
+    for index in indices:
+        info = view.input(index)
+        if info is not None and info.shape is not None:
+            params.append(ParamTerm(info.name, math.prod(info.shape), tensor))
+    return params
+
+
+class BatchNorm(BaseHandler):
+    """Per-channel affine normalization with running statistics (not parameters: buffers)."""
+
+    def preferred_axes(self, view: NodeView, index: int, rank: int):
+        return NCHW if index == 0 else None
+
+    def relate(self, view: NodeView) -> Relation:
+        x, y = view.input(0), view.outputs[0]
+        relation = pass_through(view)
+        if x is not None and x.axes == NCHW and not relation.pins:
+            scale = view.input(1)
+            if scale is not None and scale.constant:
+                relation.sources.append(Source("gamma", y.name, view.name, scale.name))
+        relation.params = _per_channel_params(view, (1, 2), y.name)
+        return relation
+
+
+class InstanceNorm(BatchNorm):
+    """Statistics per sample and channel: channels stay independent."""
+
+
+class LayerNorm(BaseHandler):
+    """Normalizes over axes [axis, rank): a pruned channel would change every other one's statistics."""
+
+    def preferred_axes(self, view: NodeView, index: int, rank: int):
+        return (normalize_axis(view.attr("axis", -1), rank),) if index == 0 else None
+
+    def relate(self, view: NodeView) -> Relation:
+        x, y = view.input(0), view.outputs[0]
+        if x is None or x.axes is None:
+            return Relation([None] * len(view.outputs))
+        axis = normalize_axis(view.attr("axis", -1), len(x.shape))
+        tied = any(a >= axis for a in x.axes)
+        reason = f"{describe(view)} normalizes over these channels" if tied else None
+        relation = pass_through(view, reason)
+        relation.params = _per_channel_params(view, (1, 2), y.name if tied else None)
+        return relation
+
+
+class GroupNorm(BaseHandler):
+    """Normalizes groups of channels together."""
+
+    def preferred_axes(self, view: NodeView, index: int, rank: int):
+        return NCHW if index == 0 else None
+
+    def relate(self, view: NodeView) -> Relation:
+        relation = pass_through(view, f"{describe(view)} normalizes groups of channels together")
+        relation.params = _per_channel_params(view, (1, 2), view.outputs[0].name)
+        return relation

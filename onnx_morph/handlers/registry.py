@@ -1,0 +1,88 @@
+"""The one place that maps ONNX op types to their handlers."""
+
+from __future__ import annotations
+
+from onnx_morph.handlers.base import BaseHandler, NodeView, Relation, describe, pin_all
+from onnx_morph.handlers.conv import Conv, ConvTranspose
+from onnx_morph.handlers.elementwise import Elementwise
+from onnx_morph.handlers.layout import Concat, Expand, Gather, Reshape, Slice, Split, Transpose
+from onnx_morph.handlers.linear import Gemm, MatMul
+from onnx_morph.handlers.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
+from onnx_morph.handlers.passthrough import Pad, Passthrough, Reduce, Softmax, SpatialPassthrough
+
+
+class ShapeOnly(BaseHandler):
+    """Shape and Size read only the static shape: their outputs are not activations."""
+
+    static_output = True
+
+    def relate(self, view: NodeView) -> Relation:
+        return Relation([None] * len(view.outputs))
+
+
+class Unknown(BaseHandler):
+    """No handler knows this op: nothing it touches may shrink, and its outputs' layout is guessed
+    as NCHW (axis 1) only so that the pin reaches the consumers' channels."""
+
+    def relate(self, view: NodeView) -> Relation:
+        axes = [(1,) if t is not None and t.rank is not None and t.rank >= 2 else None for t in view.outputs]
+        reason = f"unknown op {view.op_type} at node '{view.name}'"
+        if view.node.domain not in ("", "ai.onnx"):
+            reason = f"unknown op {view.node.domain}.{view.op_type} at node '{view.name}'"
+        return Relation(axes, pins=pin_all(view, reason))
+
+
+UNARY = (
+    "Abs Acos Acosh Asin Asinh Atan Atanh BitwiseNot Cast CastLike Ceil Celu Clip Cos Cosh Dropout Elu Erf Exp "
+    "Floor Gelu HardSigmoid HardSwish Identity IsInf IsNaN LeakyRelu Log Mish Neg Not Reciprocal Relu Round "
+    "Selu Shrink Sigmoid Sign Sin Sinh Softplus Softsign Sqrt Tan Tanh ThresholdedRelu"
+).split()
+SPATIAL = "AveragePool GlobalAveragePool GlobalLpPool GlobalMaxPool LpPool MaxPool Resize Upsample".split()
+BINARY = (
+    "Add And BitwiseAnd BitwiseOr BitwiseXor Div Equal Greater GreaterOrEqual Less LessOrEqual Max Mean Min Mod "
+    "Mul Or Pow PRelu Sub Sum Where Xor"
+).split()
+REDUCE = (
+    "ArgMax ArgMin ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd "
+    "ReduceSum ReduceSumSquare"
+).split()
+
+_REGISTRY: dict[str, BaseHandler] = {
+    **{op: Passthrough() for op in UNARY},
+    **{op: SpatialPassthrough() for op in SPATIAL},
+    **{op: Elementwise() for op in BINARY},
+    **{op: Reduce() for op in REDUCE},
+    **{op: Softmax() for op in ("Softmax", "LogSoftmax", "Hardmax")},
+    **{op: Reshape() for op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze")},
+    **{op: ShapeOnly() for op in ("Shape", "Size")},
+    "Conv": Conv(),
+    "ConvTranspose": ConvTranspose(),
+    "Gemm": Gemm(),
+    "MatMul": MatMul(),
+    "BatchNormalization": BatchNorm(),
+    "InstanceNormalization": InstanceNorm(),
+    "LayerNormalization": LayerNorm(),
+    "GroupNormalization": GroupNorm(),
+    "Pad": Pad(),
+    "Transpose": Transpose(),
+    "Concat": Concat(),
+    "Split": Split(),
+    "Slice": Slice(),
+    "Gather": Gather(),
+    "Expand": Expand(),
+}
+_UNKNOWN = Unknown()
+
+
+def handler_for(op_type: str, domain: str = "") -> BaseHandler:
+    """The handler for an op; ops outside the default domain or not listed get the pinning one."""
+    if domain not in ("", "ai.onnx"):
+        return _UNKNOWN
+    return _REGISTRY.get(op_type, _UNKNOWN)
+
+
+def is_known(op_type: str, domain: str = "") -> bool:
+    return handler_for(op_type, domain) is not _UNKNOWN
+
+
+__all__ = ["handler_for", "is_known", "describe"]

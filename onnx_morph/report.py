@@ -1,0 +1,83 @@
+"""Plain-text rendering of an Analysis for the terminal."""
+
+from __future__ import annotations
+
+from onnx_morph.analysis import Analysis, Totals
+
+_UNITS = {"flops": "", "params": "", "activations": "", "memory": "B", "latency": "s"}
+
+
+def human(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if unit == "s":
+        return f"{value * 1e6:.1f} us" if value < 1e-3 else f"{value * 1e3:.2f} ms"
+    for scale, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{suffix}{unit}"
+    return f"{value:.0f}{unit}" if float(value).is_integer() else f"{value:.2f}{unit}"
+
+
+def _totals_line(label: str, totals: Totals, flop_unit: str) -> str:
+    parts = [
+        f"{flop_unit} {human(totals.flops)}",
+        f"params {human(totals.params)}",
+        f"activations {human(totals.activations)}",
+        f"memory {human(totals.memory_bytes, 'B')}",
+    ]
+    if totals.latency_s is not None:
+        parts.append(f"latency {human(totals.latency_s, 's')}")
+    return f"{label:<10} " + "  ".join(parts)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return [line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def _shorten(items: list[str], keep: int = 3) -> str:
+    shown = ", ".join(items[:keep])
+    return shown + (f" (+{len(items) - keep})" if len(items) > keep else "")
+
+
+def render(analysis: Analysis, max_ops: int | None = None) -> str:
+    a = analysis
+    unit = _UNITS[a.cost]
+    cost_label = a.flop_unit if a.cost == "flops" else a.cost
+    if a.hardware is not None:
+        cost_label += f" on {a.hardware.name}"
+    out = [f"model: {a.model} (opset {a.opset})",
+           "inputs: " + ", ".join(f"{k}={list(v)}" for k, v in a.input_shapes.items())]
+    out += [f"note: {n}" for n in a.notes]
+    out += ["", _totals_line("total", a.total, a.flop_unit)]
+    if a.gamma_threshold is not None or a.weight_threshold is not None:
+        which = (f"gamma threshold {a.gamma_threshold}" if a.gamma_threshold is not None
+                 else f"weight threshold {a.weight_threshold}")
+        out.append(_totals_line("effective", a.effective, a.flop_unit) + f"   ({which})")
+
+    total_cost = a.cost_of(a.effective) or 0.0
+    rows = []
+    for op in a.ops:
+        value = a.cost_of(op)
+        if not value:
+            continue
+        share = f"{100 * value / total_cost:.1f}%" if total_cost else "-"
+        rows.append([op.node, op.op_type, f"{op.in_alive}/{op.in_total}", f"{op.out_alive}/{op.out_total}",
+                     human(value, unit), share])
+    shown = rows if max_ops is None else rows[:max_ops]
+    out += ["", f"per-op {cost_label} ({len(rows)} ops with a nonzero cost)"]
+    out += _table(["node", "type", "in alive", "out alive", cost_label, "share"], shown)
+    if len(shown) < len(rows):
+        out.append(f"... {len(rows) - len(shown)} more (use --all-ops)")
+
+    prunable = sum(g.prunable for g in a.groups)
+    out += ["", f"channel groups: {len(a.groups)} ({prunable} prunable, "
+                f"{sum(g.size for g in a.groups if g.prunable)} prunable channels)"]
+    group_rows = [[str(g.id), str(g.size), str(g.alive), _shorten(g.producers or g.ops, 2),
+                   "prunable" if g.prunable else "pinned: " + _shorten(g.pin_reasons, 1)] for g in a.groups]
+    out += _table(["group", "size", "alive", "ops", "status"], group_rows)
+    if a.unknown_ops:
+        out += ["", "unknown op types (their channels are pinned):"]
+        out += [f"  {op}: {_shorten(nodes)}" for op, nodes in sorted(a.unknown_ops.items())]
+    return "\n".join(out)
