@@ -2,7 +2,8 @@
 
 MorphNet's conventions: FLOPs count 2 per multiply-accumulate (MACs on request) and only for ops
 with a bilinear weight (Conv, ConvTranspose, Gemm, MatMul); parameters count every trained
-initializer (weights, biases, norm scales and shifts; not BatchNorm running statistics);
+initializer at each use (weights, biases, norm scales and shifts; not BatchNorm running
+statistics);
 activations count alive output channels of those ops; memory counts the bytes they read and
 write; latency is their roofline time, max(FLOPs / peak, bytes / bandwidth), summed.
 """
@@ -67,7 +68,6 @@ def op_costs(
     hardware: Hardware | None = None,
 ) -> list[OpCost]:
     """The cost of every non-static node, in graph order, under the given alive classes."""
-    counted: set[str] = set()
     costs = []
     for name, relation in graph.relations.items():
         node = graph.nodes[name]
@@ -81,7 +81,7 @@ def op_costs(
             in_alive, in_total, out_alive, out_total = int(a_in.sum()), a_in.size, int(a_out.sum()), a_out.size
             flops = flop_cost(geometry, a_in, a_out, macs)
             weights = geometry.kernel * bilinear_count(a_in, a_out, geometry.groups)
-            if geometry.weight is not None and _take_param(graph, geometry.weight, counted):
+            if geometry.weight is not None and _is_parameter(graph, geometry.weight):
                 params += weights
             activations = out_alive
             memory = _itemsize(graph, geometry.output) * (
@@ -96,23 +96,18 @@ def op_costs(
             in_alive, in_total = _channel_counts(graph, alive, node.input[0] if node.input else "")
             out_alive, out_total = _channel_counts(graph, alive, node.output[0] if node.output else "")
         for term in relation.params:
-            if _take_param(graph, term.param, counted):
+            if _is_parameter(graph, term.param):
                 params += term.size * _tensor_fraction(graph, alive, term.tensor)
         costs.append(OpCost(name, node.op_type, in_alive, in_total, out_alive, out_total,
                             flops, params, activations, memory, latency))
     return costs
 
 
-def _take_param(graph: ChannelGraph, name: str, counted: set[str]) -> bool:
-    """True the first time a float initializer is seen: shared weights count once."""
+def _is_parameter(graph: ChannelGraph, name: str) -> bool:
+    """A float initializer, counted at every use: exporters merge equal-valued initializers (all
+    BatchNorm scales of a fresh model are ones), and each use is a parameter of its own layer."""
     root = graph.param_root(name)
-    if root is None or root[0] in counted:
-        return False
-    tensor = graph.model.initializer(root[0])
-    if tensor.data_type not in _FLOAT_TYPES:
-        return False
-    counted.add(root[0])
-    return True
+    return root is not None and graph.model.initializer(root[0]).data_type in _FLOAT_TYPES
 
 
 def _channel_counts(graph: ChannelGraph, alive: np.ndarray, tensor: str) -> tuple[int, int]:
