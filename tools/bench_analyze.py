@@ -12,7 +12,8 @@ benchmark itself cannot run.
 2. Times whole-process `onnx-morph analyze FILE --json > /dev/null` and onnx-tool
    (`Model(path); graph.shape_infer(); graph.profile()`), each run in a fresh child process:
    median wall time of N runs and the child's peak RSS (ru_maxrss from os.wait4 of that very
-   child, so one child's figure never leaks into another's). The peak RSS of a bare
+   child, spawned from a tiny trampoline process so neither this process's RSS nor another
+   child's figure leaks into it). The peak RSS of a bare
    `python -c "import onnx, numpy, networkx"` is the baseline subtracted for the net figures.
 3. Builds Conv(16->16, 3x3) + BatchNormalization + Relu chains (input 1x16x8x8) of the given
    layer counts with onnx.helper and times `onnx-morph analyze` on each, whole process and
@@ -64,19 +65,42 @@ class ChildFailed(RuntimeError):
     pass
 
 
+# Linux carries the pre-exec RSS high-water mark of a process over its exec into ru_maxrss, and
+# subprocess starts children with vfork/posix_spawn, so a child started straight from this (large)
+# process would report at least this process's RSS. Children are therefore started from a tiny
+# `python -I -S` trampoline (~10 MiB, below any figure measured here) that spawns the command,
+# reaps it with wait4 and prints its wall time and ru_maxrss.
+_TRAMPOLINE = r"""
+import os, sys, time
+argv = sys.argv[1:]
+null = os.open(os.devnull, os.O_RDWR)
+t0 = time.perf_counter()
+pid = os.posix_spawn(argv[0], argv, os.environ,
+                     file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1)])
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+print(os.waitstatus_to_exitcode(status), repr(wall), ru.ru_maxrss)
+"""
+
+
 def run_child(argv: list[str]) -> tuple[float, int]:
-    """Run argv with stdout to /dev/null; return (wall seconds, peak RSS bytes) of that child."""
-    stderr_file = tempfile.TemporaryFile()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr_file)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4, tell Popen
-    if proc.returncode != 0:
-        stderr_file.seek(0)
-        tail = stderr_file.read().decode(errors="replace").strip().splitlines()[-5:]
-        raise ChildFailed(f"{' '.join(map(str, argv))} exited {proc.returncode}: " + " | ".join(tail))
-    return wall, usage.ru_maxrss * 1024  # Linux: KiB
+    """Run argv (stdin and stdout /dev/null); return (wall seconds, peak RSS bytes) of that child."""
+    argv = [str(a) for a in argv]
+    if not os.path.isabs(argv[0]):
+        argv[0] = shutil.which(argv[0]) or argv[0]
+    with tempfile.TemporaryFile() as err:
+        r = subprocess.run([PY, "-I", "-S", "-c", _TRAMPOLINE] + argv, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=err, text=True)
+        err.seek(0)
+        errtext = err.read().decode(errors="replace")
+    try:
+        code, wall, maxrss_kib = r.stdout.split()
+    except ValueError:
+        raise ChildFailed(f"trampoline failed ({r.returncode}): {errtext.strip()[-500:]}") from None
+    if int(code) != 0:
+        tail = errtext.strip().splitlines()[-5:]
+        raise ChildFailed(f"{' '.join(argv)} exited {code}: " + " | ".join(tail))
+    return float(wall), int(maxrss_kib) * 1024  # Linux reports KiB
 
 
 def measure(argv: list[str], repeat: int) -> dict:
@@ -309,6 +333,10 @@ def _run(args, workdir: pathlib.Path, layers: list[int]) -> int:
             args.reuse and (workdir / f"chain{n}.onnx").is_file()) else workdir / f"chain{n}.onnx"
         print(f"  built {n}-layer chain ({chains[n].stat().st_size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s")
     srows, scale = [], {}
+    if chains:  # one untimed call so that lazy imports are not charged to the first chain
+        import onnx_morph
+
+        onnx_morph.analyze(str(chains[min(chains)]))
     for n, path in chains.items():
         size = path.stat().st_size
         try:

@@ -158,16 +158,24 @@ def _unique_names(nodes) -> list[str]:
 
 
 def _graph_input(model, name, consumers, nodes, tensors, static) -> TensorInfo:
-    """A graph input takes the channel axes its first opinionated consumer reads."""
+    """A graph input takes the channel axes read by the nearest consumer that has an opinion,
+    searching through rank-preserving ops (a decomposed LayerNorm starts with ReduceMean)."""
     shape = model.shapes.get(name)
     axes = None
     if shape is not None:
-        for node_name, index in consumers.get(name, []):
-            node = nodes[node_name]
-            view = _view(model, node_name, node, {**tensors, name: TensorInfo(name, shape)}, static)
-            axes = handler_for(node.op_type, node.domain).preferred_axes(view, index, len(shape))
-            if axes is not None:
-                break
+        frontier, seen = [name], set()
+        while frontier and axes is None and len(seen) < 32:
+            tensor = frontier.pop(0)
+            for node_name, index in consumers.get(tensor, []):
+                if node_name in seen:
+                    continue
+                seen.add(node_name)
+                node = nodes[node_name]
+                view = _view(model, node_name, node, {**tensors, tensor: TensorInfo(tensor, shape)}, static)
+                axes = handler_for(node.op_type, node.domain).preferred_axes(view, index, len(shape))
+                if axes is not None:
+                    break
+                frontier.extend(o for o in node.output if o and model.shapes.get(o, ()) == shape)
         if axes is None and len(shape) >= 2:
             axes = (1,)
     return TensorInfo(name, shape, _valid_axes(axes, shape))

@@ -316,7 +316,7 @@ def _infer_and_fold(view: onnx.ModelProto, label: str) -> tuple[onnx.ModelProto,
         shapes, _ = _collect_types(inferred)
         kept, new_values = [], {}
         for node in view.graph.node:
-            values = _evaluate(node, known, shapes)
+            values = _evaluate(node, known, shapes, view.opset_import)
             if values is None:
                 kept.append(node)
                 continue
@@ -331,7 +331,7 @@ def _infer_and_fold(view: onnx.ModelProto, label: str) -> tuple[onnx.ModelProto,
         view.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in new_values.items())
 
 
-def _evaluate(node: onnx.NodeProto, known: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]) -> list[np.ndarray] | None:
+def _evaluate(node: onnx.NodeProto, known: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], opsets) -> list[np.ndarray] | None:
     if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDABLE:
         return None
     if node.op_type == "Constant":
@@ -349,15 +349,27 @@ def _evaluate(node: onnx.NodeProto, known: dict[str, np.ndarray], shapes: dict[s
     if not node.input or any(name and name not in known for name in node.input):
         return None
     try:
-        from onnx.reference import ReferenceEvaluator
-
-        outputs = ReferenceEvaluator(node).run(None, {name: known[name] for name in node.input if name})
+        outputs = _run_node(node, {name: known[name] for name in node.input if name}, opsets)
     except Exception:  # noqa: BLE001 - an op the reference runtime cannot run is simply not folded
         return None
     values = [np.asarray(v) for v in outputs]
     if any(v.size > _MAX_FOLDED_ELEMENTS for v in values):
         return None
     return values
+
+
+def _run_node(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opsets) -> list[np.ndarray]:
+    """Run one node with the reference runtime under the model's own opset (Unsqueeze-11 takes an
+    attribute where Unsqueeze-13 takes an input)."""
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = [
+        onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)
+        for name, value in feeds.items()
+    ]
+    outputs = [onnx.helper.make_empty_tensor_value_info(name) for name in node.output if name]
+    graph = onnx.helper.make_graph([node], "fold", inputs, outputs)
+    return ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=opsets)).run(None, feeds)
 
 
 def _collect_types(inferred: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]], dict[str, int]]:
