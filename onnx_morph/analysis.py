@@ -8,21 +8,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from onnx_morph.costs import Hardware, OpCost, op_costs, parse_hardware
+from onnx_morph.costs import Hardware, OpCost, Totals, op_costs, parse_hardware, totals_of
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, alive_classes, build_channel_graph, load_model
 
 COSTS = ("flops", "params", "activations", "memory", "latency")
 JSON_SCHEMA_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Totals:
-    flops: float
-    params: float
-    activations: int
-    memory_bytes: float
-    latency_s: float | None
 
 
 @dataclass(frozen=True)
@@ -58,6 +49,7 @@ class Analysis:
     groups: list[GroupReport]
     unknown_ops: dict[str, list[str]]
     graph: ChannelGraph = field(repr=False, compare=False)
+    alive: np.ndarray = field(repr=False, compare=False)
 
     def cost_of(self, item: OpCost | Totals) -> float:
         return {
@@ -116,12 +108,13 @@ def analyze(
         hardware=hardware,
         gamma_threshold=gamma_threshold,
         weight_threshold=weight_threshold,
-        total=_totals(op_costs(graph, everything, macs=macs, hardware=hardware), hardware),
-        effective=_totals(ops, hardware),
+        total=totals_of(op_costs(graph, everything, macs=macs, hardware=hardware), hardware),
+        effective=totals_of(ops, hardware),
         ops=ops,
         groups=[_group_report(graph, g, alive) for g in graph.groups],
         unknown_ops=graph.unknown_ops,
         graph=graph,
+        alive=alive,
     )
 
 
@@ -136,16 +129,6 @@ def _parse_cost(cost: str) -> tuple[str, Hardware | None]:
     if spec:
         raise OptionError(f"cost '{name}' takes no ':{spec}'")
     return name, None
-
-
-def _totals(ops: list[OpCost], hardware: Hardware | None) -> Totals:
-    return Totals(
-        flops=float(sum(op.flops for op in ops)),
-        params=float(sum(op.params for op in ops)),
-        activations=int(sum(op.activations for op in ops)),
-        memory_bytes=float(sum(op.memory_bytes for op in ops)),
-        latency_s=float(sum(op.latency_s for op in ops)) if hardware is not None else None,
-    )
 
 
 def _group_report(graph: ChannelGraph, group, alive: np.ndarray) -> GroupReport:

@@ -81,3 +81,26 @@ def render(analysis: Analysis, max_ops: int | None = None) -> str:
         out += ["", "unknown op types (their channels are pinned):"]
         out += [f"  {op}: {_shorten(nodes)}" for op, nodes in sorted(a.unknown_ops.items())]
     return "\n".join(out)
+
+
+def render_prune(result, output: str) -> str:
+    """Before/after costs, per-layer widths and the verification of a PruneResult."""
+    b, a = result.before, result.after
+    ratio = lambda new, old: f"{100 * new / old:.1f}%" if old else "-"  # noqa: E731
+    out = [f"wrote {output}: removed {result.removed_channels} channels",
+           f"FLOPs   {human(b.flops):>9} -> {human(a.flops):>9}  ({ratio(a.flops, b.flops)})",
+           f"params  {human(b.params):>9} -> {human(a.params):>9}  ({ratio(a.params, b.params)})"]
+    out += [f"note: {n}" for n in result.notes]
+    changed = [w for w in result.widths if w.after != w.before]
+    out += ["", f"layer widths ({len(changed)} of {len(result.widths)} changed)"]
+    out += _table(["node", "type", "before", "after"],
+                  [[w.node, w.op_type, str(w.before), str(w.after)] for w in result.widths])
+    out.append("")
+    if result.masked_deviation is None:
+        out.append("verification: skipped")
+    else:
+        m, o = result.masked_deviation, result.original_deviation
+        out.append(f"verification against the original with the removed channels masked ({m.samples} random inputs): "
+                   f"max abs {m.max_abs:.3g}, max rel {m.max_rel:.3g}")
+        out.append(f"difference from the unpruned original: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}")
+    return "\n".join(out)

@@ -79,12 +79,12 @@ pid = os.posix_spawn(argv[0], argv, os.environ,
                      file_actions=[(os.POSIX_SPAWN_DUP2, null, 0), (os.POSIX_SPAWN_DUP2, null, 1)])
 _, status, ru = os.wait4(pid, 0)
 wall = time.perf_counter() - t0
-print(os.waitstatus_to_exitcode(status), repr(wall), ru.ru_maxrss)
+print(os.waitstatus_to_exitcode(status), repr(wall), ru.ru_maxrss, repr(ru.ru_utime + ru.ru_stime))
 """
 
 
-def run_child(argv: list[str]) -> tuple[float, int]:
-    """Run argv (stdin and stdout /dev/null); return (wall seconds, peak RSS bytes) of that child."""
+def run_child(argv: list[str]) -> tuple[float, int, float]:
+    """Run argv (stdin and stdout /dev/null); return (wall s, peak RSS bytes, user+sys CPU s) of that child."""
     argv = [str(a) for a in argv]
     if not os.path.isabs(argv[0]):
         argv[0] = shutil.which(argv[0]) or argv[0]
@@ -94,22 +94,24 @@ def run_child(argv: list[str]) -> tuple[float, int]:
         err.seek(0)
         errtext = err.read().decode(errors="replace")
     try:
-        code, wall, maxrss_kib = r.stdout.split()
+        code, wall, maxrss_kib, cpu = r.stdout.split()
     except ValueError:
         raise ChildFailed(f"trampoline failed ({r.returncode}): {errtext.strip()[-500:]}") from None
     if int(code) != 0:
         tail = errtext.strip().splitlines()[-5:]
         raise ChildFailed(f"{' '.join(argv)} exited {code}: " + " | ".join(tail))
-    return float(wall), int(maxrss_kib) * 1024  # Linux reports KiB
+    return float(wall), int(maxrss_kib) * 1024, float(cpu)  # Linux reports ru_maxrss in KiB
 
 
 def measure(argv: list[str], repeat: int) -> dict:
-    walls, peaks = [], []
+    walls, peaks, cpus = [], [], []
     for _ in range(repeat):
-        wall, peak = run_child(argv)
+        wall, peak, cpu = run_child(argv)
         walls.append(wall)
         peaks.append(peak)
-    return {"wall": statistics.median(walls), "walls": walls, "peak": max(peaks), "peak_median": statistics.median(peaks)}
+        cpus.append(cpu)
+    return {"wall": statistics.median(walls), "walls": walls, "cpu": statistics.median(cpus),
+            "peak": max(peaks), "peak_median": statistics.median(peaks)}
 
 
 def morph_argv(path) -> list[str]:
@@ -180,17 +182,19 @@ def build_chain(path: pathlib.Path, layers: int, channels: int = 16, hw: int = 8
     return path
 
 
-def inprocess_analyze(path, repeat: int) -> float:
-    """Median seconds of onnx_morph.analyze(path) in this process (imports already warm)."""
+def inprocess_analyze(path, repeat: int) -> tuple[float, float]:
+    """Median (wall s, CPU s) of onnx_morph.analyze(path) in this process (imports already warm)."""
     import onnx_morph
 
-    times = []
+    walls, cpus = [], []
     for _ in range(repeat):
         gc.collect()
-        t0 = time.perf_counter()
-        onnx_morph.analyze(str(path))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = onnx_morph.analyze(str(path))
+        walls.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
+        del result
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def profile_analyze(path, top: int = 10) -> str:
@@ -215,6 +219,10 @@ def profile_analyze(path, top: int = 10) -> str:
 # --------------------------------------------------------------------------- #
 # formatting
 # --------------------------------------------------------------------------- #
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def mib(n: float) -> str:
@@ -263,7 +271,8 @@ def main(argv=None) -> int:
 def _run(args, workdir: pathlib.Path, layers: list[int]) -> int:
     import platform
 
-    print(f"python {platform.python_version()} ({PY}), {os.cpu_count()} CPUs, repeat={args.repeat}")
+    print(f"python {platform.python_version()} ({PY}), {os.cpu_count()} CPUs, repeat={args.repeat}, "
+          f"load average {_load()}")
     print(f"work dir: {workdir}")
     targets: list[list[str]] = []
 
@@ -299,7 +308,7 @@ def _run(args, workdir: pathlib.Path, layers: list[int]) -> int:
                 print(f"  {tool} failed on {name}: {exc}")
                 continue
             m = results[tool]
-            rows.append([name, mib(size), tool, secs(m["wall"]), " ".join(f"{w:.2f}" for w in m["walls"]),
+            rows.append([name, mib(size), tool, secs(m["wall"]), " ".join(f"{w:.2f}" for w in m["walls"]), secs(m["cpu"]),
                          mib(m["peak"]), f"{m['peak'] / size:5.2f}x", mib(m["peak"] - baseline_rss),
                          f"{(m['peak'] - baseline_rss) / size:5.2f}x"])
         morph, tool = results.get("onnx-morph"), results.get("onnx-tool")
@@ -321,7 +330,7 @@ def _run(args, workdir: pathlib.Path, layers: list[int]) -> int:
                             f"{(morph['peak'] - baseline_rss) / 2**20:.1f} MiB / {size / 2**20:.1f} MiB = {net:.2f}x",
                             "pass" if net < MEM_TARGET else "fail"])
     print()
-    print(table(rows, ["model", "file size", "tool", "median wall", "runs (s)", "peak RSS", "RSS/size",
+    print(table(rows, ["model", "file size", "tool", "median wall", "runs (s)", "CPU", "peak RSS", "RSS/size",
                        "net RSS", "net/size"]))
 
     # ---- 3. scaling ------------------------------------------------------ #
@@ -344,19 +353,21 @@ def _run(args, workdir: pathlib.Path, layers: list[int]) -> int:
         except ChildFailed as exc:
             print(f"  onnx-morph failed on chain{n}: {exc}")
             continue
-        inproc = inprocess_analyze(path, args.repeat)
-        scale[n] = (proc["wall"], inproc)
-        srows.append([f"{n}", f"{3 * n}", mib(size), secs(proc["wall"]), secs(inproc),
-                      f"{inproc / n * 1e6:8.1f} us", mib(proc["peak"]), f"{proc['peak'] / size:5.2f}x"])
-    print(table(srows, ["layers", "nodes", "file size", "whole process", "in-process", "per layer",
-                        "peak RSS", "RSS/size"]))
+        inproc, inproc_cpu = inprocess_analyze(path, args.repeat)
+        scale[n] = (proc["wall"], inproc, proc["cpu"], inproc_cpu)
+        srows.append([f"{n}", f"{3 * n}", mib(size), secs(proc["wall"]), secs(proc["cpu"]), secs(inproc),
+                      secs(inproc_cpu), f"{inproc / n * 1e6:8.1f} us", mib(proc["peak"]),
+                      f"{proc['peak'] / size:5.2f}x"])
+    print(table(srows, ["layers", "nodes", "file size", "whole process", "CPU", "in-process", "CPU",
+                        "in-proc/layer", "peak RSS", "RSS/size"]))
     if len(scale) >= 2:
         lo, hi = min(scale), max(scale)
         f = hi / lo
         allowed = TIME_SCALE_TARGET * f / 10  # 12x time per 10x layers, linear in the layer factor
         for label, k in [("whole process", 0), ("in-process", 1)]:
             ratio = scale[hi][k] / scale[lo][k]
-            print(f"  {label}: {hi} vs {lo} layers ({f:g}x): time ratio {ratio:.2f}x")
+            cpu_ratio = scale[hi][k + 2] / scale[lo][k + 2]
+            print(f"  {label}: {hi} vs {lo} layers ({f:g}x): wall time ratio {ratio:.2f}x, CPU time ratio {cpu_ratio:.2f}x")
             targets.append([f"scaling {label}: {f:g}x layers within {allowed:g}x time",
                             f"{scale[hi][k]:.3f} s / {scale[lo][k]:.3f} s = {ratio:.2f}x",
                             "PASS" if ratio <= allowed else "FAIL"])
@@ -370,6 +381,9 @@ def _run(args, workdir: pathlib.Path, layers: list[int]) -> int:
             print(profile_analyze(path))
 
     # ---- 4. targets ------------------------------------------------------ #
+    print(f"\nload average at the end: {_load()}" + (
+        f"  (above {os.cpu_count()} CPUs: other processes compete, wall times are inflated; see CPU columns)"
+        if os.getloadavg()[0] > (os.cpu_count() or 1) else ""))
     print("\nTARGETS")
     print(table(targets, ["target", "measured", "result"]))
     return 0

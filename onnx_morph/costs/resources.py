@@ -37,6 +37,27 @@ class OpCost:
     latency_s: float
 
 
+@dataclass(frozen=True)
+class Totals:
+    """Costs summed over the ops; latency only when a hardware was given."""
+
+    flops: float
+    params: float
+    activations: int
+    memory_bytes: float
+    latency_s: float | None
+
+
+def totals_of(ops: list[OpCost], hardware: Hardware | None = None) -> Totals:
+    return Totals(
+        flops=float(sum(op.flops for op in ops)),
+        params=float(sum(op.params for op in ops)),
+        activations=int(sum(op.activations for op in ops)),
+        memory_bytes=float(sum(op.memory_bytes for op in ops)),
+        latency_s=float(sum(op.latency_s for op in ops)) if hardware is not None else None,
+    )
+
+
 def alive_along(graph: ChannelGraph, alive: np.ndarray, tensor: str, axis: int) -> np.ndarray:
     """Alive mask of the channels along `axis` of `tensor`; all alive if that axis is not its channel axis."""
     info = graph.tensors.get(tensor)
@@ -84,10 +105,13 @@ def op_costs(
             if geometry.weight is not None and _is_parameter(graph, geometry.weight):
                 params += weights
             activations = out_alive
+            read_weights = weights if geometry.weight is not None else 0
+            if geometry.second_input is not None:
+                read_weights = _elements(graph, geometry.second_input)
             memory = _itemsize(graph, geometry.output) * (
                 _elements(graph, geometry.input) * _fraction(in_alive, in_total)
                 + _elements(graph, geometry.output) * _fraction(out_alive, out_total)
-                + weights
+                + read_weights
             )
             if hardware is not None:
                 full_flops = flops * (2 if macs else 1)
@@ -139,3 +163,42 @@ def _itemsize(graph: ChannelGraph, tensor: str) -> int:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype)).itemsize
     except (KeyError, TypeError):
         return 4
+
+
+def total_cost(graph: ChannelGraph, alive: np.ndarray, resource: str) -> float:
+    """Total FLOPs or parameters of the model under `alive`."""
+    costs = op_costs(graph, alive)
+    return float(sum(op.flops if resource == "flops" else op.params for op in costs))
+
+
+def marginal_cost(graph: ChannelGraph, alive: np.ndarray, resource: str) -> np.ndarray:
+    """Per class, how much FLOPs or parameters removing it alone would save (at the current alive set)."""
+    saving = np.zeros(graph.num_classes)
+    for relation in graph.relations.values():
+        geometry = relation.geometry
+        if geometry is not None:
+            per_pair = geometry.kernel * (2 * geometry.positions if resource == "flops" else 1)
+            if resource == "params" and (geometry.weight is None or not _is_parameter(graph, geometry.weight)):
+                per_pair = 0
+            a_in = alive_along(graph, alive, geometry.input, geometry.in_axis)
+            a_out = alive_along(graph, alive, geometry.output, geometry.out_axis)
+            groups = geometry.groups if a_in.size % max(geometry.groups, 1) == 0 and a_out.size % max(geometry.groups, 1) == 0 else 1
+            in_per_group = a_in.reshape(groups, -1).sum(axis=1)
+            out_per_group = a_out.reshape(groups, -1).sum(axis=1)
+            _add(graph, saving, geometry.input, geometry.in_axis,
+                 per_pair * np.repeat(out_per_group, a_in.size // groups))
+            _add(graph, saving, geometry.output, geometry.out_axis,
+                 per_pair * np.repeat(in_per_group, a_out.size // groups))
+        if resource == "params":
+            for term in relation.params:
+                if term.tensor is not None and _is_parameter(graph, term.param) and graph.classes(term.tensor) is not None:
+                    classes = graph.classes(term.tensor)
+                    np.add.at(saving, classes, term.size / classes.size)
+    return saving
+
+
+def _add(graph: ChannelGraph, saving: np.ndarray, tensor: str, axis: int, per_channel: np.ndarray) -> None:
+    info = graph.tensors.get(tensor)
+    classes = graph.classes(tensor)
+    if classes is not None and info.axes == (axis,):
+        np.add.at(saving, classes, per_channel)

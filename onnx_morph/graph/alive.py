@@ -10,7 +10,7 @@ from onnx_morph.graph.channel_graph import ChannelGraph
 
 
 def source_strength(graph: ChannelGraph, kind: str) -> np.ndarray:
-    """Per class, the largest source value of `kind` (|gamma|, or a weight slice's L2 norm); NaN where none."""
+    """Per class, the largest source value of `kind` (|gamma|, or a weight slice's RMS); NaN where none."""
     strength = np.full(graph.num_classes, np.nan)
     cache: dict[tuple[str, int], np.ndarray] = {}
     for group in graph.groups:

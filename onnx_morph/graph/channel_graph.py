@@ -11,7 +11,6 @@ import networkx as nx
 import numpy as np
 import onnx
 
-from onnx_morph.errors import ModelLoadError
 from onnx_morph.graph.groups import ChannelGroup, build_groups
 from onnx_morph.graph.load import LoadedModel
 from onnx_morph.handlers import NodeView, Pin, Relation, TensorInfo, handler_for, is_known
@@ -38,6 +37,7 @@ class ChannelGraph:
     class_pins: dict[int, list[str]]
     groups: list[ChannelGroup]
     aliases: dict[str, tuple[str, tuple[int, ...] | None]]
+    static: set[str] = field(default_factory=set)
     unknown_ops: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -140,10 +140,15 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
     digraph = _networkx(model, nodes, tensors, consumers)
     partial = ChannelGraph(
         model, digraph, names, nodes, tensors, relations, offsets, class_of.astype(np.int64),
-        dict(class_pins), [], aliases, dict(unknown),
+        dict(class_pins), [], aliases, static, dict(unknown),
     )
     partial.groups = build_groups(partial)
     return partial
+
+
+def node_view(graph: ChannelGraph, name: str) -> NodeView:
+    """The view a handler gets of a node of a built graph."""
+    return _view(graph.model, name, graph.nodes[name], graph.tensors, graph.static)
 
 
 def _unique_names(nodes) -> list[str]:
@@ -262,20 +267,3 @@ def _networkx(model: LoadedModel, nodes, tensors, consumers) -> nx.MultiDiGraph:
         if tensor in outputs:
             graph.add_edge(source, f"output:{tensor}", key=tensor, **attrs)
     return graph
-
-
-def check_acyclic(model: LoadedModel) -> None:
-    """ONNX requires a DAG; the checker catches most cycles, this names the node for the rest."""
-    digraph = nx.DiGraph()
-    producer = {o: i for i, n in enumerate(model.graph.node) for o in n.output if o}
-    for index, node in enumerate(model.graph.node):
-        digraph.add_node(index)
-        for tensor in node.input:
-            if tensor in producer:
-                digraph.add_edge(producer[tensor], index)
-    try:
-        cycle = nx.find_cycle(digraph)
-    except nx.NetworkXNoCycle:
-        return
-    node = model.graph.node[cycle[0][0]]
-    raise ModelLoadError(f"{model.source}: the graph has a cycle through {node.op_type} node '{node.name}'")

@@ -390,8 +390,9 @@ def _collect_types(inferred: onnx.ModelProto) -> tuple[dict[str, tuple[int, ...]
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The message on one line, without the checker's boilerplate, at most 300 characters."""
+    text = " ".join(str(exc).replace("==> Context:", "").split())
+    return (text[:297] + "...") if len(text) > 300 else (text or type(exc).__name__)
 
 
 def parse_input_shapes(specs: list[str]) -> dict[str, tuple[int, ...]]:

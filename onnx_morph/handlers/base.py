@@ -122,6 +122,7 @@ class OpGeometry:
     positions: int
     groups: int = 1
     weight: str | None = None
+    second_input: str | None = None  # the right operand of a product of two activations
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,22 @@ class Relation:
     params: list[ParamTerm] = field(default_factory=list)
 
 
+class Editor(Protocol):
+    """What surgery lets a handler change on its node."""
+
+    def keep(self, tensor: str) -> np.ndarray | None:
+        """Keep-mask over the tensor's channel elements; None when none of them is removed."""
+
+    def slice_input(self, index: int, axis: int, mask: np.ndarray) -> None:
+        """Keep only the entries of constant input `index` where `mask` is true along `axis`."""
+
+    def set_input(self, index: int, value: np.ndarray) -> None:
+        """Replace (or add) constant input `index`."""
+
+    def set_attr(self, name: str, value) -> None:
+        """Set an attribute; None removes it."""
+
+
 class Handler(Protocol):
     """The meaning of one op family; the registry maps op types to handlers."""
 
@@ -154,12 +171,19 @@ class Handler(Protocol):
         """Channel axes this op reads from input `index`; a graph input takes them from its consumer."""
         ...
 
+    def prune(self, view: NodeView, edit: Editor) -> None:
+        """Shrink the node's parameters and shape constants to the kept channels of its tensors."""
+        ...
+
 
 class BaseHandler:
     static_output = False
 
     def preferred_axes(self, view: NodeView, index: int, rank: int) -> Axes | None:
         return None
+
+    def prune(self, view: NodeView, edit: Editor) -> None:
+        """Ops without parameters or shape constants follow their inputs' shapes."""
 
 
 def identity_tie(a: TensorInfo, b: TensorInfo) -> Tie:

@@ -76,6 +76,29 @@ class Conv(BaseHandler):
         return relation
 
 
+    def prune(self, view: NodeView, edit) -> None:
+        x, y = view.input(0), view.outputs[0]
+        keep_in, keep_out = edit.keep(x.name), edit.keep(y.name)
+        in_axis, out_axis = (0, 1) if self.transposed else (1, 0)
+        groups = int(view.attr("group", 1))
+        if keep_out is not None:
+            # W's output axis holds C_out (Conv) or C_out / group (ConvTranspose) channels.
+            edit.slice_input(1, out_axis, _per_weight_slice(keep_out, groups, self.transposed))
+            if view.input(2) is not None:
+                edit.slice_input(2, 0, keep_out)
+        if keep_in is not None and (groups == 1 or self.transposed):
+            edit.slice_input(1, in_axis, keep_in)
+        if groups > 1 and keep_in is not None:
+            edit.set_attr("group", int(keep_in.reshape(groups, -1).any(axis=1).sum()))
+
+
+def _per_weight_slice(keep_out: np.ndarray, groups: int, transposed: bool) -> np.ndarray:
+    if not transposed or groups == 1:
+        return keep_out
+    # Whole groups live or die, so every surviving group keeps the same output positions.
+    return keep_out.reshape(groups, -1).any(axis=0)
+
+
 class ConvTranspose(Conv):
     """ConvTranspose: W is [C_in, C_out / group, k...]; cost counts input positions."""
 

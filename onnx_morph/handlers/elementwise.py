@@ -20,6 +20,12 @@ from onnx_morph.handlers.base import (
 )
 
 
+def _single_axis(axes):
+    if axes is None or len(axes) != 1:
+        raise ValueError("surgery reached a tensor without a single channel axis")
+    return axes
+
+
 def _aligned(info: TensorInfo, out_rank: int) -> tuple[int, ...]:
     """The operand's shape padded on the left to the output's rank, as broadcasting aligns it."""
     return (1,) * (out_rank - len(info.shape)) + tuple(info.shape)
@@ -53,6 +59,18 @@ class Elementwise(BaseHandler):
                 if t.axes is not None:
                     relation.pins.append(Pin(t.name, reason))
         return relation
+
+    def prune(self, view: NodeView, edit) -> None:
+        """Per-channel constants (biases, layer scales, PRelu slopes) lose the removed channels."""
+        y = view.outputs[0]
+        keep = edit.keep(y.name)
+        if keep is None:
+            return
+        (axis,) = _single_axis(self.relate(view).output_axes[0])
+        rank = len(y.shape)
+        for index, t in enumerate(view.inputs):
+            if t is not None and t.constant and _aligned(t, rank)[axis] == keep.size > 1:
+                edit.slice_input(index, axis - (rank - len(t.shape)), keep)
 
     @staticmethod
     def _output_axes(operands: list[TensorInfo], y: TensorInfo, rank: int) -> tuple[int, ...] | None:

@@ -59,7 +59,24 @@ class Reshape(BaseHandler):
         if not np.array_equal(np.broadcast_to(small, y.shape), ids):
             return Relation([None], pins=[Pin(x.name, f"{describe(view)} mixes channels with other axes")])
         out_elements = small.reshape(-1)
-        return Relation([varying], ties=[Tie(y.name, np.arange(out_elements.size, dtype=np.int64), x.name, out_elements)])
+        relation = Relation([varying], ties=[Tie(y.name, np.arange(out_elements.size, dtype=np.int64), x.name, out_elements)])
+        if len(varying) > 1:
+            # A [groups, C/groups] grid of channels can only lose whole rows or columns.
+            relation.pins.append(Pin(y.name, f"{describe(view)} splits the channels over axes {list(varying)}"))
+        return relation
+
+
+    def prune(self, view: NodeView, edit) -> None:
+        """Reshape's target shape gets the new channel count; Flatten/Squeeze/Unsqueeze need nothing."""
+        y = view.outputs[0]
+        keep = edit.keep(y.name)
+        if keep is None or view.op_type != "Reshape":
+            return
+        (axis,) = self.relate(view).output_axes[0]
+        target = np.array(view.const(1) if view.const(1) is not None else y.shape, dtype=np.int64)
+        if target[axis] > 0:
+            target[axis] = int(keep.sum())
+        edit.set_input(1, target)
 
 
 def _constant_along(ids: np.ndarray, axis: int) -> bool:
@@ -115,6 +132,17 @@ class Concat(BaseHandler):
             offset += count
         return relation
 
+    def prune(self, view: NodeView, edit) -> None:
+        """Constants joined off the channel axis (a class token) lose the removed channels."""
+        y = view.outputs[0]
+        keep = edit.keep(y.name)
+        axes = self.relate(view).output_axes[0]
+        if keep is None or axes is None or len(axes) != 1 or normalize_axis(view.attr("axis"), len(y.shape)) in axes:
+            return
+        for index, t in enumerate(view.inputs):
+            if t is not None and t.constant and t.shape[axes[0]] == keep.size:
+                edit.slice_input(index, axes[0], keep)
+
 
 def _subset(view: NodeView, x: TensorInfo, outputs: list[tuple[TensorInfo, np.ndarray | None]], axis: int) -> Relation:
     """Each output keeps the input channels listed for it (None: it does not cut the channel axis)."""
@@ -146,6 +174,20 @@ class Split(BaseHandler):
         return _subset(view, x, parts, axis)
 
 
+    def prune(self, view: NodeView, edit) -> None:
+        x = view.input(0)
+        keeps = [edit.keep(y.name) for y in view.outputs]
+        axis = normalize_axis(view.attr("axis", 0), len(x.shape))
+        if all(k is None for k in keeps) or x.axes != (axis,):
+            return
+        sizes = np.array([int(k.sum()) if k is not None else y.shape[axis] for k, y in zip(keeps, view.outputs)], dtype=np.int64)
+        if view.opset >= 13:
+            edit.set_attr("num_outputs", None)
+            edit.set_input(1, sizes)
+        else:
+            edit.set_attr("split", sizes.tolist())
+
+
 class Slice(BaseHandler):
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
@@ -159,8 +201,31 @@ class Slice(BaseHandler):
         if not sliced:
             return _subset(view, x, [(y, None)], -1)
         position = axes.index(sliced[0])
+        if steps[position] != 1:
+            return Relation([None], pins=[Pin(x.name, f"{describe(view)} takes every {steps[position]}th channel")])
         kept = np.arange(x.shape[sliced[0]], dtype=np.int64)[slice(starts[position], ends[position], steps[position])]
         return _subset(view, x, [(y, kept)], sliced[0])
+
+    def prune(self, view: NodeView, edit) -> None:
+        """Bounds on the channel axis become the kept channels' positions in the pruned input."""
+        x, y = view.input(0), view.outputs[0]
+        keep_in, keep_out = edit.keep(x.name), edit.keep(y.name)
+        if keep_in is None or x.axes is None or len(x.axes) != 1:
+            return
+        rank = len(x.shape)
+        starts, ends, axes, steps = self._bounds(view, rank)
+        if x.axes[0] not in axes:
+            return
+        position = axes.index(x.axes[0])
+        first = range(x.shape[x.axes[0]])[slice(starts[position], ends[position])].start
+        starts[position] = int(keep_in[:first].sum())
+        ends[position] = starts[position] + int(keep_out.sum() if keep_out is not None else y.shape[x.axes[0]])
+        if view.input(1) is None:
+            edit.set_attr("starts", starts)
+            edit.set_attr("ends", ends)
+        else:
+            edit.set_input(1, np.array(starts, dtype=np.int64))
+            edit.set_input(2, np.array(ends, dtype=np.int64))
 
     @staticmethod
     def _bounds(view: NodeView, rank: int):
@@ -213,6 +278,23 @@ class Gather(BaseHandler):
         return Relation([axes], ties=[identity_tie(data, TensorInfo(y.name, y.shape, axes))])
 
 
+    def prune(self, view: NodeView, edit) -> None:
+        data, y = view.input(0), view.outputs[0]
+        keep_out = edit.keep(y.name)
+        if data.constant:
+            if keep_out is not None and len(data.shape) == 2:
+                edit.slice_input(0, 1, keep_out)
+            return
+        keep_in = edit.keep(data.name)
+        axis = normalize_axis(view.attr("axis", 0), len(data.shape))
+        if keep_in is None or data.axes != (axis,):
+            return
+        chosen = np.asarray(view.const(1)).astype(np.int64)
+        chosen = np.where(chosen < 0, chosen + keep_in.size, chosen)
+        position = np.cumsum(keep_in) - 1
+        edit.set_input(1, position[chosen[keep_out] if keep_out is not None else chosen])
+
+
 class Expand(BaseHandler):
     """Broadcast to a larger shape: channels pass when the channel dims are already full size."""
 
@@ -225,3 +307,16 @@ class Expand(BaseHandler):
         if all(x.shape[a] == y.shape[a + shift] for a in x.axes):
             return Relation([axes], ties=[identity_tie(x, TensorInfo(y.name, y.shape, axes))])
         return Relation([None], pins=[Pin(x.name, f"{describe(view)} broadcasts along the channel axis")])
+
+    def prune(self, view: NodeView, edit) -> None:
+        y = view.outputs[0]
+        keep = edit.keep(y.name)
+        shape = view.const(1)
+        if keep is None or shape is None:
+            return
+        (axis,) = self.relate(view).output_axes[0]
+        target = np.array(shape, dtype=np.int64)
+        offset = len(y.shape) - target.size
+        if axis - offset >= 0 and target[axis - offset] > 1:
+            target[axis - offset] = int(keep.sum())
+            edit.set_input(1, target)

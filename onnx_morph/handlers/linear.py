@@ -51,6 +51,19 @@ class Gemm(BaseHandler):
         return relation
 
 
+    def prune(self, view: NodeView, edit) -> None:
+        a, y = view.input(0), view.outputs[0]
+        keep_in, keep_out = edit.keep(a.name), edit.keep(y.name)
+        in_axis, out_axis = (1, 0) if view.attr("transB", 0) else (0, 1)
+        if keep_in is not None:
+            edit.slice_input(1, in_axis, keep_in)
+        if keep_out is not None:
+            edit.slice_input(1, out_axis, keep_out)
+            c = view.input(2)
+            if c is not None and c.shape and c.shape[-1] == keep_out.size and len(c.shape) >= 1:
+                edit.slice_input(2, len(c.shape) - 1, keep_out)
+
+
 class MatMul(BaseHandler):
     """MatMul [.., M, K] x [.., K, N]; a constant 2-D right operand is a weight [in, out]."""
 
@@ -68,6 +81,16 @@ class MatMul(BaseHandler):
             return Relation([None], pins=[Pin(t.name, f"{describe(view)} multiplies by a constant on the left")
                                           for t in (a, b) if t.is_activation])
         return self._between_activations(view, a, b, y)
+
+    def prune(self, view: NodeView, edit) -> None:
+        a, b, y = view.input(0), view.input(1), view.outputs[0]
+        if not b.constant or b.shape is None or len(b.shape) != 2:
+            return
+        keep_in, keep_out = edit.keep(a.name), edit.keep(y.name)
+        if keep_in is not None:
+            edit.slice_input(1, 0, keep_in)
+        if keep_out is not None:
+            edit.slice_input(1, 1, keep_out)
 
     def _with_weight(self, view: NodeView, a: TensorInfo, b: TensorInfo, y: TensorInfo) -> Relation:
         out_axes = _last(len(y.shape))
@@ -87,7 +110,8 @@ class MatMul(BaseHandler):
         """Attention-style products: the contracted axes are tied; rows of A and columns of B pass on."""
         ra, rb, ry = len(a.shape), len(b.shape), len(y.shape)
         relation = Relation([None])
-        relation.geometry = OpGeometry(a.name, ra - 1, y.name, ry - 1, kernel=1, positions=math.prod(y.shape[:-1]))
+        relation.geometry = OpGeometry(a.name, ra - 1, y.name, ry - 1, kernel=1, positions=math.prod(y.shape[:-1]),
+                                       second_input=b.name)
         a_role = _role(a.axes, {(ra - 1,): "contracted", (ra - 2,): "rows"})
         b_role = _role(b.axes, {(rb - 2,): "contracted", (rb - 1,): "columns"})
         if a_role == "contracted" and b_role == "contracted":

@@ -45,6 +45,14 @@ class BatchNorm(BaseHandler):
         return relation
 
 
+    def prune(self, view: NodeView, edit) -> None:
+        keep = edit.keep(view.input(0).name)
+        if keep is not None:
+            for index in range(1, len(view.inputs)):
+                if view.input(index) is not None:
+                    edit.slice_input(index, 0, keep)
+
+
 class InstanceNorm(BatchNorm):
     """Statistics per sample and channel: channels stay independent."""
 

@@ -1,0 +1,153 @@
+"""`prune`: choose the dead channels, remove them, verify the result."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnx_morph.costs import Totals, op_costs, totals_of
+from onnx_morph.errors import OptionError
+from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
+from onnx_morph.rewrite import select
+from onnx_morph.costs import total_cost
+from onnx_morph.rewrite.surgery import keep_masks, remove_channels
+from onnx_morph.rewrite.verify import Deviation, compare, masked_original
+
+
+@dataclass(frozen=True)
+class LayerWidth:
+    node: str
+    op_type: str
+    before: int
+    after: int
+
+
+@dataclass
+class PruneResult:
+    model: onnx.ModelProto
+    before: Totals
+    after: Totals
+    removed_channels: int
+    widths: list[LayerWidth]
+    masked_deviation: Deviation | None
+    original_deviation: Deviation | None
+    notes: list[str] = field(default_factory=list)
+    alive: np.ndarray | None = field(default=None, repr=False)
+
+
+def prune(
+    model: str | os.PathLike | onnx.ModelProto,
+    *,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    gamma_threshold: float | None = None,
+    weight_threshold: float | None = None,
+    masks: dict | str | os.PathLike | None = None,
+    target_flops: float | None = None,
+    target_params: float | None = None,
+    ratio: float | None = None,
+    round_to: int = 1,
+    verify: bool = True,
+) -> PruneResult:
+    """Remove dead channels from every prunable group.
+
+    Exactly one criterion: a gamma or weight threshold, a mask document (as written by
+    `analyze --structure`), or a budget: target FLOPs, target parameters, or `ratio` (the fraction
+    of FLOPs to keep), met by ranking channels globally by |gamma| per unit of cost saved.
+    Every group keeps at least one channel.
+    """
+    criteria = {"gamma_threshold": gamma_threshold, "weight_threshold": weight_threshold, "masks": masks,
+                "target_flops": target_flops, "target_params": target_params, "ratio": ratio}
+    given = [k for k, v in criteria.items() if v is not None]
+    if len(given) != 1:
+        raise OptionError("give exactly one of --gamma-threshold, --weight-threshold, --mask, --target-flops, "
+                          f"--target-params, --ratio (got {', '.join(given) or 'none'})")
+    if round_to < 1:
+        raise OptionError(f"--round-to must be at least 1, not {round_to}")
+    graph = build_channel_graph(load_model(model, input_shapes))
+    alive, notes = _choose(graph, gamma_threshold, weight_threshold, masks, target_flops, target_params, ratio)
+    alive = select.round_widths(graph, alive, round_to)
+
+    everything = np.ones(graph.num_classes, dtype=bool)
+    pruned = remove_channels(graph, alive)
+    small = pruned.ByteSize() < 2**31 - 1
+    if small:
+        onnx.checker.check_model(pruned)
+    else:
+        notes.append("over 2 GB: the checker and the verification run on the saved files only")
+    masked = original = None
+    if verify and small:
+        masked = compare(masked_original(graph, keep_masks(graph, alive)), pruned, graph)
+        original = compare(graph.model.model, pruned, graph)
+    return PruneResult(
+        model=pruned,
+        before=totals_of(op_costs(graph, everything)),
+        after=totals_of(op_costs(graph, alive)),
+        removed_channels=int((~alive).sum()),
+        widths=_widths(graph, alive),
+        masked_deviation=masked,
+        original_deviation=original,
+        notes=notes,
+        alive=alive,
+    )
+
+
+def _choose(graph: ChannelGraph, gamma, weight, masks, target_flops, target_params, ratio) -> tuple[np.ndarray, list[str]]:
+    notes: list[str] = []
+    prunable = ~graph.class_pinned()
+    if not prunable.any():
+        raise OptionError(f"{graph.model.source}: no channel group is prunable (see `onnx-morph analyze` for the reasons)")
+    if gamma is not None or weight is not None:
+        alive = select.by_threshold(graph, gamma, weight)
+        if not alive[prunable].any():
+            strength, kind = select.ranking_strength(graph)
+            best = np.max(strength[prunable][np.isfinite(strength[prunable])], initial=0.0)
+            raise OptionError(f"the threshold removes every prunable channel (the strongest {kind} is {best:.4g})")
+        alive, emptied = select.keep_minimum(graph, alive)
+        if emptied:
+            notes.append(f"{len(emptied)} groups would lose every channel; each keeps its strongest one")
+        return alive, notes
+    if masks is not None:
+        return select.by_mask_document(graph, masks), notes
+    everything = np.ones(graph.num_classes, dtype=bool)
+    if ratio is not None:
+        if not 0 < ratio <= 1:
+            raise OptionError(f"--ratio is the fraction of FLOPs to keep, in (0, 1], not {ratio}")
+        budget = select.Budget("flops", ratio * total_cost(graph, everything, "flops"))
+    elif target_flops is not None:
+        budget = select.Budget("flops", _positive(target_flops, "--target-flops"))
+    else:
+        budget = select.Budget("params", _positive(target_params, "--target-params"))
+    return select.by_budget(graph, budget), notes
+
+
+def _positive(value: float, option: str) -> float:
+    if not value > 0:
+        raise OptionError(f"{option} must be positive, not {value}")
+    return float(value)
+
+
+def _widths(graph: ChannelGraph, alive: np.ndarray) -> list[LayerWidth]:
+    widths = []
+    for name, relation in graph.relations.items():
+        if relation.geometry is None:
+            continue
+        classes = graph.classes(relation.geometry.output)
+        if classes is None:
+            continue
+        widths.append(LayerWidth(name, graph.nodes[name].op_type, int(classes.size), int(alive[classes].sum())))
+    return widths
+
+
+def prune_file(source: str | os.PathLike, output: str | os.PathLike, **options) -> PruneResult:
+    """prune() and an atomic save; the input file is never overwritten."""
+    from onnx_morph.rewrite.save import save_model
+
+    if Path(output).exists() and Path(source).exists() and os.path.samefile(output, source):
+        raise OptionError(f"{output}: refusing to overwrite the input model; choose another output path")
+    result = prune(source, **options)
+    save_model(result.model, output, source=source)
+    return result

@@ -1,0 +1,133 @@
+"""Surgery: remove dead channels from every tensor, asking each node's handler which parameters
+and shape constants to shrink. The result computes what the original computes with the dead
+channels set to zero."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+from onnx_morph.graph.channel_graph import ChannelGraph, node_view
+from onnx_morph.handlers import handler_for
+
+
+def keep_masks(graph: ChannelGraph, alive: np.ndarray) -> dict[str, np.ndarray]:
+    """Per tensor with removed channels, the keep-mask over its channel elements."""
+    masks = {}
+    for tensor in graph.offsets:
+        keep = alive[graph.classes(tensor)]
+        if not keep.all():
+            masks[tensor] = keep
+    return masks
+
+
+class _NodeEditor:
+    """The Editor handed to one handler: changes go to new initializers, never the shared originals."""
+
+    def __init__(self, surgery: "_Surgery", name: str, node: onnx.NodeProto):
+        self.surgery, self.name, self.node = surgery, name, node
+
+    def keep(self, tensor: str) -> np.ndarray | None:
+        return self.surgery.masks.get(tensor)
+
+    def slice_input(self, index: int, axis: int, mask: np.ndarray) -> None:
+        value = self.surgery.value(self.node.input[index])
+        if value.shape[axis] != mask.size:
+            raise ValueError(
+                f"{self.node.op_type} node '{self.name}': input {index} has {value.shape[axis]} entries on axis {axis}, "
+                f"the channel mask {mask.size}"
+            )
+        self.set_input(index, np.compress(mask, value, axis=axis))
+
+    def set_input(self, index: int, value: np.ndarray) -> None:
+        while len(self.node.input) <= index:
+            self.node.input.append("")
+        self.node.input[index] = self.surgery.new_initializer(self.node.input[index] or f"{self.name}_input{index}", value)
+
+    def set_attr(self, name: str, value) -> None:
+        kept = [a for a in self.node.attribute if a.name != name]
+        del self.node.attribute[:]
+        self.node.attribute.extend(kept)
+        if value is not None:
+            self.node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+class _Surgery:
+    def __init__(self, graph: ChannelGraph, masks: dict[str, np.ndarray]):
+        self.graph, self.masks = graph, masks
+        self.added: dict[str, onnx.TensorProto] = {}
+        self.values: dict[str, np.ndarray] = {}
+        self.names = Counter(t.name for t in graph.model.graph.initializer)
+        self.names.update(o for n in graph.model.graph.node for o in n.output)
+
+    def value(self, name: str) -> np.ndarray:
+        if name in self.values:
+            return self.values[name]
+        root = self.graph.param_root(name)
+        if root is not None:
+            value = self.graph.model.constant(root[0])
+            return value if root[1] is None else np.transpose(value, root[1])
+        value = self.graph.model.constant(name)
+        if value is None:
+            raise ValueError(f"'{name}' is computed at run time; surgery cannot shrink it")
+        return value
+
+    def new_initializer(self, base: str, value: np.ndarray) -> str:
+        name = base if base in self.added else self._fresh(base)
+        self.values[name] = value
+        self.added[name] = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        return name
+
+    def _fresh(self, base: str) -> str:
+        stem = base.split("::pruned")[0]
+        count = self.names[stem + "::pruned"]
+        self.names[stem + "::pruned"] += 1
+        return f"{stem}::pruned" if count == 0 else f"{stem}::pruned{count}"
+
+
+def remove_channels(graph: ChannelGraph, alive: np.ndarray) -> onnx.ModelProto:
+    """A copy of the model without the channels of dead classes."""
+    masks = keep_masks(graph, alive)
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(graph.model.model)
+    if graph.model.base_dir is not None and any(uses_external_data(t) for t in pruned.graph.initializer):
+        load_external_data_for_model(pruned, str(graph.model.base_dir))
+    surgery = _Surgery(graph, masks)
+    nodes = dict(zip(graph.order, pruned.graph.node))
+    for name in graph.relations:
+        node = nodes[name]
+        view = node_view(graph, name)
+        handler_for(node.op_type, node.domain).prune(view, _NodeEditor(surgery, name, node))
+    pruned.graph.initializer.extend(surgery.added.values())
+    del pruned.graph.value_info[:]
+    _drop_unused(pruned.graph)
+    return pruned
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove nodes and initializers nothing reads any more (replaced shape computations, old weights)."""
+    needed = {o.name for o in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output) or not node.output:
+            kept.append(node)
+            needed.update(i for i in node.input if i)
+            needed.update(_subgraph_inputs(node))
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    initializers = [t for t in graph.initializer if t.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+    names = set()
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            for inner in sub.node:
+                names.update(i for i in inner.input if i)
+    return names
