@@ -5,7 +5,6 @@ with a one-line `onnx-morph: error: ...` (never a traceback) for every malformed
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -227,29 +226,47 @@ def test_external_data_model_and_files_untouched(model, workdir):
 # --------------------------------------------------------------------------- #
 
 
+BAD_COSTS = [("bogus", "'bogus'"), ("latency:NOPE", "'NOPE'")]
+MORE_BAD_COSTS = ["latency:", "latency:0,300", "latency:8000", "flops:x", "latency:1,2,3"]
+NON_FINITE_COSTS = ["latency:nan,300", "latency:8000,nan", "latency:inf,300"]
+BAD_THRESHOLDS = ["nan", "-1", "inf"]
+
+
+@pytest.fixture(scope="module")
+def error_runs(cases, model):
+    """Every command expected to fail, run at once (in parallel, to keep the suite fast)."""
+    jobs = {("case", name): ("module", ["analyze", case.source, *shape_args(case.input_shapes)])
+            for name, case in cases.items()}
+    jobs.update({("spec", spec): ("module", ["analyze", model, f"--input-shape={spec}"]) for spec in BAD_SPECS})
+    for runner in RUNNERS:
+        jobs.update({("cost", runner, cost): (runner, ["analyze", model, "--cost", cost]) for cost, _ in BAD_COSTS})
+    jobs.update({("cost", cost): ("module", ["analyze", model, "--cost", cost]) for cost in MORE_BAD_COSTS})
+    jobs.update({("cost", cost): ("module", ["analyze", model, "--json", "--cost", cost]) for cost in NON_FINITE_COSTS})
+    jobs.update({("gamma", v): ("module", ["analyze", model, "--gamma-threshold", v]) for v in BAD_THRESHOLDS})
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        futures = {key: pool.submit(run, *args, runner=runner) for key, (runner, args) in jobs.items()}
+        return {key: future.result() for key, future in futures.items()}
+
+
 @pytest.mark.parametrize("runner", list(RUNNERS))
-@pytest.mark.parametrize("cost, fragment", [("bogus", "'bogus'"), ("latency:NOPE", "'NOPE'")])
-def test_bad_cost(runner, cost, fragment, model):
-    assert_user_error(run("analyze", model, "--cost", cost, runner=runner), fragment)
+@pytest.mark.parametrize("cost, fragment", BAD_COSTS)
+def test_bad_cost(runner, cost, fragment, error_runs):
+    assert_user_error(error_runs[("cost", runner, cost)], fragment)
 
 
-@pytest.mark.parametrize("cost", ["latency:", "latency:0,300", "latency:8000", "flops:x", "latency:1,2,3"])
-def test_more_bad_costs(cost, model):
-    assert_user_error(run("analyze", model, "--cost", cost))
+@pytest.mark.parametrize("cost", MORE_BAD_COSTS)
+def test_more_bad_costs(cost, error_runs):
+    assert_user_error(error_runs[("cost", cost)])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library bug: costs/hardware.py parse_hardware only checks `peak <= 0 or bandwidth <= 0`, which "
-    "NaN and inf pass; latency:nan,300 exits 0 with latency NaN and --json prints the non-JSON token "
-    "NaN (the gamma/weight thresholds already require finite numbers)"))
-@pytest.mark.parametrize("cost", ["latency:nan,300", "latency:8000,nan", "latency:inf,300"])
-def test_non_finite_hardware_is_refused(cost, model):
-    assert_user_error(run("analyze", model, "--json", "--cost", cost))
+@pytest.mark.parametrize("cost", NON_FINITE_COSTS)
+def test_non_finite_hardware_is_refused(cost, error_runs):
+    assert_user_error(error_runs[("cost", cost)])
 
 
-@pytest.mark.parametrize("value", ["nan", "-1", "inf"])
-def test_bad_threshold(value, model):
-    assert_user_error(run("analyze", model, "--gamma-threshold", value), "gamma threshold")
+@pytest.mark.parametrize("value", BAD_THRESHOLDS)
+def test_bad_threshold(value, error_runs):
+    assert_user_error(error_runs[("gamma", value)], "gamma threshold")
 
 
 def test_both_thresholds_is_a_usage_error(model):
@@ -258,19 +275,9 @@ def test_both_thresholds_is_a_usage_error(model):
     assert "not allowed with" in proc.stderr
 
 
-@pytest.fixture(scope="module")
-def malformed_runs(cases, model):
-    """Run the CLI on every malformed case and bad spec at once (in parallel, to keep the suite fast)."""
-    jobs = {("case", name): ["analyze", case.source, *shape_args(case.input_shapes)] for name, case in cases.items()}
-    jobs.update({("spec", spec): ["analyze", model, f"--input-shape={spec}"] for spec in BAD_SPECS})
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        futures = {key: pool.submit(run, *args) for key, args in jobs.items()}
-        return {key: future.result() for key, future in futures.items()}
-
-
 @pytest.mark.parametrize("name", list(CASES))
-def test_malformed_input(name, cases, malformed_runs):
-    assert_user_error(malformed_runs[("case", name)], *cases[name].fragments)
+def test_malformed_input(name, cases, error_runs):
+    assert_user_error(error_runs[("case", name)], *cases[name].fragments)
 
 
 @pytest.mark.parametrize("name", ["missing-file", "truncated", "dynamic-token-axis"])
@@ -280,8 +287,8 @@ def test_malformed_input_console_script(name, cases):
 
 
 @pytest.mark.parametrize("spec", BAD_SPECS)
-def test_malformed_input_shape_spec(spec, malformed_runs):
-    assert_user_error(malformed_runs[("spec", spec)], f"'{spec}'", "NAME=D0,D1")
+def test_malformed_input_shape_spec(spec, error_runs):
+    assert_user_error(error_runs[("spec", spec)], f"'{spec}'", "NAME=D0,D1")
 
 
 # --------------------------------------------------------------------------- #

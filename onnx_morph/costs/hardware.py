@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from onnx_morph.errors import OptionError
@@ -44,6 +45,6 @@ def parse_hardware(spec: str) -> Hardware:
         raise OptionError(
             f"unknown hardware '{spec}': use one of {names}, or PEAK_GFLOPS,BANDWIDTH_GBS"
         ) from None
-    if peak <= 0 or bandwidth <= 0:
-        raise OptionError(f"hardware '{spec}': peak compute and bandwidth must be positive")
+    if not (math.isfinite(peak) and math.isfinite(bandwidth)) or peak <= 0 or bandwidth <= 0:
+        raise OptionError(f"hardware '{spec}': peak compute and bandwidth must be finite and positive")
     return Hardware(f"custom({peak:g} GFLOP/s, {bandwidth:g} GB/s)", peak, bandwidth)

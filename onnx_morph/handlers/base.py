@@ -161,6 +161,12 @@ class Editor(Protocol):
     def set_attr(self, name: str, value) -> None:
         """Set an attribute; None removes it."""
 
+    def removed_values(self, tensor: str) -> np.ndarray | None:
+        """Per channel element, the constant a removed channel holds (0 where kept); None if all zero."""
+
+    def folded(self, tensor: str) -> None:
+        """Record that this node absorbed the removed channels' constants of `tensor` into its bias."""
+
 
 class Handler(Protocol):
     """The meaning of one op family; the registry maps op types to handlers."""

@@ -81,15 +81,33 @@ class Conv(BaseHandler):
         keep_in, keep_out = edit.keep(x.name), edit.keep(y.name)
         in_axis, out_axis = (0, 1) if self.transposed else (1, 0)
         groups = int(view.attr("group", 1))
+        has_bias = view.input(2) is not None
+        if keep_in is not None and groups == 1 and not self.transposed and _unpadded(view):
+            removed = edit.removed_values(x.name)
+            if removed is not None:
+                # A removed input channel holding the constant c adds c * sum(W[o, c]) to every output o.
+                w = view.const(1)
+                delta = w.sum(axis=tuple(range(2, w.ndim))) @ removed.astype(w.dtype)
+                bias = view.const(2) if has_bias else np.zeros(w.shape[0], dtype=w.dtype)
+                edit.set_input(2, (bias + delta).astype(w.dtype))
+                edit.folded(x.name)
+                has_bias = True
         if keep_out is not None:
             # W's output axis holds C_out (Conv) or C_out / group (ConvTranspose) channels.
             edit.slice_input(1, out_axis, _per_weight_slice(keep_out, groups, self.transposed))
-            if view.input(2) is not None:
+            if has_bias:
                 edit.slice_input(2, 0, keep_out)
         if keep_in is not None and (groups == 1 or self.transposed):
             edit.slice_input(1, in_axis, keep_in)
         if groups > 1 and keep_in is not None:
             edit.set_attr("group", int(keep_in.reshape(groups, -1).any(axis=1).sum()))
+
+
+def _unpadded(view: NodeView) -> bool:
+    """Without padding a constant input channel is constant in every window, so folding it is exact."""
+    auto_pad = view.attr("auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    return auto_pad in ("NOTSET", "VALID") and not any(view.attr("pads", []) or [])
 
 
 def _per_weight_slice(keep_out: np.ndarray, groups: int, transposed: bool) -> np.ndarray:

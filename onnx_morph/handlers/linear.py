@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from onnx_morph.handlers.base import (
     BaseHandler,
     NodeView,
@@ -55,12 +57,26 @@ class Gemm(BaseHandler):
         a, y = view.input(0), view.outputs[0]
         keep_in, keep_out = edit.keep(a.name), edit.keep(y.name)
         in_axis, out_axis = (1, 0) if view.attr("transB", 0) else (0, 1)
+        c = view.input(2)
+        per_feature = c is None or (c.shape is not None and len(c.shape) >= 1 and math.prod(c.shape) == y.shape[1])
+        if keep_in is not None and per_feature and not view.attr("transA", 0):
+            removed = edit.removed_values(a.name)
+            if removed is not None:
+                # A removed feature holding the constant v adds v * alpha * B[v, :] to every row.
+                b = view.const(1)
+                weight = b.T if view.attr("transB", 0) else b
+                delta = float(view.attr("alpha", 1.0)) * (removed.astype(b.dtype) @ weight)
+                bias = np.zeros(y.shape[1], dtype=b.dtype) if c is None else view.const(2).reshape(-1)
+                bias = bias * float(view.attr("beta", 1.0))
+                edit.set_input(2, (bias + delta).astype(b.dtype))
+                edit.set_attr("beta", None)
+                edit.folded(a.name)
+                c = TensorInfo("bias", (y.shape[1],), constant=True)
         if keep_in is not None:
             edit.slice_input(1, in_axis, keep_in)
         if keep_out is not None:
             edit.slice_input(1, out_axis, keep_out)
-            c = view.input(2)
-            if c is not None and c.shape and c.shape[-1] == keep_out.size and len(c.shape) >= 1:
+            if c is not None and c.shape and c.shape[-1] == keep_out.size:
                 edit.slice_input(2, len(c.shape) - 1, keep_out)
 
 

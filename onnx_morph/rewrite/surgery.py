@@ -5,6 +5,7 @@ channels set to zero."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -34,6 +35,13 @@ class _NodeEditor:
     def keep(self, tensor: str) -> np.ndarray | None:
         return self.surgery.masks.get(tensor)
 
+    def removed_values(self, tensor: str) -> np.ndarray | None:
+        values = self.surgery.removed.get(tensor)
+        return None if values is None or not values.any() else values
+
+    def folded(self, tensor: str) -> None:
+        self.surgery.folded[(self.name, tensor)] = self.surgery.removed[tensor]
+
     def slice_input(self, index: int, axis: int, mask: np.ndarray) -> None:
         value = self.surgery.value(self.node.input[index])
         if value.shape[axis] != mask.size:
@@ -57,8 +65,9 @@ class _NodeEditor:
 
 
 class _Surgery:
-    def __init__(self, graph: ChannelGraph, masks: dict[str, np.ndarray]):
-        self.graph, self.masks = graph, masks
+    def __init__(self, graph: ChannelGraph, masks: dict[str, np.ndarray], removed: dict[str, np.ndarray]):
+        self.graph, self.masks, self.removed = graph, masks, removed
+        self.folded: dict[tuple[str, str], np.ndarray] = {}
         self.added: dict[str, onnx.TensorProto] = {}
         self.values: dict[str, np.ndarray] = {}
         self.names = Counter(t.name for t in graph.model.graph.initializer)
@@ -89,14 +98,27 @@ class _Surgery:
         return f"{stem}::pruned" if count == 0 else f"{stem}::pruned{count}"
 
 
-def remove_channels(graph: ChannelGraph, alive: np.ndarray) -> onnx.ModelProto:
-    """A copy of the model without the channels of dead classes."""
+@dataclass
+class Surgery:
+    """The pruned model, and which consumers absorbed removed channels' constants (node, tensor) -> values."""
+
+    model: onnx.ModelProto
+    folded: dict[tuple[str, str], np.ndarray]
+
+
+def remove_channels(graph: ChannelGraph, alive: np.ndarray, fold_constants: bool = True) -> Surgery:
+    """A copy of the model without the channels of dead classes.
+
+    A dead channel is not exactly zero (after BatchNorm it holds beta, after ReLU relu(beta)); with
+    `fold_constants`, consumers fold that constant into their bias where doing so is exact.
+    """
     masks = keep_masks(graph, alive)
+    removed = removed_channel_values(graph, masks) if fold_constants else {}
     pruned = onnx.ModelProto()
     pruned.CopyFrom(graph.model.model)
     if graph.model.base_dir is not None and any(uses_external_data(t) for t in pruned.graph.initializer):
         load_external_data_for_model(pruned, str(graph.model.base_dir))
-    surgery = _Surgery(graph, masks)
+    surgery = _Surgery(graph, masks, removed)
     nodes = dict(zip(graph.order, pruned.graph.node))
     for name in graph.relations:
         node = nodes[name]
@@ -105,7 +127,29 @@ def remove_channels(graph: ChannelGraph, alive: np.ndarray) -> onnx.ModelProto:
     pruned.graph.initializer.extend(surgery.added.values())
     del pruned.graph.value_info[:]
     _drop_unused(pruned.graph)
-    return pruned
+    return Surgery(pruned, surgery.folded)
+
+
+def removed_channel_values(graph: ChannelGraph, masks: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
+    """The constant each removed channel holds where a weighted op reads it, measured by running the
+    original model once; channels that are not constant (dead by a weight norm, say) count as 0."""
+    wanted = sorted({r.geometry.input for r in graph.relations.values()
+                     if r.geometry is not None and r.geometry.input in masks
+                     and graph.tensors[r.geometry.input].axes is not None
+                     and len(graph.tensors[r.geometry.input].axes) == 1})
+    if not wanted or graph.model.model.ByteSize() > 2**31 - 1:
+        return {}
+    from onnx_morph.rewrite.verify import run_model
+
+    outputs = run_model(graph, graph.model.model, wanted, seed=seed)
+    removed = {}
+    for tensor, value in zip(wanted, outputs):
+        axis = graph.tensors[tensor].axes[0]
+        per_channel = np.moveaxis(np.asarray(value, dtype=np.float64), axis, 0).reshape(value.shape[axis], -1)
+        mean, spread = per_channel.mean(axis=1), per_channel.std(axis=1)
+        constant = (~masks[tensor]) & (spread <= 1e-6 * (1.0 + np.abs(mean)))
+        removed[tensor] = np.where(constant, mean, 0.0)
+    return removed
 
 
 def _drop_unused(graph: onnx.GraphProto) -> None:

@@ -20,8 +20,11 @@ class Deviation:
     samples: int
 
 
-def masked_original(graph: ChannelGraph, masks: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """The original model with every removed channel multiplied by zero wherever it appears."""
+def masked_original(
+    graph: ChannelGraph, masks: dict[str, np.ndarray], folded: dict[tuple[str, str], np.ndarray] | None = None
+) -> onnx.ModelProto:
+    """The original model with every removed channel multiplied by zero wherever it appears, except
+    where a consumer folded the channel's constant into its bias: there the constant is kept."""
     model = onnx.ModelProto()
     model.CopyFrom(graph.model.model)
     renamed = {}
@@ -37,6 +40,15 @@ def masked_original(graph: ChannelGraph, masks: dict[str, np.ndarray]) -> onnx.M
         extra_inits.append(numpy_helper.from_array(keep.astype(dtype).reshape(shape), mask_name))
         extra_nodes.append((tensor, onnx.helper.make_node("Mul", [tensor, mask_name], [out_name], name=f"{tensor}::mask")))
         renamed[tensor] = out_name
+        for (node_name, folded_tensor), values in (folded or {}).items():
+            if folded_tensor != tensor:
+                continue
+            const_name, kept_name = f"{tensor}::removed_values", f"{tensor}::with_constants"
+            if kept_name not in renamed.values():
+                extra_inits.append(numpy_helper.from_array(values.astype(dtype).reshape(shape), const_name))
+                extra_nodes.append((tensor, onnx.helper.make_node("Add", [out_name, const_name], [kept_name],
+                                                                  name=f"{tensor}::constants")))
+            renamed[(node_name, tensor)] = kept_name
     nodes = []
     producer_of = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
     inserts: dict[int, list[onnx.NodeProto]] = {}
@@ -47,9 +59,12 @@ def masked_original(graph: ChannelGraph, masks: dict[str, np.ndarray]) -> onnx.M
         else:
             leading.append(node)
     nodes.extend(leading)
+    names = dict(zip(range(len(model.graph.node)), graph.order))
     for index, node in enumerate(model.graph.node):
         for i, name in enumerate(node.input):
-            if name in renamed:
+            if (names[index], name) in renamed:
+                node.input[i] = renamed[(names[index], name)]
+            elif name in renamed:
                 node.input[i] = renamed[name]
         nodes.append(node)
         nodes.extend(inserts.get(index, []))
@@ -71,14 +86,28 @@ def random_inputs(graph: ChannelGraph, rng: np.random.Generator) -> dict[str, np
     return feeds
 
 
-def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, graph: ChannelGraph, samples: int = 2, seed: int = 0) -> Deviation:
-    """Run both models in onnxruntime on the same random inputs and measure the largest difference."""
+def _session(model: onnx.ModelProto):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    sessions = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
-                for m in (reference, candidate)]
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run_model(graph: ChannelGraph, model: onnx.ModelProto, tensors: list[str], seed: int = 0) -> list[np.ndarray]:
+    """Values of intermediate `tensors` of `model` on one random input."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    for name in tensors:
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(
+            name, graph.model.dtypes.get(name, onnx.TensorProto.FLOAT), None))
+    return _session(probe).run(None, random_inputs(graph, np.random.default_rng(seed)))
+
+
+def compare(reference: onnx.ModelProto, candidate: onnx.ModelProto, graph: ChannelGraph, samples: int = 2, seed: int = 0) -> Deviation:
+    """Run both models in onnxruntime on the same random inputs and measure the largest difference."""
+    sessions = [_session(m) for m in (reference, candidate)]
     rng = np.random.default_rng(seed)
     worst_abs = worst_rel = 0.0
     for _ in range(samples):

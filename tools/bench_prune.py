@@ -1,0 +1,362 @@
+#!/usr/bin/env python
+"""Benchmark `onnx-morph prune --ratio`: prune time, and onnxruntime latency against FLOPs kept.
+
+Not a test: prints figures and a PASS/FAIL table of targets, always exits 0 unless the
+benchmark itself cannot run.
+
+    python tools/bench_prune.py [--workdir DIR] [--repeat N] [--runs N] [--quick] [--reuse]
+                                [--models resnet50 mobilenet_v2] [--ratios 0.75 0.5 0.3]
+                                [--profile]
+
+1. Exports torchvision ResNet-50 and MobileNetV2 (random init, ``weights=None``, nothing is
+   downloaded) in a child process, so torch stays out of this process: every BatchNorm gets
+   uniform(0.5, 1.5) gammas (and random betas / running stats) so that the exporter does not
+   merge equal initializers and the |gamma| ranking means something; export through
+   ``tests/zoo.py``'s ``export_onnx(module, (1, 3, 224, 224), path, dynamic_batch=True)``
+   (TorchScript exporter, BatchNorm kept).
+2. For each model and ratio: times ``onnx_morph.rewrite.prune(path, ratio=R)`` in-process
+   (verify on, the default, and ``verify=False``), and whole-process
+   ``onnx-morph prune MODEL -o OUT --ratio R`` with and without ``--no-verify``
+   (median of --repeat runs each), and saves the pruned model.
+3. onnxruntime CPU latency (CPUExecutionProvider, intra_op_num_threads=2, inter_op 1,
+   ORT_ENABLE_ALL graph optimizations) at batch 1 and batch 32 of the original and every pruned
+   model. Runs are interleaved in rounds (each round runs every session of that model once, in
+   rotating order) so that load drifting over time from other processes hits every model alike;
+   warm-up runs first, then the median per session.
+4. Prints one table (model, ratio, FLOP ratio, param ratio, latency ratios, latency ratio / FLOP
+   ratio, prune times) and the targets: latency ratio within 1.15x of the FLOP ratio at each
+   batch size; in-process prune of ResNet-50 under 3 s.
+
+--quick: ResNet-50 only, ratio 0.5, repeat 1, fewer latency runs.
+--profile (implied when ResNet-50's in-process prune misses its target): cProfile of one
+in-process prune of ResNet-50 at the first ratio, top 15 cumulative entries inside onnx_morph.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import gc
+import io
+import json
+import os
+import pathlib
+import pstats
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+PY = sys.executable
+MORPH_CLI = pathlib.Path(PY).parent / "onnx-morph"
+
+MODELS = {"resnet50": "resnet50", "mobilenet_v2": "mobilenet_v2"}  # name -> torchvision.models attribute
+RATIOS = (0.75, 0.5, 0.3)
+INPUT_SHAPE = (1, 3, 224, 224)
+BATCHES = (1, 32)
+LATENCY_TARGET = 1.15  # latency ratio / FLOP ratio
+PRUNE_TIME_TARGET = 3.0  # seconds, in-process prune of ResNet-50
+THREADS = 2
+
+
+# --------------------------------------------------------------------------- #
+# export (child process: keeps torch and its thread pool out of this process)
+# --------------------------------------------------------------------------- #
+
+
+def _export_child(workdir: str, names: list[str], reuse: bool) -> int:
+    for p in (str(REPO), str(REPO / "tests")):
+        if p not in sys.path:
+            sys.path.insert(0, p)
+    import torch
+    import torch.nn as nn
+    from zoo import export_onnx, import_torchvision  # tests/zoo.py
+
+    tv = import_torchvision()
+    out = {}
+    for name in names:
+        path = pathlib.Path(workdir) / f"{name}.onnx"
+        if not (reuse and path.is_file() and path.stat().st_size > 0):
+            torch.manual_seed(0)
+            model = getattr(tv.models, MODELS[name])(weights=None)
+            with torch.no_grad():
+                for m in model.modules():
+                    if isinstance(m, nn.BatchNorm2d):
+                        m.weight.uniform_(0.5, 1.5)
+                        m.bias.uniform_(-0.2, 0.2)
+                        m.running_mean.uniform_(-0.2, 0.2)
+                        m.running_var.uniform_(0.5, 1.5)
+            export_onnx(model, INPUT_SHAPE, path, dynamic_batch=True)
+        out[name] = str(path)
+    print(json.dumps(out))
+    return 0
+
+
+def export(workdir: pathlib.Path, names: list[str], reuse: bool) -> dict[str, pathlib.Path]:
+    cmd = [PY, str(pathlib.Path(__file__).resolve()), "--_export", str(workdir)] + names + (["--reuse"] if reuse else [])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.stderr.write(r.stderr)
+        raise SystemExit("export of the torchvision models failed")
+    return {k: pathlib.Path(v) for k, v in json.loads(r.stdout.strip().splitlines()[-1]).items()}
+
+
+# --------------------------------------------------------------------------- #
+# prune timing
+# --------------------------------------------------------------------------- #
+
+
+def time_inprocess(path: pathlib.Path, ratio: float, repeat: int, verify: bool):
+    """Median wall time of prune(path, ratio=ratio) over `repeat` runs, and the last result."""
+    from onnx_morph.rewrite import prune
+
+    walls, result = [], None
+    for _ in range(repeat):
+        result = None
+        gc.collect()
+        t0 = time.perf_counter()
+        result = prune(str(path), ratio=ratio, verify=verify)
+        walls.append(time.perf_counter() - t0)
+    return statistics.median(walls), result
+
+
+def cli_argv(path, out, ratio: float, verify: bool) -> list[str]:
+    head = [str(MORPH_CLI)] if MORPH_CLI.exists() else [PY, "-m", "onnx_morph.cli"]
+    return head + ["prune", str(path), "-o", str(out), "--ratio", str(ratio)] + ([] if verify else ["--no-verify"])
+
+
+def time_cli(path, out, ratio: float, repeat: int, verify: bool) -> float:
+    walls = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        r = subprocess.run(cli_argv(path, out, ratio, verify), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+        walls.append(time.perf_counter() - t0)
+        if r.returncode != 0:
+            raise RuntimeError(f"{' '.join(cli_argv(path, out, ratio, verify))} exited {r.returncode}: "
+                               + " | ".join(r.stderr.strip().splitlines()[-5:]))
+    return statistics.median(walls)
+
+
+def profile_prune(path: pathlib.Path, ratio: float, top: int = 15) -> str:
+    from onnx_morph.rewrite import prune
+
+    prune(str(path), ratio=ratio)  # warm imports and lazily built caches out of the profile
+    gc.collect()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    prune(str(path), ratio=ratio)
+    prof.disable()
+    wall = time.perf_counter() - t0
+    buf = io.StringIO()
+    stats = pstats.Stats(prof, stream=buf)
+    total = stats.total_tt
+    stats.sort_stats("cumulative").print_stats("onnx_morph", top)
+    lines = buf.getvalue().splitlines()
+    start = next((i for i, l in enumerate(lines) if l.lstrip().startswith("ncalls")), 0)
+    body = "\n".join(lines[start:]).replace(str(REPO) + os.sep, "").rstrip()
+    return f"(profiled wall {wall:.3f} s, {total:.3f} s of profiled CPU; profiler overhead included)\n{body}"
+
+
+# --------------------------------------------------------------------------- #
+# onnxruntime latency
+# --------------------------------------------------------------------------- #
+
+
+def make_session(path: pathlib.Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = THREADS
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def latencies(paths: dict[str, pathlib.Path], batch: int, warmup: int, runs: int) -> dict[str, float]:
+    """Median latency (s) of each model at `batch`, runs interleaved round-robin across models."""
+    import numpy as np
+
+    sessions = {k: make_session(p) for k, p in paths.items()}
+    name = next(iter(sessions.values())).get_inputs()[0].name
+    x = np.random.default_rng(0).standard_normal((batch,) + INPUT_SHAPE[1:]).astype(np.float32)
+    feeds = {name: x}
+    for s in sessions.values():
+        for _ in range(warmup):
+            s.run(None, feeds)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    keys = list(sessions)
+    for i in range(runs):
+        order = keys[i % len(keys):] + keys[:i % len(keys)]
+        for k in order:
+            t0 = time.perf_counter()
+            sessions[k].run(None, feeds)
+            times[k].append(time.perf_counter() - t0)
+    del sessions
+    gc.collect()
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+# --------------------------------------------------------------------------- #
+# formatting
+# --------------------------------------------------------------------------- #
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+# --------------------------------------------------------------------------- #
+# main
+# --------------------------------------------------------------------------- #
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "--_export":  # internal: the export child
+        reuse = "--reuse" in argv
+        rest = [a for a in argv[1:] if a != "--reuse"]
+        return _export_child(rest[0], rest[1:], reuse)
+
+    ap = argparse.ArgumentParser(description="Benchmark onnx-morph prune --ratio (see module docstring).")
+    ap.add_argument("--workdir", help="where exported and pruned models go (default: a temp dir, removed after)")
+    ap.add_argument("--repeat", type=int, default=None, help="runs per prune timing, median reported (default 3; 1 with --quick)")
+    ap.add_argument("--runs", type=int, default=None,
+                    help="timed onnxruntime rounds per batch size, median reported (default 30 at batch 1 and 10 at batch 32; "
+                         "10 and 3 with --quick); batch 32 uses a third of this at most 10")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed onnxruntime runs per session and batch size (default 3)")
+    ap.add_argument("--quick", action="store_true", help="ResNet-50 only, ratio 0.5, repeat 1, fewer latency runs")
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), help="models (default both; resnet50 with --quick)")
+    ap.add_argument("--ratios", type=float, nargs="+", help="FLOP fractions to keep (default 0.75 0.5 0.3; 0.5 with --quick)")
+    ap.add_argument("--reuse", action="store_true", help="reuse exported models already in --workdir")
+    ap.add_argument("--profile", action="store_true", help="always cProfile the in-process prune of ResNet-50")
+    args = ap.parse_args(argv)
+    args.repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
+    args.models = args.models or (["resnet50"] if args.quick else list(MODELS))
+    args.ratios = args.ratios or ([0.5] if args.quick else list(RATIOS))
+    runs1 = args.runs if args.runs is not None else (10 if args.quick else 30)
+    runs32 = (min(10, max(1, args.runs // 3)) if args.runs is not None else (3 if args.quick else 10))
+    args.warmup = min(args.warmup, 1) if args.quick else args.warmup
+    if args.repeat < 1 or runs1 < 1:
+        ap.error("--repeat and --runs must be at least 1")
+    if any(not 0 < r <= 1 for r in args.ratios):
+        ap.error("--ratios must be in (0, 1]")
+    runs = {1: runs1, 32: runs32}
+
+    own_tmp = args.workdir is None
+    workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="bench_prune_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(args, workdir, runs)
+    finally:
+        if own_tmp:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:
+    import platform
+
+    import onnxruntime as ort
+
+    print(f"python {platform.python_version()} ({PY}), onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, "
+          f"load average {_load()}")
+    print(f"work dir: {workdir}; prune repeat={args.repeat}; latency: {THREADS} intra-op threads, ORT_ENABLE_ALL, "
+          f"{args.warmup} warm-up + median of {runs[1]} (batch 1) / {runs[32]} (batch 32) interleaved rounds")
+
+    t0 = time.perf_counter()
+    models = export(workdir, args.models, args.reuse)
+    print(f"exported {', '.join(models)} in {time.perf_counter() - t0:.1f} s (BN gammas uniform 0.5..1.5, dynamic batch)")
+
+    # one untimed prune of a small model so that lazy imports (onnxruntime, ...) are not charged to the first row
+    from onnx_morph.rewrite import prune
+
+    prune(str(models[min(models, key=lambda k: models[k].stat().st_size)]), ratio=0.9)
+
+    rows, targets, profiles = [], [], []
+    for name, path in models.items():
+        print(f"\n== {name} ({path.stat().st_size / 2**20:.1f} MiB)", flush=True)
+        pruned_paths, info = {}, {}
+        for ratio in args.ratios:
+            out = workdir / f"{name}.r{ratio:g}.onnx"
+            t_in, result = time_inprocess(path, ratio, args.repeat, verify=True)
+            t_in_nv, _ = time_inprocess(path, ratio, args.repeat, verify=False)
+            from onnx_morph.rewrite import save_model
+
+            save_model(result.model, out, source=path)
+            t_cli = time_cli(path, workdir / f"{name}.r{ratio:g}.cli.onnx", ratio, args.repeat, verify=True)
+            t_cli_nv = time_cli(path, workdir / f"{name}.r{ratio:g}.cli.onnx", ratio, args.repeat, verify=False)
+            dev = result.masked_deviation
+            info[ratio] = dict(
+                flops=result.after.flops / result.before.flops,
+                params=result.after.params / result.before.params,
+                t_in=t_in, t_in_nv=t_in_nv, t_cli=t_cli, t_cli_nv=t_cli_nv,
+                dev=(dev.max_rel if dev else float("nan")),
+            )
+            pruned_paths[ratio] = out
+            print(f"  ratio {ratio:g}: FLOPs {result.after.flops / 1e9:.3f}/{result.before.flops / 1e9:.3f} G, "
+                  f"params {result.after.params / 1e6:.2f}/{result.before.params / 1e6:.2f} M, "
+                  f"{result.removed_channels} channel classes removed, masked deviation max_rel "
+                  f"{info[ratio]['dev']:.2e}; prune {t_in:.3f} s (no verify {t_in_nv:.3f} s), "
+                  f"CLI {t_cli:.3f} s (--no-verify {t_cli_nv:.3f} s)", flush=True)
+            del result
+
+        lat = {}
+        for batch in BATCHES:
+            t0 = time.perf_counter()
+            lat[batch] = latencies({"orig": path, **{r: p for r, p in pruned_paths.items()}}, batch,
+                                   args.warmup, runs[batch])
+            print(f"  latency batch {batch:2d}: original {lat[batch]['orig'] * 1e3:.1f} ms; "
+                  + ", ".join(f"r{r:g} {lat[batch][r] * 1e3:.1f} ms" for r in args.ratios)
+                  + f"  ({time.perf_counter() - t0:.0f} s, load {_load()})", flush=True)
+
+        for ratio in args.ratios:
+            i = info[ratio]
+            lr = {b: lat[b][ratio] / lat[b]["orig"] for b in BATCHES}
+            rows.append([name, f"{ratio:g}", f"{i['flops']:.3f}", f"{i['params']:.3f}",
+                         f"{lr[1]:.3f}", f"{lr[32]:.3f}", f"{lr[1] / i['flops']:.2f}", f"{lr[32] / i['flops']:.2f}",
+                         f"{i['t_in']:.2f}", f"{i['t_in_nv']:.2f}", f"{i['t_cli']:.2f}", f"{i['t_cli_nv']:.2f}",
+                         f"{i['dev']:.1e}"])
+            for b in BATCHES:
+                q = lr[b] / i["flops"]
+                targets.append([f"{name} r{ratio:g} batch {b}: latency ratio <= {LATENCY_TARGET}x FLOP ratio",
+                                f"{lr[b]:.3f} / {i['flops']:.3f} = {q:.2f}x", "PASS" if q <= LATENCY_TARGET else "FAIL"])
+            if name == "resnet50":
+                targets.append([f"resnet50 r{ratio:g}: prune() in-process < {PRUNE_TIME_TARGET:g} s",
+                                f"{i['t_in']:.3f} s", "PASS" if i["t_in"] < PRUNE_TIME_TARGET else "FAIL"])
+                targets.append([f"  (info) whole-process `onnx-morph prune` < {PRUNE_TIME_TARGET:g} s",
+                                f"{i['t_cli']:.3f} s", "pass" if i["t_cli"] < PRUNE_TIME_TARGET else "fail"])
+        if name == "resnet50" and (args.profile or any(info[r]["t_in"] >= PRUNE_TIME_TARGET for r in args.ratios)):
+            profiles.append((f"{name} ratio {args.ratios[0]:g}", profile_prune(path, args.ratios[0])))
+
+    print("\nRESULTS (ratios are pruned / original; latency = median onnxruntime CPU wall time; times in s)")
+    print(table(rows, ["model", "ratio", "FLOPs", "params", "lat b1", "lat b32", "lat/FLOP b1", "lat/FLOP b32",
+                       "prune", "prune -nv", "CLI", "CLI -nv", "masked dev"]))
+    print("  prune = in-process prune(path, ratio=R) (verify on); prune -nv = verify=False;"
+          " CLI = whole-process `onnx-morph prune`; -nv = --no-verify; masked dev = masked_deviation.max_rel")
+
+    for label, text in profiles:
+        print(f"\ncProfile of in-process prune, {label} (top 15 cumulative in onnx_morph):")
+        print(text)
+
+    print(f"\nload average at the end: {_load()}" + (
+        f"  (above {os.cpu_count()} CPUs: other processes compete, wall times are inflated)"
+        if os.getloadavg()[0] > (os.cpu_count() or 1) else ""))
+    print("\nTARGETS")
+    print(table(targets, ["target", "measured", "result"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
