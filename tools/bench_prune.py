@@ -6,7 +6,7 @@ benchmark itself cannot run.
 
     python tools/bench_prune.py [--workdir DIR] [--repeat N] [--runs N] [--quick] [--reuse]
                                 [--models resnet50 mobilenet_v2] [--ratios 0.75 0.5 0.3]
-                                [--profile]
+                                [--profile] [--round-to N]
 
 1. Exports torchvision ResNet-50 and MobileNetV2 (random init, ``weights=None``, nothing is
    downloaded) in a child process, so torch stays out of this process: every BatchNorm gets
@@ -109,47 +109,56 @@ def export(workdir: pathlib.Path, names: list[str], reuse: bool) -> dict[str, pa
 # --------------------------------------------------------------------------- #
 
 
-def time_inprocess(path: pathlib.Path, ratio: float, repeat: int, verify: bool):
-    """Median wall time of prune(path, ratio=ratio) over `repeat` runs, and the last result."""
+def time_inprocess(path: pathlib.Path, ratio: float, repeat: int, verify: bool, round_to: int = 1):
+    """Median (wall s, CPU s) of prune(path, ratio=ratio) over `repeat` runs, and the last result.
+
+    CPU is this process's user+sys time, all threads (onnxruntime's verification runs two)."""
     from onnx_morph.rewrite import prune
 
-    walls, result = [], None
+    walls, cpus, result = [], [], None
     for _ in range(repeat):
         result = None
         gc.collect()
-        t0 = time.perf_counter()
-        result = prune(str(path), ratio=ratio, verify=verify)
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = prune(str(path), ratio=ratio, verify=verify, round_to=round_to)
         walls.append(time.perf_counter() - t0)
-    return statistics.median(walls), result
+        cpus.append(time.process_time() - c0)
+    return statistics.median(walls), statistics.median(cpus), result
 
 
-def cli_argv(path, out, ratio: float, verify: bool) -> list[str]:
+def cli_argv(path, out, ratio: float, verify: bool, round_to: int = 1) -> list[str]:
     head = [str(MORPH_CLI)] if MORPH_CLI.exists() else [PY, "-m", "onnx_morph.cli"]
-    return head + ["prune", str(path), "-o", str(out), "--ratio", str(ratio)] + ([] if verify else ["--no-verify"])
+    return (head + ["prune", str(path), "-o", str(out), "--ratio", str(ratio)] + ([] if verify else ["--no-verify"])
+            + ([f"--round-to={round_to}"] if round_to != 1 else []))
 
 
-def time_cli(path, out, ratio: float, repeat: int, verify: bool) -> float:
-    walls = []
+def time_cli(path, out, ratio: float, repeat: int, verify: bool, round_to: int = 1) -> tuple[float, float]:
+    """Median (wall s, CPU s) of whole-process `onnx-morph prune` (CPU: user+sys of the child from wait4)."""
+    import resource
+
+    walls, cpus = [], []
+    argv = cli_argv(path, out, ratio, verify, round_to)
     for _ in range(repeat):
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
-        r = subprocess.run(cli_argv(path, out, ratio, verify), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE, text=True)
+        r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         walls.append(time.perf_counter() - t0)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append((r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime))
         if r.returncode != 0:
-            raise RuntimeError(f"{' '.join(cli_argv(path, out, ratio, verify))} exited {r.returncode}: "
-                               + " | ".join(r.stderr.strip().splitlines()[-5:]))
-    return statistics.median(walls)
+            raise RuntimeError(f"{' '.join(argv)} exited {r.returncode}: " + " | ".join(r.stderr.strip().splitlines()[-5:]))
+    return statistics.median(walls), statistics.median(cpus)
 
 
-def profile_prune(path: pathlib.Path, ratio: float, top: int = 15) -> str:
+def profile_prune(path: pathlib.Path, ratio: float, round_to: int = 1, top: int = 15) -> str:
     from onnx_morph.rewrite import prune
 
-    prune(str(path), ratio=ratio)  # warm imports and lazily built caches out of the profile
+    prune(str(path), ratio=ratio, round_to=round_to)  # warm imports and lazily built caches out of the profile
     gc.collect()
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
-    prune(str(path), ratio=ratio)
+    prune(str(path), ratio=ratio, round_to=round_to)
     prof.disable()
     wall = time.perf_counter() - t0
     buf = io.StringIO()
@@ -242,6 +251,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", type=float, nargs="+", help="FLOP fractions to keep (default 0.75 0.5 0.3; 0.5 with --quick)")
     ap.add_argument("--reuse", action="store_true", help="reuse exported models already in --workdir")
     ap.add_argument("--profile", action="store_true", help="always cProfile the in-process prune of ResNet-50")
+    ap.add_argument("--round-to", type=int, default=1, metavar="N",
+                    help="pass round_to=N / --round-to N to prune (default 1, the library default)")
     args = ap.parse_args(argv)
     args.repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
     args.models = args.models or (["resnet50"] if args.quick else list(MODELS))
@@ -290,26 +301,29 @@ def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:
         pruned_paths, info = {}, {}
         for ratio in args.ratios:
             out = workdir / f"{name}.r{ratio:g}.onnx"
-            t_in, result = time_inprocess(path, ratio, args.repeat, verify=True)
-            t_in_nv, _ = time_inprocess(path, ratio, args.repeat, verify=False)
+            rt = args.round_to
+            t_in, c_in, result = time_inprocess(path, ratio, args.repeat, verify=True, round_to=rt)
+            t_in_nv, c_in_nv, _ = time_inprocess(path, ratio, args.repeat, verify=False, round_to=rt)
             from onnx_morph.rewrite import save_model
 
             save_model(result.model, out, source=path)
-            t_cli = time_cli(path, workdir / f"{name}.r{ratio:g}.cli.onnx", ratio, args.repeat, verify=True)
-            t_cli_nv = time_cli(path, workdir / f"{name}.r{ratio:g}.cli.onnx", ratio, args.repeat, verify=False)
+            cli_out = workdir / f"{name}.r{ratio:g}.cli.onnx"
+            t_cli, c_cli = time_cli(path, cli_out, ratio, args.repeat, verify=True, round_to=rt)
+            t_cli_nv, c_cli_nv = time_cli(path, cli_out, ratio, args.repeat, verify=False, round_to=rt)
             dev = result.masked_deviation
             info[ratio] = dict(
                 flops=result.after.flops / result.before.flops,
                 params=result.after.params / result.before.params,
                 t_in=t_in, t_in_nv=t_in_nv, t_cli=t_cli, t_cli_nv=t_cli_nv,
+                c_in=c_in, c_in_nv=c_in_nv, c_cli=c_cli, c_cli_nv=c_cli_nv,
                 dev=(dev.max_rel if dev else float("nan")),
             )
             pruned_paths[ratio] = out
             print(f"  ratio {ratio:g}: FLOPs {result.after.flops / 1e9:.3f}/{result.before.flops / 1e9:.3f} G, "
                   f"params {result.after.params / 1e6:.2f}/{result.before.params / 1e6:.2f} M, "
-                  f"{result.removed_channels} channel classes removed, masked deviation max_rel "
-                  f"{info[ratio]['dev']:.2e}; prune {t_in:.3f} s (no verify {t_in_nv:.3f} s), "
-                  f"CLI {t_cli:.3f} s (--no-verify {t_cli_nv:.3f} s)", flush=True)
+                  f"{result.removed_channels} channel classes removed, masked deviation max_rel {info[ratio]['dev']:.2e}\n"
+                  f"    prune() {t_in:.3f} s wall / {c_in:.3f} s CPU (verify=False {t_in_nv:.3f} / {c_in_nv:.3f}); "
+                  f"CLI {t_cli:.3f} / {c_cli:.3f} (--no-verify {t_cli_nv:.3f} / {c_cli_nv:.3f})", flush=True)
             del result
 
         lat = {}
@@ -326,7 +340,8 @@ def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:
             lr = {b: lat[b][ratio] / lat[b]["orig"] for b in BATCHES}
             rows.append([name, f"{ratio:g}", f"{i['flops']:.3f}", f"{i['params']:.3f}",
                          f"{lr[1]:.3f}", f"{lr[32]:.3f}", f"{lr[1] / i['flops']:.2f}", f"{lr[32] / i['flops']:.2f}",
-                         f"{i['t_in']:.2f}", f"{i['t_in_nv']:.2f}", f"{i['t_cli']:.2f}", f"{i['t_cli_nv']:.2f}",
+                         f"{i['t_in']:.2f} ({i['c_in']:.2f})", f"{i['t_in_nv']:.2f} ({i['c_in_nv']:.2f})",
+                         f"{i['t_cli']:.2f} ({i['c_cli']:.2f})", f"{i['t_cli_nv']:.2f} ({i['c_cli_nv']:.2f})",
                          f"{i['dev']:.1e}"])
             for b in BATCHES:
                 q = lr[b] / i["flops"]
@@ -338,13 +353,15 @@ def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:
                 targets.append([f"  (info) whole-process `onnx-morph prune` < {PRUNE_TIME_TARGET:g} s",
                                 f"{i['t_cli']:.3f} s", "pass" if i["t_cli"] < PRUNE_TIME_TARGET else "fail"])
         if name == "resnet50" and (args.profile or any(info[r]["t_in"] >= PRUNE_TIME_TARGET for r in args.ratios)):
-            profiles.append((f"{name} ratio {args.ratios[0]:g}", profile_prune(path, args.ratios[0])))
+            profiles.append((f"{name} ratio {args.ratios[0]:g}", profile_prune(path, args.ratios[0], args.round_to)))
 
     print("\nRESULTS (ratios are pruned / original; latency = median onnxruntime CPU wall time; times in s)")
     print(table(rows, ["model", "ratio", "FLOPs", "params", "lat b1", "lat b32", "lat/FLOP b1", "lat/FLOP b32",
-                       "prune", "prune -nv", "CLI", "CLI -nv", "masked dev"]))
+                       "prune s (CPU)", "prune -nv", "CLI", "CLI -nv", "masked dev"]))
     print("  prune = in-process prune(path, ratio=R) (verify on); prune -nv = verify=False;"
-          " CLI = whole-process `onnx-morph prune`; -nv = --no-verify; masked dev = masked_deviation.max_rel")
+          " CLI = whole-process `onnx-morph prune`; -nv = --no-verify;\n"
+          "  wall seconds, CPU seconds (all threads) in parentheses; masked dev = masked_deviation.max_rel"
+          + (f"; round_to={args.round_to}" if args.round_to != 1 else ""))
 
     for label, text in profiles:
         print(f"\ncProfile of in-process prune, {label} (top 15 cumulative in onnx_morph):")

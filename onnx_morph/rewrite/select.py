@@ -105,8 +105,7 @@ def keep_minimum(graph: ChannelGraph, alive: np.ndarray, minimum: int = 1) -> tu
     for group in graph.groups:
         missing = min(minimum, group.size) - int(alive[group.classes].sum())
         if missing > 0:
-            dead = group.classes[~alive[group.classes]]
-            alive[dead[np.argsort(-np.nan_to_num(strength[dead], posinf=np.finfo(float).max))[:missing]]] = True
+            _revive_strongest(alive, group.classes, missing, strength)
             touched.append(group.id)
     return alive, touched
 
@@ -121,9 +120,14 @@ def round_widths(graph: ChannelGraph, alive: np.ndarray, multiple: int) -> np.nd
         count = int(alive[group.classes].sum())
         want = min(group.size, -(-count // multiple) * multiple)
         if want > count:
-            dead = group.classes[~alive[group.classes]]
-            alive[dead[np.argsort(-np.nan_to_num(strength[dead], posinf=np.finfo(float).max))[: want - count]]] = True
+            _revive_strongest(alive, group.classes, want - count, strength)
     return alive
+
+
+def _revive_strongest(alive: np.ndarray, classes: np.ndarray, count: int, strength: np.ndarray) -> None:
+    dead = classes[~alive[classes]]
+    order = np.argsort(-np.nan_to_num(strength[dead], posinf=np.finfo(float).max), kind="stable")
+    alive[dead[order[:count]]] = True
 
 
 def mask_document(graph: ChannelGraph, alive: np.ndarray) -> dict:
