@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -93,11 +95,12 @@ def analyze(
     BatchNorm scale (or weight-slice RMS) is at or below it are dead and the effective cost drops.
     """
     cost_name, hardware = _parse_cost(cost)
-    loaded = load_model(model, input_shapes)
-    graph = build_channel_graph(loaded)
+    with _collector_paused():
+        loaded = load_model(model, input_shapes)
+        graph = build_channel_graph(loaded)
     alive = alive_classes(graph, gamma_threshold, weight_threshold)
-    everything = np.ones_like(alive)
     ops = op_costs(graph, alive, macs=macs, hardware=hardware)
+    full = ops if alive.all() else op_costs(graph, np.ones_like(alive), macs=macs, hardware=hardware)
     return Analysis(
         model=loaded.source,
         opset=loaded.opset,
@@ -108,7 +111,7 @@ def analyze(
         hardware=hardware,
         gamma_threshold=gamma_threshold,
         weight_threshold=weight_threshold,
-        total=totals_of(op_costs(graph, everything, macs=macs, hardware=hardware), hardware),
+        total=totals_of(full, hardware),
         effective=totals_of(ops, hardware),
         ops=ops,
         groups=[_group_report(graph, g, alive) for g in graph.groups],
@@ -116,6 +119,19 @@ def analyze(
         graph=graph,
         alive=alive,
     )
+
+
+@contextmanager
+def _collector_paused():
+    """Building the graph allocates many small objects that all stay alive; the cyclic garbage
+    collector would scan them again and again (quadratic in the model size)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _parse_cost(cost: str) -> tuple[str, Hardware | None]:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 
-import networkx as nx
 import numpy as np
 import onnx
 
@@ -27,7 +27,6 @@ class ChannelGraph:
     """
 
     model: LoadedModel
-    nx: nx.MultiDiGraph
     order: list[str]
     nodes: dict[str, onnx.NodeProto]
     tensors: dict[str, TensorInfo]
@@ -39,6 +38,12 @@ class ChannelGraph:
     aliases: dict[str, tuple[str, tuple[int, ...] | None]]
     static: set[str] = field(default_factory=set)
     unknown_ops: dict[str, list[str]] = field(default_factory=dict)
+
+    @cached_property
+    def nx(self):
+        """networkx.MultiDiGraph of op nodes and graph inputs/outputs, one edge per (tensor, consumer)
+        with the tensor's shape and channel axes; built on first use (networkx is slow to import)."""
+        return _networkx(self.model, self.nodes, self.tensors)
 
     @property
     def num_classes(self) -> int:
@@ -104,7 +109,8 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
         if info.channels:
             offsets[name] = total
             total += info.channels
-    parent = list(range(total))
+    edges_a: list[np.ndarray] = []
+    edges_b: list[np.ndarray] = []
     pins: list[tuple[int, str]] = []
 
     def pin(p: Pin) -> None:
@@ -127,9 +133,11 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
                 for side in (tie.a, tie.b):
                     pin(Pin(side, lost))
                 continue
-            _unite(parent, offsets[tie.a] + tie.a_index, offsets[tie.b] + tie.b_index)
+            edges_a.append(offsets[tie.a] + tie.a_index)
+            edges_b.append(offsets[tie.b] + tie.b_index)
 
-    roots = np.fromiter((_find(parent, e) for e in range(total)), dtype=np.int64, count=total)
+    roots = connected_components(total, np.concatenate(edges_a or [np.zeros(0, np.int64)]),
+                                 np.concatenate(edges_b or [np.zeros(0, np.int64)]))
     _, class_of = np.unique(roots, return_inverse=True)
     class_pins: dict[int, list[str]] = defaultdict(list)
     for element, reason in pins:
@@ -137,9 +145,8 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
         if reason not in reasons:
             reasons.append(reason)
 
-    digraph = _networkx(model, nodes, tensors, consumers)
     partial = ChannelGraph(
-        model, digraph, names, nodes, tensors, relations, offsets, class_of.astype(np.int64),
+        model, names, nodes, tensors, relations, offsets, class_of.astype(np.int64),
         dict(class_pins), [], aliases, static, dict(unknown),
     )
     partial.groups = build_groups(partial)
@@ -225,26 +232,37 @@ def _record_alias(model: LoadedModel, node: onnx.NodeProto, aliases) -> None:
     aliases[node.output[0]] = (root[0], perm)
 
 
-def _find(parent: list[int], element: int) -> int:
-    while parent[element] != element:
-        parent[element] = parent[parent[element]]
-        element = parent[element]
-    return element
+def connected_components(count: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The smallest element of each element's component, for the undirected edges (a[k], b[k]).
+
+    Vectorized union-find: hook every edge's larger root onto the smaller, then jump pointers
+    until every element points at its root; a few rounds suffice even for long chains.
+    """
+    label = np.arange(count, dtype=np.int64)
+    a, b = a.astype(np.int64), b.astype(np.int64)
+    while True:
+        la, lb = label[a], label[b]
+        differ = la != lb
+        if not differ.any():
+            return label
+        la, lb = la[differ], lb[differ]
+        np.minimum.at(label, np.maximum(la, lb), np.minimum(la, lb))
+        while True:
+            jumped = label[label]
+            if np.array_equal(jumped, label):
+                break
+            label = jumped
 
 
-def _unite(parent: list[int], a: np.ndarray, b: np.ndarray) -> None:
-    for x, y in zip(a.tolist(), b.tolist()):
-        rx, ry = _find(parent, x), _find(parent, y)
-        if rx != ry:
-            if rx < ry:
-                parent[ry] = rx
-            else:
-                parent[rx] = ry
+def _networkx(model: LoadedModel, nodes, tensors):
+    import networkx as nx
 
-
-def _networkx(model: LoadedModel, nodes, tensors, consumers) -> nx.MultiDiGraph:
-    """Op nodes plus graph inputs/outputs; one edge per (tensor, consumer), with shape and channel axes."""
     graph = nx.MultiDiGraph()
+    consumers: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    for name, node in nodes.items():
+        for index, tensor in enumerate(node.input):
+            if tensor:
+                consumers[tensor].append((name, index))
     producer = {}
     for name, node in nodes.items():
         graph.add_node(name, kind="op", op_type=node.op_type)

@@ -51,26 +51,44 @@ class ChannelGroup:
 
 
 def build_groups(graph: ChannelGraph) -> list[ChannelGroup]:
-    class_tensors: dict[int, list[str]] = defaultdict(list)
-    for tensor in graph.offsets:
-        for c in np.unique(graph.classes(tensor)).tolist():
-            class_tensors[c].append(tensor)
-    by_key: dict[tuple[str, ...], list[int]] = defaultdict(list)
-    for c, tensors in sorted(class_tensors.items(), key=lambda item: (graph.offsets[item[1][0]], item[0])):
-        by_key[tuple(tensors)].append(c)
+    tensors = list(graph.offsets)
+    per_tensor = [graph.classes(t) for t in tensors]
+    if not tensors:
+        return []
+    # Every (class, tensor) pair once; a class's tensor set is summarized by a 64-bit signature.
+    unique_per_tensor = [np.unique(c) for c in per_tensor]
+    pair_class = np.concatenate(unique_per_tensor)
+    pair_tensor = np.repeat(np.arange(len(tensors)), [u.size for u in unique_per_tensor])
+    tensor_hash = np.random.default_rng(0).integers(1, 2**63, size=len(tensors), dtype=np.uint64)
+    signature = np.zeros(graph.num_classes, dtype=np.uint64)
+    np.add.at(signature, pair_class, tensor_hash[pair_tensor])
+    first_tensor = np.full(graph.num_classes, len(tensors), dtype=np.int64)
+    np.minimum.at(first_tensor, pair_class, pair_tensor)
+    _, group_of_class = np.unique(signature, return_inverse=True)
+    # Groups in graph order: by the first tensor of their first class.
+    rank = first_tensor * graph.num_classes + np.arange(graph.num_classes)
+    group_first = np.full(group_of_class.max() + 1, np.iinfo(np.int64).max)
+    np.minimum.at(group_first, group_of_class, rank)
+    renumber = np.empty_like(group_first)
+    renumber[np.argsort(group_first, kind="stable")] = np.arange(group_first.size)
+    group_of_class = renumber[group_of_class]
 
-    groups: list[ChannelGroup] = []
+    members_of = np.split(np.argsort(group_of_class, kind="stable"),
+                          np.flatnonzero(np.diff(np.sort(group_of_class))) + 1)
+    groups = [ChannelGroup(g, members.astype(np.int64), {}) for g, members in enumerate(members_of)]
     groups_of_tensor: dict[str, list[ChannelGroup]] = defaultdict(list)
-    for key, classes in by_key.items():
-        members = np.array(classes, dtype=np.int64)
-        tensors = {t: np.flatnonzero(np.isin(graph.classes(t), members)) for t in key}
-        group = ChannelGroup(len(groups), members, tensors)
-        reasons = [graph.class_pins[c] for c in classes if c in graph.class_pins]
+    for name, classes in zip(tensors, per_tensor):
+        element_group = group_of_class[classes]
+        order = np.argsort(element_group, kind="stable")
+        bounds = np.flatnonzero(np.diff(element_group[order])) + 1
+        for chunk in np.split(order, bounds):
+            group = groups[int(element_group[chunk[0]])]
+            group.tensors[name] = chunk
+            groups_of_tensor[name].append(group)
+    for group in groups:
+        reasons = [graph.class_pins[c] for c in group.classes.tolist() if c in graph.class_pins]
         group.pinned_classes = len(reasons)
         group.pin_reasons = list(dict.fromkeys(r for rs in reasons for r in rs))
-        groups.append(group)
-        for t in key:
-            groups_of_tensor[t].append(group)
 
     for name, relation in graph.relations.items():
         node = graph.nodes[name]

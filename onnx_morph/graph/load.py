@@ -15,8 +15,10 @@ import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, numpy_helper
+from onnx.external_data_helper import load_external_data_for_model
 
 from onnx_morph.errors import ModelLoadError, OptionError
+from onnx_morph.graph.wire import read_without_weights
 
 MIN_OPSET = 11
 MAX_OPSET = 21
@@ -68,6 +70,14 @@ class LoadedModel:
             tensor = _with_external_data(tensor, self.base_dir, self.source)
         return numpy_helper.to_array(tensor)
 
+    def materialized(self) -> onnx.ModelProto:
+        """A copy of the model with every weight in memory (for onnxruntime and surgery)."""
+        copy = onnx.ModelProto()
+        copy.CopyFrom(self.model)
+        if self.base_dir is not None and any(t.data_location == TensorProto.EXTERNAL for t in copy.graph.initializer):
+            load_external_data_for_model(copy, str(self.base_dir))
+        return copy
+
     def is_constant(self, name: str) -> bool:
         return name in self._initializers or name in self._constants or name in self.folded
 
@@ -106,11 +116,9 @@ def _read(path: Path) -> onnx.ModelProto:
         raise ModelLoadError(
             f"{path}: {size} bytes is over protobuf's 2 GB limit; save the weights as external data"
         )
-    model = onnx.ModelProto()
     try:
-        with open(path, "rb") as f:
-            model.ParseFromString(f.read())
-    except DecodeError:
+        model = read_without_weights(path.resolve())
+    except (DecodeError, ValueError, IndexError):
         raise ModelLoadError(f"{path}: not an ONNX model (the protobuf is corrupt or truncated)") from None
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read: {exc.strerror}") from None
@@ -323,9 +331,10 @@ def _infer_and_fold(view: onnx.ModelProto, label: str) -> tuple[onnx.ModelProto,
             for name, value in zip(node.output, values):
                 if name:
                     new_values[name] = known[name] = value
-        if not new_values:
-            return inferred, folded
         folded.update(new_values)
+        unshaped = any(o and o not in shapes and o not in folded for n in kept for o in n.output)
+        if not new_values or not unshaped:
+            return inferred, folded
         del view.graph.node[:]
         view.graph.node.extend(kept)
         view.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in new_values.items())
@@ -348,6 +357,8 @@ def _evaluate(node: onnx.NodeProto, known: dict[str, np.ndarray], shapes: dict[s
         return [np.array(shape[start:end], dtype=np.int64)]
     if not node.input or any(name and name not in known for name in node.input):
         return None
+    if node.op_type == "Identity":
+        return [known[node.input[0]]]
     try:
         outputs = _run_node(node, {name: known[name] for name in node.input if name}, opsets)
     except Exception:  # noqa: BLE001 - an op the reference runtime cannot run is simply not folded

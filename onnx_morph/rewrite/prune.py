@@ -11,7 +11,7 @@ import onnx
 
 from onnx_morph.costs import Totals, op_costs, totals_of
 from onnx_morph.errors import OptionError
-from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
+from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model, source_strength
 from onnx_morph.rewrite import select
 from onnx_morph.costs import total_cost
 from onnx_morph.rewrite.surgery import keep_masks, remove_channels
@@ -85,7 +85,7 @@ def prune(
     masked = original = None
     if verify and small:
         masked = compare(masked_original(graph, keep_masks(graph, alive), surgery.folded), pruned, graph)
-        original = compare(graph.model.model, pruned, graph)
+        original = compare(graph.model.materialized(), pruned, graph)
     return PruneResult(
         model=pruned,
         before=totals_of(op_costs(graph, everything)),
@@ -107,8 +107,9 @@ def _choose(graph: ChannelGraph, gamma, weight, masks, target_flops, target_para
     if gamma is not None or weight is not None:
         alive = select.by_threshold(graph, gamma, weight)
         if not alive[prunable].any():
-            strength, kind = select.ranking_strength(graph)
-            best = np.max(strength[prunable][np.isfinite(strength[prunable])], initial=0.0)
+            kind = "gamma" if gamma is not None else "weight"
+            strength = source_strength(graph, kind)[prunable]
+            best = np.max(strength[np.isfinite(strength)], initial=0.0)
             raise OptionError(f"the threshold removes every prunable channel (the strongest {kind} is {best:.4g})")
         alive, emptied = select.keep_minimum(graph, alive)
         if emptied:

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
 from onnx_morph.graph.channel_graph import ChannelGraph, node_view
 from onnx_morph.handlers import handler_for
@@ -114,10 +113,7 @@ def remove_channels(graph: ChannelGraph, alive: np.ndarray, fold_constants: bool
     """
     masks = keep_masks(graph, alive)
     removed = removed_channel_values(graph, masks) if fold_constants else {}
-    pruned = onnx.ModelProto()
-    pruned.CopyFrom(graph.model.model)
-    if graph.model.base_dir is not None and any(uses_external_data(t) for t in pruned.graph.initializer):
-        load_external_data_for_model(pruned, str(graph.model.base_dir))
+    pruned = graph.model.materialized()
     surgery = _Surgery(graph, masks, removed)
     nodes = dict(zip(graph.order, pruned.graph.node))
     for name in graph.relations:
@@ -141,7 +137,7 @@ def removed_channel_values(graph: ChannelGraph, masks: dict[str, np.ndarray], se
         return {}
     from onnx_morph.rewrite.verify import run_model
 
-    outputs = run_model(graph, graph.model.model, wanted, seed=seed)
+    outputs = run_model(graph, graph.model.materialized(), wanted, seed=seed)
     removed = {}
     for tensor, value in zip(wanted, outputs):
         axis = graph.tensors[tensor].axes[0]

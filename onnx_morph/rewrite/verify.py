@@ -25,8 +25,7 @@ def masked_original(
 ) -> onnx.ModelProto:
     """The original model with every removed channel multiplied by zero wherever it appears, except
     where a consumer folded the channel's constant into its bias: there the constant is kept."""
-    model = onnx.ModelProto()
-    model.CopyFrom(graph.model.model)
+    model = graph.model.materialized()
     renamed = {}
     extra_nodes, extra_inits = [], []
     for tensor, keep in masks.items():
