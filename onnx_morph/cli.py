@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     criterion.add_argument("--target-params", type=float, help="remove the weakest channels until params <= this")
     criterion.add_argument("--ratio", type=float, help="keep this fraction of the FLOPs (e.g. 0.5)")
     prune.add_argument("--round-to", type=int, default=1, metavar="N", help="keep every width a multiple of N")
+    prune.add_argument("--min-keep", type=float, default=0.1, metavar="F",
+                       help="with a budget, keep at least this fraction of every group's channels (default 0.1)")
     prune.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
 
     commands.add_parser("demo", help="analyze a built-in example model (a small ResNet-style CNN)")
@@ -64,7 +66,8 @@ def _analyze(args: argparse.Namespace) -> None:
     if args.structure:
         from onnx_morph.rewrite.select import write_mask_document
 
-        write_mask_document(result.graph, result.alive, args.structure)
+        write_mask_document(result.graph, result.alive, args.structure,
+                            "weight" if args.weight_threshold is not None else "gamma")
     if args.json:
         json.dump(result.to_json(), sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -88,6 +91,7 @@ def _prune(args: argparse.Namespace) -> None:
         target_params=args.target_params,
         ratio=args.ratio,
         round_to=args.round_to,
+        min_keep=args.min_keep,
         verify=not args.no_verify,
     )
     print(render_prune(result, args.output))

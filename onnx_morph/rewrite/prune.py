@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from onnx_morph.costs import Totals, op_costs, totals_of
+from onnx_morph.costs import Totals, op_costs, total_cost, totals_of
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model, source_strength
 from onnx_morph.rewrite import select
-from onnx_morph.costs import total_cost
-from onnx_morph.rewrite.surgery import keep_masks, remove_channels
-from onnx_morph.rewrite.verify import Deviation, compare, masked_original
+from onnx_morph.rewrite.surgery import keep_masks, probed_tensors, remove_channels, removed_channel_values
+from onnx_morph.rewrite.verify import Deviation, deviation, masked_original, random_inputs, run
+
+_PROTOBUF_LIMIT = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ def prune(
     target_params: float | None = None,
     ratio: float | None = None,
     round_to: int = 1,
+    min_keep: float = 0.1,
     fold_constants: bool = True,
     verify: bool = True,
 ) -> PruneResult:
@@ -58,7 +60,8 @@ def prune(
     Exactly one criterion: a gamma or weight threshold, a mask document (as written by
     `analyze --structure`), or a budget: target FLOPs, target parameters, or `ratio` (the fraction
     of FLOPs to keep), met by ranking channels globally by |gamma| per unit of cost saved.
-    Every group keeps at least one channel. With `fold_constants`, the constant a removed channel
+    Every group keeps at least one channel; budgets also keep `min_keep` of each group's channels
+    and remove channels `round_to` at a time, so widths stay multiples of it. With `fold_constants`, the constant a removed channel
     holds (beta after BatchNorm) is folded into the consumer's bias where that is exact (Gemm,
     unpadded Conv); `verify` compares the result with the original in onnxruntime.
     """
@@ -70,63 +73,78 @@ def prune(
                           f"--target-params, --ratio (got {', '.join(given) or 'none'})")
     if round_to < 1:
         raise OptionError(f"--round-to must be at least 1, not {round_to}")
+    if not 0 <= min_keep <= 1:
+        raise OptionError(f"--min-keep is a fraction of each group's channels, in [0, 1], not {min_keep}")
     graph = build_channel_graph(load_model(model, input_shapes))
-    alive, notes = _choose(graph, gamma_threshold, weight_threshold, masks, target_flops, target_params, ratio)
-    alive = select.round_widths(graph, alive, round_to)
+    alive, notes = _choose(graph, criteria, round_to, min_keep)
+    masks = keep_masks(graph, alive)
 
-    everything = np.ones(graph.num_classes, dtype=bool)
-    surgery = remove_channels(graph, alive, fold_constants)
+    original = graph.model.materialized()
+    small = original.ByteSize() < _PROTOBUF_LIMIT
+    feeds = random_inputs(graph, samples=2) if small and (verify or fold_constants) else []
+    probes = probed_tensors(graph, masks) if fold_constants and feeds else []
+    original_runs = run(graph, original, feeds, probes) if feeds else []
+    outputs = len(original.graph.output)
+    removed = removed_channel_values(
+        graph, masks, {t: [r[outputs + i] for r in original_runs] for i, t in enumerate(probes)})
+    surgery = remove_channels(graph, alive, original, removed)
     pruned = surgery.model
-    small = pruned.ByteSize() < 2**31 - 1
+    masked_deviation = original_deviation = None
     if small:
         onnx.checker.check_model(pruned)
+        if verify:
+            pruned_runs = run(graph, pruned, feeds)
+            masked_runs = run(graph, masked_original(graph, original, masks, surgery.folded), feeds)
+            masked_deviation = deviation(masked_runs, pruned_runs)
+            original_deviation = deviation([r[:outputs] for r in original_runs], pruned_runs)
     else:
-        notes.append("over 2 GB: the checker and the verification run on the saved files only")
-    masked = original = None
-    if verify and small:
-        masked = compare(masked_original(graph, keep_masks(graph, alive), surgery.folded), pruned, graph)
-        original = compare(graph.model.materialized(), pruned, graph)
+        notes.append("over 2 GB: the checker and onnxruntime verification were skipped")
+    everything = np.ones(graph.num_classes, dtype=bool)
+    after = totals_of(op_costs(graph, alive))
     return PruneResult(
         model=pruned,
         before=totals_of(op_costs(graph, everything)),
-        after=totals_of(op_costs(graph, alive)),
+        after=replace(after, params=after.params + surgery.new_parameters),
         removed_channels=int((~alive).sum()),
         widths=_widths(graph, alive),
-        masked_deviation=masked,
-        original_deviation=original,
+        masked_deviation=masked_deviation,
+        original_deviation=original_deviation,
         notes=notes,
         alive=alive,
     )
 
 
-def _choose(graph: ChannelGraph, gamma, weight, masks, target_flops, target_params, ratio) -> tuple[np.ndarray, list[str]]:
+def _choose(graph: ChannelGraph, criteria: dict, round_to: int, min_keep: float) -> tuple[np.ndarray, list[str]]:
     notes: list[str] = []
     prunable = ~graph.class_pinned()
     if not prunable.any():
         raise OptionError(f"{graph.model.source}: no channel group is prunable (see `onnx-morph analyze` for the reasons)")
-    if gamma is not None or weight is not None:
-        alive = select.by_threshold(graph, gamma, weight)
-        if not alive[prunable].any():
-            kind = "gamma" if gamma is not None else "weight"
-            strength = source_strength(graph, kind)[prunable]
-            best = np.max(strength[np.isfinite(strength)], initial=0.0)
-            raise OptionError(f"the threshold removes every prunable channel (the strongest {kind} is {best:.4g})")
-        alive, emptied = select.keep_minimum(graph, alive)
+    gamma, weight, masks = criteria["gamma_threshold"], criteria["weight_threshold"], criteria["masks"]
+    if gamma is not None or weight is not None or masks is not None:
+        kind = "weight" if weight is not None else "gamma"
+        if masks is not None:
+            alive = select.by_mask_document(graph, masks)
+        else:
+            alive = select.by_threshold(graph, gamma, weight)
+            if not alive[prunable].any():
+                strength = source_strength(graph, kind)[prunable]
+                best = np.max(strength[np.isfinite(strength)], initial=0.0)
+                raise OptionError(f"the threshold removes every prunable channel (the strongest {kind} is {best:.4g})")
+        alive, emptied = select.keep_minimum(graph, alive, kind)
         if emptied:
             notes.append(f"{len(emptied)} groups would lose every channel; each keeps its strongest one")
-        return alive, notes
-    if masks is not None:
-        return select.by_mask_document(graph, masks), notes
+        return select.round_widths(graph, alive, round_to, kind), notes
     everything = np.ones(graph.num_classes, dtype=bool)
-    if ratio is not None:
+    if criteria["ratio"] is not None:
+        ratio = criteria["ratio"]
         if not 0 < ratio <= 1:
             raise OptionError(f"--ratio is the fraction of FLOPs to keep, in (0, 1], not {ratio}")
         budget = select.Budget("flops", ratio * total_cost(graph, everything, "flops"))
-    elif target_flops is not None:
-        budget = select.Budget("flops", _positive(target_flops, "--target-flops"))
+    elif criteria["target_flops"] is not None:
+        budget = select.Budget("flops", _positive(criteria["target_flops"], "--target-flops"))
     else:
-        budget = select.Budget("params", _positive(target_params, "--target-params"))
-    return select.by_budget(graph, budget), notes
+        budget = select.Budget("params", _positive(criteria["target_params"], "--target-params"))
+    return select.by_budget(graph, budget, multiple=round_to, min_keep=min_keep), notes
 
 
 def _positive(value: float, option: str) -> float:

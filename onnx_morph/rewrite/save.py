@@ -26,8 +26,11 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
         raise OptionError(f"{target}: the folder {folder} does not exist")
     external = model.ByteSize() > _PROTOBUF_LIMIT
     data_name = target.name + ".data"
-    handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    os.close(handle)
+    try:
+        handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        os.close(handle)
+    except OSError as exc:
+        raise OptionError(f"{target}: cannot write: {exc.strerror or exc}") from None
     temp_data = Path(temp + ".data")
     try:
         if external:
@@ -56,6 +59,7 @@ def write_text(text: str, path: str | os.PathLike) -> None:
     folder = target.resolve().parent
     if not folder.is_dir():
         raise OptionError(f"{target}: the folder {folder} does not exist")
+    temp = None
     try:
         handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
         with os.fdopen(handle, "w") as f:
@@ -63,6 +67,9 @@ def write_text(text: str, path: str | os.PathLike) -> None:
         os.replace(temp, target)
     except OSError as exc:
         raise OptionError(f"{target}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        if temp is not None and Path(temp).exists():
+            Path(temp).unlink()
 
 
 def _rename_location(model_path: str, old: str, new: str) -> None:

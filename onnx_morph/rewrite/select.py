@@ -23,12 +23,13 @@ class Budget:
     target: float
 
 
-def ranking_strength(graph: ChannelGraph) -> tuple[np.ndarray, str]:
-    """|gamma| where the model has BatchNorm sources, else weight-slice RMS; inf where a class has neither."""
-    for kind in ("gamma", "weight"):
-        strength = source_strength(graph, kind)
+def ranking_strength(graph: ChannelGraph, kind: str | None = None) -> tuple[np.ndarray, str]:
+    """|gamma| (or, given kind="weight" or without BatchNorm, weight-slice RMS) per class; inf where
+    a class has no such source, so it is never chosen first."""
+    for candidate in (kind,) if kind else ("gamma", "weight"):
+        strength = source_strength(graph, candidate)
         if np.isfinite(strength).any():
-            return np.where(np.isnan(strength), np.inf, strength), kind
+            return np.where(np.isnan(strength), np.inf, strength), candidate
     return np.full(graph.num_classes, np.inf), "none"
 
 
@@ -36,70 +37,85 @@ def by_threshold(graph: ChannelGraph, gamma: float | None, weight: float | None)
     return alive_classes(graph, gamma_threshold=gamma, weight_threshold=weight)
 
 
-def by_budget(graph: ChannelGraph, budget: Budget, *, min_per_group: int = 1) -> np.ndarray:
-    """Greedy global ranking (network slimming, cost-aware): repeatedly remove the alive channels
-    with the least strength per unit of cost saved, until the budget is met."""
-    pinned = graph.class_pinned()
+def by_budget(graph: ChannelGraph, budget: Budget, *, multiple: int = 1, min_keep: float = 0.1) -> np.ndarray:
+    """Greedy global ranking (network slimming, cost-aware): repeatedly remove the channels with the
+    least strength per unit of cost saved until the budget is met.
+
+    Channels leave a group `multiple` at a time, so widths stay multiples of it, and every group
+    keeps at least `min_keep` of its channels (and at least `multiple`, or all if fewer): emptying
+    the cheapest layers first is what an unconstrained ranking does on a freshly initialized model.
+    """
     strength, _ = ranking_strength(graph)
+    groups = [g for g in graph.groups if g.prunable]
+    floors = {g.id: _floor_width(g.size, multiple, min_keep) for g in groups}
     alive = np.ones(graph.num_classes, dtype=bool)
     current = total_cost(graph, alive, budget.resource)
     if budget.target >= current:
         return alive
-    floor = _floor(graph, alive, pinned, budget.resource)
-    if budget.target < floor:
+    least = _at_floor(groups, floors, strength, alive)
+    reachable = total_cost(graph, least, budget.resource)
+    if budget.target < reachable:
         raise OptionError(
-            f"the {budget.resource} budget {budget.target:.4g} is below {floor:.4g}, the least this model can reach "
-            f"(pinned channels and {min_per_group} channel per group stay)"
+            f"the {budget.resource} budget {budget.target:.4g} is below {reachable:.4g}, the least this model can "
+            f"reach (pinned channels stay, and each group keeps {min_keep:.0%} of its channels, at least {multiple})"
         )
     while current > budget.target:
         saving = marginal_cost(graph, alive, budget.resource)
-        removable = alive & ~pinned & np.isfinite(strength) & (saving > 0) & _not_last(graph, alive, min_per_group)
-        candidates = np.flatnonzero(removable)
-        if candidates.size == 0:
+        chunks = [c for g in groups for c in _chunks(g, alive, strength, saving, floors[g.id], multiple)]
+        if not chunks:
             break
-        order = candidates[np.argsort(strength[candidates] / saving[candidates], kind="stable")]
+        chunks.sort(key=lambda c: c[0])
         needed = current - budget.target
-        reach = np.searchsorted(np.cumsum(saving[order]), needed) + 1
-        step = max(1, min(reach, math.ceil(0.05 * candidates.size)))
-        chosen = _one_per_group_at_a_time(graph, order[:step], alive, min_per_group)
-        alive[chosen] = False
+        reach = int(np.searchsorted(np.cumsum([c[1] for c in chunks]), needed)) + 1
+        step = max(1, min(reach, math.ceil(0.05 * len(chunks))))
+        next_chunk: dict[int, int] = {}
+        for score, _, group_id, position, classes in chunks[:step]:
+            if next_chunk.get(group_id, 0) == position:
+                alive[classes] = False
+                next_chunk[group_id] = position + 1
         current = total_cost(graph, alive, budget.resource)
     return alive
 
 
-def _floor(graph: ChannelGraph, alive: np.ndarray, pinned: np.ndarray, resource: str) -> float:
-    minimal = pinned.copy()
-    for group in graph.groups:
-        if group.prunable:
-            minimal[group.classes[0]] = True
-    return total_cost(graph, minimal, resource)
+def _floor_width(size: int, multiple: int, min_keep: float) -> int:
+    wanted = max(multiple, math.ceil(min_keep * size / multiple) * multiple)
+    return min(size, wanted)
 
 
-def _not_last(graph: ChannelGraph, alive: np.ndarray, min_per_group: int) -> np.ndarray:
-    ok = np.ones(graph.num_classes, dtype=bool)
-    for group in graph.groups:
-        if alive[group.classes].sum() <= min_per_group:
-            ok[group.classes] = False
-    return ok
+def _at_floor(groups, floors, strength: np.ndarray, alive: np.ndarray) -> np.ndarray:
+    least = alive.copy()
+    for group in groups:
+        order = group.classes[np.argsort(-np.nan_to_num(strength[group.classes], posinf=np.finfo(float).max), kind="stable")]
+        least[order[floors[group.id]:]] = False
+    return least
 
 
-def _one_per_group_at_a_time(graph, chosen, alive, min_per_group) -> np.ndarray:
-    """Keep each group at its minimum even when one step picks several of its channels."""
-    group_of = np.empty(graph.num_classes, dtype=np.int64)
-    for group in graph.groups:
-        group_of[group.classes] = group.id
-    room = {g.id: int(alive[g.classes].sum()) - min_per_group for g in graph.groups}
-    taken = []
-    for c in chosen.tolist():
-        if room[group_of[c]] > 0:
-            room[group_of[c]] -= 1
-            taken.append(c)
-    return np.array(taken, dtype=np.int64)
+def _chunks(group, alive, strength, saving, floor: int, multiple: int):
+    """The group's removable channels, weakest first, cut so that each removal leaves a multiple of `multiple`.
+
+    Each chunk is (score, saving, group id, position, classes), score being strength per cost saved.
+    """
+    live = group.classes[alive[group.classes] & np.isfinite(strength[group.classes])]
+    live = live[np.argsort(strength[live], kind="stable")]
+    count = int(alive[group.classes].sum())
+    chunks, start, position = [], 0, 0
+    size = count % multiple or multiple
+    while count - size >= floor and start + size <= live.size:
+        classes = live[start:start + size]
+        total_saving = float(saving[classes].sum())
+        if total_saving > 0:
+            chunks.append((float(strength[classes].sum()) / total_saving, total_saving, group.id, position, classes))
+        position += 1
+        start += size
+        count -= size
+        size = multiple
+    return chunks
 
 
-def keep_minimum(graph: ChannelGraph, alive: np.ndarray, minimum: int = 1) -> tuple[np.ndarray, list[int]]:
-    """Revive the strongest channels of groups left with fewer than `minimum` alive; returns the groups touched."""
-    strength, _ = ranking_strength(graph)
+def keep_minimum(graph: ChannelGraph, alive: np.ndarray, kind: str | None = None, minimum: int = 1) -> tuple[np.ndarray, list[int]]:
+    """Revive the strongest channels (by `kind`) of groups left with fewer than `minimum` alive;
+    returns the ids of the groups touched."""
+    strength, _ = ranking_strength(graph, kind)
     alive = alive.copy()
     touched = []
     for group in graph.groups:
@@ -110,11 +126,11 @@ def keep_minimum(graph: ChannelGraph, alive: np.ndarray, minimum: int = 1) -> tu
     return alive, touched
 
 
-def round_widths(graph: ChannelGraph, alive: np.ndarray, multiple: int) -> np.ndarray:
+def round_widths(graph: ChannelGraph, alive: np.ndarray, multiple: int, kind: str | None = None) -> np.ndarray:
     """Revive the strongest dead channels until each group's width is a multiple of `multiple` (or full)."""
     if multiple <= 1:
         return alive
-    strength, _ = ranking_strength(graph)
+    strength, _ = ranking_strength(graph, kind)
     alive = alive.copy()
     for group in graph.groups:
         count = int(alive[group.classes].sum())
@@ -145,9 +161,11 @@ def mask_document(graph: ChannelGraph, alive: np.ndarray) -> dict:
     return {"format": MASK_FORMAT, "version": 1, "model": graph.model.source, "structure": structure, "masks": masks}
 
 
-def write_mask_document(graph: ChannelGraph, alive: np.ndarray, path: str | Path) -> None:
+def write_mask_document(graph: ChannelGraph, alive: np.ndarray, path: str | Path, kind: str | None = None) -> None:
+    """Write the masks that `prune` would apply for this alive set (every group keeps a channel)."""
     from onnx_morph.rewrite.save import write_text
 
+    alive, _ = keep_minimum(graph, alive, kind)
     text = json.dumps(mask_document(graph, alive), indent=1)
     text = re.sub(r"\[[\s01,]*\]", lambda m: "".join(m.group(0).split()).replace(",", ", "), text)
     write_text(text + "\n", path)

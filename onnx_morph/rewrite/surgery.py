@@ -53,7 +53,11 @@ class _NodeEditor:
     def set_input(self, index: int, value: np.ndarray) -> None:
         while len(self.node.input) <= index:
             self.node.input.append("")
-        self.node.input[index] = self.surgery.new_initializer(self.node.input[index] or f"{self.name}_input{index}", value)
+        created = not self.node.input[index]
+        name = self.surgery.new_initializer(self.node.input[index] or f"{self.name}_input{index}", value)
+        self.node.input[index] = name
+        if created:
+            self.surgery.created.add(name)
 
     def set_attr(self, name: str, value) -> None:
         kept = [a for a in self.node.attribute if a.name != name]
@@ -67,6 +71,7 @@ class _Surgery:
     def __init__(self, graph: ChannelGraph, masks: dict[str, np.ndarray], removed: dict[str, np.ndarray]):
         self.graph, self.masks, self.removed = graph, masks, removed
         self.folded: dict[tuple[str, str], np.ndarray] = {}
+        self.created: set[str] = set()
         self.added: dict[str, onnx.TensorProto] = {}
         self.values: dict[str, np.ndarray] = {}
         self.names = Counter(t.name for t in graph.model.graph.initializer)
@@ -103,48 +108,59 @@ class Surgery:
 
     model: onnx.ModelProto
     folded: dict[tuple[str, str], np.ndarray]
+    new_parameters: int = 0  # biases created to hold folded constants
 
 
-def remove_channels(graph: ChannelGraph, alive: np.ndarray, fold_constants: bool = True) -> Surgery:
-    """A copy of the model without the channels of dead classes.
+def remove_channels(
+    graph: ChannelGraph, alive: np.ndarray, original: onnx.ModelProto, removed: dict[str, np.ndarray] | None = None
+) -> Surgery:
+    """A copy of `original` (the graph's model with its weights) without the channels of dead classes.
 
-    A dead channel is not exactly zero (after BatchNorm it holds beta, after ReLU relu(beta)); with
-    `fold_constants`, consumers fold that constant into their bias where doing so is exact.
+    A dead channel is not exactly zero (after BatchNorm it holds beta, after ReLU relu(beta));
+    consumers fold the constants in `removed` (see removed_channel_values) into their bias where
+    doing so is exact.
     """
     masks = keep_masks(graph, alive)
-    removed = removed_channel_values(graph, masks) if fold_constants else {}
-    pruned = graph.model.materialized()
-    surgery = _Surgery(graph, masks, removed)
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(original)
+    surgery = _Surgery(graph, masks, removed or {})
     nodes = dict(zip(graph.order, pruned.graph.node))
     for name in graph.relations:
         node = nodes[name]
-        view = node_view(graph, name)
-        handler_for(node.op_type, node.domain).prune(view, _NodeEditor(surgery, name, node))
+        handler_for(node.op_type, node.domain).prune(node_view(graph, name), _NodeEditor(surgery, name, node))
     pruned.graph.initializer.extend(surgery.added.values())
     del pruned.graph.value_info[:]
     _drop_unused(pruned.graph)
-    return Surgery(pruned, surgery.folded)
+    return Surgery(pruned, surgery.folded, sum(surgery.values[name].size for name in surgery.created))
 
 
-def removed_channel_values(graph: ChannelGraph, masks: dict[str, np.ndarray], seed: int = 0) -> dict[str, np.ndarray]:
-    """The constant each removed channel holds where a weighted op reads it, measured by running the
-    original model once; channels that are not constant (dead by a weight norm, say) count as 0."""
-    wanted = sorted({r.geometry.input for r in graph.relations.values()
-                     if r.geometry is not None and r.geometry.input in masks
-                     and graph.tensors[r.geometry.input].axes is not None
-                     and len(graph.tensors[r.geometry.input].axes) == 1})
-    if not wanted or graph.model.model.ByteSize() > 2**31 - 1:
-        return {}
-    from onnx_morph.rewrite.verify import run_model
+def probed_tensors(graph: ChannelGraph, masks: dict[str, np.ndarray]) -> list[str]:
+    """Tensors with removed channels that a weighted op reads: where folding constants can pay off."""
+    return sorted({
+        r.geometry.input for r in graph.relations.values()
+        if r.geometry is not None and r.geometry.input in masks
+        and graph.tensors[r.geometry.input].axes is not None and len(graph.tensors[r.geometry.input].axes) == 1
+    })
 
-    outputs = run_model(graph, graph.model.materialized(), wanted, seed=seed)
+
+def removed_channel_values(
+    graph: ChannelGraph, masks: dict[str, np.ndarray], samples: dict[str, list[np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """The constant each removed channel holds, from its values on several random inputs: a channel
+    counts as constant only if it takes one value over every position of every sample (a channel
+    dead by a weight norm, or one value per sample after global pooling, is not)."""
     removed = {}
-    for tensor, value in zip(wanted, outputs):
+    for tensor, values in samples.items():
         axis = graph.tensors[tensor].axes[0]
-        per_channel = np.moveaxis(np.asarray(value, dtype=np.float64), axis, 0).reshape(value.shape[axis], -1)
-        mean, spread = per_channel.mean(axis=1), per_channel.std(axis=1)
-        constant = (~masks[tensor]) & (spread <= 1e-6 * (1.0 + np.abs(mean)))
-        removed[tensor] = np.where(constant, mean, 0.0)
+        flat = np.concatenate([np.moveaxis(np.asarray(v, dtype=np.float64), axis, 0).reshape(v.shape[axis], -1)
+                               for v in values], axis=1)
+        mean = flat.mean(axis=1)
+        spread = flat.max(axis=1) - flat.min(axis=1)
+        # Tolerances relative to the tensor's own scale: activations of a fresh model can be tiny.
+        scale = float(np.abs(flat).max()) or 1.0
+        constant = (~masks[tensor]) & (spread <= 1e-6 * scale) & (np.abs(mean) > 1e-6 * scale)
+        if len(values) > 1:
+            removed[tensor] = np.where(constant, mean, 0.0)
     return removed
 
 

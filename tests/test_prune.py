@@ -1,0 +1,872 @@
+"""`prune`: removing dead channels keeps the model's function, meets budgets, and refuses bad input.
+
+1. Dead channels (every ZOO model and ten torchvision architectures, random init): BatchNorms are
+   randomized, a seeded 30% of the classes of each prunable group is killed by zeroing the weight
+   AND bias of every BatchNorm (gamma source) of that class, and `prune(gamma_threshold=1e-6)` must
+   remove exactly those classes, keep the model's contract (opset, IR version, I/O names,
+   metadata), compute what the original computes, and cost what `analyze` said it would.
+   Variants: weight-threshold kills (no BatchNorm), dynamic batch, constant (gamma = 0, beta != 0)
+   channels folded into a Gemm bias, and budget pruning against the zero-masked original.
+2. Budgets (ratio / target FLOPs / target params) are met and not overshot by more than one channel;
+   `round_to` rounds widths.
+3. Errors: every bad option, mask file or output path is an OptionError/ModelLoadError with a clear
+   message, and `prune_file` leaves no output or temporary file behind.
+4. `analyze --structure` + `prune --mask` removes what `prune --gamma-threshold` removes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import onnx_morph
+from onnx_morph import ModelLoadError, OnnxMorphError, OptionError
+from onnx_morph.cli import main as cli_main
+from onnx_morph.costs import marginal_cost, total_cost
+from onnx_morph.graph import build_channel_graph, load_model
+from onnx_morph.rewrite import prune, prune_file
+from onnx_morph.rewrite import save as save_module
+from onnx_morph.rewrite.select import MASK_FORMAT, mask_document, write_mask_document
+
+try:
+    import zoo
+except ImportError:  # tests/ turned into a package
+    from tests import zoo
+
+THRESHOLD = 1e-6
+KILL_FRACTION = 0.3
+REL_TOL = 1e-4
+
+# name -> (constructor kwargs, input side, slow)
+TORCHVISION = {
+    "resnet18": ({}, 64, False),
+    "resnext50_32x4d": ({}, 64, False),
+    "mobilenet_v2": ({}, 64, False),
+    "mobilenet_v3_small": ({}, 64, False),
+    "efficientnet_b0": ({}, 64, False),
+    "densenet121": ({}, 64, False),
+    "googlenet": ({"aux_logits": False, "init_weights": True}, 64, False),
+    "shufflenet_v2_x1_0": ({}, 64, False),
+    # AdaptiveAvgPool2d(7) exports only when 7 divides the feature map: 224 is the smallest input.
+    "vgg11": ({}, 224, True),
+    # LayerNorm, no BatchNorm: nothing can be killed by zeroing gammas.
+    "convnext_tiny": ({}, 64, True),
+}
+
+
+# --------------------------------------------------------------------------- #
+# Model building and caching
+# --------------------------------------------------------------------------- #
+
+
+def randomize_batchnorms(module: torch.nn.Module, seed: int = 0) -> None:
+    """Distinct, non-trivial BN parameters: the exporter merges equal-valued initializers."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+
+
+def build(name: str) -> tuple[torch.nn.Module, tuple[int, ...]]:
+    if name in zoo.ZOO:
+        factory, shape = zoo.ZOO[name]
+        module = factory()
+    else:
+        tv = zoo.import_torchvision()
+        kwargs, side, _ = TORCHVISION[name]
+        torch.manual_seed(0)
+        module = getattr(tv.models, name)(weights=None, **kwargs)
+        shape = (1, 3, side, side)
+    randomize_batchnorms(module)
+    return module.eval(), tuple(shape)
+
+
+class Exports:
+    """Each model built and exported once per session (before any channel is killed)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.cache = folder, {}
+
+    def __call__(self, name: str):
+        if name not in self.cache:
+            module, shape = build(name)
+            path = zoo.export_onnx(module, shape, self.folder / f"{name}.onnx")
+            self.cache[name] = (module, shape, path)
+        return self.cache[name]
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory):
+    return Exports(tmp_path_factory.mktemp("prune_exports"))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> Path:
+    """BasicBlock in a folder of its own (tests list that folder)."""
+    factory, shape = zoo.ZOO["BasicBlock"]
+    return zoo.export_onnx(factory(), shape, tmp_path_factory.mktemp("small_src") / "basicblock.onnx")
+
+
+# --------------------------------------------------------------------------- #
+# Helpers
+# --------------------------------------------------------------------------- #
+
+
+def kill_plan(graph, rng: np.random.Generator, kind: str = "gamma"):
+    """A random 30% of the classes of each prunable group (at least one kept), restricted to classes
+    with a source of `kind`. Returns (killed classes, {param name: (axis, channel indices to zero)})."""
+    killed: list[int] = []
+    zeros: dict[str, tuple[int, set[int]]] = {}
+    for group in graph.groups:
+        if not group.prunable:
+            continue
+        sources = [s for s in group.sources if s.kind == kind]
+        count = min(int(round(KILL_FRACTION * group.size)), group.size - 1)
+        if not sources or count <= 0:
+            continue
+        for cls in rng.choice(group.classes, size=count, replace=False).tolist():
+            hits = []
+            for source in sources:
+                channels = np.asarray(source.channels)
+                index = channels[graph.classes(source.tensor)[channels] == cls]
+                if index.size:
+                    hits.append((source.param, source.axis, index))
+            if not hits:
+                continue  # no source of this kind sees the class: zeroing cannot kill it
+            killed.append(cls)
+            for param, axis, index in hits:
+                zeros.setdefault(param, (axis, set()))[1].update(index.tolist())
+    return sorted(killed), {k: (axis, sorted(v)) for k, (axis, v) in zeros.items()}
+
+
+def zero_channels(module: torch.nn.Module, zeros: dict[str, tuple[int, list[int]]], bias: bool = True) -> None:
+    """Zero the channels' slices of each weight (a BN scale, or a layer's output rows) and, with
+    `bias`, of the matching bias, so that the channels are exactly zero."""
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for weight, (axis, index) in zeros.items():
+            assert weight in params and weight.endswith(".weight"), (
+                f"ONNX initializer '{weight}' is not a torch weight of the module")
+            params[weight].index_fill_(axis, torch.tensor(index), 0.0)
+            if bias:
+                bias_name = weight[: -len("weight")] + "bias"
+                assert bias_name in params, bias_name
+                params[bias_name][index] = 0.0
+
+
+def session(model) -> ort.InferenceSession:
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def max_rel_difference(reference, candidate, shape, samples: int = 2, seed: int = 1) -> float:
+    """max |a - b| / max |a| over every output and `samples` random inputs."""
+    ref, cand = session(reference), session(candidate)
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for _ in range(samples):
+        feeds = {ref.get_inputs()[0].name: rng.standard_normal(shape).astype(np.float32)}
+        expected, actual = ref.run(None, feeds), cand.run(None, feeds)
+        assert len(expected) == len(actual)
+        for e, a in zip(expected, actual):
+            assert e.shape == a.shape
+            e, a = e.astype(np.float64), a.astype(np.float64)
+            scale = float(np.max(np.abs(e)))
+            assert scale > 0, "degenerate reference output"
+            worst = max(worst, float(np.max(np.abs(e - a))) / scale)
+    return worst
+
+
+def contract(model: onnx.ModelProto) -> dict:
+    """What pruning must not change about a model."""
+    return {
+        "ir_version": model.ir_version,
+        "opset_import": sorted((o.domain, o.version) for o in model.opset_import),
+        "inputs": [str(i) for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}],
+        "outputs": [str(o) for o in model.graph.output],
+        "metadata_props": sorted((p.key, p.value) for p in model.metadata_props),
+        "producer": (model.producer_name, model.producer_version, model.domain, model.model_version),
+        "doc_string": model.doc_string,
+    }
+
+
+def add_metadata(path: Path) -> onnx.ModelProto:
+    model = onnx.load(str(path))
+    onnx.helper.set_model_props(model, {"author": "onnx-morph tests", "license": "Apache-2.0"})
+    model.doc_string = "a model with metadata"
+    onnx.save(model, str(path))
+    return model
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(os.listdir(folder))
+
+
+# --------------------------------------------------------------------------- #
+# 1. Dead channels: every ZOO model and torchvision architectures
+# --------------------------------------------------------------------------- #
+
+DEAD_CASES = [pytest.param(n, id=n) for n in sorted(zoo.ZOO)] + [
+    pytest.param(n, id=n, marks=[pytest.mark.slow] if slow else []) for n, (_, _, slow) in TORCHVISION.items()
+]
+
+
+def check_dead_channels(name: str, kind: str, exports, tmp_path: Path) -> None:
+    module, shape, original_path = exports(name)
+    graph = onnx_morph.analyze(original_path).graph
+    killed, zeros = kill_plan(graph, np.random.default_rng(zlib.crc32(name.encode())), kind)
+
+    module = copy.deepcopy(module)
+    zero_channels(module, zeros)
+    path = zoo.export_onnx(module, shape, tmp_path / f"{name}_dead.onnx")
+    original = add_metadata(path)
+
+    threshold = {f"{kind}_threshold": THRESHOLD}
+    expected = onnx_morph.analyze(path, **threshold)
+    # same graph as the first export, and the zeroed slices kill exactly the chosen classes
+    assert expected.graph.num_classes == graph.num_classes
+    assert sorted(np.flatnonzero(~expected.alive).tolist()) == killed
+
+    if not any(g.prunable for g in graph.groups):
+        with pytest.raises(OptionError, match="no channel group is prunable"):
+            prune(path, **threshold)
+        return
+
+    result = prune(path, **threshold)
+    pruned = result.model
+    onnx.checker.check_model(pruned, full_check=True)
+    assert contract(pruned) == contract(original)
+
+    assert sorted(np.flatnonzero(~result.alive).tolist()) == killed
+    assert result.removed_channels == len(killed)
+    killable = [g for g in graph.groups if g.prunable and g.size > 1 and any(s.kind == kind for s in g.sources)]
+    if killable:
+        assert result.removed_channels > 0
+    changed = [w for w in result.widths if w.after != w.before]
+    assert bool(changed) == bool(killed)
+    assert all(w.after >= 1 for w in result.widths)
+
+    assert max_rel_difference(path, pruned, shape) < REL_TOL
+    assert result.masked_deviation.max_rel < REL_TOL
+    assert result.original_deviation.max_rel < REL_TOL
+
+    after = onnx_morph.analyze(pruned)
+    assert after.total.flops == expected.effective.flops
+    assert after.total.params == expected.effective.params
+    assert (result.before.flops, result.before.params) == (expected.total.flops, expected.total.params)
+    assert (result.after.flops, result.after.params) == (expected.effective.flops, expected.effective.params)
+
+
+@pytest.mark.parametrize("name", DEAD_CASES)
+def test_prune_removes_exactly_the_dead_channels(name, exports, tmp_path):
+    check_dead_channels(name, "gamma", exports, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["TransformerBlock", pytest.param("convnext_tiny", marks=pytest.mark.slow)])
+def test_weight_threshold_removes_exactly_the_dead_channels(name, exports, tmp_path):
+    """Without BatchNorm: zeroing a Linear's output rows and bias (GELU(0) = 0) kills the channel."""
+    check_dead_channels(name, "weight", exports, tmp_path)
+
+
+DYNAMIC_CASES = [("ShuffleUnit", "gamma"), ("SplitBlock", "gamma"), ("FlattenHead", "gamma"),
+                 ("TransformerBlock", "weight"), ("shufflenet_v2_x1_0", "gamma")]
+
+
+@pytest.mark.parametrize("name,kind", DYNAMIC_CASES, ids=[n for n, _ in DYNAMIC_CASES])
+def test_dynamic_batch_survives_pruning(name, kind, exports, tmp_path):
+    """Shape computations (x.size(0) chains, Reshape to (b, ...)) must not freeze the batch of 1
+    used for analysis: the pruned model runs at batch 3 and matches the original there."""
+    module, shape, original_path = exports(name)
+    graph = onnx_morph.analyze(original_path).graph
+    killed, zeros = kill_plan(graph, np.random.default_rng(7), kind)
+    assert killed
+    module = copy.deepcopy(module)
+    zero_channels(module, zeros)
+    path = zoo.export_onnx(module, shape, tmp_path / f"{name}_dyn.onnx", dynamic_batch=True)
+    result = prune(path, **{f"{kind}_threshold": THRESHOLD})
+    assert result.removed_channels == len(killed)
+    assert contract(result.model) == contract(onnx.load(str(path)))
+    assert max_rel_difference(path, result.model, (3, *shape[1:])) < REL_TOL
+
+
+def test_constant_channels_are_folded_exactly(exports, tmp_path):
+    """gamma = 0 but beta != 0: the removed channels hold relu(beta); Flatten -> Gemm folds that
+    constant into the Gemm bias, so the pruned model still computes what the original computes."""
+    module, shape, original_path = exports("FlattenHead")
+    graph = onnx_morph.analyze(original_path).graph
+    killed, zeros = kill_plan(graph, np.random.default_rng(3))
+    module = copy.deepcopy(module)
+    zero_channels(module, zeros, bias=False)
+    bn = module.features.bn
+    assert (bn.bias[zeros["features.bn.weight"][1]] != 0).all()
+    path = zoo.export_onnx(module, shape, tmp_path / "flat.onnx")
+    result = prune(path, gamma_threshold=THRESHOLD)
+    assert result.removed_channels == len(killed) > 0
+    assert max_rel_difference(path, result.model, shape) < REL_TOL
+
+
+def zero_masked_difference(path: Path, result, shape) -> float:
+    """Pruned model vs the original with every removed channel multiplied by zero."""
+    from onnx_morph.rewrite.surgery import keep_masks
+    from onnx_morph.rewrite.verify import masked_original
+
+    graph = build_channel_graph(load_model(path))
+    return max_rel_difference(masked_original(graph, graph.model.materialized(), keep_masks(graph, result.alive)), result.model, shape)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param("FlattenHead"),
+    "resnet18",
+    "mobilenet_v2",
+])
+def test_budget_pruning_equals_the_zero_masked_original(name, exports):
+    """Channels removed by a budget vary with the input: nothing may be folded for them."""
+    _, shape, path = exports(name)
+    result = prune(path, ratio=0.5)
+    assert zero_masked_difference(path, result, shape) < REL_TOL
+
+
+# --------------------------------------------------------------------------- #
+# 2. Budgets
+# --------------------------------------------------------------------------- #
+
+
+def revive_cost_bound(graph, alive: np.ndarray, resource: str, after: float) -> float:
+    """A lower bound on the largest cost of reviving one removed class: the larger of the marginal
+    costs (at the final alive set) and the exact cost of reviving the ten biggest of them."""
+    dead = np.flatnonzero(~alive)
+    marginal = marginal_cost(graph, alive, resource)[dead]
+    best = float(marginal.max())
+    for cls in dead[np.argsort(-marginal, kind="stable")[:10]].tolist():
+        revived = alive.copy()
+        revived[cls] = True
+        best = max(best, total_cost(graph, revived, resource) - after)
+    return best
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("criterion", ["ratio", "target_flops", "target_params"])
+def test_budget_is_met_without_overshooting(name, criterion, exports):
+    _, _, path = exports(name)
+    graph = build_channel_graph(load_model(path))
+    full = onnx_morph.analyze(path).total
+    resource = "params" if criterion == "target_params" else "flops"
+    if criterion == "ratio":
+        options, target = {"ratio": 0.5}, 0.5 * full.flops
+    elif criterion == "target_flops":
+        target = float(round(0.37 * full.flops))
+        options = {"target_flops": target}
+    else:
+        target = float(round(0.6 * full.params))
+        options = {"target_params": target}
+
+    result = prune(path, **options)
+    after = getattr(result.after, resource)
+    assert after <= target
+    assert result.removed_channels > 0
+    assert target - after < revive_cost_bound(graph, result.alive, resource, after)
+
+    assert (result.before.flops, result.before.params) == (full.flops, full.params)
+    measured = onnx_morph.analyze(result.model).total
+    assert (measured.flops, measured.params) == (result.after.flops, result.after.params)
+    assert result.masked_deviation.max_rel < REL_TOL
+    assert result.alive[graph.class_pinned()].all()
+    for group in graph.groups:
+        assert result.alive[group.classes].any(), group.id
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_round_to_gives_multiples(name, exports):
+    _, _, path = exports(name)
+    result = prune(path, ratio=0.5, round_to=8)
+    changed = [w for w in result.widths if w.after != w.before]
+    assert changed
+    bad = [(w.node, w.before, w.after) for w in changed if w.after % 8]
+    assert not bad
+    assert result.masked_deviation.max_rel < REL_TOL
+    graph = build_channel_graph(load_model(path))
+    for group in graph.groups:
+        count = int(result.alive[group.classes].sum())
+        assert count == group.size or count % 8 == 0, (group.id, group.size, count)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n)
+    for n in ["resnet18", "mobilenet_v2"]
+])
+def test_round_to_still_meets_the_budget(name, exports):
+    _, _, path = exports(name)
+    target = 0.5 * onnx_morph.analyze(path).total.flops
+    result = prune(path, ratio=0.5, round_to=8, verify=False)
+    assert result.after.flops <= target, (result.after.flops / target)
+
+
+# --------------------------------------------------------------------------- #
+# 3. Errors
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def valid_document(small) -> dict:
+    graph = build_channel_graph(load_model(small))
+    return mask_document(graph, np.ones(graph.num_classes, dtype=bool))
+
+
+def _mask_file(folder: Path, document, name="mask.json") -> Path:
+    path = folder / name
+    path.write_text(document if isinstance(document, str) else json.dumps(document))
+    return path
+
+
+def _first_mask(document: dict) -> tuple[str, list[int]]:
+    tensor = next(iter(document["masks"]))
+    return tensor, document["masks"][tensor]
+
+
+def _mask_variant(kind: str, document: dict, folder: Path):
+    tensor, mask = _first_mask(document)
+    doc = copy.deepcopy(document)
+    if kind == "missing":
+        return folder / "no-such-mask.json"
+    if kind == "not_json":
+        return _mask_file(folder, "{\"format\": \"onnx-morph-masks\", ")
+    if kind == "not_utf8":
+        path = folder / "binary.json"
+        path.write_bytes(b"\xff\xfe\x00\x81garbage")
+        return path
+    if kind == "wrong_format":
+        doc["format"] = "morphnet"
+        return _mask_file(folder, doc)
+    if kind == "no_format":
+        del doc["format"]
+        return _mask_file(folder, doc)
+    if kind == "top_level_list":
+        return _mask_file(folder, [doc])
+    if kind == "masks_not_object":
+        doc["masks"] = [mask]
+        return _mask_file(folder, doc)
+    if kind == "unknown_tensor":
+        doc["masks"]["no_such_tensor"] = [1, 1]
+        return _mask_file(folder, doc)
+    if kind == "too_short":
+        doc["masks"][tensor] = mask[:-1]
+        return _mask_file(folder, doc)
+    if kind == "too_long":
+        doc["masks"][tensor] = mask + [1]
+        return _mask_file(folder, doc)
+    if kind == "value_2":
+        doc["masks"][tensor] = [2] + mask[1:]
+        return _mask_file(folder, doc)
+    if kind == "value_half":
+        doc["masks"][tensor] = [0.5] + mask[1:]
+        return _mask_file(folder, doc)
+    if kind == "value_string":
+        doc["masks"][tensor] = ["1"] + mask[1:]
+        return _mask_file(folder, doc)
+    if kind == "value_null":
+        doc["masks"][tensor] = [None] + mask[1:]
+        return _mask_file(folder, doc)
+    if kind == "not_a_list":
+        doc["masks"][tensor] = "1" * len(mask)
+        return _mask_file(folder, doc)
+    if kind == "pinned_input":
+        doc["masks"]["input"] = [0, 1, 1]
+        return _mask_file(folder, doc)
+    if kind == "pinned_output":
+        graph_out = "output"
+        doc["masks"][graph_out] = [0] + [1] * 15
+        return _mask_file(folder, doc)
+    raise AssertionError(kind)
+
+
+MASK_ERRORS = {
+    "missing": "no such file",
+    "not_json": "not valid JSON",
+    "not_utf8": "not valid JSON",
+    "wrong_format": f'expected "format": "{MASK_FORMAT}"',
+    "no_format": "not an onnx-morph mask file",
+    "top_level_list": "not an onnx-morph mask file",
+    "masks_not_object": "not an onnx-morph mask file",
+    "unknown_tensor": "tensor 'no_such_tensor' is not an activation with channels",
+    "too_short": "must be a list of",
+    "too_long": "must be a list of",
+    "value_2": "zeros and ones",
+    "value_half": "zeros and ones",
+    "value_string": "zeros and ones",
+    "value_null": "zeros and ones",
+    "not_a_list": "zeros and ones",
+    "pinned_input": "removes a pinned channel (graph input 'input')",
+    "pinned_output": "removes a pinned channel (graph output 'output')",
+}
+
+
+def _assert_refused(small: Path, out_dir: Path, error, fragment: str, **options) -> str:
+    before = small.read_bytes()
+    out = out_dir / "out.onnx"
+    with pytest.raises(error) as info:
+        prune_file(small, out, **options)
+    message = str(info.value)
+    assert fragment in message, message
+    assert "\n" not in message
+    assert listing(out_dir) == [], listing(out_dir)
+    assert small.read_bytes() == before
+    return message
+
+
+@pytest.mark.parametrize("kind", sorted(MASK_ERRORS))
+def test_bad_mask_file(kind, small, valid_document, tmp_path):
+    masks_dir, out_dir = tmp_path / "masks", tmp_path / "out"
+    masks_dir.mkdir()
+    out_dir.mkdir()
+    mask = _mask_variant(kind, valid_document, masks_dir)
+    message = _assert_refused(small, out_dir, OptionError, MASK_ERRORS[kind], masks=mask)
+    if kind != "missing":
+        assert str(mask) in message
+    # the same document passed as a dict gives the same complaint (file errors aside)
+    if kind not in ("missing", "not_json", "not_utf8", "top_level_list"):
+        with pytest.raises(OptionError, match="mask document"):
+            prune(small, masks=json.loads(mask.read_text()))
+
+
+def test_valid_mask_document_keeps_everything(small, valid_document, tmp_path):
+    result = prune(small, masks=_mask_file(tmp_path, valid_document))
+    assert result.removed_channels == 0
+    assert all(w.after == w.before for w in result.widths)
+
+
+def test_bool_and_float_mask_values_are_accepted(small, valid_document):
+    doc = copy.deepcopy(valid_document)
+    tensor, mask = _first_mask(doc)
+    doc["masks"][tensor] = [False] + [True] * (len(mask) - 1)
+    assert prune(small, masks=doc, verify=False).removed_channels == 1
+    doc["masks"][tensor] = [0.0] + [1.0] * (len(mask) - 1)
+    assert prune(small, masks=doc, verify=False).removed_channels == 1
+
+
+def _empties_a_group(document: dict) -> tuple[dict, int]:
+    doc = copy.deepcopy(document)
+    tensor, mask = _first_mask(doc)
+    doc["masks"][tensor] = [0] * len(mask)
+    return doc, len(mask)
+
+
+def test_mask_that_empties_a_group_is_refused_or_keeps_one(small, valid_document):
+    doc, _ = _empties_a_group(valid_document)
+    try:
+        result = prune(small, masks=doc, verify=False)  # verify=True would crash the interpreter
+    except OptionError as exc:
+        assert "every channel" in str(exc) or "no channel" in str(exc)
+        return
+    assert all(w.after >= 1 for w in result.widths), [(w.node, w.before, w.after) for w in result.widths]
+
+
+OPTION_ERRORS = [
+    ({}, OptionError, "give exactly one of"),
+    ({}, OptionError, "(got none)"),
+    ({"gamma_threshold": 0.5, "ratio": 0.5}, OptionError, "got gamma_threshold, ratio"),
+    ({"target_flops": 1e6, "target_params": 1e3}, OptionError, "got target_flops, target_params"),
+    ({"gamma_threshold": 1e9}, OptionError, "the threshold removes every prunable channel"),
+    ({"weight_threshold": 1e9}, OptionError, "the threshold removes every prunable channel"),
+    ({"gamma_threshold": -1.0}, OptionError, "must be a finite number >= 0"),
+    ({"gamma_threshold": math.nan}, OptionError, "must be a finite number >= 0"),
+    ({"ratio": 0.0}, OptionError, "--ratio is the fraction of FLOPs to keep, in (0, 1], not 0.0"),
+    ({"ratio": 1.5}, OptionError, "--ratio is the fraction of FLOPs to keep, in (0, 1], not 1.5"),
+    ({"ratio": -0.5}, OptionError, "--ratio"),
+    ({"ratio": math.nan}, OptionError, "--ratio"),
+    ({"target_flops": -5.0}, OptionError, "--target-flops must be positive, not -5.0"),
+    ({"target_flops": 0.0}, OptionError, "--target-flops must be positive"),
+    ({"target_params": -1.0}, OptionError, "--target-params must be positive, not -1.0"),
+    ({"target_flops": 1.0}, OptionError, "the flops budget 1 is below"),
+    ({"target_params": 1.0}, OptionError, "the params budget 1 is below"),
+    ({"ratio": 0.5, "round_to": 0}, OptionError, "--round-to must be at least 1, not 0"),
+]
+
+
+@pytest.mark.parametrize("options,error,fragment", OPTION_ERRORS, ids=[
+    f"{'+'.join(o) or 'none'}={'/'.join(str(v) for v in o.values())}:{i}" for i, (o, _, _) in enumerate(OPTION_ERRORS)
+])
+def test_bad_options(options, error, fragment, small, tmp_path):
+    message = _assert_refused(small, tmp_path, error, fragment, **options)
+    if "threshold removes every" in fragment:
+        assert "the strongest" in message
+    if "budget" in fragment:
+        assert "the least this model can reach" in message
+
+
+def test_weight_threshold_message_quotes_the_strongest_weight(small):
+    """The message quotes the strength the threshold was compared with (weight RMS, not |gamma|)."""
+    from onnx_morph.graph import source_strength
+
+    graph = build_channel_graph(load_model(small))
+    weights = source_strength(graph, "weight")
+    strongest = float(np.nanmax(weights[~graph.class_pinned()]))
+    with pytest.raises(OptionError) as info:
+        prune(small, weight_threshold=1.0)
+    message = str(info.value)
+    assert f"{strongest:.4g}" in message and "gamma" not in message, message
+
+
+def test_weight_threshold_keeps_the_strongest_weight(exports):
+    from onnx_morph.graph import source_strength
+
+    _, _, path = exports("ConvStack")
+    graph = build_channel_graph(load_model(path))
+    weight, gamma = source_strength(graph, "weight"), source_strength(graph, "gamma")
+    groups = sorted((g for g in graph.groups if g.prunable), key=lambda g: np.nanmax(weight[g.classes]))
+    weakest = groups[0]
+    threshold = float((np.nanmax(weight[weakest.classes]) + np.nanmax(weight[groups[1].classes])) / 2)
+    best_weight = int(weakest.classes[np.nanargmax(weight[weakest.classes])])
+    assert best_weight != int(weakest.classes[np.nanargmax(gamma[weakest.classes])])  # the test can tell them apart
+    result = prune(path, weight_threshold=threshold, verify=False)
+    assert result.notes
+    assert np.flatnonzero(result.alive[weakest.classes]).tolist() == [int(np.flatnonzero(weakest.classes == best_weight)[0])]
+
+
+def test_budget_floor_is_reachable(small):
+    """The floor quoted by the error is itself a valid budget."""
+    with pytest.raises(OptionError) as info:
+        prune(small, target_flops=1.0, min_keep=0)
+    floor = float(str(info.value).split(" is below ")[1].split(",")[0])
+    graph = build_channel_graph(load_model(small))
+    minimal = graph.class_pinned()
+    for group in graph.groups:
+        if group.prunable:
+            minimal[group.classes[0]] = True
+    exact = total_cost(graph, minimal, "flops")
+    assert floor == pytest.approx(exact, rel=1e-3)
+    result = prune(small, target_flops=exact, min_keep=0)
+    assert result.after.flops <= exact
+
+
+def test_no_prunable_group(tmp_path):
+    factory, shape = zoo.ZOO["UnknownOpNet"]
+    path = zoo.export_onnx(factory(), shape, tmp_path / "src" / "unknown.onnx")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(OptionError, match="no channel group is prunable"):
+        prune_file(path, out / "x.onnx", ratio=0.5)
+    assert listing(out) == []
+
+
+def test_missing_model(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such file"):
+        prune_file(tmp_path / "absent.onnx", tmp_path / "out.onnx", ratio=0.5)
+    assert listing(tmp_path) == []
+
+
+def test_corrupt_model(tmp_path):
+    bad = tmp_path / "src" / "bad.onnx"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x08\x07garbage" * 10)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ModelLoadError):
+        prune_file(bad, out / "x.onnx", ratio=0.5)
+    assert listing(out) == []
+
+
+@pytest.mark.parametrize("spelling", ["same", "dotdot", "symlink", "hardlink"])
+def test_output_equal_to_input_is_refused(spelling, tmp_path):
+    factory, shape = zoo.ZOO["ConvStack"]
+    src = zoo.export_onnx(factory(), shape, tmp_path / "model.onnx")
+    before = src.read_bytes()
+    (tmp_path / "sub").mkdir()
+    if spelling == "same":
+        out = src
+    elif spelling == "dotdot":
+        out = tmp_path / "sub" / ".." / "model.onnx"
+    elif spelling == "symlink":
+        out = tmp_path / "link.onnx"
+        out.symlink_to(src)
+    else:
+        out = tmp_path / "hard.onnx"
+        os.link(src, out)
+    expected = sorted(listing(tmp_path))
+    with pytest.raises(OptionError, match="refusing to overwrite the input model"):
+        prune_file(src, out, ratio=0.5)
+    assert src.read_bytes() == before
+    assert listing(tmp_path) == expected
+    # saving with source= refuses too, whoever calls it
+    with pytest.raises(OptionError, match="refusing to overwrite"):
+        save_module.save_model(onnx.load(str(src)), out, source=src)
+    assert src.read_bytes() == before
+
+
+def test_output_folder_missing(small, tmp_path):
+    out = tmp_path / "missing" / "out.onnx"
+    with pytest.raises(OptionError, match="does not exist"):
+        prune_file(small, out, ratio=0.5)
+    assert not out.parent.exists()
+    assert listing(tmp_path) == []
+
+
+def test_output_path_is_a_folder(small, tmp_path):
+    folder = tmp_path / "taken.onnx"
+    folder.mkdir()
+    with pytest.raises(OptionError, match="cannot write"):
+        prune_file(small, folder, ratio=0.5)
+    assert listing(tmp_path) == ["taken.onnx"]
+    assert listing(folder) == []
+
+
+def test_failed_write_leaves_no_temp_file(small, tmp_path, monkeypatch):
+    def full_disk(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(save_module.os, "replace", full_disk)
+    with pytest.raises(OptionError, match="cannot write: No space left on device"):
+        prune_file(small, tmp_path / "out.onnx", ratio=0.5)
+    monkeypatch.undo()
+    assert listing(tmp_path) == []
+
+
+def test_interrupted_write_leaves_no_temp_file(small, tmp_path, monkeypatch):
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(save_module.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prune_file(small, tmp_path / "out.onnx", ratio=0.5)
+    monkeypatch.undo()
+    assert listing(tmp_path) == []
+
+
+def test_existing_output_is_replaced_whole(small, tmp_path):
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"old")
+    result = prune_file(small, out, ratio=0.5)
+    assert onnx.load(str(out)).SerializeToString() == result.model.SerializeToString()
+    assert listing(tmp_path) == ["out.onnx"]
+
+
+def test_unwritable_folder_is_an_option_error(small, tmp_path, monkeypatch):
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(save_module.tempfile, "mkstemp", denied)
+    with pytest.raises(OnnxMorphError, match="Permission denied"):
+        prune_file(small, tmp_path / "out.onnx", ratio=0.5)
+
+
+# --------------------------------------------------------------------------- #
+# 4. analyze --structure -> prune --mask
+# --------------------------------------------------------------------------- #
+
+
+def _analyze_structure(path: Path, threshold: float, structure: Path, capsys) -> dict:
+    code = cli_main(["analyze", str(path), "--gamma-threshold", repr(threshold), "--structure", str(structure)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.err == ""
+    return json.loads(structure.read_text())
+
+
+ROUND_TRIP = ["ConvStack", "BasicBlock", "InvertedResidual", "DenseBlock", "ResNeXtBlock", "ShuffleUnit",
+              "resnet18", "mobilenet_v2"]
+
+
+def _quantile_threshold(path: Path, q: float = 0.4) -> float:
+    """A gamma threshold between two prunable classes' |gamma| that kills about a fraction q of them."""
+    from onnx_morph.rewrite.select import ranking_strength
+
+    graph = build_channel_graph(load_model(path))
+    strength, kind = ranking_strength(graph)
+    assert kind == "gamma"
+    values = np.unique(strength[~graph.class_pinned() & np.isfinite(strength)])
+    i = max(1, int(q * values.size))
+    return float((values[i - 1] + values[i]) / 2)
+
+
+@pytest.mark.parametrize("name", ROUND_TRIP)
+def test_structure_mask_round_trip(name, exports, tmp_path, capsys):
+    _, _, path = exports(name)
+    threshold = _quantile_threshold(path)
+    structure = tmp_path / "s.json"
+    doc = _analyze_structure(path, threshold, structure, capsys)
+    assert doc["format"] == MASK_FORMAT and doc["version"] == 1 and doc["model"] == str(path)
+    assert listing(tmp_path) == ["s.json"]
+
+    by_mask = prune(path, masks=structure)
+    by_threshold = prune(path, gamma_threshold=threshold)
+    assert by_threshold.notes == []  # no group emptied: the two criteria must agree
+    assert by_mask.removed_channels > 0
+    np.testing.assert_array_equal(by_mask.alive, by_threshold.alive)
+    assert by_mask.model.SerializeToString() == by_threshold.model.SerializeToString()
+
+    widths = {w.node: w.after for w in by_mask.widths}
+    assert doc["structure"] == widths
+    # every mask is a 0/1 list over its tensor's channels, and agrees with the pruned alive set
+    graph = build_channel_graph(load_model(path))
+    for tensor, mask in doc["masks"].items():
+        assert set(mask) <= {0, 1}
+        np.testing.assert_array_equal(np.array(mask, dtype=bool), by_mask.alive[graph.classes(tensor)])
+    assert by_mask.masked_deviation.max_rel < REL_TOL
+
+
+def test_structure_round_trip_when_the_threshold_empties_a_group(exports, tmp_path, capsys):
+    _, _, path = exports("ConvStack")
+    graph = build_channel_graph(load_model(path))
+    from onnx_morph.rewrite.select import ranking_strength
+
+    strength, _ = ranking_strength(graph)
+    group_max = sorted(float(np.max(strength[g.classes])) for g in graph.groups
+                       if g.prunable and np.isfinite(strength[g.classes]).all())
+    threshold = group_max[0]  # kills the weakest group entirely, keeps a channel elsewhere
+    assert threshold < group_max[-1]
+    structure = tmp_path / "s.json"
+    _analyze_structure(path, threshold, structure, capsys)
+    by_threshold = prune(path, gamma_threshold=threshold, verify=False)
+    assert by_threshold.notes  # "1 groups would lose every channel; each keeps its strongest one"
+    by_mask = prune(path, masks=structure, verify=False)  # verify=True dies with SIGFPE
+    np.testing.assert_array_equal(by_mask.alive, by_threshold.alive)
+
+
+def test_structure_to_missing_folder(small, tmp_path, capsys):
+    code = cli_main(["analyze", str(small), "--gamma-threshold", "0.8", "--structure", str(tmp_path / "no" / "s.json")])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert "does not exist" in captured.err
+    assert listing(tmp_path) == []
+
+
+def test_failed_structure_write_leaves_no_temp_file(small, tmp_path, capsys):
+    (tmp_path / "s.json").mkdir()
+    code = cli_main(["analyze", str(small), "--gamma-threshold", "0.8", "--structure", str(tmp_path / "s.json")])
+    captured = capsys.readouterr()
+    assert code == 2 and "cannot write" in captured.err
+    assert listing(tmp_path) == ["s.json"]
+
+
+def test_structure_mask_applies_to_another_export_of_the_same_model(exports, tmp_path, capsys):
+    """Masks name tensors, so a structure learned on one export prunes an identical re-export."""
+    module, shape, path = exports("BasicBlock")
+    again = zoo.export_onnx(copy.deepcopy(module), shape, tmp_path / "again.onnx")
+    structure = tmp_path / "s.json"
+    _analyze_structure(path, 0.8, structure, capsys)
+    a = prune(path, masks=structure, verify=False)
+    b = prune(again, masks=structure, verify=False)
+    np.testing.assert_array_equal(a.alive, b.alive)
+
+
+def test_write_mask_document_matches_mask_document(small, tmp_path):
+    graph = build_channel_graph(load_model(small))
+    alive = onnx_morph.analyze(small, gamma_threshold=0.8).alive
+    write_mask_document(graph, alive, tmp_path / "m.json")
+    assert json.loads((tmp_path / "m.json").read_text()) == mask_document(graph, alive)
