@@ -21,6 +21,7 @@ except ImportError:  # tests/ turned into a package
     from tests.test_load_errors import BAD_SPECS, CASES, build_cases, save_external
 
 import onnx_morph
+from cli_checks import assert_user_error
 
 SCRIPT = Path(sys.executable).parent / "onnx-morph"
 RUNNERS = {
@@ -32,19 +33,6 @@ RUNNERS = {
 def run(*args, runner: str = "module", cwd: Path | None = None, prefix: list[str] | None = None):
     cmd = (prefix or RUNNERS[runner]) + [str(a) for a in args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=120)
-
-
-def assert_user_error(proc, *fragments: str) -> str:
-    """Exit 2, nothing on stdout, exactly one stderr line `onnx-morph: error: ...`, no traceback."""
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stdout == ""
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("onnx-morph: error: "), proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def shape_args(input_shapes) -> list[str]:

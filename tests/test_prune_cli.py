@@ -25,25 +25,13 @@ except ImportError:  # tests/ turned into a package
 
 from onnx_morph.report import human
 from onnx_morph.rewrite import prune
+from cli_checks import assert_user_error
 
 SCRIPT = Path(sys.executable).parent / "onnx-morph"
 
 
 def run(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(SCRIPT), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=300)
-
-
-def assert_user_error(proc, *fragments: str) -> str:
-    """Exit 2, nothing on stdout, one stderr line `onnx-morph: error: ...`, no traceback."""
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    assert proc.stdout == ""
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("onnx-morph: error: "), proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def assert_usage_error(proc, *fragments: str) -> str:
