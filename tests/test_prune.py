@@ -870,3 +870,27 @@ def test_write_mask_document_matches_mask_document(small, tmp_path):
     alive = onnx_morph.analyze(small, gamma_threshold=0.8).alive
     write_mask_document(graph, alive, tmp_path / "m.json")
     assert json.loads((tmp_path / "m.json").read_text()) == mask_document(graph, alive)
+
+
+def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path, monkeypatch):
+    """The >2 GB path, exercised by lowering the limit: weights go to NAME.data beside the model,
+    the pair loads and runs like the in-memory model, and no temporary file is left behind."""
+    import onnx_morph.rewrite.save as save
+
+    factory, shape = zoo.ZOO["BasicBlock"]
+    source = zoo.export_onnx(factory(), shape, tmp_path / "src.onnx")
+    result = prune(source, ratio=0.6)
+    monkeypatch.setattr(save, "_PROTOBUF_LIMIT", 1000)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = save.save_model(result.model, out_dir / "small.onnx", source=source)
+
+    assert sorted(p.name for p in out_dir.iterdir()) == ["small.onnx", "small.onnx.data"]
+    assert (out_dir / "small.onnx").stat().st_size < 5000
+    loaded = onnx.load(str(target))
+    onnx.checker.check_model(str(target))
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    expected = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    actual = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"input": x})
+    np.testing.assert_allclose(actual[0], expected[0], rtol=1e-6, atol=1e-7)
+    assert [i.name for i in loaded.graph.input] == [i.name for i in result.model.graph.input]
