@@ -98,27 +98,27 @@ def analyze(
     with _collector_paused():
         loaded = load_model(model, input_shapes)
         graph = build_channel_graph(loaded)
-    alive = alive_classes(graph, gamma_threshold, weight_threshold)
-    ops = op_costs(graph, alive, macs=macs, hardware=hardware)
-    full = ops if alive.all() else op_costs(graph, np.ones_like(alive), macs=macs, hardware=hardware)
-    return Analysis(
-        model=loaded.source,
-        opset=loaded.opset,
-        input_shapes=loaded.input_shapes,
-        notes=loaded.notes,
-        cost=cost_name,
-        flop_unit="MACs" if macs else "FLOPs",
-        hardware=hardware,
-        gamma_threshold=gamma_threshold,
-        weight_threshold=weight_threshold,
-        total=totals_of(full, hardware),
-        effective=totals_of(ops, hardware),
-        ops=ops,
-        groups=[_group_report(graph, g, alive) for g in graph.groups],
-        unknown_ops=graph.unknown_ops,
-        graph=graph,
-        alive=alive,
-    )
+        alive = alive_classes(graph, gamma_threshold, weight_threshold)
+        ops = op_costs(graph, alive, macs=macs, hardware=hardware)
+        full = ops if alive.all() else op_costs(graph, np.ones_like(alive), macs=macs, hardware=hardware)
+        return Analysis(
+            model=loaded.source,
+            opset=loaded.opset,
+            input_shapes=loaded.input_shapes,
+            notes=loaded.notes,
+            cost=cost_name,
+            flop_unit="MACs" if macs else "FLOPs",
+            hardware=hardware,
+            gamma_threshold=gamma_threshold,
+            weight_threshold=weight_threshold,
+            total=totals_of(full, hardware),
+            effective=totals_of(ops, hardware),
+            ops=ops,
+            groups=[_group_report(graph, g, alive) for g in graph.groups],
+            unknown_ops=graph.unknown_ops,
+            graph=graph,
+            alive=alive,
+        )
 
 
 @contextmanager

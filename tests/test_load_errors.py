@@ -408,7 +408,7 @@ def test_external_data_present_loads(base, tmp_path):
 
 
 def test_external_data_present_loads_from_relative_path(base, tmp_path, monkeypatch):
-    p = save_external(base["static"], tmp_path / "ext")
+    save_external(base["static"], tmp_path / "ext")
     monkeypatch.chdir(tmp_path)
     loaded = load_model(Path("ext") / "model.onnx")
     np.testing.assert_array_equal(

@@ -326,7 +326,7 @@ def _run(args, workdir: pathlib.Path, layers: list[int]) -> int:
             targets.append([f"peak RSS {name} < {MEM_TARGET}x file size",
                             f"{morph['peak'] / 2**20:.1f} MiB / {size / 2**20:.1f} MiB = {ratio:.2f}x",
                             "PASS" if ratio < MEM_TARGET else "FAIL"])
-            targets.append([f"  (info) net of baseline",
+            targets.append(["  (info) net of baseline",
                             f"{(morph['peak'] - baseline_rss) / 2**20:.1f} MiB / {size / 2**20:.1f} MiB = {net:.2f}x",
                             "pass" if net < MEM_TARGET else "fail"])
     print()
@@ -334,7 +334,7 @@ def _run(args, workdir: pathlib.Path, layers: list[int]) -> int:
                        "net RSS", "net/size"]))
 
     # ---- 3. scaling ------------------------------------------------------ #
-    print(f"\nsynthetic chains: Conv 16->16 3x3 + BatchNormalization + Relu per layer, input 1x16x8x8")
+    print("\nsynthetic chains: Conv 16->16 3x3 + BatchNormalization + Relu per layer, input 1x16x8x8")
     chains = {}
     for n in layers:
         t0 = time.perf_counter()

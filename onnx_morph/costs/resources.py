@@ -10,6 +10,7 @@ write; latency is their roofline time, max(FLOPs / peak, bytes / bandwidth), sum
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -154,7 +155,7 @@ def _fraction(part: int, whole: int) -> float:
 
 def _elements(graph: ChannelGraph, tensor: str) -> int:
     shape = graph.model.shapes.get(tensor)
-    return int(np.prod(shape, dtype=np.int64)) if shape is not None else 0
+    return math.prod(shape) if shape is not None else 0
 
 
 def _itemsize(graph: ChannelGraph, tensor: str) -> int:

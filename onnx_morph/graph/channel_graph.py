@@ -111,14 +111,17 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
             total += info.channels
     edges_a: list[np.ndarray] = []
     edges_b: list[np.ndarray] = []
-    pins: list[tuple[int, str]] = []
+    pinned_elements: list[np.ndarray] = []
+    reasons: dict[str, int] = {}
+    pinned_reasons: list[np.ndarray] = []
 
     def pin(p: Pin) -> None:
         if p.tensor not in offsets:
             return
         start = offsets[p.tensor]
-        index = range(tensors[p.tensor].channels) if p.index is None else p.index
-        pins.extend((start + int(i), p.reason) for i in index)
+        index = np.arange(tensors[p.tensor].channels) if p.index is None else np.asarray(p.index)
+        pinned_elements.append(start + index)
+        pinned_reasons.append(np.full(index.size, reasons.setdefault(p.reason, len(reasons))))
 
     for value in graph.input:
         pin(Pin(value.name, f"graph input '{value.name}'"))
@@ -139,11 +142,7 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
     roots = connected_components(total, np.concatenate(edges_a or [np.zeros(0, np.int64)]),
                                  np.concatenate(edges_b or [np.zeros(0, np.int64)]))
     _, class_of = np.unique(roots, return_inverse=True)
-    class_pins: dict[int, list[str]] = defaultdict(list)
-    for element, reason in pins:
-        reasons = class_pins[int(class_of[element])]
-        if reason not in reasons:
-            reasons.append(reason)
+    class_pins = _reasons_by_class(class_of, pinned_elements, pinned_reasons, list(reasons))
 
     partial = ChannelGraph(
         model, names, nodes, tensors, relations, offsets, class_of.astype(np.int64),
@@ -151,6 +150,19 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
     )
     partial.groups = build_groups(partial)
     return partial
+
+
+def _reasons_by_class(class_of, elements, reason_ids, reasons: list[str]) -> dict[int, list[str]]:
+    """Each pinned class's reasons, in the order they were first given."""
+    if not elements:
+        return {}
+    classes = class_of[np.concatenate(elements)]
+    ids = np.concatenate(reason_ids)
+    pairs, first = np.unique(classes * len(reasons) + ids, return_index=True)
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for pair in pairs[np.argsort(first, kind="stable")].tolist():
+        by_class[pair // len(reasons)].append(reasons[pair % len(reasons)])
+    return dict(by_class)
 
 
 def node_view(graph: ChannelGraph, name: str) -> NodeView:

@@ -7,6 +7,8 @@ the model file.
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,7 +145,7 @@ def _check_opset(model: onnx.ModelProto, label: str) -> int:
 def _check_initializers(model: onnx.ModelProto, label: str, base_dir: Path | None) -> None:
     """Each initializer's stored data must match its declared shape; external files must exist."""
     for tensor in model.graph.initializer:
-        count = int(np.prod(tensor.dims, dtype=np.int64))
+        count = math.prod(tensor.dims)
         if tensor.data_location == TensorProto.EXTERNAL:
             _external_file(tensor, base_dir, label)
             continue
@@ -175,8 +177,8 @@ def _external_file(tensor: TensorProto, base_dir: Path | None, label: str) -> tu
             f"{label}: initializer '{tensor.name}' keeps its data in '{location}'; load the model from "
             "its path so the file can be found"
         )
-    target = (base_dir / location).resolve()
-    if os.path.isabs(location) or not target.is_relative_to(base_dir):
+    target = _resolve_inside(base_dir, location)
+    if target is None:
         raise ModelLoadError(
             f"{label}: initializer '{tensor.name}' points outside the model's folder ('{location}'); refused"
         )
@@ -190,6 +192,15 @@ def _external_file(tensor: TensorProto, base_dir: Path | None, label: str) -> tu
             f"{label}: external data file '{location}' is shorter than initializer '{tensor.name}' needs"
         )
     return target, offset, length
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve_inside(base_dir: Path, location: str) -> Path | None:
+    """The data file, or None when `location` leaves the model's folder (absolute, '..', symlinks)."""
+    target = (base_dir / location).resolve()
+    if os.path.isabs(location) or not target.is_relative_to(base_dir):
+        return None
+    return target
 
 
 def _with_external_data(tensor: TensorProto, base_dir: Path | None, label: str) -> TensorProto:
@@ -237,7 +248,7 @@ def _weightless_view(
     weight_inputs = []
     for tensor in model.graph.initializer:
         init_names.add(tensor.name)
-        count = int(np.prod(tensor.dims, dtype=np.int64))
+        count = math.prod(tensor.dims)
         if count <= _SMALL_INITIALIZER and tensor.data_location != TensorProto.EXTERNAL:
             graph.initializer.append(tensor)
         else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from onnx_morph.handlers.base import BaseHandler, NodeView, Relation, describe, pin_all
+from onnx_morph.handlers.base import BaseHandler, NodeView, Relation, pin_all
 from onnx_morph.handlers.conv import Conv, ConvTranspose
 from onnx_morph.handlers.elementwise import Elementwise
 from onnx_morph.handlers.layout import Concat, Expand, Gather, Reshape, Slice, Split, Transpose
@@ -85,4 +85,4 @@ def is_known(op_type: str, domain: str = "") -> bool:
     return handler_for(op_type, domain) is not _UNKNOWN
 
 
-__all__ = ["handler_for", "is_known", "describe"]
+__all__ = ["handler_for", "is_known"]
