@@ -15,9 +15,6 @@ from onnx_morph.graph.groups import ChannelGroup, build_groups
 from onnx_morph.graph.load import LoadedModel
 from onnx_morph.handlers import NodeView, Pin, Relation, TensorInfo, handler_for, is_known
 
-_ALIAS_OPS = ("Identity", "Transpose")
-
-
 @dataclass
 class ChannelGraph:
     """Activations, node relations and channel classes of one model.
@@ -226,22 +223,21 @@ def _valid_axes(axes, shape) -> tuple[int, ...] | None:
 
 
 def _record_alias(model: LoadedModel, node: onnx.NodeProto, aliases) -> None:
-    """Weights reach MatMul through Transpose (or Identity) when exported without constant folding."""
-    if node.op_type not in _ALIAS_OPS or not node.input or not node.input[0]:
+    """Weights reach MatMul through Transpose (or Identity) when exported without constant folding;
+    remember which initializer such a static tensor views, and through which axis permutation."""
+    if not node.input or not node.input[0] or not node.output:
         return
     source = node.input[0]
     root = (source, None) if model.initializer(source) is not None else aliases.get(source)
     if root is None:
         return
-    perm = None
-    if node.op_type == "Transpose":
-        rank = len(model.shapes.get(source, ()))
-        perm = next((tuple(a.ints) for a in node.attribute if a.name == "perm"), tuple(reversed(range(rank))))
-        if root[1] is not None:
-            perm = tuple(root[1][p] for p in perm)
-    else:
-        perm = root[1]
-    aliases[node.output[0]] = (root[0], perm)
+    rank = len(model.shapes.get(source, ()))
+    perm = handler_for(node.op_type, node.domain).view_permutation(node, rank)
+    if perm is None:
+        return
+    if root[1] is not None:
+        perm = tuple(root[1][p] for p in perm)
+    aliases[node.output[0]] = (root[0], None if perm == tuple(range(rank)) else perm)
 
 
 def connected_components(count: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -191,6 +191,10 @@ class BaseHandler:
     def prune(self, view: NodeView, edit: Editor) -> None:
         """Ops without parameters or shape constants follow their inputs' shapes."""
 
+    def view_permutation(self, node: onnx.NodeProto, rank: int) -> tuple[int, ...] | None:
+        """If the op's output is its first input with axes permuted (a view of a weight), the permutation."""
+        return None
+
 
 def identity_tie(a: TensorInfo, b: TensorInfo) -> Tie:
     count = a.channels

@@ -85,6 +85,10 @@ def _constant_along(ids: np.ndarray, axis: int) -> bool:
 
 
 class Transpose(BaseHandler):
+    def view_permutation(self, node, rank: int) -> tuple[int, ...]:
+        perm = next((tuple(a.ints) for a in node.attribute if a.name == "perm"), None)
+        return perm if perm else tuple(reversed(range(rank)))
+
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
         if x is None or x.axes is None or x.constant:

@@ -46,6 +46,11 @@ class Passthrough(BaseHandler):
         return pass_through(view)
 
 
+class Identity(Passthrough):
+    def view_permutation(self, node, rank: int) -> tuple[int, ...]:
+        return tuple(range(rank))
+
+
 class SpatialPassthrough(Passthrough):
     """Pooling and resizing: NCHW, channels on axis 1, spatial dims may change."""
 
