@@ -42,6 +42,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from benchlib import load_average, print_targets, table  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PY = sys.executable
 BIN = pathlib.Path(PY).parent
@@ -221,22 +224,12 @@ def profile_analyze(path, top: int = 10) -> str:
 # --------------------------------------------------------------------------- #
 
 
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def mib(n: float) -> str:
     return f"{n / 2**20:8.1f} MiB"
 
 
 def secs(s: float) -> str:
     return f"{s:7.3f} s"
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 
 # --------------------------------------------------------------------------- #
@@ -272,7 +265,7 @@ def _run(args, workdir: pathlib.Path, layers: list[int]) -> int:
     import platform
 
     print(f"python {platform.python_version()} ({PY}), {os.cpu_count()} CPUs, repeat={args.repeat}, "
-          f"load average {_load()}")
+          f"load average {load_average()}")
     print(f"work dir: {workdir}")
     targets: list[list[str]] = []
 
@@ -381,11 +374,7 @@ def _run(args, workdir: pathlib.Path, layers: list[int]) -> int:
             print(profile_analyze(path))
 
     # ---- 4. targets ------------------------------------------------------ #
-    print(f"\nload average at the end: {_load()}" + (
-        f"  (above {os.cpu_count()} CPUs: other processes compete, wall times are inflated; see CPU columns)"
-        if os.getloadavg()[0] > (os.cpu_count() or 1) else ""))
-    print("\nTARGETS")
-    print(table(targets, ["target", "measured", "result"]))
+    print_targets(targets, "; see CPU columns")
     return 0
 
 

@@ -49,6 +49,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from benchlib import load_average, print_targets, table  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PY = sys.executable
 MORPH_CLI = pathlib.Path(PY).parent / "onnx-morph"
@@ -217,16 +220,6 @@ def latencies(paths: dict[str, pathlib.Path], batch: int, warmup: int, runs: int
 # --------------------------------------------------------------------------- #
 
 
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
-
-
 # --------------------------------------------------------------------------- #
 # main
 # --------------------------------------------------------------------------- #
@@ -282,7 +275,7 @@ def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:
     import onnxruntime as ort
 
     print(f"python {platform.python_version()} ({PY}), onnxruntime {ort.__version__}, {os.cpu_count()} CPUs, "
-          f"load average {_load()}")
+          f"load average {load_average()}")
     print(f"work dir: {workdir}; prune repeat={args.repeat}; latency: {THREADS} intra-op threads, ORT_ENABLE_ALL, "
           f"{args.warmup} warm-up + median of {runs[1]} (batch 1) / {runs[32]} (batch 32) interleaved rounds")
 
@@ -335,7 +328,7 @@ def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:
                   f"({fastest['orig'] * 1e3:.1f}) ms; "
                   + ", ".join(f"r{r:g} {lat[batch][r] * 1e3:.1f} ({fastest[r] * 1e3:.1f}) ms" for r in args.ratios)
                   + "; ratio of mins " + ", ".join(f"r{r:g} {fastest[r] / fastest['orig']:.3f}" for r in args.ratios)
-                  + f"  ({time.perf_counter() - t0:.0f} s, load {_load()})", flush=True)
+                  + f"  ({time.perf_counter() - t0:.0f} s, load {load_average()})", flush=True)
 
         for ratio in args.ratios:
             i = info[ratio]
@@ -369,11 +362,7 @@ def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:
         print(f"\ncProfile of in-process prune, {label} (top 15 cumulative in onnx_morph):")
         print(text)
 
-    print(f"\nload average at the end: {_load()}" + (
-        f"  (above {os.cpu_count()} CPUs: other processes compete, wall times are inflated)"
-        if os.getloadavg()[0] > (os.cpu_count() or 1) else ""))
-    print("\nTARGETS")
-    print(table(targets, ["target", "measured", "result"]))
+    print_targets(targets, "")
     return 0
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -167,10 +166,9 @@ def _widths(graph: ChannelGraph, alive: np.ndarray) -> list[LayerWidth]:
 
 def prune_file(source: str | os.PathLike, output: str | os.PathLike, **options) -> PruneResult:
     """prune() and an atomic save; the input file is never overwritten."""
-    from onnx_morph.rewrite.save import save_model
+    from onnx_morph.rewrite.save import refuse_overwrite, save_model
 
-    if Path(output).exists() and Path(source).exists() and os.path.samefile(output, source):
-        raise OptionError(f"{output}: refusing to overwrite the input model; choose another output path")
+    refuse_overwrite(output, source)  # before the work, not only at the write
     result = prune(source, **options)
     save_model(result.model, output, source=source)
     return result

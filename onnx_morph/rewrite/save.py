@@ -19,8 +19,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
     Models over protobuf's 2 GB limit are written with their weights in `<name>.data` beside them.
     """
     target = Path(path)
-    if source is not None and _same_file(target, Path(source)):
-        raise OptionError(f"{target}: refusing to overwrite the input model; choose another output path")
+    if source is not None:
+        refuse_overwrite(target, source)
     folder = target.resolve().parent
     if not folder.is_dir():
         raise OptionError(f"{target}: the folder {folder} does not exist")
@@ -80,6 +80,12 @@ def _rename_location(model_path: str, old: str, new: str) -> None:
                 entry.value = new
     with open(model_path, "wb") as f:
         f.write(model.SerializeToString())
+
+
+def refuse_overwrite(target: str | os.PathLike, source: str | os.PathLike) -> None:
+    """OptionError when writing `target` would replace the input model `source`."""
+    if _same_file(Path(target), Path(source)):
+        raise OptionError(f"{target}: refusing to overwrite the input model; choose another output path")
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -1,0 +1,24 @@
+"""Formatting shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import os
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def print_targets(targets: list[list[str]], busy_hint: str = "") -> None:
+    """The load average (benchmarks on a busy machine inflate wall times) and the target table."""
+    busy = os.getloadavg()[0] > (os.cpu_count() or 1)
+    print(f"\nload average at the end: {load_average()}" + (
+        f"  (above {os.cpu_count()} CPUs: other processes compete, wall times are inflated{busy_hint})" if busy else ""))
+    print("\nTARGETS")
+    print(table(targets, ["target", "measured", "result"]))
