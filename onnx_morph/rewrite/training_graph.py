@@ -1,0 +1,250 @@
+"""The regularizer as ONNX nodes, and the edits that make a model trainable in onnxruntime-training.
+
+`add_regularizer` appends MorphNet's term to an inference model: two rank-0 outputs, the
+regularization value and the effective cost, computed from the model's own initializers so that
+gradients reach the BatchNorm scales (or weights). `trainable` prepares a model for the gradient
+builder: BatchNorm in training mode, LayerNorm with all outputs, Sum as Add chains, and a clear
+refusal of ops onnxruntime-training cannot differentiate.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_morph.errors import OptionError
+from onnx_morph.rewrite.regularizer import RMS_EPSILON, Regularizer
+
+REGULARIZATION = "morph_regularization"
+EFFECTIVE_COST = "morph_effective_cost"
+PREFIX = "morph/"
+# onnxruntime-training 1.19.2 has no gradient builder for these; the hint says what to export instead.
+NO_GRADIENT = {
+    "PRelu": "use nn.ReLU or nn.LeakyReLU",
+    "HardSigmoid": "use nn.Sigmoid",
+    "HardSwish": "use nn.SiLU (x * sigmoid(x))",
+    "Softplus": "use nn.ReLU or nn.SiLU",
+    "Elu": "use nn.ReLU or nn.LeakyReLU",
+    "InstanceNormalization": "use nn.GroupNorm or nn.BatchNorm2d",
+    "Einsum": "write the contraction with torch.matmul",
+}
+MIN_TRAINING_OPSET = 15
+
+
+def unshare_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy where every use of a float initializer has its own tensor.
+
+    Exporters merge equal-valued initializers (all BatchNorm scales of a fresh model are ones);
+    trained as one tensor, those layers would be tied together.
+    """
+    model = _copy(model)
+    floats = {t.name: t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
+    uses = Counter()
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            if name not in floats:
+                continue
+            uses[name] += 1
+            if uses[name] > 1:
+                copy = TensorProto()
+                copy.CopyFrom(floats[name])
+                copy.name = _unique(model, f"{name}__{uses[name] - 1}")
+                model.graph.initializer.append(copy)
+                node.input[index] = copy.name
+    return model
+
+
+def trainable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy the gradient builder accepts: BatchNorm uses batch statistics (its running statistics
+    stay frozen), LayerNorm declares all outputs, Sum becomes Add chains."""
+    for node in model.graph.node:
+        if node.op_type in NO_GRADIENT and node.domain in ("", "ai.onnx"):
+            raise OptionError(
+                f"node '{node.name}' ({node.op_type}) has no gradient in onnxruntime-training 1.19.2: "
+                f"{NO_GRADIENT[node.op_type]} before exporting")
+    model = _copy(model)
+    if _opset(model) < MIN_TRAINING_OPSET:
+        model = onnx.version_converter.convert_version(model, MIN_TRAINING_OPSET)
+    nodes = []
+    for node in model.graph.node:
+        if node.op_type == "Sum" and len(node.input) > 2:
+            nodes += _add_chain(node)
+            continue
+        if node.op_type == "BatchNormalization":
+            _set_attribute(node, "training_mode", 1)
+            del node.output[1:]
+            node.output.extend([f"{PREFIX}{node.output[0]}/running_mean", f"{PREFIX}{node.output[0]}/running_var"])
+        elif node.op_type == "LayerNormalization":
+            node.output.extend(f"{PREFIX}{node.output[0]}/{extra}" for extra in ("mean", "inv_std")[len(node.output) - 1:])
+        nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def inference_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The eval-graph form of `trainable`'s BatchNorm nodes: one output, running statistics."""
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            _set_attribute(node, "training_mode", 0)
+            del node.output[1:]
+    return model
+
+
+def add_regularizer(model: onnx.ModelProto, regularizer: Regularizer) -> onnx.ModelProto:
+    """A copy of `model` with REGULARIZATION and EFFECTIVE_COST as extra rank-0 outputs."""
+    model = _copy(model)
+    builder = _Builder(model.graph, _opset(model))
+    vectors = [builder.source_vector(regularizer, source) for source in regularizer.sources]
+    values = builder.node("Concat", [*vectors, builder.const("zero", np.zeros(1))], axis=0)
+    gathered = [builder.node("Gather", [values, builder.const("gather", row, np.int64)], axis=0)
+                for row in regularizer.gather]
+    r = gathered[0] if len(gathered) == 1 else builder.node("Max", gathered)
+    above = builder.node("Greater", [r, builder.const("threshold", np.array(regularizer.threshold))])
+    alive = builder.node("Cast", [builder.node("Or", [above, builder.const("fixed", regularizer.fixed, np.bool_)])],
+                         to=TensorProto.FLOAT)
+    terms = regularizer.terms
+    counts = {side: builder.const(f"counts_{side}", terms.counts(side)) for side in ("in", "out")}
+    a_in, a_out = (builder.node("MatMul", [counts[s], alive]) for s in ("in", "out"))
+    r_in, r_out = (builder.node("MatMul", [counts[s], r]) for s in ("in", "out"))
+    coefficient = {name: terms.coefficients(name) for name in
+                   ("bilinear", "in_linear", "out_linear", "constant", "depthwise")}
+    cost = builder.polynomial([
+        ("bilinear", [a_in, a_out]), ("in_linear", [a_in]), ("out_linear", [a_out]), ("constant", [])], coefficient)
+    cross = builder.node("Add", [builder.node("Mul", [a_in, r_out]), builder.node("Mul", [a_out, r_in])])
+    reg = builder.polynomial([
+        ("bilinear", [cross]), ("in_linear", [r_in]), ("out_linear", [r_out]), ("depthwise", [r_in])], coefficient)
+    if terms.parts == 1:
+        total_cost, total_reg = builder.reduce_all(cost), builder.reduce_all(reg)
+    else:
+        total_cost, total_reg = builder.roofline(cost, reg, terms.row_nodes())
+    builder.node("Identity", [total_cost], output=EFFECTIVE_COST)
+    builder.node("Identity", [total_reg], output=REGULARIZATION)
+    model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, []) for n in
+                              (REGULARIZATION, EFFECTIVE_COST))
+    return model
+
+
+class _Builder:
+    """Appends nodes and constant initializers under the `morph/` prefix."""
+
+    def __init__(self, graph: onnx.GraphProto, opset: int):
+        self.graph, self.opset, self.count = graph, opset, 0
+
+    def name(self, hint: str) -> str:
+        self.count += 1
+        return f"{PREFIX}{hint}_{self.count}"
+
+    def const(self, hint: str, value: np.ndarray, dtype=np.float32) -> str:
+        name = self.name(hint)
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], output: str | None = None, **attributes) -> str:
+        output = output or self.name(op.lower())
+        self.graph.node.append(helper.make_node(op, inputs, [output], name=self.name(op), **attributes))
+        return output
+
+    def reduce(self, op: str, x: str, axes: list[int] | None, keepdims: int = 0) -> str:
+        """A Reduce node in the model's opset (axes became an input in 13 for ReduceSum, 18 for the rest)."""
+        if axes is None:
+            return self.node(op, [x], keepdims=keepdims)
+        if self.opset >= (13 if op == "ReduceSum" else 18):
+            return self.node(op, [x, self.const("axes", np.array(axes), np.int64)], keepdims=keepdims)
+        return self.node(op, [x], axes=axes, keepdims=keepdims)
+
+    def reduce_all(self, x: str) -> str:
+        return self.reduce("ReduceSum", x, None)
+
+    def source_vector(self, regularizer: Regularizer, source) -> str:
+        if regularizer.kind == "gamma":
+            return self.node("Abs", [self.node("Reshape", [source.param, self.const("shape", [-1], np.int64)])])
+        x = source.param
+        if source.axis != 0:
+            rank = len(next(t.dims for t in self.graph.initializer if t.name == source.param))
+            x = self.node("Transpose", [x], perm=[source.axis] + [a for a in range(rank) if a != source.axis])
+        slices = self.node("Reshape", [x, self.const("shape", [source.channels, -1], np.int64)])
+        square_mean = self.reduce("ReduceMean", self.node("Mul", [slices, slices]), [1])
+        rms = self.node("Sqrt", [self.node("Add", [square_mean, self.const("epsilon", np.array(RMS_EPSILON))])])
+        if regularizer.l1_fraction == 0:
+            return rms
+        l1 = self.reduce("ReduceMean", self.node("Abs", [slices]), [1])
+        return self.node("Add", [self.scale(l1, regularizer.l1_fraction), self.scale(rms, 1 - regularizer.l1_fraction)])
+
+    def scale(self, x: str, factor: float) -> str:
+        return self.node("Mul", [x, self.const("factor", np.array(factor))])
+
+    def polynomial(self, monomials: list[tuple[str, list[str]]], coefficient: dict[str, np.ndarray]) -> str:
+        """sum of coefficient[name] * prod(factors), over the monomials whose coefficients are not all zero;
+        the result has shape (parts, rows)."""
+        terms = []
+        for name, factors in monomials:
+            values = coefficient[name]
+            if not values.any():
+                continue
+            term = self.const(name, values)
+            for factor in factors:
+                term = self.node("Mul", [term, factor])
+            terms.append(term)
+        if not terms:
+            return self.const("zeros", np.zeros_like(coefficient["bilinear"]))
+        total = terms[0]
+        for term in terms[1:]:
+            total = self.node("Add", [total, term])
+        return total
+
+    def roofline(self, cost: str, reg: str, row_nodes: np.ndarray) -> tuple[str, str]:
+        """Per op, the larger of compute and memory time, regularized through that one."""
+        to_nodes = self.const("row_nodes", row_nodes.T)
+        per_node = {}
+        for label, x in (("cost", cost), ("reg", reg)):
+            summed = self.node("MatMul", [x, to_nodes])
+            per_node[label] = [self.node("Gather", [summed, self.const("part", np.array(p), np.int64)], axis=0)
+                               for p in (0, 1)]
+        compute_bound = self.node("Cast", [self.node("Not", [self.node("Less", per_node["cost"])])],
+                                  to=TensorProto.FLOAT)
+        memory_bound = self.node("Sub", [self.const("one", np.array(1.0)), compute_bound])
+
+        def pick(compute: str, memory: str) -> str:
+            return self.reduce_all(self.node("Add", [self.node("Mul", [compute, compute_bound]),
+                                                     self.node("Mul", [memory, memory_bound])]))
+
+        return pick(*per_node["cost"]), pick(*per_node["reg"])
+
+
+def _add_chain(node: onnx.NodeProto) -> list[onnx.NodeProto]:
+    chain, current = [], node.input[0]
+    for i, operand in enumerate(node.input[1:], start=1):
+        output = node.output[0] if i == len(node.input) - 1 else f"{PREFIX}{node.name}/sum_{i}"
+        chain.append(helper.make_node("Add", [current, operand], [output], name=f"{node.name}/add_{i}"))
+        current = output
+    return chain
+
+
+def _set_attribute(node: onnx.NodeProto, name: str, value) -> None:
+    for attribute in node.attribute:
+        if attribute.name == name:
+            node.attribute.remove(attribute)
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _unique(model: onnx.ModelProto, name: str) -> str:
+    taken = {t.name for t in model.graph.initializer}
+    candidate, k = name, 1
+    while candidate in taken:
+        candidate, k = f"{name}_{k}", k + 1
+    return candidate
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
