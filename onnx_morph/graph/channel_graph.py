@@ -11,9 +11,15 @@ from functools import cached_property
 import numpy as np
 import onnx
 
+from onnx_morph.errors import ModelLoadError
 from onnx_morph.graph.groups import ChannelGroup, build_groups
 from onnx_morph.graph.load import LoadedModel
 from onnx_morph.handlers import NodeView, Pin, Relation, TensorInfo, handler_for, is_known
+
+# Every channel of every activation is an element of the union-find arrays: bound their memory.
+MAX_CHANNELS = 2**24
+MAX_CHANNEL_ELEMENTS = 2**25
+
 
 @dataclass
 class ChannelGraph:
@@ -81,7 +87,7 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
     tensors: dict[str, TensorInfo] = {}
     for value in graph.input:
         if value.name not in static:
-            tensors[value.name] = _graph_input(model, value.name, consumers, nodes, tensors, static)
+            tensors[value.name] = _checked(_graph_input(model, value.name, consumers, nodes, tensors, static), model)
 
     relations: dict[str, Relation] = {}
     unknown: dict[str, list[str]] = defaultdict(list)
@@ -95,17 +101,23 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
         if not is_known(node.op_type, node.domain):
             unknown[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"].append(name)
         view = _view(model, name, node, tensors, static)
-        relation = handler.relate(view)
+        try:
+            relation = handler.relate(view)
+        except ModelLoadError as exc:  # the node contradicts itself (weights vs shapes)
+            raise ModelLoadError(f"{model.source}: {exc}") from None
         relations[name] = relation
         for output, axes in zip(view.outputs, relation.output_axes):
             if output is not None:
-                tensors[output.name] = TensorInfo(output.name, output.shape, _valid_axes(axes, output.shape))
+                tensors[output.name] = _checked(TensorInfo(output.name, output.shape, _valid_axes(axes, output.shape)), model)
 
     offsets, total = {}, 0
     for name, info in tensors.items():
         if info.channels:
             offsets[name] = total
             total += info.channels
+    if total > MAX_CHANNEL_ELEMENTS:
+        raise ModelLoadError(f"{model.source}: {total} channels over all activations, more than the channel graph "
+                             f"holds ({MAX_CHANNEL_ELEMENTS})")
     edges_a: list[np.ndarray] = []
     edges_b: list[np.ndarray] = []
     pinned_elements: list[np.ndarray] = []
@@ -212,6 +224,14 @@ def _view(model: LoadedModel, name: str, node: onnx.NodeProto, tensors: dict[str
 
     outputs = [TensorInfo(o, model.shapes.get(o)) if o else None for o in node.output]
     return NodeView(node, name, [info(i) for i in node.input], outputs, model.constant, model.opset)
+
+
+def _checked(info: TensorInfo, model: LoadedModel) -> TensorInfo:
+    """The tensor, unless it has more channels than the channel graph can hold."""
+    if info.channels is not None and info.channels > MAX_CHANNELS:
+        raise ModelLoadError(f"{model.source}: tensor '{info.name}' has {info.channels} channels (shape {list(info.shape)}), "
+                             f"more than the channel graph holds ({MAX_CHANNELS})")
+    return info
 
 
 def _valid_axes(axes, shape) -> tuple[int, ...] | None:

@@ -27,6 +27,8 @@ MAX_OPSET = 21
 # Initializers at most this large stay in the weightless view: shape constants need their values.
 _SMALL_INITIALIZER = 1024
 _PROTOBUF_LIMIT = 2**31 - 1
+# A tensor of more elements than this (4 TiB of float32) exists on no machine: its dims are hostile or wrong.
+MAX_ELEMENTS = 2**40
 
 
 @dataclass
@@ -74,9 +76,11 @@ class LoadedModel:
 
     def materialized(self) -> onnx.ModelProto:
         """A copy of the model with every weight in memory (for onnxruntime and surgery)."""
+        external = [t for t in self.model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+        check_fits(self.source, self.model.ByteSize() + sum(_data_bytes(t) for t in external), "the weights")
         copy = onnx.ModelProto()
         copy.CopyFrom(self.model)
-        if self.base_dir is not None and any(t.data_location == TensorProto.EXTERNAL for t in copy.graph.initializer):
+        if self.base_dir is not None and external:
             load_external_data_for_model(copy, str(self.base_dir))
         return copy
 
@@ -103,6 +107,7 @@ def load_model(
         raise ModelLoadError(f"{label}: the ONNX checker rejects the model: {_first_line(exc)}") from None
     inferred, folded = _infer_and_fold(view, label)
     shapes, dtypes = _collect_types(inferred)
+    _check_sizes(shapes, label)
     return LoadedModel(model, label, base_dir, opset, shapes, dtypes, resolved_inputs, notes, folded)
 
 
@@ -139,12 +144,22 @@ def _check_opset(model: onnx.ModelProto, label: str) -> int:
             f"{label}: opset {opset} is not supported (supported: {MIN_OPSET} to {MAX_OPSET}); "
             "convert it with onnx.version_converter.convert_version"
         )
+    # Other domains onnx defines (ai.onnx.ml, ...): a version from the future has ops nobody can check.
+    known = onnx.defs.C.schema_version_map()
+    for domain, version in versions.items():
+        if domain not in ("", "ai.onnx") and domain in known and version > known[domain][1]:
+            raise ModelLoadError(
+                f"{label}: opset {version} of domain '{domain}' is newer than onnx {onnx.__version__} knows "
+                f"(up to {known[domain][1]})"
+            )
     return opset
 
 
 def _check_initializers(model: onnx.ModelProto, label: str, base_dir: Path | None) -> None:
     """Each initializer's stored data must match its declared shape; external files must exist."""
     for tensor in model.graph.initializer:
+        if any(d < 0 for d in tensor.dims) or math.prod(tensor.dims) > MAX_ELEMENTS:
+            raise ModelLoadError(f"{label}: initializer '{tensor.name}' declares an impossible shape {list(tensor.dims)}")
         count = math.prod(tensor.dims)
         if tensor.data_location == TensorProto.EXTERNAL:
             _external_file(tensor, base_dir, label)
@@ -156,6 +171,59 @@ def _check_initializers(model: onnx.ModelProto, label: str, base_dir: Path | Non
                     f"{label}: initializer '{tensor.name}' declares shape {list(tensor.dims)} "
                     f"({count * itemsize} bytes) but stores {len(tensor.raw_data)} bytes"
                 )
+            continue
+        stored = _typed_elements(tensor)
+        if stored is not None and stored != count:
+            raise ModelLoadError(
+                f"{label}: initializer '{tensor.name}' declares shape {list(tensor.dims)} ({count} elements) "
+                f"but stores {stored}"
+            )
+
+
+# Typed-field entries per element, for the types whose entries are not packed (4-bit types are).
+_ENTRIES_PER_ELEMENT = {TensorProto.COMPLEX64: 2, TensorProto.COMPLEX128: 2}
+_PACKED = {getattr(TensorProto, n) for n in ("INT4", "UINT4") if hasattr(TensorProto, n)}
+
+
+def _typed_elements(tensor: TensorProto) -> int | None:
+    """Elements stored in the tensor's typed field (float_data, int64_data, ...), or None if unknown."""
+    if tensor.data_type in _PACKED or tensor.data_type == TensorProto.UNDEFINED:
+        return None
+    try:
+        field_name = onnx.helper.tensor_dtype_to_field(tensor.data_type)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return len(getattr(tensor, field_name)) // _ENTRIES_PER_ELEMENT.get(tensor.data_type, 1)
+
+
+def _data_bytes(tensor: TensorProto) -> int:
+    return math.prod(tensor.dims) * _itemsize(tensor.data_type)
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM on this machine, or None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits(label: str, nbytes: int, what: str) -> None:
+    """ModelLoadError when `what` needs more bytes than the machine's memory: refuse before allocating."""
+    memory = physical_memory()
+    if memory is not None and nbytes > memory:
+        raise ModelLoadError(
+            f"{label}: {what} need {nbytes / 1e9:.3g} GB of memory, more than this machine has ({memory / 1e9:.3g} GB)"
+        )
+
+
+def _check_sizes(shapes: dict[str, tuple[int, ...]], label: str) -> None:
+    for name, shape in shapes.items():
+        if math.prod(shape) > MAX_ELEMENTS:
+            raise ModelLoadError(
+                f"{label}: tensor '{name}' has shape {list(shape)}, {math.prod(shape):.3g} elements: "
+                f"more than any machine holds (limit {MAX_ELEMENTS:.3g})"
+            )
 
 
 def _itemsize(data_type: int) -> int:
@@ -177,17 +245,32 @@ def _external_file(tensor: TensorProto, base_dir: Path | None, label: str) -> tu
             f"{label}: initializer '{tensor.name}' keeps its data in '{location}'; load the model from "
             "its path so the file can be found"
         )
-    target = _resolve_inside(base_dir, location)
+    try:
+        target = _resolve_inside(base_dir, location)
+        found = target is not None and target.is_file()
+        size = target.stat().st_size if found else 0
+    except (ValueError, OSError):  # a NUL byte, a name too long, a symlink loop
+        raise ModelLoadError(f"{label}: initializer '{tensor.name}' has an invalid external data location {location!r}") from None
     if target is None:
         raise ModelLoadError(
             f"{label}: initializer '{tensor.name}' points outside the model's folder ('{location}'); refused"
         )
-    if not target.is_file():
+    if not found:
         raise ModelLoadError(f"{label}: external data file '{location}' for initializer '{tensor.name}' is missing")
-    offset = int(info.get("offset", 0))
-    length = int(info["length"]) if "length" in info else None
-    end = offset + (length if length is not None else 0)
-    if end > target.stat().st_size:
+    try:
+        offset = int(info.get("offset", 0))
+        length = int(info["length"]) if "length" in info else None
+    except ValueError:
+        offset = length = -1
+    if offset < 0 or (length is not None and length < 0):
+        raise ModelLoadError(f"{label}: initializer '{tensor.name}' has a malformed external data offset or length")
+    needed = _data_bytes(tensor)
+    if _itemsize(tensor.data_type) and length is not None and length != needed:
+        raise ModelLoadError(
+            f"{label}: initializer '{tensor.name}' declares shape {list(tensor.dims)} ({needed} bytes) "
+            f"but stores {length} bytes in '{location}'"
+        )
+    if offset + (length if length is not None else needed) > size:
         raise ModelLoadError(
             f"{label}: external data file '{location}' is shorter than initializer '{tensor.name}' needs"
         )
@@ -205,6 +288,7 @@ def _resolve_inside(base_dir: Path, location: str) -> Path | None:
 
 def _with_external_data(tensor: TensorProto, base_dir: Path | None, label: str) -> TensorProto:
     target, offset, length = _external_file(tensor, base_dir, label)
+    check_fits(label, _data_bytes(tensor), f"the values of initializer '{tensor.name}'")
     with open(target, "rb") as f:
         f.seek(offset)
         raw = f.read() if length is None else f.read(length)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 
+from onnx_morph.errors import ModelLoadError
 from onnx_morph.handlers.base import (
     BaseHandler,
     NodeView,
@@ -55,6 +56,7 @@ class Conv(BaseHandler):
                              for t in (x, y) if t is not None and t.is_activation]
             return relation
         groups = int(view.attr("group", 1))
+        _check_weight(view, x, w, y, groups, self.transposed)
         if x.axes != NCHW:
             relation.pins.append(Pin(x.name, f"{describe(view)} reads channels on axis 1, the input's are on {x.axes}"))
         else:
@@ -101,6 +103,29 @@ class Conv(BaseHandler):
             edit.slice_input(1, in_axis, keep_in)
         if groups > 1 and keep_in is not None:
             edit.set_attr("group", int(keep_in.reshape(groups, -1).any(axis=1).sum()))
+
+
+def _check_weight(view: NodeView, x: TensorInfo, w: TensorInfo, y: TensorInfo, groups: int, transposed: bool) -> None:
+    """ModelLoadError when the weight contradicts the tensors (onnx's shape inference does not check
+    channels): analyzing such a model would count channels no runtime can run."""
+    problem = None
+    if groups < 1:
+        problem = f"has group {groups}"
+    elif len(w.shape) != len(x.shape) or len(x.shape) < 3:
+        problem = f"has a weight of shape {list(w.shape)} for an input of shape {list(x.shape)}"
+    else:
+        c_in, c_out = x.shape[1], y.shape[1]
+        w_in, w_out = (w.shape[0], w.shape[1] * groups) if transposed else (w.shape[1] * groups, w.shape[0])
+        if c_in % groups or c_out % groups:
+            problem = f"has group {groups}, which does not divide its {c_in} input and {c_out} output channels"
+        elif (c_in, c_out) != (w_in, w_out):
+            problem = (f"has a weight of shape {list(w.shape)} (group {groups}) for {c_in} input and "
+                       f"{c_out} output channels")
+    bias = view.input(2)
+    if problem is None and bias is not None and bias.shape is not None and list(bias.shape) != [y.shape[1]]:
+        problem = f"has a bias of shape {list(bias.shape)} for {y.shape[1]} output channels"
+    if problem is not None:
+        raise ModelLoadError(f"{describe(view)} {problem}")
 
 
 def _unpadded(view: NodeView) -> bool:

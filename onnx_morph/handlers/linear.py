@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from onnx_morph.errors import ModelLoadError
 from onnx_morph.handlers.base import (
     BaseHandler,
     NodeView,
@@ -41,9 +42,10 @@ class Gemm(BaseHandler):
                              for t in (a, y) if t is not None and t.is_activation]
             return relation
         feature_axis = 0 if view.attr("transA", 0) else 1
+        trans_b = bool(view.attr("transB", 0))
+        _check_gemm(view, a, b, y, feature_axis, trans_b)
         if a.axes != (feature_axis,):
             relation.pins.append(Pin(a.name, f"{describe(view)} reads features on axis {feature_axis}, the input's are on {a.axes}"))
-        trans_b = bool(view.attr("transB", 0))
         relation.sources.append(Source("weight", y.name, view.name, b.name, axis=0 if trans_b else 1))
         relation.geometry = OpGeometry(a.name, feature_axis, y.name, 1, kernel=1, positions=y.shape[0], weight=b.name)
         c = view.input(2)
@@ -78,6 +80,23 @@ class Gemm(BaseHandler):
             edit.slice_input(1, out_axis, keep_out)
             if c is not None and c.shape and c.shape[-1] == keep_out.size:
                 edit.slice_input(2, len(c.shape) - 1, keep_out)
+
+
+def _check_gemm(view: NodeView, a: TensorInfo, b: TensorInfo, y: TensorInfo, feature_axis: int, trans_b: bool) -> None:
+    """ModelLoadError when the weight or bias contradicts the input (onnx's shape inference does not check)."""
+    problem = None
+    if len(a.shape) != 2 or len(b.shape) != 2 or len(y.shape) != 2:
+        problem = f"multiplies shapes {list(a.shape)} and {list(b.shape)}, Gemm takes matrices"
+    elif a.shape[feature_axis] != b.shape[1 if trans_b else 0]:
+        problem = f"multiplies {a.shape[feature_axis]} input features by a weight of shape {list(b.shape)}"
+    else:
+        c = view.input(2)
+        if c is not None and c.shape is not None and (
+            len(c.shape) > 2 or any(d not in (1, full) for d, full in zip(reversed(c.shape), reversed(y.shape)))
+        ):
+            problem = f"has a bias of shape {list(c.shape)} that does not broadcast to its output {list(y.shape)}"
+    if problem is not None:
+        raise ModelLoadError(f"{describe(view)} {problem}")
 
 
 class MatMul(BaseHandler):

@@ -10,7 +10,9 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnx_morph.errors import ModelLoadError
 from onnx_morph.graph import ChannelGraph
+from onnx_morph.graph.load import check_fits
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ def onnxruntime():
 
 
 def random_inputs(graph: ChannelGraph, samples: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    _check_run_memory(graph)
     rng = np.random.default_rng(seed)
     feeds = []
     for _ in range(samples):
@@ -50,10 +53,51 @@ def random_inputs(graph: ChannelGraph, samples: int, seed: int = 0) -> list[dict
     return feeds
 
 
+def _check_run_memory(graph: ChannelGraph) -> None:
+    """Refuse before allocating when one activation alone (or the inputs) would not fit in memory."""
+    loaded = graph.model
+
+    def nbytes(name: str) -> int:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(loaded.dtypes.get(name) or onnx.TensorProto.FLOAT)
+        return int(np.prod(loaded.shapes[name], dtype=object)) * np.dtype(dtype).itemsize
+
+    activations = [n for n in loaded.shapes if not loaded.is_constant(n)]
+    if activations:
+        largest = max(activations, key=nbytes)
+        inputs = sum(nbytes(n) for n in loaded.input_shapes)
+        check_fits(loaded.source, max(nbytes(largest), inputs),
+                   f"onnxruntime runs on random inputs (tensor '{largest}' of shape {list(loaded.shapes[largest])} alone)")
+
+
+def _ort_errors(ort) -> tuple[type, ...]:
+    state = ort.capi.onnxruntime_pybind11_state
+    return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
+
+
 def run(graph: ChannelGraph, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
         extra_outputs: list[str] = ()) -> list[list[np.ndarray]]:
-    """Outputs of `model` (then the `extra_outputs` intermediate tensors) for each feed, in one session."""
+    """Outputs of `model` (then the `extra_outputs` intermediate tensors) for each feed, in one session.
+
+    When onnxruntime cannot load or run the input model itself (an op it lacks, a contradiction
+    onnx's checker misses), that is the input's fault: a ModelLoadError. A failure only of a model
+    derived from it is onnx-morph's, and propagates as is.
+    """
     ort = onnxruntime()
+    errors = _ort_errors(ort)
+    try:
+        return _run(ort, graph, model, feeds, extra_outputs)
+    except errors as exc:
+        try:
+            _run(ort, graph, graph.model.materialized(), feeds[:1], ())
+        except errors as original:
+            message = " ".join(str(original).split())
+            raise ModelLoadError(f"{graph.model.source}: onnxruntime {ort.__version__} cannot run the model: "
+                                 f"{message[:300]}") from None
+        raise exc
+
+
+def _run(ort, graph: ChannelGraph, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
+         extra_outputs) -> list[list[np.ndarray]]:
     if extra_outputs:
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
