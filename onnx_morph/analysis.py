@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from onnx_morph.costs import Hardware, OpCost, Totals, op_costs, parse_hardware, totals_of
+from onnx_morph.costs import Hardware, OpCost, Totals, op_costs, parse_cost, totals_of
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, alive_classes, build_channel_graph, load_model
 
@@ -94,7 +94,7 @@ def analyze(
     onnx_morph.costs.HARDWARE or PEAK_GFLOPS,BANDWIDTH_GBS). With a threshold, channels whose
     BatchNorm scale (or weight-slice RMS) is at or below it are dead and the effective cost drops.
     """
-    cost_name, hardware = _parse_cost(cost)
+    cost_name, hardware = parse_cost(cost, COSTS)
     with _collector_paused():
         loaded = load_model(model, input_shapes)
         graph = build_channel_graph(loaded)
@@ -132,19 +132,6 @@ def _collector_paused():
     finally:
         if enabled:
             gc.enable()
-
-
-def _parse_cost(cost: str) -> tuple[str, Hardware | None]:
-    name, _, spec = cost.partition(":")
-    if name not in COSTS:
-        raise OptionError(f"unknown cost '{cost}': use one of flops, params, activations, memory, latency:HW")
-    if name == "latency":
-        if not spec:
-            raise OptionError("the latency cost needs hardware: latency:V100, or latency:PEAK_GFLOPS,BANDWIDTH_GBS")
-        return name, parse_hardware(spec)
-    if spec:
-        raise OptionError(f"cost '{name}' takes no ':{spec}'")
-    return name, None
 
 
 def _group_report(graph: ChannelGraph, group, alive: np.ndarray) -> GroupReport:

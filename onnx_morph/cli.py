@@ -46,6 +46,39 @@ def _parser() -> argparse.ArgumentParser:
                        help="with a budget, keep at least this fraction of every group's channels (default 0.1)")
     prune.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
 
+    regularize = commands.add_parser("regularize", help="write onnxruntime-training artifacts with MorphNet's regularizer")
+    regularize.add_argument("model", help="path of an .onnx file (exported with BatchNorm kept for --regularizer gamma)")
+    regularize.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the artifacts")
+    regularize.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
+    regularize.add_argument("--cost", default="flops", help="flops | params | activations | latency:HW")
+    regularize.add_argument("--regularizer", default="gamma", choices=["gamma", "group-lasso", "none"],
+                            help="gamma (BatchNorm scale L1), group-lasso (weight slices), none (plain fine-tuning)")
+    regularize.add_argument("--strength", type=float,
+                            help="weight of the regularization term (default: 1 / its initial value)")
+    regularize.add_argument("--threshold", type=float, help="a channel is alive while its value exceeds this (0.01)")
+    regularize.add_argument("--l1-fraction", type=float, default=0.0, help="group-lasso: share of mean |W| vs RMS")
+    regularize.add_argument("--macs", action="store_true", help="FLOPs cost counts multiply-accumulates")
+    regularize.add_argument("--loss", default="cross-entropy", choices=["cross-entropy", "mse", "bce"])
+    regularize.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    for option, text in (("--input-boundary", "regularize only after nodes matching this regex"),
+                         ("--output-boundary", "regularize only up to nodes matching this regex"),
+                         ("--force-group", "regularize the outputs of all nodes matching this regex as one group"),
+                         ("--blacklist", "do not regularize the sources of nodes matching this regex")):
+        regularize.add_argument(option, action="append", default=[], metavar="REGEX", help=text)
+    regularize.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+
+    train = commands.add_parser("train", help="train regularize's artifacts and export the trained model")
+    train.add_argument("artifacts", metavar="DIR", help="folder written by `onnx-morph regularize`")
+    train.add_argument("--data", required=True, help="fashion-mnist | digits | file.npz (x_train, y_train, x_test, y_test)")
+    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--learning-rate", type=float, help="default: the optimizer's (1e-3)")
+    train.add_argument("--strength", type=float, help="override the artifacts' strength")
+    train.add_argument("--structure-every", type=int, default=100, metavar="N",
+                       help="write learned_structure/alive_STEP.json every N steps")
+    train.add_argument("--limit", type=int, metavar="N", help="use only the first N training examples")
+    train.add_argument("-o", "--output", metavar="FILE", help="trained model (default: DIR/trained.onnx)")
+
     commands.add_parser("demo", help="analyze a built-in example model (a small ResNet-style CNN)")
     return parser
 
@@ -97,6 +130,51 @@ def _prune(args: argparse.Namespace) -> None:
     print(render_prune(result, args.output))
 
 
+def _regularize(args: argparse.Namespace) -> None:
+    from onnx_morph.graph import parse_input_shapes
+    from onnx_morph.rewrite.artifacts import RegularizerOptions, make_training_artifacts
+
+    options = None if args.regularizer == "none" else RegularizerOptions(
+        kind=args.regularizer, cost=args.cost, threshold=args.threshold, l1_fraction=args.l1_fraction, macs=args.macs,
+        input_boundary=tuple(args.input_boundary), output_boundary=tuple(args.output_boundary),
+        force_group=tuple(args.force_group), blacklist=tuple(args.blacklist))
+    result = make_training_artifacts(
+        args.model, args.output, loss=args.loss, regularizer=options, strength=args.strength,
+        optimizer=args.optimizer, input_shapes=parse_input_shapes(args.input_shape), overwrite=args.force)
+    print(f"wrote training artifacts to {result.directory}/ (training, eval and optimizer models, checkpoint)")
+    if options is not None:
+        print(f"regularizer: {options.kind} on {options.cost}, strength {result.strength:.4g}; cost "
+              f"{result.total_cost:.6g}, effective {result.initial_cost:.6g}, regularization {result.initial_regularization:.6g}")
+    print(f"train it: onnx-morph train {result.directory} --data fashion-mnist --epochs 1")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from onnx_morph.data import load_dataset
+    from onnx_morph.rewrite.artifacts import load_artifacts
+    from onnx_morph.train import train
+
+    artifacts = load_artifacts(args.artifacts)
+    data = load_dataset(args.data)
+    shape = next(iter(artifacts.input_shapes.values()))
+    if len(shape) == 4:
+        data = data.resized(shape[2], shape[3])
+    if args.limit:
+        data = data.subset(train=args.limit)
+    output = Path(args.output) if args.output else artifacts.directory / "trained.onnx"
+    result = train(artifacts, (data.x_train, data.y_train), epochs=args.epochs, batch_size=args.batch_size,
+                   learning_rate=args.learning_rate, strength=args.strength, structure_every=args.structure_every,
+                   export=output, test_data=(data.x_test, data.y_test))
+    print(f"{result.steps} steps in {result.seconds:.1f} s on {data.name}; task loss {result.task_loss:.4f}")
+    if result.effective_cost is not None:
+        print(f"effective {artifacts.regularizer.cost}: {result.effective_cost:.6g} of {artifacts.total_cost:.6g} "
+              f"({100 * result.effective_cost / artifacts.total_cost:.1f}%)")
+        print("alive channels per group: " + ", ".join(f"{g}: {n}" for g, n in result.alive_per_group.items()))
+    print(f"test accuracy {100 * result.test_accuracy:.2f}%; trained model: {result.model_path}")
+    print(f"logs: {artifacts.directory}/train_log.csv, tensorboard/, learned_structure/, masks.json")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from onnx_morph.examples import demo
 
@@ -106,7 +184,8 @@ def _demo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"analyze": _analyze, "prune": _prune, "demo": _demo}[args.command](args)
+        {"analyze": _analyze, "prune": _prune, "regularize": _regularize, "train": _train,
+         "demo": _demo}[args.command](args)
     except OnnxMorphError as exc:
         print(f"onnx-morph: error: {exc}", file=sys.stderr)
         return 2

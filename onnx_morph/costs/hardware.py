@@ -48,3 +48,18 @@ def parse_hardware(spec: str) -> Hardware:
     if not (math.isfinite(peak) and math.isfinite(bandwidth)) or peak <= 0 or bandwidth <= 0:
         raise OptionError(f"hardware '{spec}': peak compute and bandwidth must be finite and positive")
     return Hardware(f"custom({peak:g} GFLOP/s, {bandwidth:g} GB/s)", peak, bandwidth)
+
+
+def parse_cost(cost: str, allowed: tuple[str, ...]) -> tuple[str, Hardware | None]:
+    """'flops', 'params', ... or 'latency:HW' into the resource name and its hardware."""
+    name, _, spec = cost.partition(":")
+    if name not in allowed:
+        listed = ", ".join("latency:HW" if c == "latency" else c for c in allowed)
+        raise OptionError(f"unknown cost '{cost}': use one of {listed}")
+    if name == "latency":
+        if not spec:
+            raise OptionError("the latency cost needs hardware: latency:V100, or latency:PEAK_GFLOPS,BANDWIDTH_GBS")
+        return name, parse_hardware(spec)
+    if spec:
+        raise OptionError(f"cost '{name}' takes no ':{spec}'")
+    return name, None

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnx_morph.costs import Hardware
-from onnx_morph.costs.terms import CostTerms, cost_terms
+from onnx_morph.costs import Hardware, parse_cost
+from onnx_morph.costs.terms import RESOURCES, CostTerms, cost_terms
 from onnx_morph.errors import OptionError
 from onnx_morph.graph.channel_graph import ChannelGraph
 
@@ -93,7 +93,8 @@ def build_regularizer(
     force_group: list[str] = (),
     blacklist: list[str] = (),
 ) -> Regularizer:
-    """The regularizer of `kind` (gamma or group-lasso) for the `cost` resource.
+    """The regularizer of `kind` (gamma or group-lasso) for the `cost` resource (flops, params,
+    activations, or latency:HW; or latency with `hardware`).
 
     Patterns are regular expressions matched against whole node names. Input-boundary nodes and
     everything before them, and everything after output-boundary nodes, are neither costed nor
@@ -107,6 +108,8 @@ def build_regularizer(
         raise OptionError(f"the threshold must be a finite number >= 0, not {threshold}")
     if not 0 <= l1_fraction <= 1:
         raise OptionError(f"l1_fraction must be in [0, 1], not {l1_fraction}")
+    cost, parsed = parse_cost(cost, RESOURCES)
+    hardware = parsed or hardware
     region = _region(graph, list(input_boundary), list(output_boundary))
     ignored = _matching(graph, list(blacklist), "blacklist") | (set(graph.nodes) - region)
     terms = cost_terms(graph, cost, macs=macs, hardware=hardware, nodes=region)

@@ -1,0 +1,301 @@
+"""onnxruntime-training artifacts for MorphNet: the training, eval and optimizer models and a checkpoint.
+
+The training loss is the task loss plus `morph_strength * regularization`; the strength is a
+rank-0 graph input, so a schedule can change it every step without regenerating artifacts. The
+directory also holds `base_model.onnx` (the inference model the trained weights go back into) and
+`morph.json` (how the artifacts were made, for `onnx_morph.train`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from onnx_morph.errors import OptionError
+from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
+from onnx_morph.rewrite.regularizer import Regularizer, build_regularizer
+from onnx_morph.rewrite.training_graph import (
+    EFFECTIVE_COST, REGULARIZATION, add_regularizer, inference_batchnorm, trainable, unshare_initializers,
+)
+from onnx_morph.rewrite.verify import onnxruntime
+
+STRENGTH = "morph_strength"
+CONFIG = "morph.json"
+BASE_MODEL = "base_model.onnx"
+CONFIG_FORMAT = "onnx-morph-training"
+LOSSES = {"cross-entropy": "labels", "mse": "target", "bce": "target"}
+OPTIMIZERS = ("adamw", "sgd")
+# onnxruntime-training 1.19.2 loads models up to this IR version.
+MAX_IR_VERSION = 10
+
+
+@dataclass(frozen=True)
+class RegularizerOptions:
+    """How the regularizer was built; stored so training can rebuild the same one."""
+
+    kind: str = "gamma"
+    cost: str = "flops"
+    threshold: float | None = None
+    l1_fraction: float = 0.0
+    macs: bool = False
+    input_boundary: tuple[str, ...] = ()
+    output_boundary: tuple[str, ...] = ()
+    force_group: tuple[str, ...] = ()
+    blacklist: tuple[str, ...] = ()
+
+    def build(self, graph: ChannelGraph) -> Regularizer:
+        return build_regularizer(
+            graph, kind=self.kind, cost=self.cost, threshold=self.threshold, l1_fraction=self.l1_fraction,
+            macs=self.macs, input_boundary=list(self.input_boundary), output_boundary=list(self.output_boundary),
+            force_group=list(self.force_group), blacklist=list(self.blacklist))
+
+
+@dataclass
+class TrainingArtifacts:
+    """What `make_training_artifacts` wrote, and the model's cost before training."""
+
+    directory: Path
+    inputs: list[str]
+    labels: str
+    loss: str
+    strength: float
+    regularizer: RegularizerOptions | None
+    trainable: list[str]
+    total_cost: float | None = None
+    initial_cost: float | None = None
+    initial_regularization: float | None = None
+    input_shapes: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def training_model(self) -> Path:
+        return self.directory / "training_model.onnx"
+
+    @property
+    def eval_model(self) -> Path:
+        return self.directory / "eval_model.onnx"
+
+    @property
+    def optimizer_model(self) -> Path:
+        return self.directory / "optimizer_model.onnx"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.directory / "checkpoint"
+
+    @property
+    def base_model(self) -> Path:
+        return self.directory / BASE_MODEL
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["directory"] = None
+        data["format"] = CONFIG_FORMAT
+        return data
+
+
+def load_artifacts(directory: str | os.PathLike) -> TrainingArtifacts:
+    """The description `make_training_artifacts` left in `directory`."""
+    directory = Path(directory)
+    config = directory / CONFIG
+    if not config.is_file():
+        raise OptionError(f"{directory}: not an onnx-morph training directory (no {CONFIG}); "
+                          "make one with `onnx-morph regularize model.onnx -o DIR`")
+    data = json.loads(config.read_text())
+    if data.pop("format", None) != CONFIG_FORMAT:
+        raise OptionError(f"{config}: not an onnx-morph training description")
+    data["directory"] = directory
+    if data["regularizer"] is not None:
+        data["regularizer"] = RegularizerOptions(**{k: tuple(v) if isinstance(v, list) else v
+                                                    for k, v in data["regularizer"].items()})
+    return TrainingArtifacts(**data)
+
+
+def make_training_artifacts(
+    model: str | os.PathLike | onnx.ModelProto,
+    out_dir: str | os.PathLike,
+    *,
+    loss: str | object = "cross-entropy",
+    regularizer: RegularizerOptions | None = RegularizerOptions(),
+    strength: float | None = None,
+    optimizer: str = "adamw",
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    overwrite: bool = False,
+) -> TrainingArtifacts:
+    """Write onnxruntime-training artifacts for `model` into `out_dir`.
+
+    `loss` is cross-entropy, mse, bce (with logits) on the model's first output, or an
+    onnxblock.Block that adds its own loss (its `build` gets the model's output names). With a
+    regularizer, the default strength is MorphNet's starting point, 1 / (initial regularization
+    value), which makes the regularization term start near 1. `regularizer=None` gives plain
+    training artifacts (fine-tuning a pruned model).
+    """
+    if optimizer not in OPTIMIZERS:
+        raise OptionError(f"unknown optimizer '{optimizer}': use one of {', '.join(OPTIMIZERS)}")
+    if isinstance(loss, str) and loss not in LOSSES:
+        raise OptionError(f"unknown loss '{loss}': use one of {', '.join(LOSSES)}, or an onnxblock.Block")
+    if strength is not None and not (strength >= 0 and strength != float("inf")):
+        raise OptionError(f"the strength must be a finite number >= 0, not {strength}")
+    out_dir = Path(out_dir)
+    _check_target(out_dir, model, overwrite)
+
+    loaded = load_model(model, input_shapes)
+    base = unshare_initializers(loaded.materialized())
+    graph = build_channel_graph(load_model(base, loaded.input_shapes))
+    _check_float(graph)
+    reg = regularizer.build(graph) if regularizer is not None else None
+    params = trained_parameters(graph, reg)
+    training = trainable(base)
+    if reg is not None:
+        training = add_regularizer(training, reg)
+        everything = np.ones(graph.num_classes, dtype=bool)
+        total_cost, _ = reg.terms.evaluate(everything, np.zeros(graph.num_classes))
+        initial_cost, initial_reg = reg.evaluate(_values(graph, reg))
+        if strength is None:
+            strength = 1.0 / initial_reg if initial_reg > 0 else 1.0 / max(total_cost, 1.0)
+    else:
+        total_cost = initial_cost = initial_reg = None
+        strength = 0.0
+    labels = LOSSES.get(loss, "labels") if isinstance(loss, str) else "labels"
+    inputs = [i.name for i in base.graph.input if i.name not in {t.name for t in base.graph.initializer}]
+    artifacts = TrainingArtifacts(
+        directory=out_dir, inputs=inputs, labels=labels, loss=loss if isinstance(loss, str) else type(loss).__name__,
+        strength=float(strength), regularizer=regularizer, trainable=sorted(params),
+        total_cost=total_cost, initial_cost=initial_cost, initial_regularization=initial_reg,
+        input_shapes={k: list(v) for k, v in loaded.input_shapes.items()})
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        _generate(training, base, params, loss, reg is not None, optimizer, staging)
+        onnx.save(base, str(staging / BASE_MODEL))
+        (staging / CONFIG).write_text(json.dumps(artifacts.to_json(), indent=1) + "\n")
+        _replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return artifacts
+
+
+@contextmanager
+def native_stderr_silenced():
+    """onnxruntime-training's graph builders log every transformer at info level to the process's
+    stderr, whatever the logger severity; failures still arrive as exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def trained_parameters(graph: ChannelGraph, regularizer: Regularizer | None = None) -> set[str]:
+    """Float initializers the cost model counts as parameters (weights, biases, norm scales and
+    shifts), seen through weight views; everything else (running statistics, shapes) stays frozen."""
+    names = set()
+    for relation in graph.relations.values():
+        candidates = [t.param for t in relation.params]
+        if relation.geometry is not None and relation.geometry.weight is not None:
+            candidates.append(relation.geometry.weight)
+        for name in candidates:
+            root = graph.param_root(name)
+            if root is not None and graph.model.initializer(root[0]).data_type == TensorProto.FLOAT:
+                names.add(root[0])
+    if regularizer is not None:
+        names |= {s.param for s in regularizer.sources}
+    return names
+
+
+def _values(graph: ChannelGraph, reg: Regularizer) -> dict:
+    return {s.param: graph.model.constant(s.param) for s in reg.sources}
+
+
+def _check_float(graph: ChannelGraph) -> None:
+    for value in list(graph.model.graph.input) + list(graph.model.graph.output):
+        elem = value.type.tensor_type.elem_type
+        if value.name not in {t.name for t in graph.model.graph.initializer} and elem not in (
+                TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32):
+            raise OptionError(f"{graph.model.source}: graph input/output '{value.name}' is "
+                              f"{TensorProto.DataType.Name(elem)}; training needs a float32 model")
+
+
+def _check_target(out_dir: Path, model, overwrite: bool) -> None:
+    if isinstance(model, (str, os.PathLike)) and out_dir.resolve() == Path(model).resolve():
+        raise OptionError(f"the output directory {out_dir} is the input model")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OptionError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise OptionError(f"{out_dir} exists and is not empty; choose another directory or pass --force")
+    if not out_dir.parent.exists():
+        raise OptionError(f"the folder {out_dir.parent} does not exist")
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    """Move the finished staging folder into place; an old output leaves only after the new one is complete."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _generate(training: onnx.ModelProto, base: onnx.ModelProto, params: set[str], loss, regularized: bool,
+              optimizer: str, directory: Path) -> None:
+    onnxruntime().set_default_logger_severity(3)
+    from onnxruntime.training import artifacts, onnxblock
+
+    logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
+    task = {"cross-entropy": onnxblock.loss.CrossEntropyLoss, "mse": onnxblock.loss.MSELoss,
+            "bce": onnxblock.loss.BCEWithLogitsLoss}[loss]() if isinstance(loss, str) else loss
+    first_output = base.graph.output[0].name
+
+    class MorphNetLoss(onnxblock.Block):
+        """The task loss on the model's first output, plus morph_strength * regularization."""
+
+        def __init__(self):
+            super().__init__()
+            self.task, self.add, self.mul = task, onnxblock.blocks.Add(), onnxblock.blocks.Mul()
+
+        def build(self, *outputs):
+            task_loss = self.task(first_output) if isinstance(loss, str) else self.task(*outputs[:len(base.graph.output)])
+            if not regularized:
+                return task_loss
+            strength = onnxblock.blocks.InputLike(REGULARIZATION)(STRENGTH)
+            return self.add(task_loss, self.mul(strength, REGULARIZATION))
+
+    frozen = [t.name for t in training.graph.initializer if t.name not in params]
+    try:
+        with native_stderr_silenced():
+            artifacts.generate_artifacts(
+                training, requires_grad=sorted(params), frozen_params=frozen, loss=MorphNetLoss(),
+                optimizer={"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[optimizer],
+                artifact_directory=str(directory),
+                additional_output_names=[EFFECTIVE_COST, REGULARIZATION] if regularized else None)
+    except RuntimeError as exc:
+        message = str(exc)
+        if "gradient builder has not been registered" in message:
+            detail = message.split("has not been registered:")[-1].strip()
+            raise OptionError(f"onnxruntime-training has no gradient for {detail}; re-export the model without "
+                              "that op (see README, Training)") from None
+        raise
+    for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
+        path = directory / name
+        artifact = onnx.load(str(path))
+        if name == "eval_model.onnx":
+            inference_batchnorm(artifact)
+        artifact.ir_version = min(artifact.ir_version, MAX_IR_VERSION)
+        onnx.save(artifact, str(path))
