@@ -760,7 +760,7 @@ def test_unwritable_folder_is_an_option_error(small, tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(save_module.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(save_module.os, "open", denied)  # the unnamed file and the named fallback alike
     with pytest.raises(OnnxMorphError, match="Permission denied"):
         prune_file(small, tmp_path / "out.onnx", ratio=0.5)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import onnx
 
@@ -25,6 +27,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
     if not folder.is_dir():
         raise OptionError(f"{target}: the folder {folder} does not exist")
     external = model.ByteSize() > _PROTOBUF_LIMIT
+    if not external:
+        _write_atomically(target, folder, lambda f: f.write(model.SerializeToString()))
+        return target
     data_name = target.name + ".data"
     try:
         handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
@@ -33,16 +38,12 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
         raise OptionError(f"{target}: cannot write: {exc.strerror or exc}") from None
     temp_data = Path(temp + ".data")
     try:
-        if external:
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            onnx.save_model(copy, temp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=temp_data.name, size_threshold=1024)
-            _rename_location(temp, temp_data.name, data_name)
-            os.replace(temp_data, folder / data_name)
-        else:
-            with open(temp, "wb") as f:
-                f.write(model.SerializeToString())
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        onnx.save_model(copy, temp, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=temp_data.name, size_threshold=1024)
+        _rename_location(temp, temp_data.name, data_name)
+        os.replace(temp_data, folder / data_name)
         os.replace(temp, target)
     except OSError as exc:
         raise OptionError(f"{target}: cannot write: {exc.strerror or exc}") from None
@@ -59,17 +60,58 @@ def write_text(text: str, path: str | os.PathLike) -> None:
     folder = target.resolve().parent
     if not folder.is_dir():
         raise OptionError(f"{target}: the folder {folder} does not exist")
+    _write_atomically(target, folder, lambda f: f.write(text.encode()))
+
+
+def _write_atomically(target: Path, folder: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write into a file without a name (O_TMPFILE) and give it its name only when complete, so that
+    even a process killed mid-write (SIGKILL, a full disk's SIGXFSZ) leaves nothing behind; where
+    the file system has no O_TMPFILE, a named temporary file that an exception removes.
+    Either way the data is on disk (fsync) before the rename makes it visible."""
     temp = None
     try:
-        handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
+        handle = _unnamed_file(folder)
+        if handle is None:
+            handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        with os.fdopen(handle, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+            if temp is None:
+                temp = _link_unnamed(f.fileno(), folder, target.name)
         os.replace(temp, target)
     except OSError as exc:
         raise OptionError(f"{target}: cannot write: {exc.strerror or exc}") from None
     finally:
-        if temp is not None and Path(temp).exists():
-            Path(temp).unlink()
+        if temp is not None and os.path.lexists(temp):
+            os.unlink(temp)
+
+
+def _unnamed_file(folder: Path) -> int | None:
+    if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        return os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o644)
+    except OSError:  # the file system does not support it (EOPNOTSUPP, EISDIR on old kernels)
+        return None
+
+
+def _link_unnamed(fd: int, folder: Path, name: str) -> str:
+    """Give the unnamed file a temporary name in `folder` (the rename to the target follows at once).
+
+    A dir_fd makes os.link call linkat with AT_SYMLINK_FOLLOW, which links the file behind
+    /proc/self/fd/N rather than that symlink itself."""
+    folder_fd = os.open(folder, os.O_RDONLY)
+    try:
+        while True:
+            temp = f".{name}.{secrets.token_hex(6)}.tmp"
+            try:
+                os.link(f"/proc/self/fd/{fd}", temp, dst_dir_fd=folder_fd, follow_symlinks=True)
+                return str(folder / temp)
+            except FileExistsError:
+                continue
+    finally:
+        os.close(folder_fd)
 
 
 def _rename_location(model_path: str, old: str, new: str) -> None:
