@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     regularize.add_argument("--macs", action="store_true", help="FLOPs cost counts multiply-accumulates")
     regularize.add_argument("--loss", default="cross-entropy", choices=["cross-entropy", "mse", "bce"])
     regularize.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    regularize.add_argument("--batch-size", type=int, default=64, help="training batch size (fixed in the artifacts)")
     for option, text in (("--input-boundary", "regularize only after nodes matching this regex"),
                          ("--output-boundary", "regularize only up to nodes matching this regex"),
                          ("--force-group", "regularize the outputs of all nodes matching this regex as one group"),
@@ -71,7 +72,6 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("artifacts", metavar="DIR", help="folder written by `onnx-morph regularize`")
     train.add_argument("--data", required=True, help="fashion-mnist | digits | file.npz (x_train, y_train, x_test, y_test)")
     train.add_argument("--epochs", type=int, default=1)
-    train.add_argument("--batch-size", type=int, default=64)
     train.add_argument("--learning-rate", type=float, help="default: the optimizer's (1e-3)")
     train.add_argument("--strength", type=float, help="override the artifacts' strength")
     train.add_argument("--structure-every", type=int, default=100, metavar="N",
@@ -140,7 +140,7 @@ def _regularize(args: argparse.Namespace) -> None:
         force_group=tuple(args.force_group), blacklist=tuple(args.blacklist))
     result = make_training_artifacts(
         args.model, args.output, loss=args.loss, regularizer=options, strength=args.strength,
-        optimizer=args.optimizer, input_shapes=parse_input_shapes(args.input_shape), overwrite=args.force)
+        optimizer=args.optimizer, batch_size=args.batch_size, input_shapes=parse_input_shapes(args.input_shape), overwrite=args.force)
     print(f"wrote training artifacts to {result.directory}/ (training, eval and optimizer models, checkpoint)")
     if options is not None:
         print(f"regularizer: {options.kind} on {options.cost}, strength {result.strength:.4g}; cost "
@@ -163,7 +163,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.limit:
         data = data.subset(train=args.limit)
     output = Path(args.output) if args.output else artifacts.directory / "trained.onnx"
-    result = train(artifacts, (data.x_train, data.y_train), epochs=args.epochs, batch_size=args.batch_size,
+    result = train(artifacts, (data.x_train, data.y_train), epochs=args.epochs,
                    learning_rate=args.learning_rate, strength=args.strength, structure_every=args.structure_every,
                    export=output, test_data=(data.x_test, data.y_test))
     print(f"{result.steps} steps in {result.seconds:.1f} s on {data.name}; task loss {result.task_loss:.4f}")

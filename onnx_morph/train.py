@@ -55,7 +55,7 @@ def train(
     data: Batch | Iterable[Batch],
     *,
     epochs: int = 1,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     learning_rate: float | None = None,
     strength: float | Callable[[int], float] | None = None,
     log_dir: str | os.PathLike | None = None,
@@ -65,8 +65,8 @@ def train(
     seed: int = 0,
     progress: TextIO | None = sys.stderr,
 ) -> TrainResult:
-    """Train for `epochs` over `data`: (x, y) arrays (shuffled, cut into `batch_size` batches) or an
-    iterable of (x, y) batches (used as given, once per epoch).
+    """Train for `epochs` over `data`: (x, y) arrays (shuffled, cut into batches of the artifacts'
+    batch size; the last partial batch is dropped) or an iterable of (x, y) batches of that size.
 
     `strength` overrides the artifacts' strength; a callable gets the step number (a schedule).
     `log_dir` (default: the artifacts folder) receives train_log.csv, TensorBoard events and
@@ -75,8 +75,12 @@ def train(
     """
     if not isinstance(artifacts, TrainingArtifacts):
         artifacts = load_artifacts(artifacts)
-    if epochs < 1 or batch_size < 1:
-        raise OptionError(f"epochs and batch size must be at least 1 (got {epochs}, {batch_size})")
+    if epochs < 1:
+        raise OptionError(f"epochs must be at least 1, not {epochs}")
+    if batch_size is not None and batch_size != artifacts.batch_size:
+        raise OptionError(f"the artifacts in {artifacts.directory} train with batches of {artifacts.batch_size}, "
+                          f"not {batch_size}; regenerate them with --batch-size {batch_size}")
+    batch_size = artifacts.batch_size
     log_dir = Path(log_dir) if log_dir is not None else artifacts.directory
     log_dir.mkdir(parents=True, exist_ok=True)
     schedule = _schedule(strength if strength is not None else artifacts.strength)

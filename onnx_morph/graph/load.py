@@ -200,20 +200,31 @@ def _data_bytes(tensor: TensorProto) -> int:
     return math.prod(tensor.dims) * _itemsize(tensor.data_type)
 
 
-def physical_memory() -> int | None:
-    """Bytes of RAM on this machine, or None where the platform does not say."""
+def memory_limit() -> int | None:
+    """Bytes this process may allocate at most: the machine's RAM, or less under an address-space
+    limit (ulimit -v); None where the platform says neither."""
+    limits = []
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (AttributeError, ValueError, OSError):
-        return None
+        pass
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            limits.append(soft)
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(limits, default=None)
 
 
 def check_fits(label: str, nbytes: int, what: str) -> None:
-    """ModelLoadError when `what` needs more bytes than the machine's memory: refuse before allocating."""
-    memory = physical_memory()
+    """ModelLoadError when `what` needs more bytes than this process may have: refuse before allocating."""
+    memory = memory_limit()
     if memory is not None and nbytes > memory:
         raise ModelLoadError(
-            f"{label}: {what} need {nbytes / 1e9:.3g} GB of memory, more than this machine has ({memory / 1e9:.3g} GB)"
+            f"{label}: {what} need {nbytes / 1e9:.3g} GB of memory, more than this process may use ({memory / 1e9:.3g} GB)"
         )
 
 

@@ -27,6 +27,7 @@ from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.rewrite.regularizer import Regularizer, build_regularizer
 from onnx_morph.rewrite.training_graph import (
     EFFECTIVE_COST, REGULARIZATION, add_regularizer, inference_batchnorm, trainable, unshare_initializers,
+    with_batch_size,
 )
 from onnx_morph.rewrite.verify import onnxruntime
 
@@ -72,6 +73,7 @@ class TrainingArtifacts:
     strength: float
     regularizer: RegularizerOptions | None
     trainable: list[str]
+    batch_size: int = 64
     total_cost: float | None = None
     initial_cost: float | None = None
     initial_regularization: float | None = None
@@ -129,6 +131,7 @@ def make_training_artifacts(
     regularizer: RegularizerOptions | None = RegularizerOptions(),
     strength: float | None = None,
     optimizer: str = "adamw",
+    batch_size: int = 64,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     overwrite: bool = False,
 ) -> TrainingArtifacts:
@@ -140,6 +143,8 @@ def make_training_artifacts(
     value), which makes the regularization term start near 1. `regularizer=None` gives plain
     training artifacts (fine-tuning a pruned model).
     """
+    if batch_size < 1:
+        raise OptionError(f"the batch size must be at least 1, not {batch_size}")
     if optimizer not in OPTIMIZERS:
         raise OptionError(f"unknown optimizer '{optimizer}': use one of {', '.join(OPTIMIZERS)}")
     if isinstance(loss, str) and loss not in LOSSES:
@@ -155,7 +160,7 @@ def make_training_artifacts(
     _check_float(graph)
     reg = regularizer.build(graph) if regularizer is not None else None
     params = trained_parameters(graph, reg)
-    training = trainable(base)
+    training = with_batch_size(trainable(base), batch_size)
     if reg is not None:
         training = add_regularizer(training, reg)
         everything = np.ones(graph.num_classes, dtype=bool)
@@ -170,7 +175,7 @@ def make_training_artifacts(
     inputs = [i.name for i in base.graph.input if i.name not in {t.name for t in base.graph.initializer}]
     artifacts = TrainingArtifacts(
         directory=out_dir, inputs=inputs, labels=labels, loss=loss if isinstance(loss, str) else type(loss).__name__,
-        strength=float(strength), regularizer=regularizer, trainable=sorted(params),
+        strength=float(strength), regularizer=regularizer, trainable=sorted(params), batch_size=batch_size,
         total_cost=total_cost, initial_cost=initial_cost, initial_regularization=initial_reg,
         input_shapes={k: list(v) for k, v in loaded.input_shapes.items()})
 

@@ -85,6 +85,20 @@ def trainable(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def with_batch_size(model: onnx.ModelProto, batch_size: int) -> onnx.ModelProto:
+    """Fix a dynamic first dimension of the graph's inputs and outputs to `batch_size`.
+
+    onnxruntime-training 1.19.2 builds a broken gradient (a zero-sized broadcast, or a crash) for an
+    activation that feeds both a residual Add and another op when the batch is symbolic.
+    """
+    del model.graph.value_info[:]
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = batch_size
+    return model
+
+
 def inference_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     """The eval-graph form of `trainable`'s BatchNorm nodes: one output, running statistics."""
     for node in model.graph.node:
