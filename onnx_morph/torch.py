@@ -1,0 +1,392 @@
+"""MorphNet in a PyTorch training loop, driven by the same ONNX analysis as the rest of onnx-morph.
+
+`MorphNetRegularizer` exports the module once, builds the channel graph and the shared
+`Regularizer` (onnx_morph.rewrite.regularizer), maps every regularization source back to the
+module's own parameters, and from then on evaluates MorphNet's term in torch on each call: the
+same formula the ONNX rewrite emits (per-source vectors, max over a class's sources, alive as a
+non-differentiable step, cost polynomials, latency's per-op roofline), with no re-export.
+`export_structure` writes the learned widths, and `prune_module` exports the trained module
+and removes the dead channels with `onnx_morph.rewrite.prune`.
+
+Only this module imports torch; `import onnx_morph` and the CLI never load it.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from onnx_morph.costs.terms import COEFFICIENTS
+from onnx_morph.errors import OnnxMorphError, OptionError
+from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
+from onnx_morph.rewrite.regularizer import RMS_EPSILON, Regularizer, build_regularizer
+
+__all__ = ["MorphNetRegularizer", "MorphNetOutput", "SourceBinding", "export_onnx", "export_structure",
+           "prune_module", "unwrap"]
+
+# The TorchScript exporter (torch >= 2.9) warns that it is deprecated on every call.
+_EXPORTER_WARNINGS = (r"You are using the legacy TorchScript-based ONNX export", r"The feature will be removed")
+
+
+@dataclass(frozen=True)
+class SourceBinding:
+    """One regularization source: the ONNX initializer, the module parameter it is, and the axis
+    whose slices are the channels."""
+
+    initializer: str
+    parameter: str
+    axis: int
+    channels: int
+
+
+@dataclass
+class MorphNetOutput:
+    """One evaluation. `regularization` is differentiable (add `strength * regularization` to the
+    loss); `cost` (the effective cost: dead channels removed) and `alive` (per channel class) are
+    detached tensors, so reading them per step costs no device synchronization until `.item()`."""
+
+    regularization: torch.Tensor
+    cost: torch.Tensor
+    alive: torch.Tensor
+
+    @property
+    def alive_channels(self) -> int:
+        return int(self.alive.sum())
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(module, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, torch.nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def export_onnx(module: torch.nn.Module, example_inputs: Any, path: str | os.PathLike | None = None,
+                **export_options: Any) -> onnx.ModelProto:
+    """The module as onnx-morph needs it: TorchScript exporter, eval mode, BatchNorm kept
+    (no constant folding). `export_options` go to torch.onnx.export (opset_version, input_names...)."""
+    module = unwrap(module)
+    options = {"dynamo": False, "do_constant_folding": False, **export_options}
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    buffer = io.BytesIO()
+    with _eval_mode(module), torch.no_grad(), warnings.catch_warnings():
+        for message in _EXPORTER_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+        torch.onnx.export(module, args, buffer, **options)
+    model = onnx.load_from_string(buffer.getvalue())
+    if path is not None:
+        from onnx_morph.rewrite.save import save_model
+
+        save_model(model, path)
+    return model
+
+
+class MorphNetRegularizer:
+    """MorphNet's regularization term for a torch module, evaluated in torch on every call.
+
+    `example_inputs` is one example input (or a tuple of them) of the shape the costs should be
+    computed for; use batch 1, costs are per example as in MorphNet. `cost` is flops, params,
+    activations or latency:HW (HW a name from onnx_morph.costs.HARDWARE, or PEAK_GFLOPS,BANDWIDTH_GBS);
+    `regularizer` is gamma (BatchNorm scales) or group-lasso (weight
+    slices). The other options are those of `build_regularizer`. The module is exported once, here;
+    the parameters it reads are the module's own (DDP/compile wrappers are seen through), so the
+    regularizer follows training, `.to(device)` and `load_state_dict` without being rebuilt.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        example_inputs: Any,
+        *,
+        cost: str = "flops",
+        regularizer: str = "gamma",
+        threshold: float | None = None,
+        l1_fraction: float = 0.0,
+        macs: bool = False,
+        input_boundary: Sequence[str] = (),
+        output_boundary: Sequence[str] = (),
+        force_group: Sequence[str] = (),
+        blacklist: Sequence[str] = (),
+        export_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.module = unwrap(module)
+        self.example_inputs = example_inputs
+        self.export_options = dict(export_options or {})
+        model, names = _export_distinct(self.module, example_inputs, self.export_options)
+        label = f"the ONNX export of {type(self.module).__name__}"
+        try:
+            self.graph: ChannelGraph = build_channel_graph(load_model(model))
+            _refuse_constant_sources(self.graph, regularizer, blacklist, label)
+            self.spec: Regularizer = build_regularizer(
+                self.graph, kind=regularizer, cost=cost, macs=macs, threshold=threshold,
+                l1_fraction=l1_fraction, input_boundary=list(input_boundary), output_boundary=list(output_boundary),
+                force_group=list(force_group), blacklist=list(blacklist))
+        except OnnxMorphError as exc:
+            raise type(exc)(str(exc).replace("<model>", label)) from None
+        self.parameter_of: dict[str, str] = names
+        parameters = dict(self.module.named_parameters())
+        self.bindings: list[SourceBinding] = []
+        for source in self.spec.sources:
+            name = names.get(source.param)
+            if name is None:
+                nodes = sorted({s.node for g in self.graph.groups for s in g.sources if s.param == source.param})
+                raise OptionError(_not_a_parameter(source.param, nodes, label))
+            if tuple(parameters[name].shape) != tuple(self.graph.model.initializer(source.param).dims):
+                raise OptionError(f"regularization source '{source.param}' has another shape than parameter '{name}'")
+            self.bindings.append(SourceBinding(source.param, name, source.axis, source.channels))
+        self._parameters = [parameters[b.parameter] for b in self.bindings]
+        everything = np.ones(self.graph.num_classes, dtype=bool)
+        self.total_cost: float = self.spec.terms.evaluate(everything, np.zeros(self.graph.num_classes))[0]
+        self._device: torch.device | None = None
+        self._constants: dict[str, Any] = {}
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    def source_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters the term depends on (BatchNorm weights for gamma, conv/linear weights for group-lasso)."""
+        return list(self._parameters)
+
+    def __call__(self) -> MorphNetOutput:
+        """The regularization term, effective cost and alive classes for the parameters' current values."""
+        c = self._on(self._parameters[0].device)
+        values = torch.cat(self._source_vectors(c["dtype"]) + [c["zero"]])
+        if c["gather"].shape[0] == 1:
+            r = values[c["gather"][0]]
+        else:
+            r = values[c["gather"]].amax(0)  # ties share the gradient, as in onnxruntime's Max and MorphNet's reduce_max
+        with torch.no_grad():
+            alive = ((r > self.spec.threshold) | c["fixed"]).to(r.dtype)
+        a_in, a_out = (self._row_sums(alive, c[side]) for side in ("in", "out"))
+        r_in, r_out = (self._row_sums(r, c[side]) for side in ("in", "out"))
+        k = c["coefficients"]
+        cost = _polynomial([(k["bilinear"], a_in * a_out), (k["in_linear"], a_in), (k["out_linear"], a_out),
+                            (k["constant"], None)], c["zeros"])
+        reg = _polynomial([(k["bilinear"], a_in * r_out + a_out * r_in), (k["in_linear"], r_in),
+                           (k["out_linear"], r_out), (k["depthwise"], r_in)], c["zeros"])
+        if self.spec.terms.parts == 1:
+            total_cost, total_reg = cost.sum(), reg.sum()
+        else:
+            total_cost, total_reg = _roofline(cost, reg, c["row_node"], c["nodes"])
+        return MorphNetOutput(total_reg, total_cost.detach(), alive[:-1].detach().bool())
+
+    def alive_counts(self, alive: torch.Tensor | np.ndarray | None = None) -> dict[str, int]:
+        """MorphNet's structure, {producer node: alive output channels}, for `alive` (by default now)."""
+        return self.mask_document(alive)["structure"]
+
+    def mask_document(self, alive: torch.Tensor | np.ndarray | None = None) -> dict:
+        """The `analyze --structure` JSON (input of `prune --mask`) for `alive`, every group keeping
+        at least its strongest channel, plus `modules`: the structure keyed by module name."""
+        from onnx_morph.rewrite.select import mask_document
+
+        if alive is None:
+            alive = self().alive
+        alive = _keep_one(self.graph, _numpy(alive).astype(bool), self.vector())
+        document = mask_document(self.graph, alive)
+        document["model"] = type(self.module).__name__
+        modules = {}
+        for node, count in document["structure"].items():
+            weight = self.graph.relations[node].geometry.weight
+            root = self.graph.param_root(weight) if weight else None
+            parameter = self.parameter_of.get(root[0]) if root else None
+            if parameter is not None:
+                modules[parameter.rpartition(".")[0]] = count
+        document["modules"] = modules
+        return document
+
+    def vector(self) -> np.ndarray:
+        """Per channel class, the regularization value (max over its sources; 0 without one)."""
+        with torch.no_grad():
+            c = self._on(self._parameters[0].device)
+            values = torch.cat(self._source_vectors(c["dtype"]) + [c["zero"]])
+            return _numpy(values[c["gather"]].amax(0)[:-1]).astype(np.float64)
+
+    def _source_vectors(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        if self.spec.kind == "gamma":
+            return [torch.cat([p.reshape(-1) for p in self._parameters]).to(dtype).abs()]
+        f = self.spec.l1_fraction
+        vectors = []
+        for p, b in zip(self._parameters, self.bindings):
+            slices = p.to(dtype).movedim(b.axis, 0).reshape(b.channels, -1)
+            rms = (slices * slices).mean(1).add(RMS_EPSILON).sqrt()
+            vectors.append(rms if f == 0 else f * slices.abs().mean(1) + (1 - f) * rms)
+        return vectors
+
+    @staticmethod
+    def _row_sums(x: torch.Tensor, side: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
+        """Per row, the sum of x over the row's classes (the count matrix times x, as a segment sum)."""
+        classes, rows, count = side
+        return torch.zeros(count, dtype=x.dtype, device=x.device).index_add_(0, rows, x[classes])
+
+    def _on(self, device: torch.device) -> dict[str, Any]:
+        """The constant tensors on `device`, rebuilt only when the parameters move."""
+        dtype = torch.float64 if self._parameters[0].dtype == torch.float64 else torch.float32
+        if self._constants and self._device == device and self._constants["dtype"] == dtype:
+            return self._constants
+        terms, spec = self.spec.terms, self.spec
+        as_long = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64), device=device)  # noqa: E731
+        c: dict[str, Any] = {"dtype": dtype, "zero": torch.zeros(1, dtype=dtype, device=device),
+                             "gather": as_long(spec.gather),
+                             "fixed": torch.as_tensor(spec.fixed, device=device)}
+        for side in ("in", "out"):
+            per_row = [row.in_classes if side == "in" else row.out_classes for row in terms.rows]
+            classes = np.concatenate(per_row + [np.zeros(0, np.int64)])
+            rows = np.repeat(np.arange(len(per_row)), [len(p) for p in per_row])
+            c[side] = (as_long(classes), as_long(rows), len(per_row))
+        c["zeros"] = torch.zeros(terms.parts, len(terms.rows), dtype=dtype, device=device)
+        c["coefficients"] = {name: _nonzero(terms.coefficients(name), dtype, device) for name in COEFFICIENTS}
+        node_index = {n: i for i, n in enumerate(terms.nodes)}
+        c["row_node"] = as_long([node_index[row.node] for row in terms.rows])
+        c["nodes"] = len(node_index)
+        self._constants, self._device = c, device
+        return c
+
+
+def _polynomial(terms: list[tuple[torch.Tensor | None, torch.Tensor | None]], zeros: torch.Tensor) -> torch.Tensor:
+    """sum of coefficient * monomial over the terms whose coefficients are not all zero; (parts, rows)."""
+    total = None
+    for coefficient, monomial in terms:
+        if coefficient is None:
+            continue
+        term = coefficient if monomial is None else coefficient * monomial
+        total = term if total is None else total + term
+    return zeros if total is None else total
+
+
+def _roofline(cost: torch.Tensor, reg: torch.Tensor, row_node: torch.Tensor, nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per op, the larger of compute and memory time, regularized through that one."""
+    def per_node(x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(x.shape[0], nodes, dtype=x.dtype, device=x.device).index_add_(1, row_node, x)
+
+    cost_n, reg_n = per_node(cost), per_node(reg)
+    compute_bound = cost_n[0] >= cost_n[1]
+    return (torch.where(compute_bound, cost_n[0], cost_n[1]).sum(),
+            torch.where(compute_bound, reg_n[0], reg_n[1]).sum())
+
+
+def _nonzero(values: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    return torch.as_tensor(values, dtype=dtype, device=device) if values.any() else None
+
+
+def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _keep_one(graph: ChannelGraph, alive: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """Revive the strongest channel (by the trained regularization vector) of every emptied group."""
+    alive = alive.copy()
+    for group in graph.groups:
+        if group.size and not alive[group.classes].any():
+            alive[group.classes[int(np.argmax(vector[group.classes]))]] = True
+    return alive
+
+
+def _not_a_parameter(tensor: str, nodes: list[str], label: str) -> str:
+    return (f"regularization source '{tensor}' (of node {', '.join(nodes)} in {label}) is not a parameter of the "
+            f"module but a constant or buffer, so training cannot change it: make it a parameter (BatchNorm with "
+            f"affine=True), or leave the node out with blacklist=[{nodes[0]!r}]")
+
+
+def _refuse_constant_sources(graph: ChannelGraph, kind: str, blacklist: Sequence[str], label: str) -> None:
+    """A source held in a Constant node (BatchNorm(affine=False) exports its scale so) is no
+    parameter; say so before build_regularizer, which expects initializers."""
+    wanted = {"gamma": "gamma", "group-lasso": "weight"}.get(kind)
+    for group in graph.groups:
+        for source in group.sources:
+            if (source.kind == wanted and graph.model.initializer(source.param) is None
+                    and not any(re.fullmatch(pattern, source.node) for pattern in blacklist)):
+                raise OptionError(_not_a_parameter(source.param, [source.node], label))
+
+
+@contextmanager
+def _eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+
+
+def _export_distinct(module: torch.nn.Module, example_inputs: Any,
+                     export_options: dict[str, Any]) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """Export a copy whose parameters all hold distinct random values, and map initializers to
+    parameter names by value.
+
+    The exporter merges equal-valued initializers (every BatchNorm scale of a fresh model is 1,
+    so they would all become one tensor) and may rename them; distinct values prevent the merge
+    and make the value a fingerprint of the parameter.
+    """
+    twin = copy.deepcopy(module)
+    generator = torch.Generator().manual_seed(0)
+    fingerprints: dict[tuple[int, ...], list[tuple[str, np.ndarray]]] = {}
+    with torch.no_grad():
+        for name, parameter in twin.named_parameters():
+            values = torch.empty(parameter.shape, dtype=torch.float64).uniform_(0.5, 1.5, generator=generator)
+            parameter.copy_(values.to(parameter.dtype))
+            fingerprints.setdefault(tuple(parameter.shape), []).append((name, parameter.detach().cpu().numpy()))
+    model = export_onnx(twin, example_inputs, **export_options)
+    names: dict[str, str] = {}
+    for tensor in model.graph.initializer:
+        candidates = fingerprints.get(tuple(tensor.dims), [])
+        if not candidates:
+            continue
+        value = numpy_helper.to_array(tensor)
+        hits = [name for name, fingerprint in candidates if value.dtype == fingerprint.dtype
+                and np.array_equal(value, fingerprint)]
+        if len(hits) == 1:
+            names[tensor.name] = hits[0]
+    return model, names
+
+
+def export_structure(regularizer: MorphNetRegularizer, path: str | os.PathLike | None = None) -> dict[str, int]:
+    """MorphNet's learned structure, {producer node: alive output channels}, for the module's
+    current parameters. With `path`, writes the full document (structure, per-module widths and
+    channel masks): `onnx-morph prune model.onnx --mask path` applies it to an export of the module."""
+    import json
+
+    document = regularizer.mask_document()
+    if path is not None:
+        from onnx_morph.rewrite.save import write_text
+
+        text = json.dumps(document, indent=1)
+        text = re.sub(r"\[[\s01,]*\]", lambda m: "".join(m.group(0).split()).replace(",", ", "), text)
+        write_text(text + "\n", path)
+    return document["structure"]
+
+
+def prune_module(regularizer: MorphNetRegularizer, path: str | os.PathLike | None = None, **prune_options: Any):
+    """Export the trained module and remove the channels the regularizer finds dead.
+
+    The dead set is the regularizer's own (its kind, threshold and source grouping), applied as a
+    mask document, so the pruned widths are exactly the training-time alive counts. Returns
+    onnx_morph.rewrite.PruneResult; with `path`, the pruned model is also saved there.
+    `prune_options` go to `prune` (round_to, fold_constants, verify).
+    """
+    from onnx_morph.rewrite import prune, save_model
+    from onnx_morph.rewrite.training_graph import unshare_initializers
+
+    document = regularizer.mask_document()
+    model = unshare_initializers(export_onnx(regularizer.module, regularizer.example_inputs, **regularizer.export_options))
+    result = prune(model, masks=document, **prune_options)
+    if path is not None:
+        save_model(result.model, Path(path))
+    return result
