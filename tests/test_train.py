@@ -262,3 +262,27 @@ def test_missing_fashion_mnist_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path)
     with pytest.raises(OptionError, match="apt install dataset-fashion-mnist"):
         data.load_dataset("fashion-mnist")
+
+
+def test_other_losses_train(fresh, tmp_path, digits):
+    """MSE on one-hot targets, and a user's onnxblock loss, both lower their loss on digits."""
+    from onnxruntime.training import onnxblock
+
+    x, y = digits.x_train[:512], digits.y_train[:512]
+    one_hot = np.eye(10, dtype=np.float32)[y]
+
+    class L1(onnxblock.Block):
+        def __init__(self):
+            super().__init__()
+            self.l1 = onnxblock.loss.L1Loss()
+
+        def build(self, output):
+            return self.l1(output, "labels")
+
+    for name, loss in (("mse", "mse"), ("custom", L1())):
+        artifacts = make_training_artifacts(fresh, tmp_path / name, loss=loss)
+        assert artifacts.labels == ("target" if name == "mse" else "labels")
+        result = train(artifacts, [(xb, tb) for xb, tb in zip(np.split(x, 8), np.split(one_hot, 8))] * 1,
+                       epochs=3, learning_rate=0.01, progress=None, structure_every=0)
+        losses = [r["task_loss"] for r in result.history]
+        assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), (name, losses)
