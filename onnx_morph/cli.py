@@ -79,7 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--limit", type=int, metavar="N", help="use only the first N training examples")
     train.add_argument("-o", "--output", metavar="FILE", help="trained model (default: DIR/trained.onnx)")
 
-    commands.add_parser("demo", help="analyze a built-in example model (a small ResNet-style CNN)")
+    demo = commands.add_parser("demo", help="MorphNet end to end on a built-in CNN: shrink, prune, fine-tune")
+    demo.add_argument("-o", "--output", default="onnx-morph-demo", metavar="DIR", help="folder for models, logs, plot")
+    demo.add_argument("--quick", action="store_true", help="a small subset and few steps (under a minute)")
     return parser
 
 
@@ -178,7 +180,7 @@ def _train(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from onnx_morph.examples import demo
 
-    demo(sys.stdout)
+    demo(sys.stdout, args.output, quick=args.quick)
 
 
 def main(argv: list[str] | None = None) -> int:

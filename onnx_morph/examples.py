@@ -1,11 +1,16 @@
-"""A built-in example: a small ResNet-style CNN exported to ONNX, so `onnx-morph demo` needs no input."""
+"""The built-in example: a small ResNet-style CNN exported to ONNX, and `onnx-morph demo`, MorphNet's
+loop on it with data that needs no download."""
 
 from __future__ import annotations
 
-import tempfile
+import os
+import sys
 import warnings
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from onnx_morph.loop import LoopResult
 
 
 def small_resnet(width: int = 16, num_classes: int = 10):
@@ -50,20 +55,31 @@ def export(module, input_shape: tuple[int, ...], path: Path) -> Path:
     return path
 
 
-def demo(out: TextIO) -> None:
-    """Export the example CNN, make a third of its channels dead (BN scale 0), and analyze it."""
+def demo(out: TextIO, work_dir: str | os.PathLike = "onnx-morph-demo", quick: bool = False) -> LoopResult:
+    """MorphNet end to end: export the example CNN, shrink it with the Gamma FLOPs regularizer in
+    onnxruntime-training, prune it, fine-tune it, and report each stage."""
     import torch
 
-    from onnx_morph.analysis import analyze
-    from onnx_morph.report import render
+    from onnx_morph.data import FASHION_MNIST_HELP, fashion_mnist_available, load_dataset
+    from onnx_morph.loop import morphnet_loop, plot
+    from onnx_morph.report import render_loop
 
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    if fashion_mnist_available():
+        data = load_dataset("fashion-mnist")
+    else:
+        print(f"{FASHION_MNIST_HELP}; using digits instead.", file=out)
+        data = load_dataset("digits").resized(28, 28)
+    if quick:
+        data = data.subset(train=1024, test=500)
     torch.manual_seed(0)
-    model = small_resnet()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.weight[torch.randperm(module.num_features)[: module.num_features // 3]] = 0.0
-    with tempfile.TemporaryDirectory() as work:
-        path = export(model, (1, 1, 28, 28), Path(work) / "small_resnet.onnx")
-        print(f"exported a ResNet-style CNN for 28x28 inputs, a third of its BN scales set to 0: {path.name}", file=out)
-        print(render(analyze(path, gamma_threshold=1e-3)), file=out)
+    path = export(small_resnet(), (1, 1, 28, 28), work / "seed.onnx")
+    print(f"seed: a ResNet-style CNN for 28x28 inputs ({path}); data: {data.name}, "
+          f"{len(data.y_train)} training and {len(data.y_test)} test images", file=out)
+    settings = dict(epochs=2, finetune_epochs=1, learning_rate=0.005) if not quick else dict(
+        epochs=3, finetune_epochs=1, learning_rate=0.02)
+    result = morphnet_loop(path, data, work, progress=sys.stderr, **settings)
+    print(render_loop(result), file=out)
+    print(f"plot: {plot(result, work / 'morphnet.png')}; models, logs and structures in {work}/", file=out)
+    return result

@@ -104,3 +104,13 @@ def render_prune(result, output: str) -> str:
                    f"max abs {m.max_abs:.3g}, max rel {m.max_rel:.3g}")
         out.append(f"difference from the unpruned original: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}")
     return "\n".join(out)
+
+
+def render_loop(result) -> str:
+    """The stages of a MorphNet loop side by side, and the widths that changed."""
+    first = result.stages[0]
+    rows = [[s.name, f"{100 * s.accuracy:.2f}%", f"{human(s.flops)} ({s.flops / first.flops:.0%})",
+             f"{human(s.params)} ({s.params / first.params:.0%})", f"{s.latency_ms:.3f} ms"] for s in result.stages]
+    lines = _table(["stage", "test accuracy", "FLOPs", "params", "latency (batch 64)"], rows) + ["", "widths:"]
+    lines += [f"  {w.node}: {w.before} -> {w.after}" for w in result.widths if w.before != w.after]
+    return "\n".join(lines)

@@ -1,0 +1,137 @@
+"""MorphNet's loop on one model: shrink (regularized training), prune the dead channels, fine-tune.
+
+Each stage is measured the same way: test accuracy, FLOPs and parameters from the cost model,
+and onnxruntime CPU latency.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+import onnx
+
+from onnx_morph.analysis import analyze
+from onnx_morph.data import Dataset
+from onnx_morph.rewrite.artifacts import RegularizerOptions, make_training_artifacts
+from onnx_morph.rewrite.prune import LayerWidth, prune
+from onnx_morph.rewrite.save import save_model
+from onnx_morph.rewrite.verify import onnxruntime
+from onnx_morph.train import accuracy, train
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    path: Path
+    accuracy: float
+    flops: float
+    params: float
+    latency_ms: float
+
+
+@dataclass
+class LoopResult:
+    stages: list[Stage]
+    widths: list[LayerWidth]
+    cost_curve: list[tuple[int, float]] = field(repr=False)
+    total_cost: float = 0.0
+
+
+def morphnet_loop(
+    model: str | os.PathLike,
+    data: Dataset,
+    work_dir: str | os.PathLike,
+    *,
+    regularizer: RegularizerOptions = RegularizerOptions(),
+    strength: float | None = None,
+    epochs: int = 2,
+    finetune_epochs: int = 1,
+    learning_rate: float = 5e-3,
+    finetune_learning_rate: float = 1e-3,
+    batch_size: int = 64,
+    progress: TextIO | None = None,
+) -> LoopResult:
+    """Shrink `model` with the regularizer, prune at its threshold, fine-tune without it.
+
+    `strength` None is MorphNet's default, 1 / (initial regularization value).
+    """
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    train_data, test_data = (data.x_train, data.y_train), (data.x_test, data.y_test)
+
+    shrink = make_training_artifacts(model, work / "shrink", regularizer=regularizer, strength=strength,
+                                     batch_size=batch_size, overwrite=True)
+    shrunk = train(shrink, train_data, epochs=epochs, learning_rate=learning_rate, export=work / "trained.onnx",
+                   test_data=test_data, progress=progress)
+    threshold = regularizer.threshold if regularizer.threshold is not None else 1e-2
+    kind = {"gamma_threshold": threshold} if regularizer.kind == "gamma" else {"weight_threshold": threshold}
+    pruned = prune(shrunk.model_path, **kind)
+    save_model(pruned.model, work / "pruned.onnx")
+
+    tune = make_training_artifacts(work / "pruned.onnx", work / "finetune", regularizer=None,
+                                   batch_size=batch_size, overwrite=True)
+    tuned = train(tune, train_data, epochs=finetune_epochs, learning_rate=finetune_learning_rate,
+                  export=work / "finetuned.onnx", test_data=test_data, progress=progress)
+
+    stages = [measure("trained (regularized)", shrunk.model_path, test_data),
+              measure("pruned", work / "pruned.onnx", test_data),
+              measure("pruned + fine-tuned", tuned.model_path, test_data)]
+    curve = [(r["step"], r["effective_cost"]) for r in shrunk.history]
+    return LoopResult(stages, pruned.widths, curve, shrink.total_cost or 0.0)
+
+
+def measure(name: str, path: Path, test_data, runs: int = 30, batch: int = 64) -> Stage:
+    """Accuracy, cost-model FLOPs and parameters, and median onnxruntime latency of one batch."""
+    model = onnx.load(str(path))
+    report = analyze(path)
+    return Stage(name, Path(path), accuracy(model, test_data), report.total.flops, report.total.params,
+                 latency_ms(model, test_data[0][:batch], runs))
+
+
+def latency_ms(model: onnx.ModelProto, x: np.ndarray, runs: int = 30, threads: int = 2) -> float:
+    ort = onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {session.get_inputs()[0].name: x.astype(np.float32)}
+    for _ in range(5):
+        session.run(None, feeds)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+def plot(result: LoopResult, path: str | os.PathLike) -> Path:
+    """Per-layer widths before and after, and the effective cost over the shrinking steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (widths, curve) = plt.subplots(1, 2, figsize=(12, 4.5))
+    layers = np.arange(len(result.widths))
+    widths.bar(layers - 0.2, [w.before for w in result.widths], 0.4, label="before")
+    widths.bar(layers + 0.2, [w.after for w in result.widths], 0.4, label="after")
+    widths.set_xticks(layers, [w.node for w in result.widths], rotation=70, fontsize=7)
+    widths.set_ylabel("output channels")
+    widths.set_title("layer widths")
+    widths.legend()
+    steps, costs = zip(*result.cost_curve) if result.cost_curve else ((), ())
+    curve.plot(steps, [c / result.total_cost for c in costs] if result.total_cost else costs)
+    curve.set_xlabel("training step")
+    curve.set_ylabel("effective FLOPs / seed FLOPs")
+    curve.set_title("effective cost while shrinking")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
