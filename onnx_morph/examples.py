@@ -13,10 +13,16 @@ if TYPE_CHECKING:
     from onnx_morph.loop import LoopResult
 
 
-def small_resnet(width: int = 16, num_classes: int = 10):
-    """A CIFAR-style ResNet with two stages, projection shortcut and a Flatten->Gemm head (28x28 input)."""
+def small_resnet(width: int = 16, num_classes: int = 10, widths: tuple[int, int, int] | None = None):
+    """A CIFAR-style ResNet with two stages, projection shortcut and a Flatten->Gemm head (28x28 input).
+
+    `widths` sets the three stages' widths (stem and first block, second block, third block);
+    by default they are (width, 2 * width, 4 * width).
+    """
     import torch
     from torch import nn
+
+    w0, w1, w2 = widths if widths is not None else (width, 2 * width, 4 * width)
 
     class Block(nn.Module):
         def __init__(self, c_in: int, c_out: int, stride: int):
@@ -34,9 +40,9 @@ def small_resnet(width: int = 16, num_classes: int = 10):
             return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
 
     return nn.Sequential(
-        nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
-        Block(width, width, 1), Block(width, 2 * width, 2), Block(2 * width, 4 * width, 2),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, num_classes),
+        nn.Conv2d(1, w0, 3, 1, 1, bias=False), nn.BatchNorm2d(w0), nn.ReLU(),
+        Block(w0, w0, 1), Block(w0, w1, 2), Block(w1, w2, 2),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(w2, num_classes),
     )
 
 
@@ -72,7 +78,7 @@ def demo(out: TextIO, work_dir: str | os.PathLike = "onnx-morph-demo", quick: bo
         print(f"{FASHION_MNIST_HELP}; using digits instead.", file=out)
         data = load_dataset("digits").resized(28, 28)
     if quick:
-        data = data.subset(train=1024, test=500)
+        data = data.subset(train=2048, test=1000)
     torch.manual_seed(0)
     path = export(small_resnet(), (1, 1, 28, 28), work / "seed.onnx")
     print(f"seed: a ResNet-style CNN for 28x28 inputs ({path}); data: {data.name}, "
