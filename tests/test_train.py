@@ -286,3 +286,21 @@ def test_other_losses_train(fresh, tmp_path, digits):
                        epochs=3, learning_rate=0.01, progress=None, structure_every=0)
         losses = [r["task_loss"] for r in result.history]
         assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4]), (name, losses)
+
+
+def test_killed_regularize_leaves_nothing(fresh, tmp_path):
+    import signal
+    import time
+
+    before = fresh.read_bytes()
+    out = tmp_path / "art"
+    for delay in (0.8, 1.6):
+        proc = subprocess.Popen([str(SCRIPT), "regularize", str(fresh), "-o", str(out)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not out.exists() or (out / "morph.json").exists()
+    assert run("regularize", fresh, "-o", out, "--force").returncode == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
+    assert fresh.read_bytes() == before

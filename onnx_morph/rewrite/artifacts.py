@@ -35,6 +35,7 @@ STRENGTH = "morph_strength"
 CONFIG = "morph.json"
 BASE_MODEL = "base_model.onnx"
 CONFIG_FORMAT = "onnx-morph-training"
+STAGING = "onnx-morph-staging-"
 LOSSES = {"cross-entropy": "labels", "mse": "target", "bce": "target"}
 OPTIMIZERS = ("adamw", "sgd")
 # onnxruntime-training 1.19.2 loads models up to this IR version.
@@ -179,7 +180,9 @@ def make_training_artifacts(
         total_cost=total_cost, initial_cost=initial_cost, initial_regularization=initial_reg,
         input_shapes={k: list(v) for k, v in loaded.input_shapes.items()})
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    for stale in out_dir.parent.glob(f".{out_dir.name}.{STAGING}*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{STAGING}", dir=out_dir.parent))
     try:
         _generate(training, base, params, loss, reg is not None, optimizer, staging)
         onnx.save(base, str(staging / BASE_MODEL))
