@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_morph.costs.terms import COEFFICIENTS
 from onnx_morph.errors import OptionError
 from onnx_morph.rewrite.regularizer import RMS_EPSILON, Regularizer
 
@@ -124,8 +125,7 @@ def add_regularizer(model: onnx.ModelProto, regularizer: Regularizer) -> onnx.Mo
     counts = {side: builder.const(f"counts_{side}", terms.counts(side)) for side in ("in", "out")}
     a_in, a_out = (builder.node("MatMul", [counts[s], alive]) for s in ("in", "out"))
     r_in, r_out = (builder.node("MatMul", [counts[s], r]) for s in ("in", "out"))
-    coefficient = {name: terms.coefficients(name) for name in
-                   ("bilinear", "in_linear", "out_linear", "constant", "depthwise")}
+    coefficient = {name: terms.coefficients(name) for name in COEFFICIENTS}
     cost = builder.polynomial([
         ("bilinear", [a_in, a_out]), ("in_linear", [a_in]), ("out_linear", [a_out]), ("constant", [])], coefficient)
     cross = builder.node("Add", [builder.node("Mul", [a_in, r_out]), builder.node("Mul", [a_out, r_in])])
