@@ -156,9 +156,12 @@ def removed_channel_values(
                                for v in values], axis=1)
         mean = flat.mean(axis=1)
         spread = flat.max(axis=1) - flat.min(axis=1)
-        # Tolerances relative to the tensor's own scale: activations of a fresh model can be tiny.
+        # A constant channel (beta after a zero gamma) repeats one value exactly, so its spread is measured
+        # against its own value; measured against the tensor's largest channel, a small channel that varies
+        # (channels of a fresh model can differ by orders of magnitude) would pass for constant and be folded
+        # with the value it had on these samples only. Values negligible at the tensor's scale are not folded.
         scale = float(np.abs(flat).max()) or 1.0
-        constant = (~masks[tensor]) & (spread <= 1e-6 * scale) & (np.abs(mean) > 1e-6 * scale)
+        constant = (~masks[tensor]) & (spread <= 1e-6 * np.abs(mean)) & (np.abs(mean) > 1e-6 * scale)
         if len(values) > 1:
             removed[tensor] = np.where(constant, mean, 0.0)
     return removed
