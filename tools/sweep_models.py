@@ -1,0 +1,287 @@
+#!/usr/bin/env python
+"""Sweep every torchvision classification architecture through analyze and prune; write docs/coverage.md.
+
+    python tools/sweep_models.py [--models resnet18 ...] [--output docs/coverage.md] [--workdir DIR]
+                                 [--timeout SECONDS] [--jobs N]
+
+For each architecture (random init, ``weights=None``, nothing is downloaded; batch 1; the input
+size of its default weights, or the model's own ``image_size``):
+
+1. export to ONNX through ``tests/zoo.py``'s ``export_onnx`` (TorchScript exporter, BatchNorm kept);
+2. ``onnx_morph.analyze``: every group is prunable or pinned with a reason;
+3. a seeded random 30% of the channel classes of each prunable group (each group keeps one) goes
+   into a mask document, ``onnx_morph.rewrite.prune(path, masks=...)`` removes them, the result must
+   pass ``onnx.checker`` (full check) and, in onnxruntime on random inputs, match the original with
+   the removed channels multiplied by zero (``rewrite.verify.masked_original``) to 1e-4 relative;
+   ``analyze`` of the pruned model must cost what the masks said it would.
+
+Each architecture runs in a child process (``--one NAME``), so one that crashes or runs out of
+memory or time is a failed row, not a failed sweep. tests/test_sweep.py runs ``check_architecture``
+on a fast subset in the default test run and on the rest with ``-m slow``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+for _path in (str(REPO), str(REPO / "tests")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+KILL_FRACTION = 0.3
+REL_TOL = 1e-4
+
+
+@dataclass
+class Row:
+    """One architecture's results; `status` is "pass", "unverified" (over 2 GB: onnxruntime cannot
+    take it from memory, so prune skips the comparison) or "fail", with `why`."""
+
+    model: str
+    input_side: int = 0
+    nodes: int = 0
+    groups: int = 0
+    prunable_groups: int = 0
+    prunable_channels: int = 0
+    removed_channels: int = 0
+    flops_kept: float = 0.0
+    max_rel: float | None = None
+    pins: dict[str, int] = field(default_factory=dict)
+    status: str = "fail"
+    why: str = ""
+    seconds: float = 0.0
+
+
+def architectures() -> list[str]:
+    """Every classification model torchvision builds (its top-level `models` namespace)."""
+    from zoo import import_torchvision
+
+    tv = import_torchvision()
+    return sorted(tv.models.list_models(module=tv.models))
+
+
+def input_side(name: str, module) -> int:
+    """The model's own fixed image size (ViT), else the crop size of its default weights' transforms."""
+    from zoo import import_torchvision
+
+    side = getattr(module, "image_size", None)
+    if isinstance(side, int):
+        return side
+    tv = import_torchvision()
+    return int(tv.models.get_model_weights(name).DEFAULT.transforms.keywords.get("crop_size", 224))
+
+
+def export_architecture(name: str, folder: pathlib.Path) -> tuple[pathlib.Path, int]:
+    """Build `name` with random weights (seeded) and export it at batch 1; returns (path, input side)."""
+    import torch
+    from zoo import export_onnx, import_torchvision
+
+    tv = import_torchvision()
+    torch.manual_seed(0)
+    module = tv.models.get_model(name, weights=None).eval()
+    side = input_side(name, module)
+    return export_onnx(module, (1, 3, side, side), folder / f"{name}.onnx"), side
+
+
+def random_kill(graph, seed: int):
+    """Alive classes with a random KILL_FRACTION of each prunable group removed (at least one kept)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    alive = np.ones(graph.num_classes, dtype=bool)
+    for group in graph.groups:
+        if group.prunable:
+            count = min(int(round(KILL_FRACTION * group.size)), group.size - 1)
+            if count > 0:
+                alive[rng.choice(group.classes, size=count, replace=False)] = False
+    return alive
+
+
+def pin_summary(groups) -> dict[str, int]:
+    """Pinned groups per reason, node names elided (graph inputs/outputs are always pinned; left out)."""
+    counts: dict[str, int] = {}
+    for group in groups:
+        for reason in dict.fromkeys(re.sub(r"'[^']*'", "'…'", r) for r in group.pin_reasons):
+            if not reason.startswith(("graph input", "graph output")):
+                counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def check_architecture(name: str, path: pathlib.Path, row: Row) -> Row:
+    """Analyze and prune one exported model; raises AssertionError (with the reason) on a failure."""
+    import numpy as np
+    import onnx
+
+    import onnx_morph
+    from onnx_morph.costs import op_costs, totals_of
+    from onnx_morph.rewrite import prune
+    from onnx_morph.rewrite.select import mask_document
+    from onnx_morph.rewrite.surgery import keep_masks
+    from onnx_morph.rewrite.verify import deviation, masked_original, random_inputs, run
+
+    analysis = onnx_morph.analyze(path)
+    graph = analysis.graph
+    row.nodes = len(graph.model.graph.node)
+    row.groups = len(analysis.groups)
+    prunable = [g for g in analysis.groups if g.prunable]
+    row.prunable_groups = len(prunable)
+    row.prunable_channels = sum(g.size for g in prunable)
+    row.pins = pin_summary(analysis.groups)
+    for group in analysis.groups:
+        assert group.prunable == (not group.pin_reasons), f"group {group.id} is pinned without a reason"
+    if not prunable:
+        raise AssertionError("no prunable group")
+
+    alive = random_kill(graph, zlib.crc32(name.encode()))
+    result = prune(path, masks=mask_document(graph, alive))
+    row.removed_channels = result.removed_channels
+    assert result.removed_channels == int((~alive).sum()), "prune removed other channels than the masks"
+    assert np.array_equal(result.alive, alive)
+    pruned = result.model
+    after = onnx_morph.analyze(pruned).total
+    effective = totals_of(op_costs(graph, alive))  # what the cost model predicts for the masks
+    assert after.flops == effective.flops, f"pruned FLOPs {after.flops:.6g}, the cost model said {effective.flops:.6g}"
+    row.flops_kept = after.flops / analysis.total.flops if analysis.total.flops else 1.0
+    if result.masked_deviation is None:
+        row.status, row.why = "unverified", "over 2 GB: prune skips the checker and onnxruntime comparison"
+        return row
+    onnx.checker.check_model(pruned, full_check=True)
+
+    # prune() compared against the masked original on its own 2 inputs; check again on fresh ones.
+    original = graph.model.materialized()
+    feeds = random_inputs(graph, samples=1, seed=1)
+    masked = masked_original(graph, original, keep_masks(graph, alive))
+    row.max_rel = max(result.masked_deviation.max_rel, deviation(run(graph, masked, feeds), run(graph, pruned, feeds)).max_rel)
+    assert row.max_rel < REL_TOL, f"pruned output differs from the masked original by {row.max_rel:.2e} relative"
+    row.status, row.why = "pass", ""
+    return row
+
+
+def sweep_one(name: str, folder: pathlib.Path) -> Row:
+    """Export, analyze and prune `name`; every failure becomes the row's `why`."""
+    row = Row(name)
+    start = time.perf_counter()
+    try:
+        try:
+            path, row.input_side = export_architecture(name, folder)
+        except Exception as exc:  # noqa: BLE001 - an export failure is torch's, reported as such
+            row.why = f"torch export: {_one_line(exc)}"
+            return row
+        check_architecture(name, path, row)
+    except AssertionError as exc:
+        row.why = _one_line(exc)
+    except Exception as exc:  # noqa: BLE001 - any other error is a failure of onnx-morph, reported
+        row.why = f"{type(exc).__name__}: {_one_line(exc)}"
+    finally:
+        row.seconds = time.perf_counter() - start
+    return row
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:200] + ("…" if len(text) > 200 else "")
+
+
+def _child(name: str, workdir: pathlib.Path, timeout: float) -> Row:
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--one", name, "--workdir", str(workdir)]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return Row(name, why=f"timed out after {timeout:.0f} s", seconds=timeout)
+    line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("ROW ")), None)
+    if line is None:
+        tail = proc.stderr.strip().splitlines()[-1:] or [f"exit code {proc.returncode}"]
+        return Row(name, why=f"crashed (exit {proc.returncode}): {tail[0][:200]}", seconds=time.perf_counter() - start)
+    return Row(**json.loads(line[4:]))
+
+
+def render(rows: list[Row], total_seconds: float) -> str:
+    passed = [r for r in rows if r.status == "pass"]
+    unverified = [r for r in rows if r.status == "unverified"]
+    lines = [
+        "# Coverage: torchvision classification architectures",
+        "",
+        "Written by `python tools/sweep_models.py` (tests/test_sweep.py runs the same check). Each model: random",
+        "init, batch 1, its default input size, exported with the TorchScript exporter (BatchNorm kept);",
+        "`analyze`; a seeded random 30% of every prunable group's channels removed with `prune --mask`; the",
+        "result passes `onnx.checker` (full check) and matches the original with those channels zeroed to",
+        f"{REL_TOL:g} relative in onnxruntime, and `analyze` of it gives the FLOPs the cost model predicted.",
+        "",
+        f"**{len(passed)} of {len(rows)} pass**, {len(unverified)} unverified (over 2 GB), "
+        f"{len(rows) - len(passed) - len(unverified)} fail. Sweep time {total_seconds / 60:.1f} min.",
+        "",
+        "| model | input | nodes | groups | prunable groups | prunable channels | removed | FLOPs kept | max rel dev | result |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        why = r.why.replace("|", "/")
+        result = {"pass": "pass", "unverified": f"unverified: {why}"}.get(r.status, f"**fail**: {why}")
+        dev = "" if r.max_rel is None else f"{r.max_rel:.1e}"
+        kept = f"{100 * r.flops_kept:.0f}%" if r.flops_kept else ""
+        lines.append(f"| {r.model} | {r.input_side or ''} | {r.nodes or ''} | {r.groups or ''} | {r.prunable_groups or ''} "
+                     f"| {r.prunable_channels or ''} | {r.removed_channels or ''} | {kept} | {dev} | {result} |")
+    reasons: dict[str, list[str]] = {}
+    for r in rows:
+        for reason, count in r.pins.items():
+            reasons.setdefault(reason, []).append(f"{r.model} ({count})")
+    lines += ["", "## Why groups are pinned", "",
+              "Besides graph inputs and outputs; pinned groups per reason, node names elided.", "",
+              "| reason | models (pinned groups) |", "|---|---|"]
+    for reason, models in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"| {reason.replace('|', '/')} | {', '.join(models)} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="*", help="architectures (default: all)")
+    parser.add_argument("--output", default=str(REPO / "docs" / "coverage.md"))
+    parser.add_argument("--workdir", help="where exports go (default: a temporary folder)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per architecture")
+    parser.add_argument("--jobs", type=int, default=1, help="architectures in parallel")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.one:
+        folder = pathlib.Path(args.workdir)
+        folder.mkdir(parents=True, exist_ok=True)
+        row = sweep_one(args.one, folder)
+        for leftover in folder.glob(f"{args.one}.onnx*"):
+            leftover.unlink()
+        print("ROW " + json.dumps(asdict(row)), flush=True)
+        return 0
+
+    names = args.models or architectures()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sweep_") as scratch:
+        workdir = pathlib.Path(args.workdir or scratch)
+
+        def one(name: str) -> Row:
+            row = _child(name, workdir, args.timeout)
+            print(f"{row.model:24} {row.status:4} {row.seconds:7.1f}s {row.why}", flush=True)
+            return row
+
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            rows = list(pool.map(one, names))
+    text = render(rows, time.perf_counter() - start)
+    from onnx_morph.rewrite.save import write_text
+
+    write_text(text, args.output)
+    print(f"wrote {args.output}: {sum(r.status == 'pass' for r in rows)} of {len(rows)} pass")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
