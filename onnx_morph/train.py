@@ -169,7 +169,13 @@ def recalibrated_batchnorm(model: onnx.ModelProto, inputs: list[np.ndarray], inp
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(n.input[0], onnx.TensorProto.FLOAT, None)
                               for n in norms if n.input[0] not in known)
-    session = onnxruntime().InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    ort = onnxruntime()
+    options = ort.SessionOptions()
+    # onnxruntime 1.19's graph optimizations treat a training-mode BatchNormalization whose statistics
+    # are initializers as an inference one (normalized by the running statistics), so the measured
+    # statistics downstream of it would be wrong.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     wanted = [n.input[0] for n in norms]
     sums: dict[str, list] = {}
     for x in inputs:
