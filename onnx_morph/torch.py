@@ -21,7 +21,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -188,18 +188,20 @@ class MorphNetRegularizer:
         return MorphNetOutput(total_reg, total_cost.detach(), alive[:-1].detach().bool())
 
     def alive_counts(self, alive: torch.Tensor | np.ndarray | None = None) -> dict[str, int]:
-        """MorphNet's structure, {producer node: alive output channels}, for `alive` (by default now)."""
-        return self.mask_document(alive)["structure"]
+        """{producer node: alive output channels} for `alive` (by default the parameters' current
+        state), as the regularizer sees it: a layer may be at 0 here, see `mask_document`."""
+        from onnx_morph.rewrite.select import mask_document
+
+        alive = _numpy(self().alive if alive is None else alive).astype(bool)
+        return mask_document(self.graph, alive)["structure"]
 
     def mask_document(self, alive: torch.Tensor | np.ndarray | None = None) -> dict:
         """The `analyze --structure` JSON (input of `prune --mask`) for `alive`, every group keeping
-        at least its strongest channel, plus `modules`: the structure keyed by module name."""
+        at least its strongest channel as `prune` does (MorphNet's structure), plus `modules`: the
+        structure keyed by module name."""
         from onnx_morph.rewrite.select import mask_document
 
-        if alive is None:
-            alive = self().alive
-        alive = _keep_one(self.graph, _numpy(alive).astype(bool), self.vector())
-        document = mask_document(self.graph, alive)
+        document = mask_document(self.graph, self.kept(alive))
         document["model"] = type(self.module).__name__
         modules = {}
         for node, count in document["structure"].items():
@@ -210,6 +212,32 @@ class MorphNetRegularizer:
                 modules[parameter.rpartition(".")[0]] = count
         document["modules"] = modules
         return document
+
+    def kept(self, alive: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
+        """Per class, whether pruning keeps it: alive (by default now), plus the strongest channel
+        of any group that would otherwise be emptied."""
+        alive = _numpy(self().alive if alive is None else alive).astype(bool)
+        return _keep_one(self.graph, alive, self.vector())
+
+    def zeroed_copy(self, kept: np.ndarray | None = None) -> torch.nn.Module:
+        """A copy of the module whose dead channels' sources are exactly 0, as MorphNet counts them.
+
+        A scale below the threshold still passes a little signal, so its channel is not the
+        constant (beta, relu(beta)) that pruning can fold into the next layer; at 0 it is.
+        """
+        kept = self.kept() if kept is None else kept
+        dead = np.flatnonzero(~np.append(kept, True) & ~self.spec.fixed)
+        positions = set(self.spec.gather[:, dead].ravel().tolist()) - {self.spec.zero_position}
+        twin = copy.deepcopy(self.module)
+        parameters = dict(twin.named_parameters())
+        offset = 0
+        with torch.no_grad():
+            for binding in self.bindings:
+                channels = [p - offset for p in positions if offset <= p < offset + binding.channels]
+                if channels:
+                    parameters[binding.parameter].index_fill_(binding.axis, torch.tensor(channels), 0.0)
+                offset += binding.channels
+        return twin
 
     def vector(self) -> np.ndarray:
         """Per channel class, the regularization value (max over its sources; 0 without one)."""
@@ -373,20 +401,67 @@ def export_structure(regularizer: MorphNetRegularizer, path: str | os.PathLike |
     return document["structure"]
 
 
-def prune_module(regularizer: MorphNetRegularizer, path: str | os.PathLike | None = None, **prune_options: Any):
+def prune_module(regularizer: MorphNetRegularizer, path: str | os.PathLike | None = None, *,
+                 calibration: Iterable[torch.Tensor | np.ndarray] | None = None, **prune_options: Any):
     """Export the trained module and remove the channels the regularizer finds dead.
 
     The dead set is the regularizer's own (its kind, threshold and source grouping), applied as a
-    mask document, so the pruned widths are exactly the training-time alive counts. Returns
-    onnx_morph.rewrite.PruneResult; with `path`, the pruned model is also saved there.
-    `prune_options` go to `prune` (round_to, fold_constants, verify).
+    mask document, so the pruned widths are exactly the training-time alive counts. What is
+    exported is `zeroed_copy()`: dead sources at exactly 0 (the module itself is not changed), so
+    every removed channel holds a constant (beta, relu(beta)) that `prune` folds into its consumers
+    where that is exact (Gemm, unpadded Conv) and drops elsewhere. A dropped constant shifts the
+    next BatchNorm's input, so give `calibration` (input batches, e.g. 20 training batches): the
+    pruned model's BatchNorm statistics are then measured on them, which absorbs the shift.
+    Unless `export_options` say otherwise, the batch dimension of the inputs and outputs is dynamic.
+    Returns onnx_morph.rewrite.PruneResult (`model` is the calibrated one; the deviations are those
+    of the uncalibrated surgery); with `path`, the model is also saved there. `prune_options` go
+    to `prune` (round_to, fold_constants, verify).
     """
     from onnx_morph.rewrite import prune, save_model
     from onnx_morph.rewrite.training_graph import unshare_initializers
 
-    document = regularizer.mask_document()
-    model = unshare_initializers(export_onnx(regularizer.module, regularizer.example_inputs, **regularizer.export_options))
+    kept = regularizer.kept()
+    document = regularizer.mask_document(kept)
+    module = regularizer.zeroed_copy(kept)
+    model = unshare_initializers(export_onnx(module, regularizer.example_inputs, **_batch_dynamic(regularizer)))
     result = prune(model, masks=document, **prune_options)
+    if calibration is not None:
+        from onnx_morph.train import recalibrated_batchnorm
+
+        inputs = [i.name for i in result.model.graph.input if i.name not in {t.name for t in result.model.graph.initializer}]
+        if len(inputs) != 1:
+            raise OptionError(f"calibration feeds one input, and the pruned model has {len(inputs)}: {inputs}")
+        batches = [_numpy(b).astype(np.float32) for b in calibration]
+        result.model = _without_unused_initializers(recalibrated_batchnorm(result.model, batches, inputs[0]))
+        result.notes.append(f"BatchNorm statistics measured on {len(batches)} calibration batches")
+    elif any(n.op_type == "BatchNormalization" for n in result.model.graph.node) and result.removed_channels:
+        result.notes.append("BatchNorm statistics not recalibrated: removed channels' constants that feed padded "
+                            "convs are dropped; pass calibration= batches (or fine-tune)")
     if path is not None:
         save_model(result.model, Path(path))
     return result
+
+
+def _batch_dynamic(regularizer: MorphNetRegularizer) -> dict[str, Any]:
+    """The regularizer's export options, with a dynamic first dimension on every input and output
+    (named as the exporter names them) unless the options already set dynamic axes."""
+    options = dict(regularizer.export_options)
+    if "dynamic_axes" in options or options.get("dynamo"):
+        return options
+    graph = regularizer.graph.model.model.graph
+    constants = {t.name for t in graph.initializer}
+    inputs = [v.name for v in graph.input if v.name not in constants and v.type.tensor_type.shape.dim]
+    outputs = [v.name for v in graph.output if v.type.tensor_type.shape.dim]
+    options.setdefault("input_names", [v.name for v in graph.input if v.name not in constants])
+    options.setdefault("output_names", [v.name for v in graph.output])
+    options["dynamic_axes"] = {name: {0: "batch"} for name in inputs + outputs}
+    return options
+
+
+def _without_unused_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the running statistics that recalibration replaced."""
+    used = {name for node in model.graph.node for name in node.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model

@@ -289,6 +289,73 @@ def test_structure_and_prune_in_two_calls(tmp_path):
     assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()
 
 
+def test_prune_module_calibrates_batchnorm_after_dropped_constants():
+    """Dead channels with a non-zero beta hold relu(beta), which `prune` cannot fold into a padded
+    conv; measured BatchNorm statistics absorb most of the shift."""
+    from onnx_morph.train import recalibrated_batchnorm
+
+    torch.manual_seed(0)
+    module = TinyResNet()
+    calibration = [torch.randn(8, 3, 64, 64) for _ in range(4)]
+    with torch.no_grad():
+        for bn in (module.stem[1], module.bn1, module.bn2):
+            bn.bias.uniform_(-0.5, 0.5)
+        module.bn1.weight[3:13] = 0.01
+        module.stem[1].weight[:3] = 0.02
+    reg = MorphNetRegularizer(module, calibration[0][:1], threshold=0.5)
+    x = torch.randn(16, 3, 64, 64)
+    ort = onnxruntime()
+
+    def run(model: onnx.ModelProto) -> np.ndarray:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+    zeroed = reg.zeroed_copy()
+    assert (zeroed.bn1.weight[3:13] == 0).all() and (module.bn1.weight[3:13] == 0.01).all()
+    zeroed.eval()
+    with torch.no_grad():
+        expected = zeroed(x).numpy()
+    plain = prune_module(reg)
+    assert "not recalibrated" in plain.notes[-1]
+    dropped = np.abs(run(plain.model) - expected).max() / np.abs(expected).max()
+    calibrated = prune_module(reg, calibration=calibration)
+    assert calibrated.notes[-1] == "BatchNorm statistics measured on 4 calibration batches"
+    export = export_onnx(zeroed, x[:1], input_names=["x"], output_names=["y"],
+                         dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    reference = run(recalibrated_batchnorm(export, [b.numpy() for b in calibration], "x"))
+    remaining = np.abs(run(calibrated.model) - reference).max() / np.abs(reference).max()
+    assert dropped > 0.1 and remaining < 0.05 and remaining < dropped / 3, (dropped, remaining)
+
+
+def test_batchnorm_calibration_measures_training_mode_statistics():
+    """recalibrated_batchnorm (used by prune_module) measures what torch measures in training mode.
+    (With onnxruntime's graph optimizations on, some training-mode BatchNorms were normalized by
+    their running statistics; the pruned TinyResNet of the test above showed it, this model does not.)"""
+    from onnx_morph.train import recalibrated_batchnorm
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                           nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+    with torch.no_grad():
+        for bn in (module[1], module[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(2, 3)
+    batch = torch.randn(16, 3, 12, 12)
+    model = export_onnx(module, batch, input_names=["x"])
+    calibrated = recalibrated_batchnorm(model, [batch.numpy()], "x")
+    stats = {t.name: numpy_helper.to_array(t) for t in calibrated.graph.initializer}
+    second = [n for n in calibrated.graph.node if n.op_type == "BatchNormalization"][1]
+    for bn in (module[1], module[4]):
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative: after one batch, that batch's statistics
+    module.train()
+    with torch.no_grad():
+        module(batch)
+    n = 16 * 12 * 12
+    np.testing.assert_allclose(stats[second.input[3]], module[4].running_mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(stats[second.input[4]], module[4].running_var.numpy() * (n - 1) / n, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- #
 # DDP: 2 gloo processes on CPU agree with each other and with one process.
 # --------------------------------------------------------------------------- #
