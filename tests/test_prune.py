@@ -349,6 +349,24 @@ def test_a_varying_channel_is_not_folded_as_a_constant(tmp_path):
     assert zero_masked_difference(path, result, (1, 3, 4, 4)) < REL_TOL
 
 
+def test_two_samples_that_agree_by_chance_are_not_a_constant(tmp_path):
+    """After global pooling a channel has one value per sample. regnet_x_32gf (random init) gave
+    0.48551723 and 0.4855175 on prune's two inputs for a channel that ranges over 0.48..0.51: equal to
+    6e-7, not to the bit. A dead channel is input-independent, so bit-identical across samples."""
+    from onnx_morph.rewrite.surgery import removed_channel_values
+
+    factory, shape = zoo.ZOO["FlattenHead"]
+    graph = build_channel_graph(load_model(zoo.export_onnx(factory(), shape, tmp_path / "flat.onnx")))
+    tensor = next(t for t, info in graph.tensors.items() if info.axes == (1,) and len(info.shape) == 2)
+    size = graph.tensors[tensor].channels
+    first = np.full((1, size), 0.48551723, np.float32)
+    second = first.copy()
+    second[0, 0] = 0.4855175  # channel 0: close by chance; channel 1 onwards: truly constant
+    removed = removed_channel_values(graph, {tensor: np.zeros(size, bool)}, {tensor: [first, second]})
+    assert removed[tensor][0] == 0
+    assert removed[tensor][1:] == pytest.approx(0.48551723)
+
+
 def zero_masked_difference(path: Path, result, shape) -> float:
     """Pruned model vs the original with every removed channel multiplied by zero."""
     from onnx_morph.rewrite.surgery import keep_masks

@@ -148,22 +148,26 @@ def removed_channel_values(
 ) -> dict[str, np.ndarray]:
     """The constant each removed channel holds, from its values on several random inputs: a channel
     counts as constant only if it takes one value over every position of every sample (a channel
-    dead by a weight norm, or one value per sample after global pooling, is not)."""
+    dead by a weight norm, or one value per sample after global pooling, is not).
+
+    A dead channel (beta after a zero gamma) does not depend on the input at all, so each position
+    holds bit-identical values in every sample; a channel after global pooling has one value per
+    sample, and two samples of a live one can agree to 1e-6 by chance (it happened), but hardly to
+    the bit. Over positions the spread is measured against the channel's own value: against the
+    tensor's largest channel, a small varying channel could pass for constant."""
     removed = {}
     for tensor, values in samples.items():
+        if len(values) < 2:
+            continue
         axis = graph.tensors[tensor].axes[0]
-        flat = np.concatenate([np.moveaxis(np.asarray(v, dtype=np.float64), axis, 0).reshape(v.shape[axis], -1)
-                               for v in values], axis=1)
+        stack = np.stack([np.moveaxis(np.asarray(v), axis, 0).reshape(v.shape[axis], -1) for v in values])
+        input_independent = np.all(stack == stack[:1], axis=(0, 2))
+        flat = stack[0].astype(np.float64)
         mean = flat.mean(axis=1)
         spread = flat.max(axis=1) - flat.min(axis=1)
-        # A constant channel (beta after a zero gamma) repeats one value exactly, so its spread is measured
-        # against its own value; measured against the tensor's largest channel, a small channel that varies
-        # (channels of a fresh model can differ by orders of magnitude) would pass for constant and be folded
-        # with the value it had on these samples only. Values negligible at the tensor's scale are not folded.
-        scale = float(np.abs(flat).max()) or 1.0
-        constant = (~masks[tensor]) & (spread <= 1e-6 * np.abs(mean)) & (np.abs(mean) > 1e-6 * scale)
-        if len(values) > 1:
-            removed[tensor] = np.where(constant, mean, 0.0)
+        scale = float(np.abs(flat).max()) or 1.0  # values negligible at the tensor's scale are not folded
+        constant = (~masks[tensor]) & input_independent & (spread <= 1e-6 * np.abs(mean)) & (np.abs(mean) > 1e-6 * scale)
+        removed[tensor] = np.where(constant, mean, 0.0)
     return removed
 
 
