@@ -16,10 +16,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -48,7 +48,7 @@ def run_limited(*args) -> tuple[subprocess.CompletedProcess, float]:
     """The CLI under the memory limit; returns the process and its wall time."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _LIMITED_CLI, str(MEMORY_LIMIT), *map(str, args)],
-                          capture_output=True, text=True, timeout=TIME_LIMIT)
+                          capture_output=True, text=True, timeout=TIME_LIMIT, check=False)
     return proc, time.perf_counter() - start
 
 
@@ -114,7 +114,7 @@ def small_mlp(features: int = 768, weight=(8, 768), bias: int = 8) -> onnx.Model
         helper.make_node("Relu", ["h"], ["r"], name="relu"),
         helper.make_node("Gemm", ["r", "w2"], ["y"], name="g2", transB=1),
     ]
-    side = int(round((features / 3) ** 0.5))
+    side = round((features / 3) ** 0.5)
     graph = helper.make_graph(nodes, "small_mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, side, side])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "C"])],
                               [numpy_helper.from_array(_rng_array(*weight), "w"), numpy_helper.from_array(_rng_array(bias), "b"),
@@ -542,7 +542,7 @@ def load_cases(tmp_path_factory):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_load_error_through_prune(name, load_cases):
-    cases, procs, outputs, before, after = load_cases
+    cases, procs, outputs, *_ = load_cases
     assert_user_error(procs[name], *cases[name].fragments)
     assert outputs[name] == []
 

@@ -211,7 +211,7 @@ def test_random_cnn_properties(spec, seed, tmp_path_factory):
     # 1. a partition: every channel element of every tensor in exactly one group, every class in one group
     classes = np.sort(np.concatenate([g.classes for g in graph.groups]))
     assert np.array_equal(classes, np.arange(graph.num_classes))
-    for tensor, start in graph.offsets.items():
+    for tensor in graph.offsets:
         owned = np.sort(np.concatenate([g.tensors[tensor] for g in graph.groups if tensor in g.tensors]))
         assert np.array_equal(owned, np.arange(graph.tensors[tensor].channels)), tensor
         for group in graph.groups:

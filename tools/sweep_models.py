@@ -113,7 +113,7 @@ def random_kill(graph, seed: int):
     alive = np.ones(graph.num_classes, dtype=bool)
     for group in graph.groups:
         if group.prunable:
-            count = min(int(round(KILL_FRACTION * group.size)), group.size - 1)
+            count = min(round(KILL_FRACTION * group.size), group.size - 1)
             if count > 0:
                 alive[rng.choice(group.classes, size=count, replace=False)] = False
     return alive
@@ -210,7 +210,7 @@ def _child(name: str, workdir: pathlib.Path, timeout: float) -> Row:
     cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--one", name, "--workdir", str(workdir)]
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return Row(name, why=f"timed out after {timeout:.0f} s", seconds=timeout)
     line = next((l for l in reversed(proc.stdout.splitlines()) if l.startswith("ROW ")), None)
@@ -232,8 +232,8 @@ def render(rows: list[Row], total_seconds: float) -> str:
         "result passes `onnx.checker` (full check) and matches the original with those channels zeroed to",
         f"{REL_TOL:g} relative in onnxruntime, and `analyze` of it gives the FLOPs the cost model predicted.",
         "",
-        f"**{len(passed)} of {len(rows)} pass**, {len(unverified)} unverified (over 2 GB), "
-        f"{len(rows) - len(passed) - len(unverified)} fail. Sweep time {total_seconds / 60:.1f} min.",
+        (f"**{len(passed)} of {len(rows)} pass**, {len(unverified)} unverified (over 2 GB), "
+         f"{len(rows) - len(passed) - len(unverified)} fail. Sweep time {total_seconds / 60:.1f} min."),
         "",
         "| model | input | nodes | groups | prunable groups | prunable channels | removed | FLOPs kept | max rel dev | result |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -86,14 +86,14 @@ def run(graph: ChannelGraph, model: onnx.ModelProto, feeds: list[dict[str, np.nd
     errors = _ort_errors(ort)
     try:
         return _run(ort, graph, model, feeds, extra_outputs)
-    except errors as exc:
+    except errors:
         try:
             _run(ort, graph, graph.model.materialized(), feeds[:1], ())
         except errors as original:
             message = " ".join(str(original).split())
             raise ModelLoadError(f"{graph.model.source}: onnxruntime {ort.__version__} cannot run the model: "
                                  f"{message[:300]}") from None
-        raise exc
+        raise
 
 
 def _run(ort, graph: ChannelGraph, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
