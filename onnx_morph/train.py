@@ -239,7 +239,12 @@ class _StructureTracker:
         folder.mkdir(exist_ok=True)
         (folder / f"alive_{step:05d}.json").write_text(json.dumps(self.structure, indent=1) + "\n")
         if final:
-            (log_dir / "masks.json").write_text(json.dumps(document) + "\n")
+            # prune keeps one channel of every group: the masks revive each emptied group's strongest.
+            kept = alive.copy()
+            for group in self.graph.groups:
+                if not kept[group.classes].any():
+                    kept[group.classes[np.argmax(vector[group.classes])]] = True
+            (log_dir / "masks.json").write_text(json.dumps(mask_document(self.graph, kept)) + "\n")
         key = "effective_cost_after" if final else "effective_cost_structure"
         return {key: cost, **{f"alive/group_{g}": n for g, n in self.alive_per_group.items()}}
 

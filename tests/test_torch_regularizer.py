@@ -165,8 +165,6 @@ def test_onnxruntime_matmul_vector_gradient():
     assert not np.allclose(gradient(helper.make_node("MatMul", ["a", "x"], ["y"]), a), expected)
 
 
-@pytest.mark.xfail(strict=True, reason="onnxruntime-training 1.19.2: wrong gradient of MatMul(counts, 1-D vector) "
-                                       "in add_regularizer's graph")
 def test_onnx_rewrite_gradient_as_emitted():
     factory, shape = zoo.ZOO["ConvStack"]
     module = factory()

@@ -21,7 +21,9 @@ from onnx_morph import analyze
 from onnx_morph.data import load_dataset
 from onnx_morph.examples import export
 from onnx_morph.graph import build_channel_graph, load_model
+from onnx_morph.costs import op_costs
 from onnx_morph.rewrite import prune
+from onnx_morph.rewrite.select import by_mask_document
 from onnx_morph.rewrite.artifacts import RegularizerOptions, load_artifacts, make_training_artifacts
 from onnx_morph.train import train
 
@@ -200,7 +202,14 @@ def test_logs_structure_and_masks(strength_runs, tmp_path):
     assert sum(first.values()) > sum(final.values())
 
     pruned = prune(result.model_path, masks=artifacts.directory / "masks.json")
-    assert pruned.after.flops == pytest.approx(result.effective_cost, rel=1e-9)
+    dead = [g for g in result.alive_per_group.values() if g == 0]
+    assert pruned.after.flops >= result.effective_cost
+    if not dead:
+        assert pruned.after.flops == pytest.approx(result.effective_cost, rel=1e-9)
+    trained = build_channel_graph(load_model(result.model_path))
+    kept = by_mask_document(trained, artifacts.directory / "masks.json")
+    assert pruned.after.flops == pytest.approx(sum(op.flops for op in op_costs(trained, kept)), rel=1e-9)
+    assert all(kept[g.classes].any() for g in trained.groups)
     assert pruned.masked_deviation.max_abs < 1e-4
 
 

@@ -108,8 +108,8 @@ def build_regularizer(
         raise OptionError(f"the threshold must be a finite number >= 0, not {threshold}")
     if not 0 <= l1_fraction <= 1:
         raise OptionError(f"l1_fraction must be in [0, 1], not {l1_fraction}")
-    cost, parsed = parse_cost(cost, RESOURCES)
-    hardware = parsed or hardware
+    if not (cost == "latency" and hardware is not None):
+        cost, hardware = parse_cost(cost, RESOURCES)
     region = _region(graph, list(input_boundary), list(output_boundary))
     ignored = _matching(graph, list(blacklist), "blacklist") | (set(graph.nodes) - region)
     terms = cost_terms(graph, cost, macs=macs, hardware=hardware, nodes=region)
@@ -120,7 +120,8 @@ def build_regularizer(
     total = 0
     for group in graph.groups:
         for source in group.sources:
-            if source.kind != KINDS[kind] or source.node in ignored:
+            # A source held in a Constant node (BatchNorm without affine) is not a trainable parameter.
+            if source.kind != KINDS[kind] or source.node in ignored or graph.model.initializer(source.param) is None:
                 continue
             key = (source.param, source.axis)
             if key not in sources:

@@ -122,9 +122,11 @@ def add_regularizer(model: onnx.ModelProto, regularizer: Regularizer) -> onnx.Mo
     alive = builder.node("Cast", [builder.node("Or", [above, builder.const("fixed", regularizer.fixed, np.bool_)])],
                          to=TensorProto.FLOAT)
     terms = regularizer.terms
-    counts = {side: builder.const(f"counts_{side}", terms.counts(side)) for side in ("in", "out")}
-    a_in, a_out = (builder.node("MatMul", [counts[s], alive]) for s in ("in", "out"))
-    r_in, r_out = (builder.node("MatMul", [counts[s], r]) for s in ("in", "out"))
+    # vector @ counts^T, not counts @ vector: onnxruntime-training 1.19.2 builds a wrong gradient
+    # for MatMul(matrix, 1-D vector).
+    counts = {side: builder.const(f"counts_{side}", terms.counts(side).T) for side in ("in", "out")}
+    a_in, a_out = (builder.node("MatMul", [alive, counts[s]]) for s in ("in", "out"))
+    r_in, r_out = (builder.node("MatMul", [r, counts[s]]) for s in ("in", "out"))
     coefficient = {name: terms.coefficients(name) for name in COEFFICIENTS}
     cost = builder.polynomial([
         ("bilinear", [a_in, a_out]), ("in_linear", [a_in]), ("out_linear", [a_out]), ("constant", [])], coefficient)
