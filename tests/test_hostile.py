@@ -550,3 +550,45 @@ def test_load_error_through_prune(name, load_cases):
 def test_load_errors_leave_their_files_alone(load_cases):
     *_, before, after = load_cases
     assert after == before
+
+
+# --------------------------------------------------------------------------- #
+# A model over 2 GB for real (slow: it writes about 4.5 GB)
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.slow
+def test_a_model_over_2gb_prunes_to_external_data(tmp_path):
+    """protobuf cannot serialize (nor, under upb, even size) a message over 2 GB: the input is read
+    with its weights outside, the result is written with its weights in `<name>.data`."""
+    from onnx_morph.rewrite import prune_file
+
+    k, n = 2**15, 17000  # a 2.2 GB weight: even building it in memory fails, so it goes to a file directly
+    source = tmp_path / "in" / "big.onnx"
+    source.parent.mkdir()
+    rng = np.random.default_rng(0)
+    with open(source.parent / "big.onnx.data", "wb") as f:
+        for _ in range(k // 1024):
+            rng.standard_normal((1024, n), dtype=np.float32).tofile(f)
+    w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[k, n], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", "big.onnx.data"), ("offset", "0"), ("length", str(k * n * 4))):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2")]
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [w, numpy_helper.from_array(_rng_array(n, 4), "w2")])
+    _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
+    out = tmp_path / "out" / "small.onnx"
+    out.parent.mkdir()
+    result = prune_file(source, out, ratio=0.99)
+    assert 0 < result.removed_channels and (n - result.removed_channels) * k * 4 > 2**31  # still over 2 GB
+    assert any("over 2 GB" in note for note in result.notes)
+    assert sorted(os.listdir(out.parent)) == ["small.onnx", "small.onnx.data"]
+    written = onnx.load(str(out), load_external_data=False)
+    dims = {t.name: list(t.dims) for t in written.graph.initializer}
+    weights = {node.name: node.input[1] for node in written.graph.node if node.op_type == "MatMul"}
+    kept = n - result.removed_channels
+    assert dims[weights["mm1"]] == [k, kept] and dims[weights["mm2"]] == [kept, 4]
+    assert (out.parent / "small.onnx.data").stat().st_size >= k * kept * 4

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx import TensorProto, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model
 
@@ -77,7 +77,7 @@ class LoadedModel:
     def materialized(self) -> onnx.ModelProto:
         """A copy of the model with every weight in memory (for onnxruntime and surgery)."""
         external = [t for t in self.model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
-        check_fits(self.source, self.model.ByteSize() + sum(_data_bytes(t) for t in external), "the weights")
+        check_fits(self.source, serialized_size(self.model) + sum(_data_bytes(t) for t in external), "the weights")
         copy = onnx.ModelProto()
         copy.CopyFrom(self.model)
         if self.base_dir is not None and external:
@@ -198,6 +198,15 @@ def _typed_elements(tensor: TensorProto) -> int | None:
 
 def _data_bytes(tensor: TensorProto) -> int:
     return math.prod(tensor.dims) * _itemsize(tensor.data_type)
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """The model's protobuf size; past 2 GB the upb protobuf runtime refuses to compute it (EncodeError),
+    and any answer over the limit is as good."""
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return _PROTOBUF_LIMIT + 1
 
 
 def memory_limit() -> int | None:

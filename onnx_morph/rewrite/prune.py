@@ -11,6 +11,7 @@ import onnx
 from onnx_morph.costs import Totals, op_costs, total_cost, totals_of
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model, source_strength
+from onnx_morph.graph.load import serialized_size
 from onnx_morph.rewrite import select
 from onnx_morph.rewrite.surgery import keep_masks, probed_tensors, remove_channels, removed_channel_values
 from onnx_morph.rewrite.verify import Deviation, deviation, masked_original, random_inputs, run
@@ -79,7 +80,7 @@ def prune(
     masks = keep_masks(graph, alive)
 
     original = graph.model.materialized()
-    small = original.ByteSize() < _PROTOBUF_LIMIT
+    small = serialized_size(original) < _PROTOBUF_LIMIT
     feeds = random_inputs(graph, samples=2) if small and (verify or fold_constants) else []
     probes = probed_tensors(graph, masks) if fold_constants and feeds else []
     original_runs = run(graph, original, feeds, probes) if feeds else []

@@ -12,6 +12,7 @@ from typing import BinaryIO
 import onnx
 
 from onnx_morph.errors import OptionError
+from onnx_morph.graph.load import serialized_size
 
 _PROTOBUF_LIMIT = 2**31 - 1
 
@@ -27,7 +28,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
     folder = target.resolve().parent
     if not folder.is_dir():
         raise OptionError(f"{target}: the folder {folder} does not exist")
-    external = model.ByteSize() > _PROTOBUF_LIMIT
+    external = serialized_size(model) > _PROTOBUF_LIMIT
     if not external:
         _write_atomically(target, folder, lambda f: f.write(model.SerializeToString()))
         return target

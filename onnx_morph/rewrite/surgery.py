@@ -128,7 +128,10 @@ def remove_channels(
     for name in graph.relations:
         node = nodes[name]
         handler_for(node.op_type, node.domain).prune(node_view(graph, name), _NodeEditor(surgery, name, node))
-    pruned.graph.initializer.extend(surgery.added.values())
+    for tensor in surgery.added.values():
+        # add().CopyFrom, not extend: the upb protobuf runtime copies appended messages through
+        # serialization, which fails for a tensor over 2 GB.
+        pruned.graph.initializer.add().CopyFrom(tensor)
     del pruned.graph.value_info[:]
     _drop_unused(pruned.graph)
     return Surgery(pruned, surgery.folded, sum(surgery.values[name].size for name in surgery.created))
@@ -182,9 +185,8 @@ def _drop_unused(graph: onnx.GraphProto) -> None:
             needed.update(_subgraph_inputs(node))
     del graph.node[:]
     graph.node.extend(reversed(kept))
-    initializers = [t for t in graph.initializer if t.name in needed]
-    del graph.initializer[:]
-    graph.initializer.extend(initializers)
+    for index in reversed([i for i, t in enumerate(graph.initializer) if t.name not in needed]):
+        del graph.initializer[index]  # in place: re-adding the kept ones would copy tensors over 2 GB
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
