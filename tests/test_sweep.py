@@ -72,3 +72,14 @@ def test_coverage_table_renders_every_row():
     assert "| a | 224 | 10 | 3 | 1 | 8 | 2 | 70% | 1.0e-07 | pass |" in text
     assert "| b | 224 | 10 | 3 |" in text and "**fail**: no prunable group" in text
     assert "| unknown op Einsum at node '…' | b (2) |" in text
+
+
+def test_coverage_table_parses_back():
+    """`--update` re-runs some models and keeps the others' rows as they were written."""
+    rows = [sweep_models.Row("a", 224, 10, 3, 1, 8, 2, 0.7, 1e-7, {"r1 'x'": 2, "r2": 1}, "pass"),
+            sweep_models.Row("b", 299, 12, 4, 0, 0, 0, 0.0, None, {"r1 'x'": 1}, "fail", "no prunable group"),
+            sweep_models.Row("c", 518, 99, 5, 2, 9, 3, 0.5, None, {}, "unverified", "over 2 GB: skipped")]
+    text = sweep_models.render(rows, 90.0)
+    parsed, seconds = sweep_models.parse(text)
+    assert seconds == 90.0
+    assert sweep_models.render(parsed, seconds) == text

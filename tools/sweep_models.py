@@ -257,6 +257,34 @@ def render(rows: list[Row], total_seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse(text: str) -> tuple[list[Row], float]:
+    """The rows and total time of a table written by render() (for --update)."""
+    rows: dict[str, Row] = {}
+    total = 0.0
+    section = None
+    for line in text.splitlines():
+        if line.startswith("**") and "Sweep time" in line:
+            total = 60 * float(line.rsplit("Sweep time", 1)[1].split()[0])
+        elif line.startswith("| model |"):
+            section = "models"
+        elif line.startswith("| reason |"):
+            section = "reasons"
+        elif line.startswith("| ") and not line.startswith("|---") and section == "models":
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            name, side, nodes, groups, pgroups, pchannels, removed, kept, dev, result = cells
+            status, _, why = result.replace("**", "").partition(": ")
+            rows[name] = Row(name, int(side or 0), int(nodes or 0), int(groups or 0), int(pgroups or 0),
+                             int(pchannels or 0), int(removed or 0), float(kept.rstrip("%") or 0) / 100,
+                             float(dev) if dev else None, {}, status.strip(), why)
+        elif line.startswith("| ") and not line.startswith("|---") and section == "reasons":
+            reason, models = [c.strip() for c in line.strip("|").rsplit(" | ", 1)]
+            for entry in models.split(", "):
+                name, _, count = entry.rpartition(" (")
+                if name in rows:
+                    rows[name].pins[reason] = int(count.rstrip(")"))
+    return list(rows.values()), total
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", help="architectures (default: all)")
@@ -264,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="where exports go (default: a temporary folder)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per architecture")
     parser.add_argument("--jobs", type=int, default=1, help="architectures in parallel")
+    parser.add_argument("--update", action="store_true",
+                        help="re-run only --models and keep the other rows of the existing --output")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -288,7 +318,13 @@ def main(argv: list[str] | None = None) -> int:
 
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             rows = list(pool.map(one, names))
-    text = render(rows, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    if args.update and pathlib.Path(args.output).exists():
+        previous, previous_seconds = parse(pathlib.Path(args.output).read_text())
+        fresh = {r.model: r for r in rows}
+        rows = sorted([*(fresh.pop(r.model, r) for r in previous), *fresh.values()], key=lambda r: r.model)
+        seconds += previous_seconds
+    text = render(rows, seconds)
     from onnx_morph.rewrite.save import write_text
 
     write_text(text, args.output)
