@@ -22,3 +22,10 @@ def print_targets(targets: list[list[str]], busy_hint: str = "") -> None:
         f"  (above {os.cpu_count()} CPUs: other processes compete, wall times are inflated{busy_hint})" if busy else ""))
     print("\nTARGETS")
     print(table(targets, ["target", "measured", "result"]))
+
+
+def markdown_table(rows: list[list[str]], header: list[str]) -> str:
+    """The same rows as `table`, as a GitHub markdown table (for docs/)."""
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    fmt = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
