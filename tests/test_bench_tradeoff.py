@@ -42,25 +42,19 @@ def test_quick_tradeoff_has_a_row_per_method_within_the_budget(tmp_path):
 
 
 
-def test_workaround_gives_the_regularizers_exact_gradient(tmp_path, monkeypatch):
-    """onnxruntime-training 1.19.2 differentiates MatMul(matrix, 1-D vector) wrongly; the benchmark's
-    patch of add_regularizer must give each BatchNorm scale the gradient of the numpy regularizer."""
+def test_training_graph_gives_the_regularizers_exact_gradient(tmp_path):
+    """onnxruntime-training 1.19.2 differentiates MatMul(matrix, 1-D vector) wrongly; the regularizer
+    graph avoids that form, so every BatchNorm scale gets the gradient of the numpy regularizer."""
     import numpy as np
     import torch
 
     from onnx_morph.examples import export, small_resnet
     from onnx_morph.graph import build_channel_graph, load_model
-    from onnx_morph.rewrite import artifacts as artifacts_module
     from onnx_morph.rewrite.artifacts import (
         STRENGTH, RegularizerOptions, make_training_artifacts, native_stderr_silenced,
     )
     from onnx_morph.rewrite.verify import onnxruntime
 
-    sys.path.insert(0, str(TOOL.parent))
-    import bench_tradeoff
-
-    monkeypatch.setattr(artifacts_module, "add_regularizer", artifacts_module.add_regularizer)  # restored after
-    bench_tradeoff.patch_vector_matmul_gradient()
     torch.manual_seed(0)
     module = small_resnet(width=4)
     with torch.no_grad():

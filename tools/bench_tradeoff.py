@@ -28,10 +28,6 @@ network with torch.manual_seed(s) ((a) and (c) start from the same weights) and 
 data with s. Training runs in onnxruntime-training; test accuracy is measured in onnxruntime on
 the full test set.
 
-onnxruntime-training 1.19.2 differentiates MatMul(matrix, 1-D vector) wrongly, and onnx_morph's
-regularizer graph uses that form; the script patches the graph in its own process (see
-patch_vector_matmul_gradient; --no-ort-workaround trains with the graph as onnx_morph emits it).
-
 --methods morphnet,morphnet-scratch adds MorphNet's paper recipe as a supplement: the structure
 MorphNet pruned to for each budget, freshly initialized and trained like (b) (it costs the shrink
 epochs on top, so it is not an equal-epoch method).
@@ -112,12 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                              "budget from a fresh initialization for the same epochs as uniform")
     parser.add_argument("--work", type=Path, help="keep models and logs here (default: a temporary folder)")
     parser.add_argument("--resume", action="store_true", help="keep the finished runs in OUT/runs.jsonl")
-    parser.add_argument("--no-ort-workaround", action="store_true",
-                        help="train with the regularizer graph exactly as onnx_morph emits it (see "
-                             "patch_vector_matmul_gradient: onnxruntime-training then scatters its gradient)")
     args = parser.parse_args(argv)
-    if not args.no_ort_workaround:
-        patch_vector_matmul_gradient()
 
     from onnx_morph.data import fashion_mnist_available, load_dataset
 
@@ -186,57 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwall time {wall / 60:.1f} min; load average at the end: {load_average()}")
     print(f"table: {args.out / 'table.md'}; plot: {png}; runs: {log}")
     return 0
-
-
-def patch_vector_matmul_gradient() -> bool:
-    """Work around an onnxruntime-training 1.19.2 bug that onnx_morph's regularizer graph hits.
-
-    ORT builds a wrong gradient for MatMul(matrix, 1-D vector) with respect to the vector (the
-    forward value is right; a matrix times an [n, 1] column gets the right gradient).
-    onnx_morph.rewrite.training_graph.add_regularizer computes the per-op sums R_in and R_out as
-    MatMul(counts, r) with r 1-D, so the regularizer's gradient reaches the wrong BatchNorm scales.
-    This wraps add_regularizer (in this process only) so each such MatMul multiplies an [n, 1]
-    column and reshapes back: the same values, the right gradient. A regularizer graph without
-    1-D MatMul operands passes through unchanged. Returns True once the wrapper is installed.
-    """
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from onnx_morph.rewrite import artifacts, training_graph
-
-    original = training_graph.add_regularizer
-    if getattr(original, "bench_patched", False):
-        return True
-
-    def add_regularizer(model, regularizer):
-        result = original(model, regularizer)
-        constants = {t.name: len(t.dims) for t in result.graph.initializer}
-        inferred = onnx.shape_inference.infer_shapes(result)
-        ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in inferred.graph.value_info
-                 if v.type.tensor_type.HasField("shape")}
-        nodes, extra = [], []
-        for node in result.graph.node:
-            if (node.op_type != "MatMul" or not node.name.startswith(training_graph.PREFIX)
-                    or constants.get(node.input[0]) != 2 or ranks.get(node.input[1]) != 1):
-                nodes.append(node)
-                continue
-            column, product = f"{node.output[0]}/column", f"{node.output[0]}/product"
-            for name, shape in ((f"{column}_shape", [-1, 1]), (f"{product}_shape", [-1])):
-                extra.append(numpy_helper.from_array(np.array(shape, dtype=np.int64), name))
-            nodes += [helper.make_node("Reshape", [node.input[1], f"{column}_shape"], [column],
-                                       name=f"{node.name}/column"),
-                      helper.make_node("MatMul", [node.input[0], column], [product], name=node.name),
-                      helper.make_node("Reshape", [product, f"{product}_shape"], [node.output[0]],
-                                       name=f"{node.name}/vector")]
-        del result.graph.node[:]
-        result.graph.node.extend(nodes)
-        result.graph.initializer.extend(extra)
-        onnx.checker.check_model(result)
-        return result
-
-    add_regularizer.bench_patched = True
-    artifacts.add_regularizer = add_regularizer
-    return True
 
 
 class Bench:
@@ -331,7 +271,6 @@ class Bench:
 
         if self.done("uniform", seed, budget):
             return
-        s = self.settings
         started = time.perf_counter()
         folder = self.work / f"uniform-seed{seed}-{budget:.2f}"
         folder.mkdir(parents=True, exist_ok=True)
