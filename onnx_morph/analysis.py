@@ -11,7 +11,6 @@ import numpy as np
 import onnx
 
 from onnx_morph.costs import Hardware, OpCost, Totals, op_costs, parse_cost, totals_of
-from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, alive_classes, build_channel_graph, load_model
 
 COSTS = ("flops", "params", "activations", "memory", "latency")

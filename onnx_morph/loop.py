@@ -48,7 +48,7 @@ def morphnet_loop(
     data: Dataset,
     work_dir: str | os.PathLike,
     *,
-    regularizer: RegularizerOptions = RegularizerOptions(),
+    regularizer: RegularizerOptions | None = None,
     strength: float | None = None,
     epochs: int = 2,
     finetune_epochs: int = 1,
@@ -61,6 +61,7 @@ def morphnet_loop(
 
     `strength` None is MorphNet's default, 1 / (initial regularization value).
     """
+    regularizer = regularizer or RegularizerOptions()
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     train_data, test_data = (data.x_train, data.y_train), (data.x_test, data.y_test)

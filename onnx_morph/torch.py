@@ -432,7 +432,7 @@ def prune_module(regularizer: MorphNetRegularizer, path: str | os.PathLike | Non
         if len(inputs) != 1:
             raise OptionError(f"calibration feeds one input, and the pruned model has {len(inputs)}: {inputs}")
         batches = [_numpy(b).astype(np.float32) for b in calibration]
-        result.model = _without_unused_initializers(recalibrated_batchnorm(result.model, batches, inputs[0]))
+        result.model = recalibrated_batchnorm(result.model, batches, inputs[0])
         result.notes.append(f"BatchNorm statistics measured on {len(batches)} calibration batches")
     elif any(n.op_type == "BatchNormalization" for n in result.model.graph.node) and result.removed_channels:
         result.notes.append("BatchNorm statistics not recalibrated: removed channels' constants that feed padded "
@@ -456,12 +456,3 @@ def _batch_dynamic(regularizer: MorphNetRegularizer) -> dict[str, Any]:
     options.setdefault("output_names", [v.name for v in graph.output])
     options["dynamic_axes"] = {name: {0: "batch"} for name in inputs + outputs}
     return options
-
-
-def _without_unused_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop the running statistics that recalibration replaced."""
-    used = {name for node in model.graph.node for name in node.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
-    return model

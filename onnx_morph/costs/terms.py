@@ -18,6 +18,7 @@ as ONNX nodes by the training rewrite, and in torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -61,10 +62,15 @@ class CostTerms:
 
     def counts(self, side: str) -> np.ndarray:
         """(rows, classes + 1) matrix: how many of a row's input (or output) channels each class holds."""
-        matrix = np.zeros((len(self.rows), self.num_classes + 1))
+        return self._counts[side]
+
+    @cached_property
+    def _counts(self) -> dict[str, np.ndarray]:
+        counts = {side: np.zeros((len(self.rows), self.num_classes + 1)) for side in ("in", "out")}
         for i, row in enumerate(self.rows):
-            np.add.at(matrix[i], row.in_classes if side == "in" else row.out_classes, 1.0)
-        return matrix
+            np.add.at(counts["in"][i], row.in_classes, 1.0)
+            np.add.at(counts["out"][i], row.out_classes, 1.0)
+        return counts
 
     def coefficients(self, name: str) -> np.ndarray:
         """(parts, rows) array of one of COEFFICIENTS."""

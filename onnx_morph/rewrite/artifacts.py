@@ -233,7 +233,7 @@ def _values(graph: ChannelGraph, reg: Regularizer) -> dict:
 def _check_float(graph: ChannelGraph) -> None:
     for value in list(graph.model.graph.input) + list(graph.model.graph.output):
         elem = value.type.tensor_type.elem_type
-        if value.name not in {t.name for t in graph.model.graph.initializer} and elem not in (
+        if graph.model.initializer(value.name) is None and elem not in (
                 TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32):
             raise OptionError(f"{graph.model.source}: graph input/output '{value.name}' is "
                               f"{TensorProto.DataType.Name(elem)}; training needs a float32 model")
