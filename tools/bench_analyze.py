@@ -43,7 +43,7 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from benchlib import load_average, print_targets, table  # noqa: E402
+from benchlib import load_average, print_targets, table, work_dir  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -251,14 +251,8 @@ def main(argv=None) -> int:
         ap.error("--repeat must be at least 1")
     layers = sorted(set(args.layers))
 
-    own_tmp = args.workdir is None
-    workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="bench_analyze_"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_dir(args.workdir, "bench_analyze_") as workdir:
         return _run(args, workdir, layers)
-    finally:
-        if own_tmp:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run(args, workdir: pathlib.Path, layers: list[int]) -> int:

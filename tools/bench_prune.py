@@ -42,15 +42,13 @@ import json
 import os
 import pathlib
 import pstats
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from benchlib import load_average, print_targets, table  # noqa: E402
+from benchlib import load_average, print_targets, table, work_dir  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -259,14 +257,8 @@ def main(argv=None) -> int:
         ap.error("--ratios must be in (0, 1]")
     runs = {1: runs1, 32: runs32}
 
-    own_tmp = args.workdir is None
-    workdir = pathlib.Path(args.workdir or tempfile.mkdtemp(prefix="bench_prune_"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_dir(args.workdir, "bench_prune_") as workdir:
         return _run(args, workdir, runs)
-    finally:
-        if own_tmp:
-            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import pathlib
+import shutil
+import tempfile
+from contextlib import contextmanager
 
 
 def load_average() -> str:
@@ -29,3 +33,15 @@ def markdown_table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     fmt = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+@contextmanager
+def work_dir(path: str | None, prefix: str):
+    """`path` (created if missing, kept), or a temporary folder removed afterwards."""
+    folder = pathlib.Path(path or tempfile.mkdtemp(prefix=prefix))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield folder
+    finally:
+        if path is None:
+            shutil.rmtree(folder, ignore_errors=True)
