@@ -46,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
                        help="with a budget, keep at least this fraction of every group's channels (default 0.1)")
     prune.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
 
+    expand = commands.add_parser("expand", help="scale a learned structure to a budget, freshly initialized")
+    expand.add_argument("model", help="path of an .onnx file (typically a pruned one)")
+    expand.add_argument("-o", "--output", required=True, help="path of the expanded model (never the input)")
+    expand.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
+    target = expand.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-flops", type=float, help="largest uniform width multiplier with FLOPs <= this")
+    target.add_argument("--target-params", type=float, help="largest uniform width multiplier with params <= this")
+    expand.add_argument("--round-to", type=int, default=1, metavar="N", help="make every width a multiple of N")
+    expand.add_argument("--seed", type=int, default=0, help="seed of the fresh weights")
+
     regularize = commands.add_parser("regularize", help="write onnxruntime-training artifacts with MorphNet's regularizer")
     regularize.add_argument("model", help="path of an .onnx file (exported with BatchNorm kept for --regularizer gamma)")
     regularize.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the artifacts")
@@ -132,6 +142,17 @@ def _prune(args: argparse.Namespace) -> None:
     print(render_prune(result, args.output))
 
 
+def _expand(args: argparse.Namespace) -> None:
+    from onnx_morph.graph import parse_input_shapes
+    from onnx_morph.report import render_expand
+    from onnx_morph.rewrite.expand import expand_file
+
+    result = expand_file(args.model, args.output, input_shapes=parse_input_shapes(args.input_shape),
+                         target_flops=args.target_flops, target_params=args.target_params,
+                         round_to=args.round_to, seed=args.seed)
+    print(render_expand(result, args.output))
+
+
 def _regularize(args: argparse.Namespace) -> None:
     from onnx_morph.graph import parse_input_shapes
     from onnx_morph.rewrite.artifacts import RegularizerOptions, make_training_artifacts
@@ -186,7 +207,7 @@ def _demo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"analyze": _analyze, "prune": _prune, "regularize": _regularize, "train": _train,
+        {"analyze": _analyze, "prune": _prune, "expand": _expand, "regularize": _regularize, "train": _train,
          "demo": _demo}[args.command](args)
     except OnnxMorphError as exc:
         print(f"onnx-morph: error: {exc}", file=sys.stderr)

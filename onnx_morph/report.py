@@ -83,11 +83,11 @@ def render(analysis: Analysis, max_ops: int | None = None) -> str:
     return "\n".join(out)
 
 
-def render_prune(result, output: str) -> str:
-    """Before/after costs, per-layer widths and the verification of a PruneResult."""
+def _resized(headline: str, result) -> list[str]:
+    """Before/after costs and per-layer widths of a prune or expand result."""
     b, a = result.before, result.after
     ratio = lambda new, old: f"{100 * new / old:.1f}%" if old else "-"  # noqa: E731
-    out = [f"wrote {output}: removed {result.removed_channels} channels",
+    out = [headline,
            f"FLOPs   {human(b.flops):>9} -> {human(a.flops):>9}  ({ratio(a.flops, b.flops)})",
            f"params  {human(b.params):>9} -> {human(a.params):>9}  ({ratio(a.params, b.params)})"]
     out += [f"note: {n}" for n in result.notes]
@@ -95,6 +95,21 @@ def render_prune(result, output: str) -> str:
     out += ["", f"layer widths ({len(changed)} of {len(result.widths)} changed)"]
     out += _table(["node", "type", "before", "after"],
                   [[w.node, w.op_type, str(w.before), str(w.after)] for w in result.widths])
+    return out
+
+
+def render_expand(result, output: str) -> str:
+    """An ExpandResult: the multiplier found, costs against the budget, widths."""
+    out = _resized(f"wrote {output}: width multiplier {result.multiplier:.4g}, fresh weights", result)
+    spent = result.after.flops if result.budget.resource == "flops" else result.after.params
+    out += ["", f"{result.budget.resource} budget {human(result.budget.target)}: uses {human(spent)} "
+                f"({100 * spent / result.budget.target:.1f}%); train it from scratch"]
+    return "\n".join(out)
+
+
+def render_prune(result, output: str) -> str:
+    """Before/after costs, per-layer widths and the verification of a PruneResult."""
+    out = _resized(f"wrote {output}: removed {result.removed_channels} channels", result)
     out.append("")
     if result.masked_deviation is None:
         out.append("verification: skipped")

@@ -70,12 +70,16 @@ def alive_along(graph: ChannelGraph, alive: np.ndarray, tensor: str, axis: int) 
 
 
 def bilinear_count(a_in: np.ndarray, a_out: np.ndarray, groups: int) -> int:
-    """Sum over groups of alive inputs times alive outputs: the weight count per kernel position."""
+    """Sum over groups of alive inputs times alive outputs: the weight count per kernel position.
+
+    `alive` may count copies of channels (expansion); a group's channels are one class, so a group
+    copied r times is r groups, not one r times as wide."""
     if groups <= 1 or a_in.size % groups or a_out.size % groups:
         return int(a_in.sum()) * int(a_out.sum())
-    per_in = a_in.reshape(groups, -1).sum(axis=1)
-    per_out = a_out.reshape(groups, -1).sum(axis=1)
-    return int((per_in * per_out).sum())
+    per_in = a_in.reshape(groups, -1).sum(axis=1).astype(np.int64)
+    per_out = a_out.reshape(groups, -1).sum(axis=1).astype(np.int64)
+    copies = np.maximum(a_in.reshape(groups, -1).max(axis=1).astype(np.int64), 1)
+    return int((per_in * per_out // copies).sum())
 
 
 def flop_cost(geometry: OpGeometry, a_in: np.ndarray, a_out: np.ndarray, macs: bool = False) -> float:

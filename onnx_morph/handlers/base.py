@@ -150,10 +150,11 @@ class Editor(Protocol):
     """What surgery lets a handler change on its node."""
 
     def keep(self, tensor: str) -> np.ndarray | None:
-        """Keep-mask over the tensor's channel elements; None when none of them is removed."""
+        """How many copies of each of the tensor's channel elements remain: 0 or 1 when pruning,
+        more when expanding; None when every element stays once."""
 
-    def slice_input(self, index: int, axis: int, mask: np.ndarray) -> None:
-        """Keep only the entries of constant input `index` where `mask` is true along `axis`."""
+    def slice_input(self, index: int, axis: int, copies: np.ndarray) -> None:
+        """Repeat each entry of constant input `index` along `axis` copies[i] times (0 drops it)."""
 
     def set_input(self, index: int, value: np.ndarray) -> None:
         """Replace (or add) constant input `index`."""
@@ -178,7 +179,12 @@ class Handler(Protocol):
         ...
 
     def prune(self, view: NodeView, edit: Editor) -> None:
-        """Shrink the node's parameters and shape constants to the kept channels of its tensors."""
+        """Resize the node's parameters and shape constants to the kept channels of its tensors."""
+        ...
+
+    def initial_values(self, view: NodeView, rng: np.random.Generator) -> dict[int, np.ndarray]:
+        """Fresh values for the node's trained constant inputs, by input index, as a new layer of
+        this kind starts training; inputs left out keep their values."""
         ...
 
 
@@ -190,6 +196,9 @@ class BaseHandler:
 
     def prune(self, view: NodeView, edit: Editor) -> None:
         """Ops without parameters or shape constants follow their inputs' shapes."""
+
+    def initial_values(self, view: NodeView, rng: np.random.Generator) -> dict[int, np.ndarray]:
+        return {}
 
     def view_permutation(self, node: onnx.NodeProto, rank: int) -> tuple[int, ...] | None:
         """If the op's output is its first input with axes permuted (a view of a weight), the permutation."""
@@ -217,6 +226,12 @@ def param_count(view: NodeView, index: int) -> int:
     if info is None or info.shape is None:
         return 0
     return math.prod(info.shape)
+
+
+def uniform_init(shape: tuple[int, ...], fan_in: int, rng: np.random.Generator, dtype) -> np.ndarray:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch's default for Conv and Linear weights and biases."""
+    bound = 1.0 / math.sqrt(max(fan_in, 1))
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
 def describe(view: NodeView) -> str:

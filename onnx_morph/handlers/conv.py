@@ -18,6 +18,7 @@ from onnx_morph.handlers.base import (
     Tie,
     TensorInfo,
     describe,
+    uniform_init,
 )
 
 NCHW = (1,)
@@ -102,7 +103,20 @@ class Conv(BaseHandler):
         if keep_in is not None and (groups == 1 or self.transposed):
             edit.slice_input(1, in_axis, keep_in)
         if groups > 1 and keep_in is not None:
-            edit.set_attr("group", int(keep_in.reshape(groups, -1).any(axis=1).sum()))
+            # Whole groups go, or are copied whole: a group's channels are one class.
+            edit.set_attr("group", int(keep_in.sum()) // (x.shape[1] // groups))
+
+    def initial_values(self, view: NodeView, rng: np.random.Generator) -> dict[int, np.ndarray]:
+        w = view.input(1)
+        if w is None or not w.constant or w.shape is None:
+            return {}
+        fan_in = math.prod(w.shape[1:])  # torch's choice for ConvTranspose too
+        dtype = view.const(1).dtype
+        values = {1: uniform_init(w.shape, fan_in, rng, dtype)}
+        bias = view.input(2)
+        if bias is not None and bias.constant and bias.shape is not None:
+            values[2] = uniform_init(bias.shape, fan_in, rng, dtype)
+        return values
 
 
 def _check_weight(view: NodeView, x: TensorInfo, w: TensorInfo, y: TensorInfo, groups: int, transposed: bool) -> None:
@@ -138,8 +152,8 @@ def _unpadded(view: NodeView) -> bool:
 def _per_weight_slice(keep_out: np.ndarray, groups: int, transposed: bool) -> np.ndarray:
     if not transposed or groups == 1:
         return keep_out
-    # Whole groups live or die, so every surviving group keeps the same output positions.
-    return keep_out.reshape(groups, -1).any(axis=0)
+    # Whole groups live, die or are copied, so every group keeps the same output positions.
+    return keep_out.reshape(groups, -1).any(axis=0).astype(np.int64)
 
 
 class ConvTranspose(Conv):

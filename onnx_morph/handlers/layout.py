@@ -295,8 +295,15 @@ class Gather(BaseHandler):
             return
         chosen = np.asarray(view.const(1)).astype(np.int64)
         chosen = np.where(chosen < 0, chosen + keep_in.size, chosen)
-        position = np.cumsum(keep_in) - 1
-        edit.set_input(1, position[chosen[keep_out] if keep_out is not None else chosen])
+        edit.set_input(1, _copied_positions(keep_in, chosen))
+
+
+def _copied_positions(copies: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """Where the copies of the chosen channels sit once channel c appears copies[c] times."""
+    first = np.cumsum(copies) - copies
+    counts = copies[chosen].astype(np.int64)
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    return np.repeat(first[chosen], counts) + within
 
 
 class Expand(BaseHandler):

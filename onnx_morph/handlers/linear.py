@@ -19,6 +19,7 @@ from onnx_morph.handlers.base import (
     TensorInfo,
     describe,
     identity_tie,
+    uniform_init,
 )
 
 
@@ -82,6 +83,19 @@ class Gemm(BaseHandler):
                 edit.slice_input(2, len(c.shape) - 1, keep_out)
 
 
+    def initial_values(self, view: NodeView, rng: np.random.Generator) -> dict[int, np.ndarray]:
+        b = view.input(1)
+        if b is None or not b.constant or b.shape is None or len(b.shape) != 2:
+            return {}
+        fan_in = b.shape[1 if view.attr("transB", 0) else 0]
+        dtype = view.const(1).dtype
+        values = {1: uniform_init(b.shape, fan_in, rng, dtype)}
+        c = view.input(2)
+        if c is not None and c.constant and c.shape is not None:
+            values[2] = uniform_init(c.shape, fan_in, rng, dtype)
+        return values
+
+
 def _check_gemm(view: NodeView, a: TensorInfo, b: TensorInfo, y: TensorInfo, feature_axis: int, trans_b: bool) -> None:
     """ModelLoadError when the weight or bias contradicts the input (onnx's shape inference does not check)."""
     problem = None
@@ -126,6 +140,12 @@ class MatMul(BaseHandler):
             edit.slice_input(1, 0, keep_in)
         if keep_out is not None:
             edit.slice_input(1, 1, keep_out)
+
+    def initial_values(self, view: NodeView, rng: np.random.Generator) -> dict[int, np.ndarray]:
+        a, b = view.input(0), view.input(1)
+        if b is None or not b.constant or b.shape is None or len(b.shape) != 2 or a is None or a.constant:
+            return {}
+        return {1: uniform_init(b.shape, b.shape[0], rng, view.const(1).dtype)}
 
     def _with_weight(self, view: NodeView, a: TensorInfo, b: TensorInfo, y: TensorInfo) -> Relation:
         out_axes = _last(len(y.shape))

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from onnx_morph.handlers.base import (
     BaseHandler,
     NodeView,
@@ -17,6 +19,16 @@ from onnx_morph.handlers.base import (
 from onnx_morph.handlers.passthrough import pass_through
 
 NCHW = (1,)
+
+
+def _fresh_affine(view: NodeView, fills: dict[int, float]) -> dict[int, np.ndarray]:
+    """A new normalization layer: scale 1, shift 0 (and BatchNorm's running mean 0, variance 1)."""
+    values = {}
+    for index, fill in fills.items():
+        info = view.input(index)
+        if info is not None and info.constant and info.shape is not None:
+            values[index] = np.full(info.shape, fill, dtype=view.const(index).dtype)
+    return values
 
 
 def _per_channel_params(view: NodeView, indices: tuple[int, ...], tensor: str | None) -> list[ParamTerm]:
@@ -52,6 +64,9 @@ class BatchNorm(BaseHandler):
                 if view.input(index) is not None:
                     edit.slice_input(index, 0, keep)
 
+    def initial_values(self, view: NodeView, rng: np.random.Generator) -> dict[int, np.ndarray]:
+        return _fresh_affine(view, {1: 1.0, 2: 0.0, 3: 0.0, 4: 1.0})
+
 
 class InstanceNorm(BatchNorm):
     """Statistics per sample and channel: channels stay independent."""
@@ -74,6 +89,9 @@ class LayerNorm(BaseHandler):
         relation.params = _per_channel_params(view, (1, 2), y.name if tied else None)
         return relation
 
+    def initial_values(self, view: NodeView, rng: np.random.Generator) -> dict[int, np.ndarray]:
+        return _fresh_affine(view, {1: 1.0, 2: 0.0})
+
 
 class GroupNorm(BaseHandler):
     """Normalizes groups of channels together."""
@@ -85,3 +103,6 @@ class GroupNorm(BaseHandler):
         relation = pass_through(view, f"{describe(view)} normalizes groups of channels together")
         relation.params = _per_channel_params(view, (1, 2), view.outputs[0].name)
         return relation
+
+    def initial_values(self, view: NodeView, rng: np.random.Generator) -> dict[int, np.ndarray]:
+        return _fresh_affine(view, {1: 1.0, 2: 0.0})

@@ -106,7 +106,7 @@ def prune(
         before=totals_of(op_costs(graph, everything)),
         after=replace(after, params=after.params + surgery.new_parameters),
         removed_channels=int((~alive).sum()),
-        widths=_widths(graph, alive),
+        widths=layer_widths(graph, alive),
         masked_deviation=masked_deviation,
         original_deviation=original_deviation,
         notes=notes,
@@ -153,7 +153,8 @@ def _positive(value: float, option: str) -> float:
     return float(value)
 
 
-def _widths(graph: ChannelGraph, alive: np.ndarray) -> list[LayerWidth]:
+def layer_widths(graph: ChannelGraph, alive: np.ndarray) -> list[LayerWidth]:
+    """Each weighted layer's output width before and after (`alive` may count copies)."""
     widths = []
     for name, relation in graph.relations.items():
         if relation.geometry is None:

@@ -1,6 +1,7 @@
-"""Surgery: remove dead channels from every tensor, asking each node's handler which parameters
-and shape constants to shrink. The result computes what the original computes with the dead
-channels set to zero."""
+"""Surgery: change how many copies of each channel every tensor holds, asking each node's handler
+which parameters and shape constants to resize. Pruning keeps 0 or 1 copy of each channel, and
+the result computes what the original computes with the dead channels set to zero; expansion
+keeps several copies of some channels, and only the shapes of the result matter."""
 
 from __future__ import annotations
 
@@ -17,12 +18,17 @@ from onnx_morph.handlers import handler_for
 
 def keep_masks(graph: ChannelGraph, alive: np.ndarray) -> dict[str, np.ndarray]:
     """Per tensor with removed channels, the keep-mask over its channel elements."""
-    masks = {}
+    return copies_per_tensor(graph, alive.astype(bool))
+
+
+def copies_per_tensor(graph: ChannelGraph, copies: np.ndarray) -> dict[str, np.ndarray]:
+    """Per tensor whose channels change, how many copies of each channel element it keeps."""
+    per_tensor = {}
     for tensor in graph.offsets:
-        keep = alive[graph.classes(tensor)]
-        if not keep.all():
-            masks[tensor] = keep
-    return masks
+        count = copies[graph.classes(tensor)]
+        if not (count == 1).all():
+            per_tensor[tensor] = count
+    return per_tensor
 
 
 class _NodeEditor:
@@ -32,7 +38,7 @@ class _NodeEditor:
         self.surgery, self.name, self.node = surgery, name, node
 
     def keep(self, tensor: str) -> np.ndarray | None:
-        return self.surgery.masks.get(tensor)
+        return self.surgery.copies.get(tensor)
 
     def removed_values(self, tensor: str) -> np.ndarray | None:
         values = self.surgery.removed.get(tensor)
@@ -41,14 +47,14 @@ class _NodeEditor:
     def folded(self, tensor: str) -> None:
         self.surgery.folded[(self.name, tensor)] = self.surgery.removed[tensor]
 
-    def slice_input(self, index: int, axis: int, mask: np.ndarray) -> None:
+    def slice_input(self, index: int, axis: int, copies: np.ndarray) -> None:
         value = self.surgery.value(self.node.input[index])
-        if value.shape[axis] != mask.size:
+        if value.shape[axis] != copies.size:
             raise ValueError(
                 f"{self.node.op_type} node '{self.name}': input {index} has {value.shape[axis]} entries on axis {axis}, "
-                f"the channel mask {mask.size}"
+                f"the channel mask {copies.size}"
             )
-        self.set_input(index, np.compress(mask, value, axis=axis))
+        self.set_input(index, np.repeat(value, copies.astype(np.int64), axis=axis))
 
     def set_input(self, index: int, value: np.ndarray) -> None:
         while len(self.node.input) <= index:
@@ -68,8 +74,8 @@ class _NodeEditor:
 
 
 class _Surgery:
-    def __init__(self, graph: ChannelGraph, masks: dict[str, np.ndarray], removed: dict[str, np.ndarray]):
-        self.graph, self.masks, self.removed = graph, masks, removed
+    def __init__(self, graph: ChannelGraph, copies: dict[str, np.ndarray], removed: dict[str, np.ndarray]):
+        self.graph, self.copies, self.removed = graph, copies, removed
         self.folded: dict[tuple[str, str], np.ndarray] = {}
         self.created: set[str] = set()
         self.added: dict[str, onnx.TensorProto] = {}
@@ -120,10 +126,16 @@ def remove_channels(
     consumers fold the constants in `removed` (see removed_channel_values) into their bias where
     doing so is exact.
     """
-    masks = keep_masks(graph, alive)
+    return resize_channels(graph, alive.astype(np.int64), original, removed)
+
+
+def resize_channels(
+    graph: ChannelGraph, copies: np.ndarray, original: onnx.ModelProto, removed: dict[str, np.ndarray] | None = None
+) -> Surgery:
+    """A copy of `original` in which channel class c appears copies[c] times, in place of once."""
     pruned = onnx.ModelProto()
     pruned.CopyFrom(original)
-    surgery = _Surgery(graph, masks, removed or {})
+    surgery = _Surgery(graph, copies_per_tensor(graph, copies), removed or {})
     nodes = dict(zip(graph.order, pruned.graph.node))
     for name in graph.relations:
         node = nodes[name]
