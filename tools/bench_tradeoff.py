@@ -28,9 +28,13 @@ network with torch.manual_seed(s) ((a) and (c) start from the same weights) and 
 data with s. Training runs in onnxruntime-training; test accuracy is measured in onnxruntime on
 the full test set.
 
---methods morphnet,morphnet-scratch adds MorphNet's paper recipe as a supplement: the structure
-MorphNet pruned to for each budget, freshly initialized and trained like (b) (it costs the shrink
-epochs on top, so it is not an equal-epoch method).
+Two supplements follow MorphNet's paper recipe (they cost the shrink epochs on top of (b)'s, so
+they are not equal-epoch methods; both need morphnet in --methods):
+  morphnet-scratch: the structure MorphNet pruned to for each budget, freshly initialized
+      (onnx_morph.rewrite.expand.fresh_parameters) and trained like (b);
+  morphnet-expand: the structure MorphNet learned (pruned at the regularizer's own threshold,
+      |gamma| <= 0.01), scaled to each budget by onnx_morph.rewrite.expand.expand (one width
+      multiplier, fresh weights) and trained like (b).
 
 Writes DIR/table.md (markdown table and settings), DIR/tradeoff.png (accuracy vs FLOPs, error
 bars = standard deviation over seeds), DIR/runs.jsonl (one line per trained model; an
@@ -55,11 +59,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import load_average, markdown_table, table  # noqa: E402
 
-METHODS = ("morphnet", "uniform", "slimming", "morphnet-scratch")
+METHODS = ("morphnet", "uniform", "slimming", "morphnet-scratch", "morphnet-expand")
+SUPPLEMENTS = ("morphnet-scratch", "morphnet-expand")
 DEFAULT_METHODS = METHODS[:3]
 LABELS = {"morphnet": "MorphNet (Gamma, FLOPs)", "uniform": "uniform width multiplier",
           "slimming": "network slimming (L1 on gammas)",
-          "morphnet-scratch": "MorphNet's structure, retrained from scratch (+ shrink epochs)"}
+          "morphnet-scratch": "MorphNet's structure, retrained from scratch (+ shrink epochs)",
+          "morphnet-expand": "MorphNet's structure expanded to the budget, from scratch (+ shrink epochs)"}
+LEARNED_THRESHOLD = 1e-2
 COSTS = {"morphnet": "flops", "slimming": "activations"}
 INPUT_SHAPE = (1, 1, 28, 28)
 SEED_WIDTH = 16
@@ -103,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strength-slimming", type=_floats, default=[32.0],
                         help="the same for slimming (default strength: 1 / initial sum of |gamma|)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                        help=f"comma-separated, from {', '.join(METHODS)}; morphnet-scratch (not a default: it "
-                             "costs the shrink epochs on top) retrains the structure MorphNet found for each "
-                             "budget from a fresh initialization for the same epochs as uniform")
+                        help=f"comma-separated, from {', '.join(METHODS)}; {' and '.join(SUPPLEMENTS)} (not "
+                             "defaults: they cost the shrink epochs on top) train MorphNet's structures from a fresh "
+                             "initialization for the same epochs as uniform")
     parser.add_argument("--work", type=Path, help="keep models and logs here (default: a temporary folder)")
     parser.add_argument("--resume", action="store_true", help="keep the finished runs in OUT/runs.jsonl")
     args = parser.parse_args(argv)
@@ -142,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(methods) - set(METHODS)
     if unknown:
         parser.error(f"unknown methods {sorted(unknown)}: use {', '.join(METHODS)}")
-    if "morphnet-scratch" in methods and "morphnet" not in methods:
-        parser.error("morphnet-scratch retrains MorphNet's structures: add morphnet to --methods")
+    if set(SUPPLEMENTS) & set(methods) and "morphnet" not in methods:
+        parser.error(f"{', '.join(SUPPLEMENTS)} retrain MorphNet's structures: add morphnet to --methods")
     methods.sort(key=METHODS.index)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -161,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                 if method == "uniform":
                     for budget in settings.budgets:
                         bench.uniform(seed, budget)
-                elif method == "morphnet-scratch":
+                elif method in SUPPLEMENTS:
                     for budget in settings.budgets:
-                        bench.scratch(seed, budget)
+                        bench.scratch(method, seed, budget)
                 else:
                     bench.regularized(method, seed)
         seed_flops = bench.seed_flops
@@ -186,6 +193,7 @@ class Bench:
         self.test_data = (data.x_test, data.y_test)
         self._seed_flops: float | None = None
         self.pruned: dict[tuple[str, int, float], Path] = {}
+        self.learned: dict[int, Path] = {}
 
     @property
     def seed_flops(self) -> float:
@@ -228,6 +236,7 @@ class Bench:
     def _shrink_prune_finetune(self, method: str, seed: int, multiple: float, budgets: list[float]) -> None:
         from onnx_morph.analysis import analyze
         from onnx_morph.rewrite.artifacts import RegularizerOptions, make_training_artifacts
+        from onnx_morph.rewrite.prune import prune
         from onnx_morph.rewrite.save import save_model
         from onnx_morph.train import accuracy, train
 
@@ -244,7 +253,10 @@ class Bench:
                        strength=strength, structure_every=0, export=folder / "shrunk.onnx",
                        test_data=self.test_data, seed=seed, progress=None)
         shrink_seconds = time.perf_counter() - started
-        at_default = analyze(shrunk.model_path, gamma_threshold=1e-2).effective.flops
+        at_default = analyze(shrunk.model_path, gamma_threshold=LEARNED_THRESHOLD).effective.flops
+        if method == "morphnet":
+            learned = prune(shrunk.model_path, gamma_threshold=LEARNED_THRESHOLD, verify=False)
+            self.learned.setdefault(seed, save_model(learned.model, folder / "learned.onnx"))  # the strongest shrink
         for budget in budgets:
             tic = time.perf_counter()
             threshold, pruned = prune_to_budget(shrunk.model_path, budget * self.seed_flops)
@@ -281,27 +293,36 @@ class Bench:
                          flops=report.total.flops, params=report.total.params, multiplier=multiplier,
                          widths=list(widths), seconds=time.perf_counter() - started))
 
-    def scratch(self, seed: int, budget: float) -> None:
-        """MorphNet's structure for this budget (the pruned model), freshly initialized and trained like uniform."""
+    def scratch(self, method: str, seed: int, budget: float) -> None:
+        """A MorphNet structure with fresh weights, trained like uniform: the one pruned to this budget
+        (morphnet-scratch), or the learned one expanded to it (morphnet-expand)."""
         import onnx
 
         from onnx_morph.analysis import analyze
+        from onnx_morph.rewrite.expand import expand, fresh_parameters
         from onnx_morph.rewrite.save import save_model
 
-        if self.done("morphnet-scratch", seed, budget):
+        if self.done(method, seed, budget):
             return
-        if ("morphnet", seed, budget) not in self.pruned:
-            raise SystemExit(f"morphnet-scratch: no MorphNet structure for seed {seed}, budget {budget} in this "
+        structure = self.learned.get(seed) if method == "morphnet-expand" else self.pruned.get(("morphnet", seed, budget))
+        if structure is None:
+            raise SystemExit(f"{method}: no MorphNet structure for seed {seed}, budget {budget} in this "
                              "run (it does not resume from runs.jsonl); rerun without --resume")
         started = time.perf_counter()
-        folder = self.work / f"morphnet-scratch-seed{seed}-{budget:.2f}"
+        folder = self.work / f"{method}-seed{seed}-{budget:.2f}"
         folder.mkdir(parents=True, exist_ok=True)
-        fresh = reinitialized(onnx.load(str(self.pruned[("morphnet", seed, budget)])), seed)
+        extra = {}
+        if method == "morphnet-expand":
+            expanded = expand(structure, target_flops=budget * self.seed_flops, seed=seed)
+            fresh, extra = expanded.model, {"multiplier": expanded.multiplier,
+                                            "widths": [[w.node, w.before, w.after] for w in expanded.widths]}
+        else:
+            fresh = fresh_parameters(onnx.load(str(structure)), seed)
         tuned = self._from_scratch(save_model(fresh, folder / "scratch.onnx"), folder, seed)
         report = analyze(tuned.model_path)
-        self.record(dict(method="morphnet-scratch", seed=seed, budget=budget, accuracy=tuned.test_accuracy,
+        self.record(dict(method=method, seed=seed, budget=budget, accuracy=tuned.test_accuracy,
                          flops=report.total.flops, params=report.total.params,
-                         seconds=time.perf_counter() - started))
+                         seconds=time.perf_counter() - started, **extra))
 
     def _from_scratch(self, path: Path, folder: Path, seed: int):
         """The two phases every method trains in: shrink epochs at the shrink learning rate (without a
@@ -323,41 +344,6 @@ class Bench:
         from onnx_morph.analysis import analyze
 
         return analyze(self.network(0, widths, self.work / "flops-probe.onnx")).total.flops
-
-
-def reinitialized(model, seed: int):
-    """`model` with fresh weights as torch initializes its layers: convolution and Gemm weights (and Gemm
-    biases) uniform in +-1/sqrt(fan_in), BatchNorm scale 1 and shift 0, running statistics 0 and 1,
-    and no conv bias (the pruned model's conv biases only hold folded constants of removed channels)."""
-    from onnx import numpy_helper
-
-    rng = np.random.default_rng(seed)
-    inits = {t.name: t for t in model.graph.initializer}
-    through = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
-
-    def root(name: str) -> str:
-        while name in through:
-            name = through[name]
-        return name
-
-    values = {}
-    for node in model.graph.node:
-        named = [root(n) for n in node.input]
-        if node.op_type in ("Conv", "Gemm"):
-            weight = numpy_helper.to_array(inits[named[1]])
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            fan_in = int(np.prod(weight.shape[1:])) if node.op_type == "Conv" else weight.shape[1 if trans_b else 0]
-            bound = 1 / np.sqrt(fan_in)
-            values[named[1]] = rng.uniform(-bound, bound, weight.shape)
-            if len(named) > 2 and named[2] in inits:
-                shape = numpy_helper.to_array(inits[named[2]]).shape
-                values[named[2]] = rng.uniform(-bound, bound, shape) if node.op_type == "Gemm" else np.zeros(shape)
-        elif node.op_type == "BatchNormalization":
-            for slot, value in zip(range(1, 5), (1.0, 0.0, 0.0, 1.0)):
-                values[named[slot]] = np.full(numpy_helper.to_array(inits[named[slot]]).shape, value)
-    for name, value in values.items():
-        inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
-    return model
 
 
 def uniform_widths(budget: float, flops_of) -> tuple[float, tuple[int, int, int]]:
