@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from onnx_morph.data import load_dataset
+from onnx_morph.errors import OptionError
 from onnx_morph.examples import export
 from onnx_morph.graph import build_channel_graph, load_model
 from onnx_morph.rewrite import prune
@@ -90,7 +91,7 @@ def _gated_eval(model: onnx.ModelProto, gates, logits: dict[str, np.ndarray]) ->
     return gated
 
 
-@pytest.mark.parametrize("cost", ["flops", "params"])
+@pytest.mark.parametrize("cost", ["flops", "params", "activations", "latency:V100"])
 def test_training_graph_computes_the_numpy_regularizer(model, tmp_path, digits, cost):
     """Random logits: the graph's regularization and effective cost are the numpy ones, and the residual
     group's two gates combine by 1 - (1 - p1)(1 - p2), not by max."""
@@ -170,6 +171,30 @@ def test_folding_equals_the_gated_eval_model(model, digits):
     got = _session(folded).run(None, {"input": x})[0]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert not np.allclose(want, _session(base).run(None, {"input": x})[0], atol=1e-3)
+
+
+def test_gates_everywhere_sit_after_batchnorm_and_fold_into_it(tmp_path, digits):
+    """On a BatchNorm network a gate before the BatchNorm would be normalized away: it goes after it,
+    and folds into the BatchNorm's scale and shift."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 64, 10))
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].bias.uniform_(-0.5, 0.5)
+    path = export(net, (1, 1, 8, 8), tmp_path / "bn.onnx")
+    graph = build_channel_graph(load_model(path))
+    assert [g.node for g in build_regularizer(graph, kind="gates").gates] == ["/3/Conv"]
+    regularizer = build_regularizer(graph, kind="gates", gates_everywhere=True)
+    assert [(g.node, len(g.fold)) for g in regularizer.gates] == [("/1/BatchNormalization", 2), ("/3/Conv", 2)]
+    logits = {g.param: np.array([-1.0, 2.0] * (g.channels // 2)) for g in regularizer.gates}
+    gated = _gated_eval(onnx.load(str(path)), regularizer.gates, logits)
+    folded = fold_gates(onnx.load(str(path)), regularizer.gates, logits)
+    x = digits.x_test[:16]
+    np.testing.assert_allclose(_session(folded).run(None, {"input": x})[0], _session(gated).run(None, {"input": x})[0],
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(OptionError, match="gates_everywhere applies to the gates regularizer"):
+        build_regularizer(graph, kind="gamma", gates_everywhere=True)
 
 
 def test_training_shrinks_and_the_trained_model_prunes_exactly(model, tmp_path, digits):
