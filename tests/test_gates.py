@@ -247,3 +247,10 @@ def test_regularize_command_with_gates(model, tmp_path):
     assert_user_error(_cli("regularize", model, "-o", tmp_path / "c", "--straight-through"),
                       "apply to the gates regularizer")
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_torch_regularizer_refuses_gates():
+    from onnx_morph.torch import MorphNetRegularizer
+
+    with pytest.raises(OptionError, match="regularize --regularizer gates"):
+        MorphNetRegularizer(GateNet(), torch.zeros(1, 1, 8, 8), regularizer="gates")
