@@ -61,12 +61,20 @@ def _parser() -> argparse.ArgumentParser:
     regularize.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the artifacts")
     regularize.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
     regularize.add_argument("--cost", default="flops", help="flops | params | activations | latency:HW")
-    regularize.add_argument("--regularizer", default="gamma", choices=["gamma", "group-lasso", "none"],
-                            help="gamma (BatchNorm scale L1), group-lasso (weight slices), none (plain fine-tuning)")
+    regularize.add_argument("--regularizer", default="gamma", choices=["gamma", "group-lasso", "gates", "none"],
+                            help="gamma (BatchNorm scale L1), group-lasso (weight slices), gates (probabilistic "
+                                 "per-channel gates, FiGS), none (plain fine-tuning)")
     regularize.add_argument("--strength", type=float,
                             help="weight of the regularization term (default: 1 / its initial value)")
-    regularize.add_argument("--threshold", type=float, help="a channel is alive while its value exceeds this (0.01)")
+    regularize.add_argument("--threshold", type=float,
+                            help="a channel is alive while its value exceeds this (0.01; gates: probability >= 0.1)")
     regularize.add_argument("--l1-fraction", type=float, default=0.0, help="group-lasso: share of mean |W| vs RMS")
+    regularize.add_argument("--gate-temperature", type=float, metavar="T",
+                            help="gates: temperature of the sampled logistic-sigmoid mask (default 0.5)")
+    regularize.add_argument("--straight-through", action="store_true",
+                            help="gates: hard 0/1 mask forward, the soft mask's gradient backward")
+    regularize.add_argument("--gates-everywhere", action="store_true",
+                            help="gates: gate every prunable group, also those with a BatchNorm")
     regularize.add_argument("--macs", action="store_true", help="FLOPs cost counts multiply-accumulates")
     regularize.add_argument("--loss", default="cross-entropy", choices=["cross-entropy", "mse", "bce"])
     regularize.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
@@ -155,12 +163,18 @@ def _expand(args: argparse.Namespace) -> None:
 
 def _regularize(args: argparse.Namespace) -> None:
     from onnx_morph.graph import parse_input_shapes
-    from onnx_morph.rewrite.artifacts import RegularizerOptions, make_training_artifacts
+    from onnx_morph.rewrite.artifacts import (
+        GATE_TEMPERATURE,
+        RegularizerOptions,
+        make_training_artifacts,
+    )
 
     options = None if args.regularizer == "none" else RegularizerOptions(
         kind=args.regularizer, cost=args.cost, threshold=args.threshold, l1_fraction=args.l1_fraction, macs=args.macs,
         input_boundary=tuple(args.input_boundary), output_boundary=tuple(args.output_boundary),
-        force_group=tuple(args.force_group), blacklist=tuple(args.blacklist))
+        force_group=tuple(args.force_group), blacklist=tuple(args.blacklist),
+        gate_temperature=GATE_TEMPERATURE if args.gate_temperature is None else args.gate_temperature,
+        straight_through=args.straight_through, gates_everywhere=args.gates_everywhere)
     result = make_training_artifacts(
         args.model, args.output, loss=args.loss, regularizer=options, strength=args.strength,
         optimizer=args.optimizer, batch_size=args.batch_size, input_shapes=parse_input_shapes(args.input_shape), overwrite=args.force)

@@ -125,6 +125,10 @@ class MorphNetRegularizer:
         blacklist: Sequence[str] = (),
         export_options: dict[str, Any] | None = None,
     ) -> None:
+        if regularizer == "gates":
+            raise OptionError("the gates regularizer trains gates that the ONNX training rewrite inserts; in torch, "
+                              "use regularizer='gamma' or 'group-lasso', or train with `onnx-morph regularize "
+                              "--regularizer gates`")
         self.module = unwrap(module)
         self.example_inputs = example_inputs
         self.export_options = dict(export_options or {})

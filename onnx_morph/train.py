@@ -27,6 +27,7 @@ from onnx import numpy_helper
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import build_channel_graph, load_model
 from onnx_morph.rewrite.artifacts import STRENGTH, TrainingArtifacts, load_artifacts, native_stderr_silenced
+from onnx_morph.rewrite.gates import fold_gates
 from onnx_morph.rewrite.save import save_model
 from onnx_morph.rewrite.select import mask_document
 from onnx_morph.rewrite.training_graph import trainable
@@ -45,6 +46,8 @@ class TrainResult:
     structure: dict[str, int]
     alive_per_group: dict[int, int]
     model_path: Path | None = None
+    vector: np.ndarray | None = field(default=None, repr=False)  # per class: the final regularization values
+    gate_logits: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
     test_accuracy: float | None = None
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list, repr=False)
@@ -139,22 +142,30 @@ def train(
     result = TrainResult(
         steps=step, task_loss=last["task_loss"], regularization=last.get("regularization"),
         effective_cost=final.get("effective_cost_after") if final else None,
-        structure=tracker.structure, alive_per_group=tracker.alive_per_group,
+        structure=tracker.structure, alive_per_group=tracker.alive_per_group, vector=tracker.vector,
+        gate_logits={g.param: np.array(state.parameters[g.param].data) for g in tracker.gates},
         seconds=time.perf_counter() - started, history=history)
     if export is not None:
-        trained = trained_model(artifacts, state, data, batch_size)
+        trained = trained_model(artifacts, state, data, batch_size, tracker.gates)
         result.model_path = save_model(trained, export, source=artifacts.base_model)
         if test_data is not None:
             result.test_accuracy = accuracy(trained, test_data)
     return result
 
 
-def trained_model(artifacts: TrainingArtifacts, state, data, batch_size: int = 64) -> onnx.ModelProto:
-    """The base model with the checkpoint's parameters and BatchNorm statistics measured on `data`."""
+def trained_model(artifacts: TrainingArtifacts, state, data, batch_size: int = 64, gates=None) -> onnx.ModelProto:
+    """The base model with the checkpoint's parameters and BatchNorm statistics measured on `data`;
+    probabilistic gates (`gates`: the regularizer's, rebuilt when None) are folded into their producers."""
     model = onnx.load(str(artifacts.base_model))
+    if gates is None:
+        gates = _StructureTracker(artifacts).gates
+    logits = {g.param: np.asarray(state.parameters[g.param].data) for g in gates}
     by_name = {t.name: t for t in model.graph.initializer}
     for name in artifacts.trainable:
-        by_name[name].CopyFrom(numpy_helper.from_array(np.asarray(state.parameters[name].data, dtype=np.float32), name))
+        if name not in logits:
+            by_name[name].CopyFrom(numpy_helper.from_array(np.asarray(state.parameters[name].data, dtype=np.float32),
+                                                           name))
+    fold_gates(model, gates, logits)
     batches = list(_batches(data, batch_size, np.random.default_rng(1)))[:CALIBRATION_BATCHES]
     return recalibrated_batchnorm(model, [x for x, _ in batches], artifacts.inputs[0])
 
@@ -237,14 +248,18 @@ class _StructureTracker:
         self.enabled = artifacts.regularizer is not None
         self.structure: dict[str, int] = {}
         self.alive_per_group: dict[int, int] = {}
+        self.vector: np.ndarray | None = None
+        self.gates = ()
         if self.enabled:
             self.graph = build_channel_graph(load_model(artifacts.base_model, {
                 k: tuple(v) for k, v in artifacts.input_shapes.items()}))
             self.regularizer = artifacts.regularizer.build(self.graph)
+            self.gates = self.regularizer.gates
 
     def record(self, state, log_dir: Path, step: int, final: bool = False) -> dict:
         params = {s.param: np.asarray(state.parameters[s.param].data) for s in self.regularizer.sources}
         vector = self.regularizer.vector(params)
+        self.vector = vector[:-1]
         alive = self.regularizer.alive(vector)[:-1]
         cost, _ = self.regularizer.terms.evaluate(alive, vector[:-1])
         self.alive_per_group = {g.id: int(alive[g.classes].sum()) for g in self.graph.groups if g.prunable}

@@ -1,4 +1,4 @@
-"""tools/bench_tradeoff.py --quick: MorphNet, the uniform multiplier and network slimming each train,
+"""tools/bench_tradeoff.py --quick: MorphNet (Gamma and gates), the uniform multiplier and network slimming each train,
 prune (or shrink uniformly) to the budget and report a test accuracy, in one run."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench_tradeoff.py"
-METHODS = {"MorphNet (Gamma, FLOPs)": "morphnet", "uniform width multiplier": "uniform",
-           "network slimming (L1 on gammas)": "slimming"}
+METHODS = {"MorphNet (Gamma, FLOPs)": "morphnet", "MorphNet (LogisticSigmoid gates, FLOPs)": "gates",
+           "uniform width multiplier": "uniform", "network slimming (L1 on gammas)": "slimming"}
 
 
 def test_quick_tradeoff_has_a_row_per_method_within_the_budget(tmp_path):

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Accuracy vs FLOPs on Fashion-MNIST: MorphNet against a uniform width multiplier and network slimming.
+"""Accuracy vs FLOPs on Fashion-MNIST: MorphNet (Gamma, and probabilistic gates) against a uniform width
+multiplier and network slimming.
 
     python tools/bench_tradeoff.py [--out DIR] [--quick] [--seeds 3] [--budgets 0.25,0.5,0.75]
                                    [--train-subset 10000] [--shrink-epochs 3] [--finetune-epochs 1] ...
@@ -17,12 +18,18 @@ shrink epochs + fine-tune epochs, with the same learning rates in the same two p
   (c) network slimming: plain L1 on the BatchNorm scales of produced channels
       (RegularizerOptions(kind="gamma", cost="activations"): each conv's activation cost is its
       alive output count, so its regularizer is the uniformly weighted sum of |gamma|), then the
-      same pruning and fine-tuning as (a).
+      same pruning and fine-tuning as (a);
+  (d) gates: MorphNet's LogisticSigmoid regularizer weighted by FLOPs (RegularizerOptions(kind="gates",
+      cost="flops", gates_everywhere=True): the seed network has BatchNorm, so gates go on every
+      group, after the BatchNorms), the trained model's closed gates folded into its weights, then
+      pruned by a global threshold on gate probability and fine-tuned like (a).
 
 (a) and (c) prune with the same rule: a global |gamma| threshold (the smallest that brings the
 effective FLOPs, analyze(..., gamma_threshold=t).effective.flops, to the budget or just under it,
 found by bisection over the model's |gamma| values), then onnx_morph.rewrite.prune at that
-threshold. One regularized run per seed and method serves all budgets (or, with one strength per
+threshold. (d) bisects the same way over the gate probabilities (combined over a group's gates):
+the smallest threshold whose alive channels' FLOPs meet the budget, pruned with those channel
+masks. One regularized run per seed and method serves all budgets (or, with one strength per
 budget, one run per budget and seed). Seed s initializes every
 network with torch.manual_seed(s) ((a) and (c) start from the same weights) and shuffles the
 data with s. Training runs in onnxruntime-training; test accuracy is measured in onnxruntime on
@@ -59,10 +66,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlib import load_average, markdown_table, table  # noqa: E402
 
-METHODS = ("morphnet", "uniform", "slimming", "morphnet-scratch", "morphnet-expand")
+METHODS = ("morphnet", "gates", "uniform", "slimming", "morphnet-scratch", "morphnet-expand")
 SUPPLEMENTS = ("morphnet-scratch", "morphnet-expand")
-DEFAULT_METHODS = METHODS[:3]
-LABELS = {"morphnet": "MorphNet (Gamma, FLOPs)", "uniform": "uniform width multiplier",
+DEFAULT_METHODS = METHODS[:4]
+LABELS = {"morphnet": "MorphNet (Gamma, FLOPs)", "gates": "MorphNet (LogisticSigmoid gates, FLOPs)",
+          "uniform": "uniform width multiplier",
           "slimming": "network slimming (L1 on gammas)",
           "morphnet-scratch": "MorphNet's structure, retrained from scratch (+ shrink epochs)",
           "morphnet-expand": "MorphNet's structure expanded to the budget, from scratch (+ shrink epochs)"}
@@ -85,6 +93,7 @@ class Settings:
     batch_size: int
     strength_morphnet: list[float]
     strength_slimming: list[float]
+    strength_gates: list[float]
     data: str
 
     @property
@@ -109,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                              "(one regularized run serves every budget) or one per budget, comma-separated")
     parser.add_argument("--strength-slimming", type=_floats, default=[32.0],
                         help="the same for slimming (default strength: 1 / initial sum of |gamma|)")
+    parser.add_argument("--strength-gates", type=_floats, default=[32.0],
+                        help="the same for gates (default strength: 1 / initial FLOP-weighted gate probabilities)")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                         help=f"comma-separated, from {', '.join(METHODS)}; {' and '.join(SUPPLEMENTS)} (not "
                              "defaults: they cost the shrink epochs on top) train MorphNet's structures from a fresh "
@@ -125,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         print("Fashion-MNIST is not installed; using scikit-learn's digits resized to 28x28", file=sys.stderr)
         data = load_dataset("digits").resized(28, 28)
     budgets = _floats(args.budgets)
-    for option in ("strength_morphnet", "strength_slimming"):
+    for option in ("strength_morphnet", "strength_slimming", "strength_gates"):
         if len(getattr(args, option)) not in (1, len(budgets)):
             parser.error(f"--{option.replace('_', '-')} takes one value or one per budget ({len(budgets)})")
     if args.quick:
@@ -136,13 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(seeds=[0], budgets=[0.5], train_subset=1024, test_subset=1000, shrink_epochs=1,
                             finetune_epochs=1, shrink_lr=args.shrink_lr, finetune_lr=args.finetune_lr,
                             batch_size=args.batch_size, strength_morphnet=pick(args.strength_morphnet),
-                            strength_slimming=pick(args.strength_slimming), data=data.name)
+                            strength_slimming=pick(args.strength_slimming), strength_gates=pick(args.strength_gates),
+                            data=data.name)
     else:
         settings = Settings(seeds=list(range(args.seeds)), budgets=budgets,
                             train_subset=args.train_subset or None, test_subset=None,
                             shrink_epochs=args.shrink_epochs, finetune_epochs=args.finetune_epochs,
                             shrink_lr=args.shrink_lr, finetune_lr=args.finetune_lr, batch_size=args.batch_size,
                             strength_morphnet=args.strength_morphnet, strength_slimming=args.strength_slimming,
+                            strength_gates=args.strength_gates,
                             data=data.name)
     data = data.subset(train=settings.train_subset, test=settings.test_subset)
     methods = [m for m in args.methods.split(",") if m]
@@ -226,7 +239,7 @@ class Bench:
     def regularized(self, method: str, seed: int) -> None:
         """(a) or (c): a regularized run per distinct strength, then prune to its budgets and fine-tune each."""
         s = self.settings
-        multiples = s.strength_morphnet if method == "morphnet" else s.strength_slimming
+        multiples = {"morphnet": s.strength_morphnet, "slimming": s.strength_slimming, "gates": s.strength_gates}[method]
         per_budget = dict(zip(s.budgets, multiples if len(multiples) > 1 else multiples * len(s.budgets)))
         for multiple in dict.fromkeys(per_budget.values()):
             budgets = [b for b, m in per_budget.items() if m == multiple and not self.done(method, seed, b)]
@@ -245,7 +258,8 @@ class Bench:
         folder = self.work / f"{method}-seed{seed}-x{multiple:g}"
         folder.mkdir(parents=True, exist_ok=True)
         seed_path = self.network(seed, None, folder / "seed.onnx")
-        options = RegularizerOptions(kind="gamma", cost=COSTS[method])
+        options = (RegularizerOptions(kind="gates", cost="flops", gates_everywhere=True) if method == "gates"
+                   else RegularizerOptions(kind="gamma", cost=COSTS[method]))
         artifacts = make_training_artifacts(seed_path, folder / "shrink", regularizer=options,
                                             batch_size=s.batch_size, overwrite=True)
         strength = multiple * artifacts.strength
@@ -253,13 +267,19 @@ class Bench:
                        strength=strength, structure_every=0, export=folder / "shrunk.onnx",
                        test_data=self.test_data, seed=seed, progress=None)
         shrink_seconds = time.perf_counter() - started
-        at_default = analyze(shrunk.model_path, gamma_threshold=LEARNED_THRESHOLD).effective.flops
+        if method == "gates":
+            at_default = shrunk.effective_cost  # alive: gate probability >= 0.1
+        else:
+            at_default = analyze(shrunk.model_path, gamma_threshold=LEARNED_THRESHOLD).effective.flops
         if method == "morphnet":
             learned = prune(shrunk.model_path, gamma_threshold=LEARNED_THRESHOLD, verify=False)
             self.learned.setdefault(seed, save_model(learned.model, folder / "learned.onnx"))  # the strongest shrink
         for budget in budgets:
             tic = time.perf_counter()
-            threshold, pruned = prune_to_budget(shrunk.model_path, budget * self.seed_flops)
+            if method == "gates":
+                threshold, pruned = prune_gates_to_budget(artifacts, shrunk, budget * self.seed_flops)
+            else:
+                threshold, pruned = prune_to_budget(shrunk.model_path, budget * self.seed_flops)
             pruned_path = save_model(pruned.model, folder / f"pruned-{budget:.2f}.onnx")
             self.pruned[(method, seed, budget)] = pruned_path
             pruned_accuracy = accuracy(pruned.model, self.test_data)
@@ -410,6 +430,44 @@ def prune_to_budget(path: Path, budget: float):
     raise SystemExit(f"{path}: no threshold prunes to {budget:.0f} FLOPs")
 
 
+def prune_gates_to_budget(artifacts, shrunk, budget: float):
+    """The smallest global gate-probability threshold t whose alive channels (probability > t, every
+    group keeping its most probable channel) fit `budget` FLOPs, and the trained model pruned to them
+    (stepping to the next threshold if the pruned model's FLOPs exceed the budget)."""
+    from onnx_morph.costs import total_cost
+    from onnx_morph.graph import build_channel_graph, load_model
+    from onnx_morph.rewrite.prune import prune
+    from onnx_morph.rewrite.select import mask_document
+
+    graph = build_channel_graph(load_model(artifacts.base_model))
+    fixed = artifacts.regularizer.build(graph).fixed[:-1]
+    probability = shrunk.vector
+
+    def alive(t: float) -> np.ndarray:
+        kept = (probability > t) | fixed
+        for group in graph.groups:
+            if not kept[group.classes].any():
+                kept[group.classes[np.argmax(probability[group.classes])]] = True
+        return kept
+
+    candidates = np.unique(np.concatenate([[0.0], probability[~fixed]]))
+    lo, hi = 0, len(candidates) - 1
+    if total_cost(graph, alive(candidates[hi]), "flops") > budget:
+        raise SystemExit(f"{shrunk.model_path}: even the largest gate threshold leaves more than {budget:.0f} FLOPs")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if total_cost(graph, alive(candidates[mid]), "flops") <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    for index in range(lo, len(candidates)):
+        threshold = float(candidates[index])
+        pruned = prune(shrunk.model_path, masks=mask_document(graph, alive(threshold)))
+        if pruned.after.flops <= budget:
+            return threshold, pruned
+    raise SystemExit(f"{shrunk.model_path}: no gate threshold prunes to {budget:.0f} FLOPs")
+
+
 def summary(records: list[dict]) -> dict:
     """{(budget, method): (mean accuracy, std, min, max, mean FLOPs, mean params, n)}."""
     out = {}
@@ -454,11 +512,12 @@ def render(records: list[dict], s: Settings, seed_flops: float, wall: float, qui
         f"Seed network: small_resnet(width={SEED_WIDTH}), {seed_flops / 1e6:.2f} MFLOPs (2 per multiply-accumulate). "
         f"Data: {s.data}, {subset}, accuracy on {test}. Seeds {s.seeds}; budgets {s.budgets}.",
         f"Every method: {s.total_epochs} epochs in total at batch {s.batch_size}, AdamW, {s.shrink_epochs} at "
-        f"learning rate {s.shrink_lr:g} (regularized for MorphNet and slimming, plain for uniform), then "
-        f"{s.finetune_epochs} at {s.finetune_lr:g} without a regularizer (after pruning for MorphNet and slimming).",
+        f"learning rate {s.shrink_lr:g} (regularized for MorphNet, gates and slimming, plain for uniform), then "
+        f"{s.finetune_epochs} at {s.finetune_lr:g} without a regularizer (after pruning for the regularized methods).",
         f"Strengths (multiples of the default, 1 / initial regularization value"
-        f"{', per budget' if max(len(s.strength_morphnet), len(s.strength_slimming)) > 1 else ''}): "
-        f"MorphNet {_multiples(s.strength_morphnet)}, slimming {_multiples(s.strength_slimming)}.",
+        f"{', per budget' if max(map(len, (s.strength_morphnet, s.strength_slimming, s.strength_gates))) > 1 else ''}): "
+        f"MorphNet {_multiples(s.strength_morphnet)}, gates {_multiples(s.strength_gates)}, "
+        f"slimming {_multiples(s.strength_slimming)}.",
         f"Wall time {wall / 60:.1f} min{' (--quick)' if quick else ''}.",
     ]
     return "\n".join(lines) + "\n"
@@ -476,7 +535,7 @@ def plot(records: list[dict], seed_flops: float, path: Path) -> Path:
 
     stats = summary(records)
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    for offset, method in zip((-0.006, -0.002, 0.002, 0.006), METHODS):
+    for offset, method in zip((-0.008, -0.004, 0.0, 0.004, 0.008), METHODS):
         points = sorted((b, v) for (b, m), v in stats.items() if m == method)
         if not points:
             continue

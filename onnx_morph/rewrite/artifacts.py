@@ -26,8 +26,8 @@ from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.rewrite.regularizer import Regularizer, build_regularizer
 from onnx_morph.rewrite.training_graph import (
-    EFFECTIVE_COST, REGULARIZATION, add_regularizer, inference_batchnorm, trainable, unshare_initializers,
-    with_batch_size,
+    EFFECTIVE_COST, REGULARIZATION, add_gates, add_regularizer, deterministic_gates, inference_batchnorm, trainable,
+    unshare_initializers, with_batch_size,
 )
 from onnx_morph.rewrite.verify import onnxruntime
 
@@ -40,6 +40,9 @@ LOSSES = {"cross-entropy": "labels", "mse": "target", "bce": "target"}
 OPTIMIZERS = ("adamw", "sgd")
 # onnxruntime-training 1.19.2 loads models up to this IR version.
 MAX_IR_VERSION = 10
+# A soft but decisive sample: MorphNet's 0.001 makes the mask a Bernoulli draw whose gradient is almost
+# everywhere zero, so only the regularizer would move the logits; 0.5 lets the task loss push back.
+GATE_TEMPERATURE = 0.5
 
 
 @dataclass(frozen=True)
@@ -55,12 +58,23 @@ class RegularizerOptions:
     output_boundary: tuple[str, ...] = ()
     force_group: tuple[str, ...] = ()
     blacklist: tuple[str, ...] = ()
+    gate_temperature: float = GATE_TEMPERATURE
+    straight_through: bool = False
+    gates_everywhere: bool = False
+
+    def __post_init__(self):
+        if not (0 < self.gate_temperature < float("inf")):
+            raise OptionError(f"the gate temperature must be a finite number > 0, not {self.gate_temperature}")
+        if self.kind != "gates" and (self.straight_through or self.gates_everywhere
+                                     or self.gate_temperature != GATE_TEMPERATURE):
+            raise OptionError(f"gate temperature, straight-through and gates-everywhere apply to the gates "
+                              f"regularizer, not to '{self.kind}'")
 
     def build(self, graph: ChannelGraph) -> Regularizer:
         return build_regularizer(
             graph, kind=self.kind, cost=self.cost, threshold=self.threshold, l1_fraction=self.l1_fraction,
             macs=self.macs, input_boundary=list(self.input_boundary), output_boundary=list(self.output_boundary),
-            force_group=list(self.force_group), blacklist=list(self.blacklist))
+            force_group=list(self.force_group), blacklist=list(self.blacklist), gates_everywhere=self.gates_everywhere)
 
 
 @dataclass
@@ -163,6 +177,9 @@ def make_training_artifacts(
     params = trained_parameters(graph, reg)
     training = with_batch_size(trainable(base), batch_size)
     if reg is not None:
+        if reg.gates:
+            training = add_gates(training, reg.gates, temperature=regularizer.gate_temperature,
+                                 straight_through=regularizer.straight_through)
         training = add_regularizer(training, reg)
         everything = np.ones(graph.num_classes, dtype=bool)
         total_cost, _ = reg.terms.evaluate(everything, np.zeros(graph.num_classes))
@@ -184,7 +201,7 @@ def make_training_artifacts(
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{STAGING}", dir=out_dir.parent))
     try:
-        _generate(training, base, params, loss, reg is not None, optimizer, staging)
+        _generate(training, base, params, loss, reg, optimizer, staging)
         onnx.save(base, str(staging / BASE_MODEL))
         (staging / CONFIG).write_text(json.dumps(artifacts.to_json(), indent=1) + "\n")
         _replace_dir(staging, out_dir)
@@ -227,6 +244,8 @@ def trained_parameters(graph: ChannelGraph, regularizer: Regularizer | None = No
 
 
 def _values(graph: ChannelGraph, reg: Regularizer) -> dict:
+    if reg.gates:
+        return reg.initial_gate_logits()
     return {s.param: graph.model.constant(s.param) for s in reg.sources}
 
 
@@ -261,8 +280,9 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _generate(training: onnx.ModelProto, base: onnx.ModelProto, params: set[str], loss, regularized: bool,
+def _generate(training: onnx.ModelProto, base: onnx.ModelProto, params: set[str], loss, reg: Regularizer | None,
               optimizer: str, directory: Path) -> None:
+    regularized = reg is not None
     onnxruntime().set_default_logger_severity(3)
     from onnxruntime.training import artifacts, onnxblock
 
@@ -305,5 +325,7 @@ def _generate(training: onnx.ModelProto, base: onnx.ModelProto, params: set[str]
         artifact = onnx.load(str(path))
         if name == "eval_model.onnx":
             inference_batchnorm(artifact)
+            if regularized and reg.gates:
+                deterministic_gates(artifact, reg.gates)
         artifact.ir_version = min(artifact.ir_version, MAX_IR_VERSION)
         onnx.save(artifact, str(path))

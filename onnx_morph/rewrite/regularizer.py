@@ -1,9 +1,15 @@
 """MorphNet's network regularizer as data: per-channel sources, their grouping, and the cost terms.
 
-Layer 1 turns each source parameter into a per-channel vector (|gamma|, or a weight slice's group
-lasso norm). Layer 2 combines the sources of a channel class by max (alive = OR), as MorphNet
-groups them. Layer 3 is `CostTerms`, the resource function. The same `Regularizer` is evaluated
-in numpy here, emitted as ONNX nodes for onnxruntime-training and built in torch.
+Layer 1 turns each source parameter into a per-channel vector (|gamma|, a weight slice's group
+lasso norm, or a gate's probability sigmoid(logit)). Layer 2 combines the sources of a channel
+class by max (alive = OR), as MorphNet groups them; probabilistic gates combine by
+1 - prod(1 - p), the probability that at least one gate is open. Layer 3 is `CostTerms`, the
+resource function. The same `Regularizer` is evaluated in numpy here, emitted as ONNX nodes for
+onnxruntime-training and (gamma, group-lasso) built in torch.
+
+Gates (FiGS, MorphNet's LogisticSigmoid regularizer) are sources that do not exist in the model:
+`Gate` says where the training rewrite inserts one and which producer parameters absorb it after
+training, and its logits are a new initializer named under GATE_PREFIX.
 """
 
 from __future__ import annotations
@@ -18,8 +24,14 @@ from onnx_morph.costs.terms import RESOURCES, CostTerms, cost_terms
 from onnx_morph.errors import OptionError
 from onnx_morph.graph.channel_graph import ChannelGraph
 
-KINDS = {"gamma": "gamma", "group-lasso": "weight"}
+KINDS = {"gamma": "gamma", "group-lasso": "weight", "gates": "gate"}
 DEFAULT_THRESHOLD = 1e-2
+# MorphNet's alive threshold for gate probabilities.
+GATE_THRESHOLD = 0.1
+# MorphNet's log_odds_init: p = 0.92, so a gate starts open (the eval mask is 1 and the network is
+# unchanged) while sigmoid'(2.5) = 0.07 still lets the regularizer move it.
+GATE_LOGIT = 2.5
+GATE_PREFIX = "morph/gate/"
 # Keeps the gradient of a weight slice's RMS finite when the whole slice is zero.
 RMS_EPSILON = 1e-12
 
@@ -31,6 +43,24 @@ class SourceParam:
     param: str
     axis: int
     channels: int
+
+
+@dataclass(frozen=True)
+class Gate:
+    """A per-channel gate on `tensor` (channel axis `axis` of `rank`) whose logits are `param`.
+
+    The gate sits where the producer's own per-channel parameters end (after its BatchNorm if it
+    has one), so multiplying by a 0/1 mask equals scaling the `fold` slices, (initializer, axis),
+    of `node`: that is how the trained model drops the gate.
+    """
+
+    param: str
+    tensor: str
+    axis: int
+    rank: int
+    channels: int
+    node: str
+    fold: tuple[tuple[str, int], ...]
 
 
 @dataclass(frozen=True)
@@ -49,6 +79,7 @@ class Regularizer:
     fixed: np.ndarray
     threshold: float
     l1_fraction: float
+    gates: tuple[Gate, ...] = ()
 
     @property
     def zero_position(self) -> int:
@@ -57,6 +88,8 @@ class Regularizer:
     def source_vector(self, param: SourceParam, value: np.ndarray) -> np.ndarray:
         """Per-channel regularization values of one source parameter."""
         value = np.asarray(value, dtype=np.float64)
+        if self.kind == "gates":
+            return 1.0 / (1.0 + np.exp(-value.reshape(-1)))
         if self.kind == "gamma":
             return np.abs(value.reshape(-1))
         slices = np.moveaxis(value, param.axis, 0).reshape(param.channels, -1)
@@ -65,12 +98,20 @@ class Regularizer:
         return self.l1_fraction * l1 + (1 - self.l1_fraction) * rms
 
     def vector(self, params: dict[str, np.ndarray]) -> np.ndarray:
-        """Per class (plus the fixed class), the max over its sources."""
+        """Per class (plus the fixed class), the max over its sources; for gates, the probability
+        that at least one is open."""
         values = np.concatenate([self.source_vector(s, params[s.param]) for s in self.sources] + [np.zeros(1)])
+        if self.kind == "gates":
+            return 1.0 - np.prod(1.0 - values[self.gather], axis=0)
         return values[self.gather].max(axis=0)
 
     def alive(self, vector: np.ndarray) -> np.ndarray:
-        return (vector > self.threshold) | self.fixed
+        above = vector >= self.threshold if self.kind == "gates" else vector > self.threshold
+        return above | self.fixed
+
+    def initial_gate_logits(self) -> dict[str, np.ndarray]:
+        """The logits the training rewrite gives every gate."""
+        return {g.param: np.full(g.channels, GATE_LOGIT, dtype=np.float32) for g in self.gates}
 
     def evaluate(self, params: dict[str, np.ndarray]) -> tuple[float, float]:
         """(effective cost, regularization value) for the given source parameters."""
@@ -92,9 +133,13 @@ def build_regularizer(
     output_boundary: list[str] = (),
     force_group: list[str] = (),
     blacklist: list[str] = (),
+    gates_everywhere: bool = False,
 ) -> Regularizer:
-    """The regularizer of `kind` (gamma or group-lasso) for the `cost` resource (flops, params,
+    """The regularizer of `kind` (gamma, group-lasso or gates) for the `cost` resource (flops, params,
     activations, or latency:HW; or latency with `hardware`).
+
+    Gates go on the prunable groups that have no BatchNorm scale, or with `gates_everywhere` on
+    every prunable group.
 
     Patterns are regular expressions matched against whole node names. Input-boundary nodes and
     everything before them, and everything after output-boundary nodes, are neither costed nor
@@ -103,7 +148,10 @@ def build_regularizer(
     """
     if kind not in KINDS:
         raise OptionError(f"unknown regularizer '{kind}': use one of {', '.join(KINDS)}")
-    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    if gates_everywhere and kind != "gates":
+        raise OptionError(f"gates_everywhere applies to the gates regularizer, not to '{kind}'")
+    if threshold is None:
+        threshold = GATE_THRESHOLD if kind == "gates" else DEFAULT_THRESHOLD
     if not np.isfinite(threshold) or threshold < 0:
         raise OptionError(f"the threshold must be a finite number >= 0, not {threshold}")
     if not 0 <= l1_fraction <= 1:
@@ -118,7 +166,14 @@ def build_regularizer(
     positions: list[list[int]] = [[] for _ in range(graph.num_classes + 1)]
     offsets: dict[tuple[str, int], int] = {}
     total = 0
-    for group in graph.groups:
+    gates = _gates(graph, ignored, gates_everywhere) if kind == "gates" else []
+    for gate in gates:
+        classes = graph.classes(gate.tensor)
+        for channel, cls in enumerate(classes.tolist()):
+            positions[cls].append(total + channel)
+        sources[(gate.param, 0)] = SourceParam(gate.param, 0, gate.channels)
+        total += gate.channels
+    for group in graph.groups if kind != "gates" else ():
         for source in group.sources:
             # A source held in a Constant node (BatchNorm without affine) is not a trainable parameter.
             if source.kind != KINDS[kind] or source.node in ignored or graph.model.initializer(source.param) is None:
@@ -140,9 +195,12 @@ def build_regularizer(
         for c in members:
             positions[c] = list(union)
     if not any(positions):
-        what = "BatchNormalization scale" if kind == "gamma" else "conv or matmul weight"
-        hint = (" The gamma regularizer needs BatchNorm: export with do_constant_folding=False, or use the "
-                "group-lasso regularizer." if kind == "gamma" else "")
+        what = {"gamma": "BatchNormalization scale", "group-lasso": "conv or matmul weight",
+                "gates": "gate (a prunable group without BatchNorm)"}[kind]
+        hint = {"gamma": " The gamma regularizer needs BatchNorm: export with do_constant_folding=False, or use the "
+                         "group-lasso or gates regularizer.",
+                "group-lasso": "",
+                "gates": "" if gates_everywhere else " Gate every group with gates_everywhere (--gates-everywhere)."}[kind]
         raise OptionError(f"{graph.model.source}: no {what} regularizes a prunable channel in the regularized "
                           f"region, so the regularizer would be a silent zero.{hint}")
     zero = total
@@ -151,7 +209,54 @@ def build_regularizer(
     for cls, plist in enumerate(positions):
         gather[:len(plist), cls] = plist
     fixed = np.array([not p for p in positions])
-    return Regularizer(kind, terms, list(sources.values()), gather, fixed, float(threshold), float(l1_fraction))
+    return Regularizer(kind, terms, list(sources.values()), gather, fixed, float(threshold), float(l1_fraction),
+                       tuple(gates))
+
+
+def _gates(graph: ChannelGraph, ignored: set[str], everywhere: bool) -> list[Gate]:
+    """One gate per producer of a prunable group's channels: on the BatchNorm output where a
+    producer feeds one (a gate before it would be normalized away), else on the producer's output.
+    Groups with a BatchNorm scale get gates only `everywhere`."""
+    gates: dict[str, Gate] = {}
+    for group in graph.groups:
+        if not group.prunable:
+            continue
+        usable = [s for s in group.sources if s.node not in ignored and graph.model.initializer(s.param) is not None]
+        gammas = [s for s in usable if s.kind == "gamma"]
+        if gammas and not everywhere:
+            continue
+        normalized = {t for s in gammas for t in graph.nodes[s.node].input}
+        chosen = gammas + [s for s in usable if s.kind == "weight" and s.tensor not in normalized]
+        for source in chosen:
+            gate = _gate(graph, source)
+            if gate is not None:
+                gates.setdefault(gate.tensor, gate)
+    position = {name: i for i, name in enumerate(graph.order)}
+    return sorted(gates.values(), key=lambda g: position[g.node])
+
+
+def _gate(graph: ChannelGraph, source) -> Gate | None:
+    """The gate on a source's tensor, or None where a 0/1 mask cannot be folded into the node's
+    initializers (the tensor spans other groups, or a slice is not one channel per tensor channel)."""
+    info = graph.tensors[source.tensor]
+    channels = info.channels
+    if info.axes is None or len(info.axes) != 1 or source.channels.size != channels:
+        return None
+    if graph.model.initializer(source.param).dims[source.axis] != channels:
+        return None
+    fold = [(source.param, source.axis)]
+    for term in graph.relations[source.node].params:
+        root = graph.param_root(term.param)
+        if term.tensor != source.tensor or (root is not None and root[0] == source.param):
+            continue
+        if root is None or root[1] is not None or term.size != channels:
+            return None
+        dims = list(graph.model.initializer(root[0]).dims)
+        fold.append((root[0], dims.index(channels)))
+    param = f"{GATE_PREFIX}{source.tensor.lstrip('/')}"
+    if graph.model.initializer(param) is not None or param in graph.offsets:
+        raise OptionError(f"node '{source.node}': the gate's logits would be named '{param}', which the model uses")
+    return Gate(param, source.tensor, info.axes[0], len(info.shape), channels, source.node, tuple(fold))
 
 
 def _matching(graph: ChannelGraph, patterns: list[str], option: str) -> set[str]:

@@ -2,7 +2,9 @@
 
 `add_regularizer` appends MorphNet's term to an inference model: two rank-0 outputs, the
 regularization value and the effective cost, computed from the model's own initializers so that
-gradients reach the BatchNorm scales (or weights). `trainable` prepares a model for the gradient
+gradients reach the BatchNorm scales (or weights, or gate logits). `add_gates` inserts the
+probabilistic gates (a sampled logistic-sigmoid mask in training), and `deterministic_gates` turns
+them into the eval graph's 0/1 mask (logit > 0). `trainable` prepares a model for the gradient
 builder: BatchNorm in training mode, LayerNorm with all outputs, Sum as Add chains, and a clear
 refusal of ops onnxruntime-training cannot differentiate.
 """
@@ -17,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_morph.costs.terms import COEFFICIENTS
 from onnx_morph.errors import OptionError
-from onnx_morph.rewrite.regularizer import RMS_EPSILON, Regularizer
+from onnx_morph.rewrite.regularizer import GATE_LOGIT, RMS_EPSILON, Gate, Regularizer
 
 REGULARIZATION = "morph_regularization"
 EFFECTIVE_COST = "morph_effective_cost"
@@ -33,6 +35,10 @@ NO_GRADIENT = {
     "Einsum": "write the contraction with torch.matmul",
 }
 MIN_TRAINING_OPSET = 15
+# Keeps the logistic noise log(u) - log(1 - u) finite.
+NOISE_EPSILON = 1e-6
+# Fixed-point step of the straight-through estimator's stop-gradient (a round trip through int32).
+DETACH_SCALE = 2.0**24
 
 
 def unshare_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -109,6 +115,61 @@ def inference_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def add_gates(model: onnx.ModelProto, gates: tuple[Gate, ...] | list[Gate], *, temperature: float,
+              straight_through: bool = False) -> onnx.ModelProto:
+    """A copy where each gate's tensor is multiplied by mask = sigmoid((logit + log u - log(1 - u)) / T),
+    u ~ Uniform, with the logits a new initializer starting at GATE_LOGIT.
+
+    With `straight_through` the forward mask is (mask > 0.5) and the gradient the soft mask's.
+    """
+    model = _copy(model)
+    builder = _Builder(model.graph, _opset(model), "gates/")
+    producers = {t: i for i, node in enumerate(model.graph.node) for t in node.output}
+    placements = []
+    for gate in gates:
+        if gate.tensor not in producers:
+            raise OptionError(f"gate '{gate.param}': no node produces '{gate.tensor}'")
+        model.graph.initializer.append(numpy_helper.from_array(np.full(gate.channels, GATE_LOGIT, np.float32),
+                                                               gate.param))
+        ungated = f"{gate.param}/ungated"
+        node = model.graph.node[producers[gate.tensor]]
+        node.output[list(node.output).index(gate.tensor)] = ungated
+        start = len(model.graph.node)
+        u = builder.node("RandomUniform", [], dtype=TensorProto.FLOAT, shape=[gate.channels],
+                         low=NOISE_EPSILON, high=1.0 - NOISE_EPSILON)
+        odds = builder.node("Div", [u, builder.node("Sub", [builder.const("one", np.array(1.0)), u])])
+        noisy = builder.node("Add", [gate.param, builder.node("Log", [odds])])
+        mask = builder.node("Sigmoid", [builder.scale(noisy, 1.0 / temperature)])
+        if straight_through:
+            hard = builder.node("Cast", [builder.node("Greater", [mask, builder.const("half", np.array(0.5))])],
+                                to=TensorProto.FLOAT)
+            mask = builder.node("Add", [hard, builder.node("Sub", [mask, builder.detached(mask)])])
+        builder.apply_gate(gate, ungated, mask)
+        placements.append((producers[gate.tensor], start, False))
+    _place(model.graph, placements)
+    return model
+
+
+def deterministic_gates(model: onnx.ModelProto, gates: tuple[Gate, ...] | list[Gate]) -> onnx.ModelProto:
+    """In place: every gate of `add_gates` masks by (logit > 0); the sampling nodes go."""
+    builder = _Builder(model.graph, _opset(model), "eval_gates/")
+    applied = {node.name: i for i, node in enumerate(model.graph.node)}
+    placements = []
+    for gate in gates:
+        if f"{gate.param}/apply" not in applied:
+            raise OptionError(f"the model has no gate '{gate.param}'")
+        index = applied[f"{gate.param}/apply"]
+        start = len(model.graph.node)
+        mask = builder.node("Cast", [builder.node("Greater", [gate.param, builder.const("zero", np.array(0.0))])],
+                            to=TensorProto.FLOAT)
+        model.graph.node[index].input[1] = builder.node(
+            "Reshape", [mask, builder.const("shape", _gate_shape(gate), np.int64)])
+        placements.append((index, start, True))
+    _place(model.graph, placements)
+    _drop_unused(model)
+    return model
+
+
 def add_regularizer(model: onnx.ModelProto, regularizer: Regularizer) -> onnx.ModelProto:
     """A copy of `model` with REGULARIZATION and EFFECTIVE_COST as extra rank-0 outputs."""
     model = _copy(model)
@@ -117,8 +178,16 @@ def add_regularizer(model: onnx.ModelProto, regularizer: Regularizer) -> onnx.Mo
     values = builder.node("Concat", [*vectors, builder.const("zero", np.zeros(1))], axis=0)
     gathered = [builder.node("Gather", [values, builder.const("gather", row, np.int64)], axis=0)
                 for row in regularizer.gather]
-    r = gathered[0] if len(gathered) == 1 else builder.node("Max", gathered)
-    above = builder.node("Greater", [r, builder.const("threshold", np.array(regularizer.threshold))])
+    if regularizer.kind == "gates":
+        one = builder.const("one", np.array(1.0))
+        closed = builder.node("Sub", [one, gathered[0]])
+        for row in gathered[1:]:
+            closed = builder.node("Mul", [closed, builder.node("Sub", [one, row])])
+        r = builder.node("Sub", [one, closed])
+    else:
+        r = gathered[0] if len(gathered) == 1 else builder.node("Max", gathered)
+    compare = "GreaterOrEqual" if regularizer.kind == "gates" else "Greater"
+    above = builder.node(compare, [r, builder.const("threshold", np.array(regularizer.threshold))])
     alive = builder.node("Cast", [builder.node("Or", [above, builder.const("fixed", regularizer.fixed, np.bool_)])],
                          to=TensorProto.FLOAT)
     terms = regularizer.terms
@@ -147,12 +216,12 @@ def add_regularizer(model: onnx.ModelProto, regularizer: Regularizer) -> onnx.Mo
 class _Builder:
     """Appends nodes and constant initializers under the `morph/` prefix."""
 
-    def __init__(self, graph: onnx.GraphProto, opset: int):
-        self.graph, self.opset, self.count = graph, opset, 0
+    def __init__(self, graph: onnx.GraphProto, opset: int, tag: str = ""):
+        self.graph, self.opset, self.count, self.tag = graph, opset, 0, tag
 
     def name(self, hint: str) -> str:
         self.count += 1
-        return f"{PREFIX}{hint}_{self.count}"
+        return f"{PREFIX}{self.tag}{hint}_{self.count}"
 
     def const(self, hint: str, value: np.ndarray, dtype=np.float32) -> str:
         name = self.name(hint)
@@ -175,7 +244,18 @@ class _Builder:
     def reduce_all(self, x: str) -> str:
         return self.reduce("ReduceSum", x, None)
 
+    def detached(self, x: str) -> str:
+        """x to within 1 / DETACH_SCALE, through an integer cast, which no gradient crosses."""
+        fixed = self.node("Cast", [self.scale(x, DETACH_SCALE)], to=TensorProto.INT32)
+        return self.scale(self.node("Cast", [fixed], to=TensorProto.FLOAT), 1.0 / DETACH_SCALE)
+
+    def apply_gate(self, gate: Gate, ungated: str, mask: str) -> None:
+        shaped = self.node("Reshape", [mask, self.const("shape", _gate_shape(gate), np.int64)])
+        self.graph.node.append(helper.make_node("Mul", [ungated, shaped], [gate.tensor], name=f"{gate.param}/apply"))
+
     def source_vector(self, regularizer: Regularizer, source) -> str:
+        if regularizer.kind == "gates":
+            return self.node("Sigmoid", [source.param])
         if regularizer.kind == "gamma":
             return self.node("Abs", [self.node("Reshape", [source.param, self.const("shape", [-1], np.int64)])])
         x = source.param
@@ -229,6 +309,45 @@ class _Builder:
                                                      self.node("Mul", [memory, memory_bound])]))
 
         return pick(*per_node["cost"]), pick(*per_node["reg"])
+
+
+def _gate_shape(gate: Gate) -> list[int]:
+    shape = [1] * gate.rank
+    shape[gate.axis] = gate.channels
+    return shape
+
+
+def _place(graph: onnx.GraphProto, placements: list[tuple[int, int, bool]]) -> None:
+    """Move the nodes appended from each `start` on (up to the next placement's) next to the node at
+    `anchor`, before or after it, so the graph stays topologically sorted."""
+    if not placements:
+        return
+    nodes = list(graph.node)
+    ends = [start for _, start, _ in placements[1:]] + [len(nodes)]
+    near: dict[tuple[int, bool], list] = {}
+    for (anchor, start, before), end in zip(placements, ends):
+        near.setdefault((anchor, before), []).extend(nodes[start:end])
+    ordered = []
+    for index, node in enumerate(nodes[:placements[0][1]]):
+        ordered += near.get((index, True), []) + [node] + near.get((index, False), [])
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def _drop_unused(model: onnx.ModelProto) -> None:
+    """Remove the nodes and initializers under PREFIX that no graph output depends on."""
+    needed = {o.name for o in model.graph.output}
+    kept = []
+    for node in reversed(model.graph.node):
+        if node.name.startswith(PREFIX) and not needed.intersection(node.output):
+            continue
+        kept.append(node)
+        needed.update(node.input)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(kept))
+    initializers = [t for t in model.graph.initializer if not t.name.startswith(PREFIX) or t.name in needed]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(initializers)
 
 
 def _add_chain(node: onnx.NodeProto) -> list[onnx.NodeProto]:

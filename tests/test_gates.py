@@ -1,0 +1,256 @@
+"""Probabilistic gates (FiGS, MorphNet's LogisticSigmoid regularizer) on a CNN without BatchNorm: the
+training graph computes the numpy regularizer, training shrinks the effective FLOPs, and the trained
+model carries no gate and prunes to the same function."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from cli_checks import assert_user_error
+from onnx import numpy_helper
+from torch import nn
+
+from onnx_morph.data import load_dataset
+from onnx_morph.errors import OptionError
+from onnx_morph.examples import export
+from onnx_morph.graph import build_channel_graph, load_model
+from onnx_morph.rewrite import prune
+from onnx_morph.rewrite.artifacts import (
+    STRENGTH,
+    RegularizerOptions,
+    make_training_artifacts,
+)
+from onnx_morph.rewrite.gates import fold_gates
+from onnx_morph.rewrite.regularizer import GATE_PREFIX, build_regularizer
+from onnx_morph.rewrite.training_graph import PREFIX, add_gates, deterministic_gates
+from onnx_morph.rewrite.verify import onnxruntime
+from onnx_morph.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class GateNet(nn.Module):
+    """No BatchNorm: convs with biases, ReLU, a residual add (stem and back share channels), Flatten->Linear."""
+
+    def __init__(self, width: int = 8, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.body = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.back = nn.Conv2d(2 * width, width, 1)
+        self.pool = nn.AvgPool2d(2)
+        self.head = nn.Linear(width * 16, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.back(torch.relu(self.body(x))))
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    return export(GateNet(), (1, 1, 8, 8), tmp_path_factory.mktemp("gates") / "gatenet.onnx")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _module(artifacts):
+    onnxruntime().set_default_logger_severity(3)
+    from onnxruntime.training import api
+
+    state = api.CheckpointState.load_checkpoint(str(artifacts.checkpoint))
+    return state, api.Module(str(artifacts.training_model), state, str(artifacts.eval_model))
+
+
+def _run(module, artifacts, x, y, strength: float = 0.5) -> list[float]:
+    feeds = {artifacts.inputs[0]: x, artifacts.labels: y, STRENGTH: np.array(strength, np.float32)}
+    return [float(v) for v in module(*[feeds[n] for n in module.input_names()])]
+
+
+def _session(model: onnx.ModelProto):
+    return onnxruntime().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _gated_eval(model: onnx.ModelProto, gates, logits: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """`model` with its gates as in the eval graph (mask = logit > 0) and the given logits."""
+    gated = deterministic_gates(add_gates(model, gates, temperature=0.5), gates)
+    for tensor in gated.graph.initializer:
+        if tensor.name in logits:
+            tensor.CopyFrom(numpy_helper.from_array(logits[tensor.name].astype(np.float32), tensor.name))
+    return gated
+
+
+@pytest.mark.parametrize("cost", ["flops", "params", "activations", "latency:V100"])
+def test_training_graph_computes_the_numpy_regularizer(model, tmp_path, digits, cost):
+    """Random logits: the graph's regularization and effective cost are the numpy ones, and the residual
+    group's two gates combine by 1 - (1 - p1)(1 - p2), not by max."""
+    options = RegularizerOptions(kind="gates", cost=cost)
+    artifacts = make_training_artifacts(model, tmp_path / "art", regularizer=options, batch_size=16)
+    regularizer = options.build(build_channel_graph(load_model(artifacts.base_model)))
+    assert [g.node for g in regularizer.gates] == ["/stem/Conv", "/body/Conv", "/back/Conv"]
+    assert artifacts.initial_cost == artifacts.total_cost
+
+    rng = np.random.default_rng(0)
+    logits = {g.param: rng.normal(0.0, 2.0, g.channels).astype(np.float32) for g in regularizer.gates}
+    state, module = _module(artifacts)
+    for name, value in logits.items():
+        state.parameters[name].data = value
+    module.train()
+    _, graph_cost, graph_reg = _run(module, artifacts, digits.x_train[:16], digits.y_train[:16])
+    python_cost, python_reg = regularizer.evaluate(logits)
+    assert graph_cost == pytest.approx(python_cost, rel=1e-5)
+    assert graph_reg == pytest.approx(python_reg, rel=1e-5)
+    assert python_cost < artifacts.total_cost
+
+    p = [1 / (1 + np.exp(-logits[s.param].astype(np.float64))) for s in regularizer.sources]
+    values = np.concatenate(p + [np.zeros(1)])
+    stem = regularizer.gates[0]
+    tied = build_channel_graph(load_model(artifacts.base_model)).classes(stem.tensor)
+    assert (regularizer.gather[:, tied] != regularizer.zero_position).sum(axis=0).tolist() == [2] * stem.channels
+    np.testing.assert_allclose(regularizer.vector(logits)[tied], 1 - (1 - p[0]) * (1 - p[2]), rtol=1e-12)
+    alive = regularizer.alive(regularizer.vector(logits))[:-1]
+    _, max_reg = regularizer.terms.evaluate(alive, values[regularizer.gather].max(axis=0)[:-1])
+    assert abs(graph_reg - max_reg) > 1e-3 * graph_reg
+
+
+def test_group_lasso_works_without_batchnorm(model, tmp_path, digits):
+    options = RegularizerOptions(kind="group-lasso", cost="flops", threshold=0.15)
+    artifacts = make_training_artifacts(model, tmp_path / "art", regularizer=options, batch_size=16)
+    graph = build_channel_graph(load_model(artifacts.base_model))
+    regularizer = options.build(graph)
+    _, module = _module(artifacts)
+    module.train()
+    _, graph_cost, graph_reg = _run(module, artifacts, digits.x_train[:16], digits.y_train[:16])
+    python_cost, python_reg = regularizer.evaluate({s.param: graph.model.constant(s.param) for s in regularizer.sources})
+    assert (graph_cost, graph_reg) == (pytest.approx(python_cost, rel=1e-5), pytest.approx(python_reg, rel=1e-5))
+    assert python_reg > 0
+
+
+def test_eval_graph_is_deterministic_and_training_stochastic(model, tmp_path, digits):
+    for straight_through in (False, True):
+        options = RegularizerOptions(kind="gates", straight_through=straight_through)
+        artifacts = make_training_artifacts(model, tmp_path / f"st{straight_through}", regularizer=options,
+                                            batch_size=16)
+        state, module = _module(artifacts)
+        x, y = digits.x_train[:16], digits.y_train[:16]
+        module.train()
+        module.lazy_reset_grad()
+        trained = [_run(module, artifacts, x, y, strength=0.0)[0] for _ in range(4)]
+        assert len(set(trained)) > 1, trained
+        gate = next(n for n in artifacts.trainable if n.startswith(GATE_PREFIX))
+        assert np.abs(np.asarray(state.parameters[gate].grad)).max() > 0  # the task loss reaches the logits
+        module.eval()
+        evaluated = [_run(module, artifacts, x, y, strength=0.0)[0] for _ in range(2)]
+        assert evaluated[0] == evaluated[1]
+        eval_ops = {n.op_type for n in onnx.load(str(artifacts.eval_model)).graph.node}
+        assert "RandomUniform" not in eval_ops
+        assert "RandomUniform" in {n.op_type for n in onnx.load(str(artifacts.training_model)).graph.node}
+
+
+def test_folding_equals_the_gated_eval_model(model, digits):
+    """Folding the 0/1 masks into the producers' weights and biases computes what the gated model does."""
+    base = onnx.load(str(model))
+    regularizer = build_regularizer(build_channel_graph(load_model(base)), kind="gates", cost="flops")
+    rng = np.random.default_rng(1)
+    logits = {g.param: rng.normal(0.0, 1.0, g.channels) for g in regularizer.gates}
+    gated = _gated_eval(base, regularizer.gates, logits)
+    folded = fold_gates(onnx.load(str(model)), regularizer.gates, logits)
+    x = digits.x_test[:32]
+    want = _session(gated).run(None, {"input": x})[0]
+    got = _session(folded).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(want, _session(base).run(None, {"input": x})[0], atol=1e-3)
+
+
+def test_gates_everywhere_sit_after_batchnorm_and_fold_into_it(tmp_path, digits):
+    """On a BatchNorm network a gate before the BatchNorm would be normalized away: it goes after it,
+    and folds into the BatchNorm's scale and shift."""
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 64, 10))
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].bias.uniform_(-0.5, 0.5)
+    path = export(net, (1, 1, 8, 8), tmp_path / "bn.onnx")
+    graph = build_channel_graph(load_model(path))
+    assert [g.node for g in build_regularizer(graph, kind="gates").gates] == ["/3/Conv"]
+    regularizer = build_regularizer(graph, kind="gates", gates_everywhere=True)
+    assert [(g.node, len(g.fold)) for g in regularizer.gates] == [("/1/BatchNormalization", 2), ("/3/Conv", 2)]
+    logits = {g.param: np.array([-1.0, 2.0] * (g.channels // 2)) for g in regularizer.gates}
+    gated = _gated_eval(onnx.load(str(path)), regularizer.gates, logits)
+    folded = fold_gates(onnx.load(str(path)), regularizer.gates, logits)
+    x = digits.x_test[:16]
+    np.testing.assert_allclose(_session(folded).run(None, {"input": x})[0], _session(gated).run(None, {"input": x})[0],
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(OptionError, match="gates_everywhere applies to the gates regularizer"):
+        build_regularizer(graph, kind="gamma", gates_everywhere=True)
+
+
+def test_training_shrinks_and_the_trained_model_prunes_exactly(model, tmp_path, digits):
+    options = RegularizerOptions(kind="gates", cost="flops")
+    artifacts = make_training_artifacts(model, tmp_path / "art", regularizer=options, batch_size=16)
+    # AdamW moves a logit by about the learning rate per step: from 2.5 to below logit(0.1) = -2.2
+    # takes 235 steps at 0.02.
+    result = train(artifacts, (digits.x_train, digits.y_train), epochs=3, learning_rate=0.02,
+                   strength=3 * artifacts.strength, export=tmp_path / "trained.onnx", test_data=(digits.x_test, digits.y_test), progress=None,
+                   structure_every=10)
+    initial = result.history[0]["effective_cost"]
+    assert initial == pytest.approx(artifacts.total_cost)
+    assert result.effective_cost < 0.8 * initial
+    assert result.test_accuracy > 0.5
+
+    trained = onnx.load(str(result.model_path))
+    assert not [n.name for n in trained.graph.node if n.name.startswith(PREFIX) or n.op_type == "Mul"]
+    assert not [t.name for t in trained.graph.initializer if t.name.startswith(PREFIX)]
+
+    masks = json.loads((artifacts.directory / "masks.json").read_text())
+    pruned = prune(result.model_path, masks=masks)
+    assert pruned.after.flops < 0.8 * pruned.before.flops
+    assert pruned.after.flops == pytest.approx(result.effective_cost, rel=1e-9)
+
+    regularizer = options.build(build_channel_graph(load_model(artifacts.base_model)))
+    gated = _gated_eval(trained, regularizer.gates, result.gate_logits)
+    x = digits.x_test[:64]
+    want = _session(gated).run(None, {"input": x})[0]
+    got = _session(pruned.model).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "onnx_morph.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT, check=False)
+
+
+def test_regularize_command_with_gates(model, tmp_path):
+    out = tmp_path / "art"
+    proc = _cli("regularize", model, "-o", out, "--regularizer", "gates", "--gate-temperature", "0.3",
+                "--straight-through", "--batch-size", "16")
+    assert proc.returncode == 0, proc.stderr
+    assert "regularizer: gates on flops" in proc.stdout
+    saved = json.loads((out / "morph.json").read_text())["regularizer"]
+    assert (saved["kind"], saved["gate_temperature"], saved["straight_through"]) == ("gates", 0.3, True)
+
+    assert_user_error(_cli("regularize", model, "-o", tmp_path / "b", "--regularizer", "gates",
+                           "--gate-temperature", "0"), "gate temperature", "> 0")
+    assert_user_error(_cli("regularize", model, "-o", tmp_path / "c", "--straight-through"),
+                      "apply to the gates regularizer")
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_torch_regularizer_refuses_gates():
+    from onnx_morph.torch import MorphNetRegularizer
+
+    with pytest.raises(OptionError, match="regularize --regularizer gates"):
+        MorphNetRegularizer(GateNet(), torch.zeros(1, 1, 8, 8), regularizer="gates")
