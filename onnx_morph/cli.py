@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
                             help="gates: temperature of the sampled logistic-sigmoid mask (default 0.5)")
     regularize.add_argument("--straight-through", action="store_true",
                             help="gates: hard 0/1 mask forward, the soft mask's gradient backward")
+    regularize.add_argument("--gate-logit-scale", type=float, metavar="S",
+                            help="gates: learning-rate multiplier of the logits (stored as logit / S; default 10)")
     regularize.add_argument("--gates-everywhere", action="store_true",
                             help="gates: gate every prunable group, also those with a BatchNorm")
     regularize.add_argument("--macs", action="store_true", help="FLOPs cost counts multiply-accumulates")
@@ -164,6 +166,7 @@ def _expand(args: argparse.Namespace) -> None:
 def _regularize(args: argparse.Namespace) -> None:
     from onnx_morph.graph import parse_input_shapes
     from onnx_morph.rewrite.artifacts import (
+        GATE_LOGIT_SCALE,
         GATE_TEMPERATURE,
         RegularizerOptions,
         make_training_artifacts,
@@ -174,7 +177,8 @@ def _regularize(args: argparse.Namespace) -> None:
         input_boundary=tuple(args.input_boundary), output_boundary=tuple(args.output_boundary),
         force_group=tuple(args.force_group), blacklist=tuple(args.blacklist),
         gate_temperature=GATE_TEMPERATURE if args.gate_temperature is None else args.gate_temperature,
-        straight_through=args.straight_through, gates_everywhere=args.gates_everywhere)
+        straight_through=args.straight_through, gates_everywhere=args.gates_everywhere,
+        gate_logit_scale=GATE_LOGIT_SCALE if args.gate_logit_scale is None else args.gate_logit_scale)
     result = make_training_artifacts(
         args.model, args.output, loss=args.loss, regularizer=options, strength=args.strength,
         optimizer=args.optimizer, batch_size=args.batch_size, input_shapes=parse_input_shapes(args.input_shape), overwrite=args.force)

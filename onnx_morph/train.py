@@ -47,7 +47,7 @@ class TrainResult:
     alive_per_group: dict[int, int]
     model_path: Path | None = None
     vector: np.ndarray | None = field(default=None, repr=False)  # per class: the final regularization values
-    gate_logits: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    gate_logits: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # logits, not stored parameters
     test_accuracy: float | None = None
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list, repr=False)
@@ -143,7 +143,7 @@ def train(
         steps=step, task_loss=last["task_loss"], regularization=last.get("regularization"),
         effective_cost=final.get("effective_cost_after") if final else None,
         structure=tracker.structure, alive_per_group=tracker.alive_per_group, vector=tracker.vector,
-        gate_logits={g.param: np.array(state.parameters[g.param].data) for g in tracker.gates},
+        gate_logits={g.param: g.logits(state.parameters[g.param].data) for g in tracker.gates},
         seconds=time.perf_counter() - started, history=history)
     if export is not None:
         trained = trained_model(artifacts, state, data, batch_size, tracker.gates)
@@ -159,13 +159,13 @@ def trained_model(artifacts: TrainingArtifacts, state, data, batch_size: int = 6
     model = onnx.load(str(artifacts.base_model))
     if gates is None:
         gates = _StructureTracker(artifacts).gates
-    logits = {g.param: np.asarray(state.parameters[g.param].data) for g in gates}
+    gate_params = {g.param: np.asarray(state.parameters[g.param].data) for g in gates}
     by_name = {t.name: t for t in model.graph.initializer}
     for name in artifacts.trainable:
-        if name not in logits:
+        if name not in gate_params:
             by_name[name].CopyFrom(numpy_helper.from_array(np.asarray(state.parameters[name].data, dtype=np.float32),
                                                            name))
-    fold_gates(model, gates, logits)
+    fold_gates(model, gates, gate_params)
     batches = list(_batches(data, batch_size, np.random.default_rng(1)))[:CALIBRATION_BATCHES]
     return recalibrated_batchnorm(model, [x for x, _ in batches], artifacts.inputs[0])
 

@@ -29,7 +29,11 @@ from onnx_morph.rewrite.artifacts import (
     make_training_artifacts,
 )
 from onnx_morph.rewrite.gates import fold_gates
-from onnx_morph.rewrite.regularizer import GATE_PREFIX, build_regularizer
+from onnx_morph.rewrite.regularizer import (
+    GATE_LOGIT_SCALE,
+    GATE_PREFIX,
+    build_regularizer,
+)
 from onnx_morph.rewrite.training_graph import PREFIX, add_gates, deterministic_gates
 from onnx_morph.rewrite.verify import onnxruntime
 from onnx_morph.train import train
@@ -82,33 +86,43 @@ def _session(model: onnx.ModelProto):
     return onnxruntime().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 
 
+def _stored(gates, logits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The trainable parameters that hold `logits`."""
+    return {g.param: (logits[g.param] / g.logit_scale).astype(np.float32) for g in gates}
+
+
 def _gated_eval(model: onnx.ModelProto, gates, logits: dict[str, np.ndarray]) -> onnx.ModelProto:
     """`model` with its gates as in the eval graph (mask = logit > 0) and the given logits."""
     gated = deterministic_gates(add_gates(model, gates, temperature=0.5), gates)
+    stored = _stored(gates, logits)
     for tensor in gated.graph.initializer:
-        if tensor.name in logits:
-            tensor.CopyFrom(numpy_helper.from_array(logits[tensor.name].astype(np.float32), tensor.name))
+        if tensor.name in stored:
+            tensor.CopyFrom(numpy_helper.from_array(stored[tensor.name], tensor.name))
     return gated
 
 
-@pytest.mark.parametrize("cost", ["flops", "params", "activations", "latency:V100"])
-def test_training_graph_computes_the_numpy_regularizer(model, tmp_path, digits, cost):
-    """Random logits: the graph's regularization and effective cost are the numpy ones, and the residual
-    group's two gates combine by 1 - (1 - p1)(1 - p2), not by max."""
-    options = RegularizerOptions(kind="gates", cost=cost)
+@pytest.mark.parametrize("cost, scale", [("flops", GATE_LOGIT_SCALE), ("params", 2.5), ("activations", 1.0),
+                                         ("latency:V100", GATE_LOGIT_SCALE)])
+def test_training_graph_computes_the_numpy_regularizer(model, tmp_path, digits, cost, scale):
+    """Random logits, stored as logit / scale: the graph's regularization and effective cost are the numpy
+    ones, and the residual group's two gates combine by 1 - (1 - p1)(1 - p2), not by max."""
+    options = RegularizerOptions(kind="gates", cost=cost, gate_logit_scale=scale)
     artifacts = make_training_artifacts(model, tmp_path / "art", regularizer=options, batch_size=16)
     regularizer = options.build(build_channel_graph(load_model(artifacts.base_model)))
     assert [g.node for g in regularizer.gates] == ["/stem/Conv", "/body/Conv", "/back/Conv"]
     assert artifacts.initial_cost == artifacts.total_cost
+    state, module = _module(artifacts)
+    for gate in regularizer.gates:
+        np.testing.assert_allclose(np.asarray(state.parameters[gate.param].data), 2.5 / scale, rtol=1e-6)
 
     rng = np.random.default_rng(0)
-    logits = {g.param: rng.normal(0.0, 2.0, g.channels).astype(np.float32) for g in regularizer.gates}
-    state, module = _module(artifacts)
-    for name, value in logits.items():
+    logits = {g.param: rng.normal(0.0, 2.0, g.channels) for g in regularizer.gates}
+    stored = _stored(regularizer.gates, logits)
+    for name, value in stored.items():
         state.parameters[name].data = value
     module.train()
     _, graph_cost, graph_reg = _run(module, artifacts, digits.x_train[:16], digits.y_train[:16])
-    python_cost, python_reg = regularizer.evaluate(logits)
+    python_cost, python_reg = regularizer.evaluate(stored)
     assert graph_cost == pytest.approx(python_cost, rel=1e-5)
     assert graph_reg == pytest.approx(python_reg, rel=1e-5)
     assert python_cost < artifacts.total_cost
@@ -118,8 +132,8 @@ def test_training_graph_computes_the_numpy_regularizer(model, tmp_path, digits, 
     stem = regularizer.gates[0]
     tied = build_channel_graph(load_model(artifacts.base_model)).classes(stem.tensor)
     assert (regularizer.gather[:, tied] != regularizer.zero_position).sum(axis=0).tolist() == [2] * stem.channels
-    np.testing.assert_allclose(regularizer.vector(logits)[tied], 1 - (1 - p[0]) * (1 - p[2]), rtol=1e-12)
-    alive = regularizer.alive(regularizer.vector(logits))[:-1]
+    np.testing.assert_allclose(regularizer.vector(stored)[tied], 1 - (1 - p[0]) * (1 - p[2]), rtol=1e-6)
+    alive = regularizer.alive(regularizer.vector(stored))[:-1]
     _, max_reg = regularizer.terms.evaluate(alive, values[regularizer.gather].max(axis=0)[:-1])
     assert abs(graph_reg - max_reg) > 1e-3 * graph_reg
 
@@ -165,7 +179,7 @@ def test_folding_equals_the_gated_eval_model(model, digits):
     rng = np.random.default_rng(1)
     logits = {g.param: rng.normal(0.0, 1.0, g.channels) for g in regularizer.gates}
     gated = _gated_eval(base, regularizer.gates, logits)
-    folded = fold_gates(onnx.load(str(model)), regularizer.gates, logits)
+    folded = fold_gates(onnx.load(str(model)), regularizer.gates, _stored(regularizer.gates, logits))
     x = digits.x_test[:32]
     want = _session(gated).run(None, {"input": x})[0]
     got = _session(folded).run(None, {"input": x})[0]
@@ -189,7 +203,7 @@ def test_gates_everywhere_sit_after_batchnorm_and_fold_into_it(tmp_path, digits)
     assert [(g.node, len(g.fold)) for g in regularizer.gates] == [("/1/BatchNormalization", 2), ("/3/Conv", 2)]
     logits = {g.param: np.array([-1.0, 2.0] * (g.channels // 2)) for g in regularizer.gates}
     gated = _gated_eval(onnx.load(str(path)), regularizer.gates, logits)
-    folded = fold_gates(onnx.load(str(path)), regularizer.gates, logits)
+    folded = fold_gates(onnx.load(str(path)), regularizer.gates, _stored(regularizer.gates, logits))
     x = digits.x_test[:16]
     np.testing.assert_allclose(_session(folded).run(None, {"input": x})[0], _session(gated).run(None, {"input": x})[0],
                                rtol=1e-5, atol=1e-5)
@@ -198,13 +212,22 @@ def test_gates_everywhere_sit_after_batchnorm_and_fold_into_it(tmp_path, digits)
 
 
 def test_training_shrinks_and_the_trained_model_prunes_exactly(model, tmp_path, digits):
+    """At a small learning rate the logit scale closes gates: AdamW moves a stored parameter by about the
+    learning rate per step, so a logit falls from 2.5 to below logit(0.1) = -2.2 in ~94 steps at 0.005
+    with the default scale 10, and in ~940 (more than this run has) with scale 1."""
+    data = (digits.x_train, digits.y_train)
+    unscaled = make_training_artifacts(model, tmp_path / "unscaled", batch_size=16,
+                                       regularizer=RegularizerOptions(kind="gates", cost="flops", gate_logit_scale=1.0))
+    stuck = train(unscaled, data, epochs=3, learning_rate=0.005, strength=3 * unscaled.strength, progress=None,
+                  structure_every=0)
+    assert stuck.effective_cost == pytest.approx(unscaled.total_cost)
+
     options = RegularizerOptions(kind="gates", cost="flops")
     artifacts = make_training_artifacts(model, tmp_path / "art", regularizer=options, batch_size=16)
-    # AdamW moves a logit by about the learning rate per step: from 2.5 to below logit(0.1) = -2.2
-    # takes 235 steps at 0.02.
-    result = train(artifacts, (digits.x_train, digits.y_train), epochs=3, learning_rate=0.02,
-                   strength=3 * artifacts.strength, export=tmp_path / "trained.onnx", test_data=(digits.x_test, digits.y_test), progress=None,
+    result = train(artifacts, data, epochs=3, learning_rate=0.005, strength=3 * artifacts.strength,
+                   export=tmp_path / "trained.onnx", test_data=(digits.x_test, digits.y_test), progress=None,
                    structure_every=10)
+    assert result.steps == stuck.steps < 400
     initial = result.history[0]["effective_cost"]
     assert initial == pytest.approx(artifacts.total_cost)
     assert result.effective_cost < 0.8 * initial
@@ -241,12 +264,18 @@ def test_regularize_command_with_gates(model, tmp_path):
     assert "regularizer: gates on flops" in proc.stdout
     saved = json.loads((out / "morph.json").read_text())["regularizer"]
     assert (saved["kind"], saved["gate_temperature"], saved["straight_through"]) == ("gates", 0.3, True)
+    assert saved["gate_logit_scale"] == GATE_LOGIT_SCALE
 
     assert_user_error(_cli("regularize", model, "-o", tmp_path / "b", "--regularizer", "gates",
                            "--gate-temperature", "0"), "gate temperature", "> 0")
     assert_user_error(_cli("regularize", model, "-o", tmp_path / "c", "--straight-through"),
                       "apply to the gates regularizer")
-    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    for bad in ("0", "-1", "inf"):
+        assert_user_error(_cli("regularize", model, "-o", tmp_path / "d", "--regularizer", "gates",
+                               "--gate-logit-scale", bad), "gate logit scale", "> 0")
+    assert_user_error(_cli("regularize", model, "-o", tmp_path / "e", "--gate-logit-scale", "3"),
+                      "apply to the gates regularizer")
+    assert not [p for p in ("b", "c", "d", "e") if (tmp_path / p).exists()]
 
 
 def test_torch_regularizer_refuses_gates():

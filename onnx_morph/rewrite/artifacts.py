@@ -24,7 +24,7 @@ from onnx import TensorProto
 
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
-from onnx_morph.rewrite.regularizer import Regularizer, build_regularizer
+from onnx_morph.rewrite.regularizer import GATE_LOGIT_SCALE, Regularizer, build_regularizer, check_gate_logit_scale
 from onnx_morph.rewrite.training_graph import (
     EFFECTIVE_COST, REGULARIZATION, add_gates, add_regularizer, deterministic_gates, inference_batchnorm, trainable,
     unshare_initializers, with_batch_size,
@@ -61,20 +61,24 @@ class RegularizerOptions:
     gate_temperature: float = GATE_TEMPERATURE
     straight_through: bool = False
     gates_everywhere: bool = False
+    gate_logit_scale: float = GATE_LOGIT_SCALE
 
     def __post_init__(self):
         if not (0 < self.gate_temperature < float("inf")):
             raise OptionError(f"the gate temperature must be a finite number > 0, not {self.gate_temperature}")
+        check_gate_logit_scale(self.gate_logit_scale)
         if self.kind != "gates" and (self.straight_through or self.gates_everywhere
-                                     or self.gate_temperature != GATE_TEMPERATURE):
-            raise OptionError(f"gate temperature, straight-through and gates-everywhere apply to the gates "
-                              f"regularizer, not to '{self.kind}'")
+                                     or self.gate_temperature != GATE_TEMPERATURE
+                                     or self.gate_logit_scale != GATE_LOGIT_SCALE):
+            raise OptionError(f"gate temperature, gate logit scale, straight-through and gates-everywhere apply to "
+                              f"the gates regularizer, not to '{self.kind}'")
 
     def build(self, graph: ChannelGraph) -> Regularizer:
         return build_regularizer(
             graph, kind=self.kind, cost=self.cost, threshold=self.threshold, l1_fraction=self.l1_fraction,
             macs=self.macs, input_boundary=list(self.input_boundary), output_boundary=list(self.output_boundary),
-            force_group=list(self.force_group), blacklist=list(self.blacklist), gates_everywhere=self.gates_everywhere)
+            force_group=list(self.force_group), blacklist=list(self.blacklist), gates_everywhere=self.gates_everywhere,
+            gate_logit_scale=self.gate_logit_scale)
 
 
 @dataclass
@@ -133,8 +137,10 @@ def load_artifacts(directory: str | os.PathLike) -> TrainingArtifacts:
         raise OptionError(f"{config}: not an onnx-morph training description")
     data["directory"] = directory
     if data["regularizer"] is not None:
-        data["regularizer"] = RegularizerOptions(**{k: tuple(v) if isinstance(v, list) else v
-                                                    for k, v in data["regularizer"].items()})
+        options = {k: tuple(v) if isinstance(v, list) else v for k, v in data["regularizer"].items()}
+        if options["kind"] == "gates":
+            options.setdefault("gate_logit_scale", 1.0)  # graphs made before the scale stored the logits
+        data["regularizer"] = RegularizerOptions(**options)
     return TrainingArtifacts(**data)
 
 
@@ -245,7 +251,7 @@ def trained_parameters(graph: ChannelGraph, regularizer: Regularizer | None = No
 
 def _values(graph: ChannelGraph, reg: Regularizer) -> dict:
     if reg.gates:
-        return reg.initial_gate_logits()
+        return reg.initial_gate_parameters()
     return {s.param: graph.model.constant(s.param) for s in reg.sources}
 
 

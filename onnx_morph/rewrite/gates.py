@@ -14,16 +14,17 @@ from onnx_morph.errors import OptionError
 from onnx_morph.rewrite.regularizer import Gate
 
 
-def gate_masks(gates: tuple[Gate, ...] | list[Gate], logits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The eval graph's mask of every gate: 1 where its logit is positive."""
-    return {g.param: (np.asarray(logits[g.param]).reshape(-1) > 0).astype(np.float32) for g in gates}
+def gate_masks(gates: tuple[Gate, ...] | list[Gate], params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The eval graph's mask of every gate, from its stored parameter: 1 where its logit is positive."""
+    return {g.param: (g.logits(params[g.param]) > 0).astype(np.float32) for g in gates}
 
 
 def fold_gates(model: onnx.ModelProto, gates: tuple[Gate, ...] | list[Gate],
-               logits: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """In place: scale every gate's fold slices by its deterministic mask."""
+               params: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """In place: scale every gate's fold slices by its deterministic mask (`params`: the trained,
+    stored gate parameters)."""
     by_name = {t.name: t for t in model.graph.initializer}
-    for gate, mask in zip(gates, gate_masks(gates, logits).values()):
+    for gate, mask in zip(gates, gate_masks(gates, params).values()):
         for param, axis in gate.fold:
             if param not in by_name:
                 raise OptionError(f"gate on '{gate.tensor}' (node '{gate.node}'): the model has no initializer '{param}'")

@@ -9,7 +9,8 @@ onnxruntime-training and (gamma, group-lasso) built in torch.
 
 Gates (FiGS, MorphNet's LogisticSigmoid regularizer) are sources that do not exist in the model:
 `Gate` says where the training rewrite inserts one and which producer parameters absorb it after
-training, and its logits are a new initializer named under GATE_PREFIX.
+training, and its logits are a new initializer named under GATE_PREFIX, stored divided by the gate's
+logit scale (`Gate.logits` turns the stored parameter back into logits, everywhere).
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ GATE_THRESHOLD = 0.1
 # MorphNet's log_odds_init: p = 0.92, so a gate starts open (the eval mask is 1 and the network is
 # unchanged) while sigmoid'(2.5) = 0.07 still lets the regularizer move it.
 GATE_LOGIT = 2.5
+# A learning-rate multiplier for the gates: the trainable initializer holds logit / scale and the
+# graph multiplies it back, so an optimizer step of size lr moves a logit by about scale * lr
+# (AdamW's steps are about lr whatever the gradient). Closing a gate (2.5 to below logit(0.1) =
+# -2.2) then takes ~940 / scale steps at lr 0.005: 94 at 10, well inside a shrink phase of a few
+# hundred steps at the small learning rates that keep the weights trained (at scale 1 no gate
+# closes in bench_tradeoff's ~470); much larger scales make a gate flip within a few steps.
+GATE_LOGIT_SCALE = 10.0
 GATE_PREFIX = "morph/gate/"
 # Keeps the gradient of a weight slice's RMS finite when the whole slice is zero.
 RMS_EPSILON = 1e-12
@@ -61,6 +69,20 @@ class Gate:
     channels: int
     node: str
     fold: tuple[tuple[str, int], ...]
+    logit_scale: float = GATE_LOGIT_SCALE
+
+    def logits(self, stored: np.ndarray) -> np.ndarray:
+        """The gate's logits from its stored (trainable) parameter, as the graph computes them."""
+        return np.asarray(stored, dtype=np.float64).reshape(-1) * self.logit_scale
+
+    def initial_parameter(self) -> np.ndarray:
+        """The stored parameter the training rewrite starts from: every logit at GATE_LOGIT."""
+        return np.full(self.channels, GATE_LOGIT / self.logit_scale, dtype=np.float32)
+
+
+def check_gate_logit_scale(scale: float) -> None:
+    if not (0 < scale < float("inf")):
+        raise OptionError(f"the gate logit scale must be a finite number > 0, not {scale}")
 
 
 @dataclass(frozen=True)
@@ -89,7 +111,7 @@ class Regularizer:
         """Per-channel regularization values of one source parameter."""
         value = np.asarray(value, dtype=np.float64)
         if self.kind == "gates":
-            return 1.0 / (1.0 + np.exp(-value.reshape(-1)))
+            return 1.0 / (1.0 + np.exp(-self.gate(param.param).logits(value)))
         if self.kind == "gamma":
             return np.abs(value.reshape(-1))
         slices = np.moveaxis(value, param.axis, 0).reshape(param.channels, -1)
@@ -109,9 +131,12 @@ class Regularizer:
         above = vector >= self.threshold if self.kind == "gates" else vector > self.threshold
         return above | self.fixed
 
-    def initial_gate_logits(self) -> dict[str, np.ndarray]:
-        """The logits the training rewrite gives every gate."""
-        return {g.param: np.full(g.channels, GATE_LOGIT, dtype=np.float32) for g in self.gates}
+    def gate(self, param: str) -> Gate:
+        return next(g for g in self.gates if g.param == param)
+
+    def initial_gate_parameters(self) -> dict[str, np.ndarray]:
+        """The stored gate parameters the training rewrite starts from."""
+        return {g.param: g.initial_parameter() for g in self.gates}
 
     def evaluate(self, params: dict[str, np.ndarray]) -> tuple[float, float]:
         """(effective cost, regularization value) for the given source parameters."""
@@ -134,12 +159,13 @@ def build_regularizer(
     force_group: list[str] = (),
     blacklist: list[str] = (),
     gates_everywhere: bool = False,
+    gate_logit_scale: float = GATE_LOGIT_SCALE,
 ) -> Regularizer:
     """The regularizer of `kind` (gamma, group-lasso or gates) for the `cost` resource (flops, params,
     activations, or latency:HW; or latency with `hardware`).
 
     Gates go on the prunable groups that have no BatchNorm scale, or with `gates_everywhere` on
-    every prunable group.
+    every prunable group; their trainable parameters are logits / `gate_logit_scale`.
 
     Patterns are regular expressions matched against whole node names. Input-boundary nodes and
     everything before them, and everything after output-boundary nodes, are neither costed nor
@@ -150,6 +176,7 @@ def build_regularizer(
         raise OptionError(f"unknown regularizer '{kind}': use one of {', '.join(KINDS)}")
     if gates_everywhere and kind != "gates":
         raise OptionError(f"gates_everywhere applies to the gates regularizer, not to '{kind}'")
+    check_gate_logit_scale(gate_logit_scale)
     if threshold is None:
         threshold = GATE_THRESHOLD if kind == "gates" else DEFAULT_THRESHOLD
     if not np.isfinite(threshold) or threshold < 0:
@@ -166,7 +193,7 @@ def build_regularizer(
     positions: list[list[int]] = [[] for _ in range(graph.num_classes + 1)]
     offsets: dict[tuple[str, int], int] = {}
     total = 0
-    gates = _gates(graph, ignored, gates_everywhere) if kind == "gates" else []
+    gates = _gates(graph, ignored, gates_everywhere, gate_logit_scale) if kind == "gates" else []
     for gate in gates:
         classes = graph.classes(gate.tensor)
         for channel, cls in enumerate(classes.tolist()):
@@ -213,7 +240,7 @@ def build_regularizer(
                        tuple(gates))
 
 
-def _gates(graph: ChannelGraph, ignored: set[str], everywhere: bool) -> list[Gate]:
+def _gates(graph: ChannelGraph, ignored: set[str], everywhere: bool, logit_scale: float) -> list[Gate]:
     """One gate per producer of a prunable group's channels: on the BatchNorm output where a
     producer feeds one (a gate before it would be normalized away), else on the producer's output.
     Groups with a BatchNorm scale get gates only `everywhere`."""
@@ -228,14 +255,14 @@ def _gates(graph: ChannelGraph, ignored: set[str], everywhere: bool) -> list[Gat
         normalized = {t for s in gammas for t in graph.nodes[s.node].input}
         chosen = gammas + [s for s in usable if s.kind == "weight" and s.tensor not in normalized]
         for source in chosen:
-            gate = _gate(graph, source)
+            gate = _gate(graph, source, logit_scale)
             if gate is not None:
                 gates.setdefault(gate.tensor, gate)
     position = {name: i for i, name in enumerate(graph.order)}
     return sorted(gates.values(), key=lambda g: position[g.node])
 
 
-def _gate(graph: ChannelGraph, source) -> Gate | None:
+def _gate(graph: ChannelGraph, source, logit_scale: float) -> Gate | None:
     """The gate on a source's tensor, or None where a 0/1 mask cannot be folded into the node's
     initializers (the tensor spans other groups, or a slice is not one channel per tensor channel)."""
     info = graph.tensors[source.tensor]
@@ -256,7 +283,8 @@ def _gate(graph: ChannelGraph, source) -> Gate | None:
     param = f"{GATE_PREFIX}{source.tensor.lstrip('/')}"
     if graph.model.initializer(param) is not None or param in graph.offsets:
         raise OptionError(f"node '{source.node}': the gate's logits would be named '{param}', which the model uses")
-    return Gate(param, source.tensor, info.axes[0], len(info.shape), channels, source.node, tuple(fold))
+    return Gate(param, source.tensor, info.axes[0], len(info.shape), channels, source.node, tuple(fold),
+                float(logit_scale))
 
 
 def _matching(graph: ChannelGraph, patterns: list[str], option: str) -> set[str]:

@@ -19,7 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_morph.costs.terms import COEFFICIENTS
 from onnx_morph.errors import OptionError
-from onnx_morph.rewrite.regularizer import GATE_LOGIT, RMS_EPSILON, Gate, Regularizer
+from onnx_morph.rewrite.regularizer import RMS_EPSILON, Gate, Regularizer
 
 REGULARIZATION = "morph_regularization"
 EFFECTIVE_COST = "morph_effective_cost"
@@ -118,7 +118,7 @@ def inference_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
 def add_gates(model: onnx.ModelProto, gates: tuple[Gate, ...] | list[Gate], *, temperature: float,
               straight_through: bool = False) -> onnx.ModelProto:
     """A copy where each gate's tensor is multiplied by mask = sigmoid((logit + log u - log(1 - u)) / T),
-    u ~ Uniform, with the logits a new initializer starting at GATE_LOGIT.
+    u ~ Uniform, with logit = `gate.logit_scale` * a new initializer (starting at GATE_LOGIT / scale).
 
     With `straight_through` the forward mask is (mask > 0.5) and the gradient the soft mask's.
     """
@@ -129,8 +129,7 @@ def add_gates(model: onnx.ModelProto, gates: tuple[Gate, ...] | list[Gate], *, t
     for gate in gates:
         if gate.tensor not in producers:
             raise OptionError(f"gate '{gate.param}': no node produces '{gate.tensor}'")
-        model.graph.initializer.append(numpy_helper.from_array(np.full(gate.channels, GATE_LOGIT, np.float32),
-                                                               gate.param))
+        model.graph.initializer.append(numpy_helper.from_array(gate.initial_parameter(), gate.param))
         ungated = f"{gate.param}/ungated"
         node = model.graph.node[producers[gate.tensor]]
         node.output[list(node.output).index(gate.tensor)] = ungated
@@ -138,7 +137,7 @@ def add_gates(model: onnx.ModelProto, gates: tuple[Gate, ...] | list[Gate], *, t
         u = builder.node("RandomUniform", [], dtype=TensorProto.FLOAT, shape=[gate.channels],
                          low=NOISE_EPSILON, high=1.0 - NOISE_EPSILON)
         odds = builder.node("Div", [u, builder.node("Sub", [builder.const("one", np.array(1.0)), u])])
-        noisy = builder.node("Add", [gate.param, builder.node("Log", [odds])])
+        noisy = builder.node("Add", [builder.gate_logits(gate), builder.node("Log", [odds])])
         mask = builder.node("Sigmoid", [builder.scale(noisy, 1.0 / temperature)])
         if straight_through:
             hard = builder.node("Cast", [builder.node("Greater", [mask, builder.const("half", np.array(0.5))])],
@@ -160,7 +159,8 @@ def deterministic_gates(model: onnx.ModelProto, gates: tuple[Gate, ...] | list[G
             raise OptionError(f"the model has no gate '{gate.param}'")
         index = applied[f"{gate.param}/apply"]
         start = len(model.graph.node)
-        mask = builder.node("Cast", [builder.node("Greater", [gate.param, builder.const("zero", np.array(0.0))])],
+        mask = builder.node("Cast", [builder.node("Greater", [builder.gate_logits(gate),
+                                                              builder.const("zero", np.array(0.0))])],
                             to=TensorProto.FLOAT)
         model.graph.node[index].input[1] = builder.node(
             "Reshape", [mask, builder.const("shape", _gate_shape(gate), np.int64)])
@@ -253,9 +253,13 @@ class _Builder:
         shaped = self.node("Reshape", [mask, self.const("shape", _gate_shape(gate), np.int64)])
         self.graph.node.append(helper.make_node("Mul", [ungated, shaped], [gate.tensor], name=f"{gate.param}/apply"))
 
+    def gate_logits(self, gate: Gate) -> str:
+        """`Gate.logits` in the graph: the stored parameter times the gate's logit scale."""
+        return self.scale(gate.param, gate.logit_scale)
+
     def source_vector(self, regularizer: Regularizer, source) -> str:
         if regularizer.kind == "gates":
-            return self.node("Sigmoid", [source.param])
+            return self.node("Sigmoid", [self.gate_logits(regularizer.gate(source.param))])
         if regularizer.kind == "gamma":
             return self.node("Abs", [self.node("Reshape", [source.param, self.const("shape", [-1], np.int64)])])
         x = source.param
