@@ -26,6 +26,7 @@ from onnx_morph.rewrite import prune
 from onnx_morph.rewrite.artifacts import (
     STRENGTH,
     RegularizerOptions,
+    load_artifacts,
     make_training_artifacts,
 )
 from onnx_morph.rewrite.gates import fold_gates
@@ -276,6 +277,18 @@ def test_regularize_command_with_gates(model, tmp_path):
     assert_user_error(_cli("regularize", model, "-o", tmp_path / "e", "--gate-logit-scale", "3"),
                       "apply to the gates regularizer")
     assert not [p for p in ("b", "c", "d", "e") if (tmp_path / p).exists()]
+
+
+def test_artifacts_made_before_the_logit_scale_load_with_scale_1(model, tmp_path):
+    """Their graphs use the stored parameters as logits."""
+    artifacts = make_training_artifacts(model, tmp_path / "art", regularizer=RegularizerOptions(kind="gates"),
+                                        batch_size=16)
+    config = artifacts.directory / "morph.json"
+    saved = json.loads(config.read_text())
+    assert load_artifacts(artifacts.directory).regularizer.gate_logit_scale == GATE_LOGIT_SCALE
+    del saved["regularizer"]["gate_logit_scale"]
+    config.write_text(json.dumps(saved))
+    assert load_artifacts(artifacts.directory).regularizer.gate_logit_scale == 1.0
 
 
 def test_torch_regularizer_refuses_gates():
