@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from onnx_morph.errors import ModelLoadError
+from onnx_morph.graph.grid import slice_classes, sliced_axis
 from onnx_morph.graph.groups import ChannelGroup, build_groups
 from onnx_morph.graph.load import LoadedModel
 from onnx_morph.handlers import NodeView, Pin, Relation, TensorInfo, handler_for, is_known
@@ -58,6 +59,11 @@ class ChannelGraph:
             return None
         start = self.offsets[tensor]
         return self.class_of[start:start + self.tensors[tensor].channels]
+
+    def axis_classes(self, tensor: str, axis: int) -> np.ndarray | None:
+        """Class of each slice of `tensor` along `axis`; None when that axis never shrinks on its own."""
+        classes = self.classes(tensor)
+        return None if classes is None else slice_classes(self.tensors[tensor], classes, axis)
 
     def param_root(self, name: str) -> tuple[str, tuple[int, ...] | None] | None:
         """The initializer behind a constant input (seen through Identity/Transpose) and the permutation applied."""
@@ -151,6 +157,11 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
     roots = connected_components(total, np.concatenate(edges_a or [np.zeros(0, np.int64)]),
                                  np.concatenate(edges_b or [np.zeros(0, np.int64)]))
     _, class_of = np.unique(roots, return_inverse=True)
+    for relation in relations.values():
+        for grid in relation.grids:
+            info = tensors.get(grid.tensor)
+            if grid.tensor in offsets and sliced_axis(info, class_of[offsets[grid.tensor]:][:info.channels]) is None:
+                pin(Pin(grid.tensor, grid.reason))
     class_pins = _reasons_by_class(class_of, pinned_elements, pinned_reasons, list(reasons))
 
     partial = ChannelGraph(

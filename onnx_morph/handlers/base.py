@@ -93,6 +93,19 @@ class Pin:
 
 
 @dataclass(frozen=True)
+class Grid:
+    """The channels of `tensor` span several axes (attention heads x head dims, a channel shuffle's
+    groups x members): a reshape can only shrink such a grid by whole slices along one of its axes.
+
+    The channel graph keeps it prunable when, after all ties, every class is made of whole slices
+    along one axis (whole heads), and pins it with `reason` otherwise.
+    """
+
+    tensor: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Source:
     """A parameter slice carrying a per-channel penalty for channels of `tensor`.
 
@@ -144,6 +157,7 @@ class Relation:
     sources: list[Source] = field(default_factory=list)
     geometry: OpGeometry | None = None
     params: list[ParamTerm] = field(default_factory=list)
+    grids: list[Grid] = field(default_factory=list)
 
 
 class Editor(Protocol):

@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from onnx_morph.errors import ModelLoadError
+from onnx_morph.handlers.products import activation_product
 from onnx_morph.handlers.base import (
     BaseHandler,
     NodeView,
@@ -142,28 +143,4 @@ class MatMul(BaseHandler):
         return relation
 
     def _between_activations(self, view: NodeView, a: TensorInfo, b: TensorInfo, y: TensorInfo) -> Relation:
-        """Attention-style products: the contracted axes are tied; rows of A and columns of B pass on."""
-        ra, rb, ry = len(a.shape), len(b.shape), len(y.shape)
-        relation = Relation([None])
-        relation.geometry = OpGeometry(a.name, ra - 1, y.name, ry - 1, kernel=1, positions=math.prod(y.shape[:-1]),
-                                       second_input=b.name)
-        a_role = _role(a.axes, {(ra - 1,): "contracted", (ra - 2,): "rows"})
-        b_role = _role(b.axes, {(rb - 2,): "contracted", (rb - 1,): "columns"})
-        if a_role == "contracted" and b_role == "contracted":
-            relation.ties.append(identity_tie(a, b))
-        out_axes = {"rows": (ry - 2,), "columns": (ry - 1,)}
-        passed = [(t, out_axes[role]) for t, role in ((a, a_role), (b, b_role)) if role in out_axes]
-        if len(passed) == 1:
-            source, axes = passed[0]
-            relation.output_axes = [axes]
-            relation.ties.append(identity_tie(source, TensorInfo(y.name, y.shape, axes)))
-        for t, role in ((a, a_role), (b, b_role)):
-            if role == "mixed" or (role in out_axes and len(passed) > 1) or (role == "contracted" and a_role != b_role):
-                relation.pins.append(Pin(t.name, f"{describe(view)} multiplies two activations whose channel axes it cannot follow"))
-        return relation
-
-
-def _role(axes: tuple[int, ...] | None, roles: dict[tuple[int, ...], str]) -> str | None:
-    if axes is None:
-        return None
-    return roles.get(axes, "mixed")
+        return activation_product(view, a, b, y)
