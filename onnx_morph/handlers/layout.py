@@ -77,7 +77,21 @@ class Reshape(BaseHandler):
         for axis, extent in kept_extents(TensorInfo(y.name, y.shape, axes), keep, describe(view)).items():
             if target[axis] > 0:
                 target[axis] = extent
-        edit.set_input(1, target)
+        edit.set_input(1, _leading_dims_copied(view, target, axes))
+
+
+def _leading_dims_copied(view: NodeView, target: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """The target with its leading dims (before any channel axis) copied from the input (0) where they
+    equal it: a target exported as x.size() chains was folded at batch 1, and must not freeze it."""
+    x = view.input(0)
+    if view.attr("allowzero", 0) or x.shape is None:
+        return target
+    target = target.copy()
+    first = min(min(axes), min(x.axes or axes), len(x.shape))
+    for i in range(first):
+        if target[i] == x.shape[i]:
+            target[i] = 0
+    return target
 
 
 def kept_extents(info: TensorInfo, keep: np.ndarray, where: str) -> dict[int, int]:
