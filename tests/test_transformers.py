@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
+from zoo import import_torchvision
 
 import onnx_morph
 from onnx_morph.costs import op_costs, totals_of
@@ -25,7 +26,6 @@ from onnx_morph.rewrite import prune
 from onnx_morph.rewrite.artifacts import RegularizerOptions, make_training_artifacts
 from onnx_morph.rewrite.select import mask_document
 from onnx_morph.rewrite.verify import onnxruntime
-from zoo import import_torchvision
 
 REL_TOL = 1e-4
 

@@ -1,5 +1,5 @@
-"""Gemm and MatMul: with a constant weight they create new feature channels; between two
-activations a MatMul ties the contracted axis of both operands."""
+"""Gemm and MatMul: with a constant weight they create new feature channels; a MatMul of two
+activations (attention) follows its operands element by element (handlers/products.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import math
 import numpy as np
 
 from onnx_morph.errors import ModelLoadError
-from onnx_morph.handlers.products import activation_product
 from onnx_morph.handlers.base import (
     BaseHandler,
     NodeView,
@@ -19,8 +18,8 @@ from onnx_morph.handlers.base import (
     Source,
     TensorInfo,
     describe,
-    identity_tie,
 )
+from onnx_morph.handlers.products import activation_product
 
 
 def _last(rank: int) -> tuple[int, ...]:

@@ -15,7 +15,15 @@ import math
 
 import numpy as np
 
-from onnx_morph.handlers.base import NodeView, OpGeometry, Pin, Relation, TensorInfo, Tie, describe
+from onnx_morph.handlers.base import (
+    NodeView,
+    OpGeometry,
+    Pin,
+    Relation,
+    TensorInfo,
+    Tie,
+    describe,
+)
 from onnx_morph.handlers.layout import channel_ids
 
 
@@ -60,7 +68,7 @@ def _unfollowable(chan_a: set[int], chan_b: set[int], size_a: dict, size_b: dict
     if m in chan_a and n in chan_b:
         return "the product's rows and columns would both be channels"
     for place in (chan_a | chan_b) - {k, m, n}:
-        mine, other = (size_a, size_b) if place in chan_a else (size_b, size_a)
+        other = size_b if place in chan_a else size_a
         if place not in (chan_a & chan_b) and other.get(place, 1) > 1:
             return "one operand broadcasts channels along a batch axis the other spans"
         if place in (chan_a & chan_b) and size_a[place] != size_b[place]:
