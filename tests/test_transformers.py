@@ -278,11 +278,29 @@ def _check_head_reshapes(pruned: onnx.ModelProto, name: str, kept_heads: list[in
             assert kept in dims and heads not in dims, (node.name, dims)
 
 
-def test_group_lasso_trains_on_bert(tmp_path):
+@pytest.fixture(scope="module")
+def dynamic_bert_path(tmp_path_factory):
+    return _export(_bert(), torch.from_numpy(_bert_tokens(np.random.default_rng(0))),
+                   tmp_path_factory.mktemp("bert_dynamic") / "bert.onnx", dynamic_batch=True)
+
+
+def test_pruned_bert_keeps_its_dynamic_batch(dynamic_bert_path):
+    """Head reshapes exported as view(b, t, H, D) keep b from the input, not the batch of 1 analyzed."""
+    graph = onnx_morph.analyze(dynamic_bert_path).graph
+    alive, dead_heads, dead_units = _choose(graph, "bert", seed=3)
+    pruned = prune(dynamic_bert_path, masks=mask_document(graph, alive)).model
+    module = _bert()
+    _zero_bert(module, dead_heads, dead_units)
+    tokens = [_bert_tokens(np.random.default_rng(5), batch=3)]
+    expected, actual = _torch_outputs(module, tokens)[0], _ort_outputs(pruned, tokens)[0]
+    assert actual.shape == (3, 3)
+    assert np.abs(expected - actual).max() / np.abs(expected).max() < REL_TOL
+
+
+def test_group_lasso_trains_on_bert(dynamic_bert_path, tmp_path):
     from onnxruntime.training import api
 
-    path = _export(_bert(), torch.from_numpy(_bert_tokens(np.random.default_rng(0))), tmp_path / "bert.onnx",
-                   dynamic_batch=True)
+    path = dynamic_bert_path
     options = RegularizerOptions(kind="group-lasso", cost="flops")
     artifacts = make_training_artifacts(path, tmp_path / "run", regularizer=options, batch_size=4)
     assert artifacts.initial_regularization > 0

@@ -155,6 +155,8 @@ class Concat(BaseHandler):
         if axis not in axes:
             relation = Relation([axes], ties=[identity_tie(t, out) for t in activations])
             relation.params = [ParamTerm(t.name, math.prod(t.shape), y.name) for t in parts if t.constant]
+            if len(axes) > 1 and any(t.constant for t in parts):
+                relation.pins.append(Pin(y.name, f"{describe(view)} joins a constant to channels spread over axes {list(axes)}"))
             return relation
         if axes != (axis,):
             return Relation([None], pins=[Pin(t.name, f"{describe(view)} concatenates along one of several channel axes")
@@ -375,7 +377,10 @@ class Expand(BaseHandler):
         shift = len(y.shape) - len(x.shape)
         axes = tuple(a + shift for a in x.axes)
         if all(x.shape[a] == y.shape[a + shift] for a in x.axes):
-            return Relation([axes], ties=[identity_tie(x, TensorInfo(y.name, y.shape, axes))])
+            relation = Relation([axes], ties=[identity_tie(x, TensorInfo(y.name, y.shape, axes))])
+            if len(axes) > 1:
+                relation.pins.append(Pin(x.name, f"{describe(view)} broadcasts channels spread over axes {list(axes)}"))
+            return relation
         return Relation([None], pins=[Pin(x.name, f"{describe(view)} broadcasts along the channel axis")])
 
     def prune(self, view: NodeView, edit) -> None:
