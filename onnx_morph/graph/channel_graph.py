@@ -106,7 +106,7 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
             continue
         if not is_known(node.op_type, node.domain):
             unknown[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"].append(name)
-        view = _view(model, name, node, tensors, static)
+        view = _view(model, name, node, tensors, static, aliases)
         try:
             relation = handler.relate(view)
         except ModelLoadError as exc:  # the node contradicts itself (weights vs shapes)
@@ -187,7 +187,7 @@ def _reasons_by_class(class_of, elements, reason_ids, reasons: list[str]) -> dic
 
 def node_view(graph: ChannelGraph, name: str) -> NodeView:
     """The view a handler gets of a node of a built graph."""
-    return _view(graph.model, name, graph.nodes[name], graph.tensors, graph.static)
+    return _view(graph.model, name, graph.nodes[name], graph.tensors, graph.static, graph.aliases)
 
 
 def _unique_names(nodes) -> list[str]:
@@ -225,12 +225,14 @@ def _graph_input(model, name, consumers, nodes, tensors, static) -> TensorInfo:
     return TensorInfo(name, shape, _valid_axes(axes, shape))
 
 
-def _view(model: LoadedModel, name: str, node: onnx.NodeProto, tensors: dict[str, TensorInfo], static: set[str]) -> NodeView:
+def _view(model: LoadedModel, name: str, node: onnx.NodeProto, tensors: dict[str, TensorInfo], static: set[str],
+          aliases: dict | None = None) -> NodeView:
     def info(tensor: str) -> TensorInfo | None:
         if not tensor:
             return None
         if tensor in static:
-            return TensorInfo(tensor, model.shapes.get(tensor), None, constant=True)
+            return TensorInfo(tensor, model.shapes.get(tensor), None, constant=True,
+                              computed=not model.is_constant(tensor) and tensor not in (aliases or {}))
         return tensors.get(tensor) or TensorInfo(tensor, model.shapes.get(tensor))
 
     outputs = [TensorInfo(o, model.shapes.get(o)) if o else None for o in node.output]

@@ -19,12 +19,14 @@ Axes = tuple[int, ...]
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """An input or output of a node: static shape, channel axes, and whether its value is constant."""
+    """An input or output of a node: static shape, channel axes, and whether its value is constant
+    (`computed`: a constant computed by nodes at run time, which surgery cannot slice)."""
 
     name: str
     shape: tuple[int, ...] | None
     axes: Axes | None = None
     constant: bool = False
+    computed: bool = False
 
     @property
     def rank(self) -> int | None:

@@ -47,6 +47,7 @@ class Elementwise(BaseHandler):
         out = TensorInfo(y.name, y.shape, out_axes)
         relation = Relation([out_axes], params=self._params(operands, y, out_axes, rank))
         reason = f"{describe(view)} combines operands whose channel layouts differ"
+        relation.pins += _unsliceable_constants(view, operands, y, out_axes)
         for t in operands:
             if t.constant:
                 continue
@@ -111,3 +112,12 @@ def _slice_grid_constants(view: NodeView, edit, y: TensorInfo, keep: np.ndarray)
         for index, t in enumerate(view.inputs):
             if t is not None and t.constant and _aligned(t, rank)[axis] == along.size > 1:
                 edit.slice_input(index, axis - (rank - len(t.shape)), along)
+
+
+def _unsliceable_constants(view: NodeView, operands: list[TensorInfo], y: TensorInfo, out_axes) -> list[Pin]:
+    """A per-channel constant computed by nodes at run time (Swin's relative position bias, gathered
+    from its table per head) cannot lose channels in surgery: the channels it spans stay."""
+    rank = len(y.shape)
+    return [Pin(y.name, f"{describe(view)} adds per-channel values computed at run time ('{t.name}')")
+            for t in operands
+            if t.constant and t.computed and any(_aligned(t, rank)[a] == y.shape[a] > 1 for a in out_axes)]
