@@ -63,8 +63,8 @@ def alive_along(graph: ChannelGraph, alive: np.ndarray, tensor: str, axis: int) 
     """Alive mask of the channels along `axis` of `tensor`; all alive if that axis is not its channel axis."""
     info = graph.tensors.get(tensor)
     shape = info.shape if info is not None else graph.model.shapes.get(tensor)
-    classes = graph.classes(tensor)
-    if classes is None or info.axes != (axis,):
+    classes = graph.axis_classes(tensor, axis) if info is not None else None
+    if classes is None:
         return np.ones(shape[axis] if shape is not None else 0, dtype=bool)
     return alive[classes]
 
@@ -203,7 +203,6 @@ def marginal_cost(graph: ChannelGraph, alive: np.ndarray, resource: str) -> np.n
 
 
 def _add(graph: ChannelGraph, saving: np.ndarray, tensor: str, axis: int, per_channel: np.ndarray) -> None:
-    info = graph.tensors.get(tensor)
-    classes = graph.classes(tensor)
-    if classes is not None and info.axes == (axis,):
+    classes = graph.axis_classes(tensor, axis) if tensor in graph.tensors else None
+    if classes is not None:
         np.add.at(saving, classes, per_channel)

@@ -139,8 +139,8 @@ def cost_terms(
 
 def _channel_classes(graph: ChannelGraph, tensor: str, axis: int, fixed: int) -> np.ndarray:
     info = graph.tensors.get(tensor)
-    classes = graph.classes(tensor)
-    if classes is None or info.axes != (axis,):
+    classes = graph.axis_classes(tensor, axis) if info is not None else None
+    if classes is None:
         shape = info.shape if info is not None else graph.model.shapes.get(tensor)
         return np.full(shape[axis] if shape is not None else 0, fixed, dtype=np.int64)
     return classes

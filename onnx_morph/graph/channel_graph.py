@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from onnx_morph.errors import ModelLoadError
+from onnx_morph.graph.grid import slice_classes, sliced_axis
 from onnx_morph.graph.groups import ChannelGroup, build_groups
 from onnx_morph.graph.load import LoadedModel
 from onnx_morph.handlers import NodeView, Pin, Relation, TensorInfo, handler_for, is_known
@@ -59,6 +60,11 @@ class ChannelGraph:
         start = self.offsets[tensor]
         return self.class_of[start:start + self.tensors[tensor].channels]
 
+    def axis_classes(self, tensor: str, axis: int) -> np.ndarray | None:
+        """Class of each slice of `tensor` along `axis`; None when that axis never shrinks on its own."""
+        classes = self.classes(tensor)
+        return None if classes is None else slice_classes(self.tensors[tensor], classes, axis)
+
     def param_root(self, name: str) -> tuple[str, tuple[int, ...] | None] | None:
         """The initializer behind a constant input (seen through Identity/Transpose) and the permutation applied."""
         if self.model.initializer(name) is not None:
@@ -100,7 +106,7 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
             continue
         if not is_known(node.op_type, node.domain):
             unknown[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"].append(name)
-        view = _view(model, name, node, tensors, static)
+        view = _view(model, name, node, tensors, static, aliases)
         try:
             relation = handler.relate(view)
         except ModelLoadError as exc:  # the node contradicts itself (weights vs shapes)
@@ -151,6 +157,11 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
     roots = connected_components(total, np.concatenate(edges_a or [np.zeros(0, np.int64)]),
                                  np.concatenate(edges_b or [np.zeros(0, np.int64)]))
     _, class_of = np.unique(roots, return_inverse=True)
+    for relation in relations.values():
+        for grid in relation.grids:
+            info = tensors.get(grid.tensor)
+            if grid.tensor in offsets and sliced_axis(info, class_of[offsets[grid.tensor]:][:info.channels]) is None:
+                pin(Pin(grid.tensor, grid.reason))
     class_pins = _reasons_by_class(class_of, pinned_elements, pinned_reasons, list(reasons))
 
     partial = ChannelGraph(
@@ -176,7 +187,7 @@ def _reasons_by_class(class_of, elements, reason_ids, reasons: list[str]) -> dic
 
 def node_view(graph: ChannelGraph, name: str) -> NodeView:
     """The view a handler gets of a node of a built graph."""
-    return _view(graph.model, name, graph.nodes[name], graph.tensors, graph.static)
+    return _view(graph.model, name, graph.nodes[name], graph.tensors, graph.static, graph.aliases)
 
 
 def _unique_names(nodes) -> list[str]:
@@ -214,12 +225,14 @@ def _graph_input(model, name, consumers, nodes, tensors, static) -> TensorInfo:
     return TensorInfo(name, shape, _valid_axes(axes, shape))
 
 
-def _view(model: LoadedModel, name: str, node: onnx.NodeProto, tensors: dict[str, TensorInfo], static: set[str]) -> NodeView:
+def _view(model: LoadedModel, name: str, node: onnx.NodeProto, tensors: dict[str, TensorInfo], static: set[str],
+          aliases: dict | None = None) -> NodeView:
     def info(tensor: str) -> TensorInfo | None:
         if not tensor:
             return None
         if tensor in static:
-            return TensorInfo(tensor, model.shapes.get(tensor), None, constant=True)
+            return TensorInfo(tensor, model.shapes.get(tensor), None, constant=True,
+                              computed=not model.is_constant(tensor) and tensor not in (aliases or {}))
         return tensors.get(tensor) or TensorInfo(tensor, model.shapes.get(tensor))
 
     outputs = [TensorInfo(o, model.shapes.get(o)) if o else None for o in node.output]

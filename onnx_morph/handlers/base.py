@@ -19,12 +19,14 @@ Axes = tuple[int, ...]
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """An input or output of a node: static shape, channel axes, and whether its value is constant."""
+    """An input or output of a node: static shape, channel axes, and whether its value is constant
+    (`computed`: a constant computed by nodes at run time, which surgery cannot slice)."""
 
     name: str
     shape: tuple[int, ...] | None
     axes: Axes | None = None
     constant: bool = False
+    computed: bool = False
 
     @property
     def rank(self) -> int | None:
@@ -93,6 +95,19 @@ class Pin:
 
 
 @dataclass(frozen=True)
+class Grid:
+    """The channels of `tensor` span several axes (attention heads x head dims, a channel shuffle's
+    groups x members): a reshape can only shrink such a grid by whole slices along one of its axes.
+
+    The channel graph keeps it prunable when, after all ties, every class is made of whole slices
+    along one axis (whole heads), and pins it with `reason` otherwise.
+    """
+
+    tensor: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Source:
     """A parameter slice carrying a per-channel penalty for channels of `tensor`.
 
@@ -144,6 +159,7 @@ class Relation:
     sources: list[Source] = field(default_factory=list)
     geometry: OpGeometry | None = None
     params: list[ParamTerm] = field(default_factory=list)
+    grids: list[Grid] = field(default_factory=list)
 
 
 class Editor(Protocol):
@@ -226,6 +242,12 @@ def param_count(view: NodeView, index: int) -> int:
     if info is None or info.shape is None:
         return 0
     return math.prod(info.shape)
+
+
+def param_dtype(view: NodeView, index: int) -> np.dtype:
+    """The dtype of a constant input; float32 when it is a view (a Transpose of a weight) surgery resolves."""
+    value = view.const(index)
+    return value.dtype if value is not None else np.dtype(np.float32)
 
 
 def uniform_init(shape: tuple[int, ...], fan_in: int, rng: np.random.Generator, dtype) -> np.ndarray:

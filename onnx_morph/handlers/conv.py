@@ -18,6 +18,7 @@ from onnx_morph.handlers.base import (
     Tie,
     TensorInfo,
     describe,
+    param_dtype,
     uniform_init,
 )
 
@@ -111,7 +112,7 @@ class Conv(BaseHandler):
         if w is None or not w.constant or w.shape is None:
             return {}
         fan_in = math.prod(w.shape[1:])  # torch's choice for ConvTranspose too
-        dtype = view.const(1).dtype
+        dtype = param_dtype(view, 1)
         values = {1: uniform_init(w.shape, fan_in, rng, dtype)}
         bias = view.input(2)
         if bias is not None and bias.constant and bias.shape is not None:

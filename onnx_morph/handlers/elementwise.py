@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from onnx_morph.handlers.base import (
     BaseHandler,
     NodeView,
@@ -45,6 +47,7 @@ class Elementwise(BaseHandler):
         out = TensorInfo(y.name, y.shape, out_axes)
         relation = Relation([out_axes], params=self._params(operands, y, out_axes, rank))
         reason = f"{describe(view)} combines operands whose channel layouts differ"
+        relation.pins += _unsliceable_constants(view, operands, y, out_axes)
         for t in operands:
             if t.constant:
                 continue
@@ -66,7 +69,11 @@ class Elementwise(BaseHandler):
         keep = edit.keep(y.name)
         if keep is None:
             return
-        (axis,) = _single_axis(self.relate(view).output_axes[0])
+        axes = self.relate(view).output_axes[0]
+        if axes is not None and len(axes) > 1:
+            _slice_grid_constants(view, edit, TensorInfo(y.name, y.shape, axes), keep)
+            return
+        (axis,) = _single_axis(axes)
         rank = len(y.shape)
         for index, t in enumerate(view.inputs):
             if t is not None and t.constant and _aligned(t, rank)[axis] == keep.size > 1:
@@ -92,3 +99,25 @@ class Elementwise(BaseHandler):
             spans = out_axes is not None and all(_aligned(t, rank)[a] == y.shape[a] > 1 for a in out_axes)
             params.append(ParamTerm(t.name, math.prod(t.shape), y.name if spans else None))
         return params
+
+
+def _slice_grid_constants(view: NodeView, edit, y: TensorInfo, keep: np.ndarray) -> None:
+    """Constants spanning axes of a channel grid (a per-head scale) keep the surviving slices of each."""
+    rank = len(y.shape)
+    grid = keep.reshape([y.shape[a] for a in y.axes]).astype(bool)
+    for position, axis in enumerate(y.axes):
+        along = grid.any(axis=tuple(p for p in range(grid.ndim) if p != position))
+        if along.all():
+            continue
+        for index, t in enumerate(view.inputs):
+            if t is not None and t.constant and _aligned(t, rank)[axis] == along.size > 1:
+                edit.slice_input(index, axis - (rank - len(t.shape)), along)
+
+
+def _unsliceable_constants(view: NodeView, operands: list[TensorInfo], y: TensorInfo, out_axes) -> list[Pin]:
+    """A per-channel constant computed by nodes at run time (Swin's relative position bias, gathered
+    from its table per head) cannot lose channels in surgery: the channels it spans stay."""
+    rank = len(y.shape)
+    return [Pin(y.name, f"{describe(view)} adds per-channel values computed at run time ('{t.name}')")
+            for t in operands
+            if t.constant and t.computed and any(_aligned(t, rank)[a] == y.shape[a] > 1 for a in out_axes)]

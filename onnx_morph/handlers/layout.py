@@ -9,6 +9,7 @@ import numpy as np
 
 from onnx_morph.handlers.base import (
     BaseHandler,
+    Grid,
     NodeView,
     ParamTerm,
     Pin,
@@ -61,8 +62,7 @@ class Reshape(BaseHandler):
         out_elements = small.reshape(-1)
         relation = Relation([varying], ties=[Tie(y.name, np.arange(out_elements.size, dtype=np.int64), x.name, out_elements)])
         if len(varying) > 1:
-            # A [groups, C/groups] grid of channels can only lose whole rows or columns.
-            relation.pins.append(Pin(y.name, f"{describe(view)} splits the channels over axes {list(varying)}"))
+            relation.grids.append(Grid(y.name, f"{describe(view)} splits the channels over axes {list(varying)}"))
         return relation
 
 
@@ -72,11 +72,47 @@ class Reshape(BaseHandler):
         keep = edit.keep(y.name)
         if keep is None or view.op_type != "Reshape":
             return
-        (axis,) = self.relate(view).output_axes[0]
+        axes = self.relate(view).output_axes[0]
         target = np.array(view.const(1) if view.const(1) is not None else y.shape, dtype=np.int64)
-        if target[axis] > 0:
-            target[axis] = int(keep.sum())
-        edit.set_input(1, target)
+        for axis, extent in kept_extents(TensorInfo(y.name, y.shape, axes), keep, describe(view)).items():
+            if target[axis] > 0:
+                target[axis] = extent
+        edit.set_input(1, _leading_dims_copied(view, target, axes))
+
+
+def _leading_dims_copied(view: NodeView, target: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """The target with its leading dims (before any channel axis) copied from the input (0) where they
+    equal it: a target exported as x.size() chains was folded at batch 1, and must not freeze it."""
+    x = view.input(0)
+    if view.attr("allowzero", 0) or x.shape is None:
+        return target
+    target = target.copy()
+    first = min(min(axes), min(x.axes or axes), len(x.shape))
+    for i in range(first):
+        if target[i] == x.shape[i]:
+            target[i] = 0
+    return target
+
+
+def kept_extents(info: TensorInfo, keep: np.ndarray, where: str) -> dict[int, int]:
+    """Per channel axis, how many entries survive a keep-mask over the tensor's channel elements.
+
+    Raises ValueError (naming `where`) when the kept elements are not a sub-grid: no reshape can
+    express them.
+    """
+    if len(info.axes) == 1:
+        return {info.axes[0]: int(keep.sum())}
+    grid = keep.reshape([info.shape[a] for a in info.axes]).astype(bool)
+    extents, product = {}, np.ones((), dtype=bool)
+    for position, axis in enumerate(info.axes):
+        others = tuple(p for p in range(grid.ndim) if p != position)
+        along = grid.any(axis=others)
+        extents[axis] = int(along.sum())
+        product = np.multiply.outer(product, along)
+    if not np.array_equal(product, grid):
+        raise ValueError(f"{where}: the kept channels of '{info.name}' are not whole slices of its "
+                         f"{'x'.join(map(str, grid.shape))} channel grid")
+    return extents
 
 
 def _constant_along(ids: np.ndarray, axis: int) -> bool:
@@ -119,6 +155,8 @@ class Concat(BaseHandler):
         if axis not in axes:
             relation = Relation([axes], ties=[identity_tie(t, out) for t in activations])
             relation.params = [ParamTerm(t.name, math.prod(t.shape), y.name) for t in parts if t.constant]
+            if len(axes) > 1 and any(t.constant for t in parts):
+                relation.pins.append(Pin(y.name, f"{describe(view)} joins a constant to channels spread over axes {list(axes)}"))
             return relation
         if axes != (axis,):
             return Relation([None], pins=[Pin(t.name, f"{describe(view)} concatenates along one of several channel axes")
@@ -272,6 +310,8 @@ class Gather(BaseHandler):
         if indices.is_activation:
             return Relation([None], pins=[Pin(data.name, f"{describe(view)} gathers by run-time indices")])
         chosen = np.asarray(view.const(1)).astype(np.int64)
+        if axis in data.axes and len(data.axes) > 1 and chosen.ndim == 0:
+            return _slice_of_grid(data, y, axis, int(chosen))
         if axis in data.axes:
             if data.axes != (axis,) or chosen.ndim != 1:
                 return Relation([None], pins=[Pin(data.name, f"{describe(view)} picks single channels")])
@@ -291,6 +331,9 @@ class Gather(BaseHandler):
             return
         keep_in = edit.keep(data.name)
         axis = normalize_axis(view.attr("axis", 0), len(data.shape))
+        if keep_in is not None and data.axes is not None and len(data.axes) > 1 and axis in data.axes:
+            _renumber_grid_slice(view, edit, data, keep_in, axis)
+            return
         if keep_in is None or data.axes != (axis,):
             return
         chosen = np.asarray(view.const(1)).astype(np.int64)
@@ -306,6 +349,31 @@ def _copied_positions(copies: np.ndarray, chosen: np.ndarray) -> np.ndarray:
     return np.repeat(first[chosen], counts) + within
 
 
+def _slice_of_grid(data: TensorInfo, y: TensorInfo, axis: int, index: int) -> Relation:
+    """Gather of one slice of a channel grid (Q, K or V out of a fused [3, E] projection): the output's
+    channels are that slice's."""
+    index = index + data.shape[axis] if index < 0 else index
+    out_axes = tuple(a if a < axis else a - 1 for a in data.axes if a != axis)
+    taken = np.take(channel_ids(data), [index], axis=axis).squeeze(axis)
+    mine = channel_ids(TensorInfo(y.name, y.shape, out_axes))
+    mine, taken = np.broadcast_arrays(mine, taken)
+    return Relation([out_axes], ties=[Tie(y.name, mine.reshape(-1), data.name, taken.reshape(-1))])
+
+
+def _renumber_grid_slice(view: NodeView, edit, data: TensorInfo, keep: np.ndarray, axis: int) -> None:
+    """The gathered slice's index among the slices that survive along the grid's axis."""
+    extent = data.shape[axis]
+    position = data.axes.index(axis)
+    dims = [data.shape[a] for a in data.axes]
+    kept = np.moveaxis(keep.reshape(dims).astype(bool), position, 0).reshape(extent, -1).any(axis=1)
+    index = int(np.asarray(view.const(1)))
+    index = index + extent if index < 0 else index
+    if not kept[index]:
+        raise ValueError(f"{describe(view)} gathers slice {index} of '{data.name}', which pruning removes")
+    if not kept.all():
+        edit.set_input(1, np.array(int(kept[:index].sum()), dtype=np.int64))
+
+
 class Expand(BaseHandler):
     """Broadcast to a larger shape: channels pass when the channel dims are already full size."""
 
@@ -316,7 +384,10 @@ class Expand(BaseHandler):
         shift = len(y.shape) - len(x.shape)
         axes = tuple(a + shift for a in x.axes)
         if all(x.shape[a] == y.shape[a + shift] for a in x.axes):
-            return Relation([axes], ties=[identity_tie(x, TensorInfo(y.name, y.shape, axes))])
+            relation = Relation([axes], ties=[identity_tie(x, TensorInfo(y.name, y.shape, axes))])
+            if len(axes) > 1:
+                relation.pins.append(Pin(x.name, f"{describe(view)} broadcasts channels spread over axes {list(axes)}"))
+            return relation
         return Relation([None], pins=[Pin(x.name, f"{describe(view)} broadcasts along the channel axis")])
 
     def prune(self, view: NodeView, edit) -> None:

@@ -1,5 +1,5 @@
-"""Gemm and MatMul: with a constant weight they create new feature channels; between two
-activations a MatMul ties the contracted axis of both operands."""
+"""Gemm and MatMul: with a constant weight they create new feature channels; a MatMul of two
+activations (attention) follows its operands element by element (handlers/products.py)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ from onnx_morph.handlers.base import (
     Source,
     TensorInfo,
     describe,
-    identity_tie,
+    param_dtype,
     uniform_init,
 )
+from onnx_morph.handlers.products import activation_product
 
 
 def _last(rank: int) -> tuple[int, ...]:
@@ -88,7 +89,7 @@ class Gemm(BaseHandler):
         if b is None or not b.constant or b.shape is None or len(b.shape) != 2:
             return {}
         fan_in = b.shape[1 if view.attr("transB", 0) else 0]
-        dtype = view.const(1).dtype
+        dtype = param_dtype(view, 1)
         values = {1: uniform_init(b.shape, fan_in, rng, dtype)}
         c = view.input(2)
         if c is not None and c.constant and c.shape is not None:
@@ -145,7 +146,7 @@ class MatMul(BaseHandler):
         a, b = view.input(0), view.input(1)
         if b is None or not b.constant or b.shape is None or len(b.shape) != 2 or a is None or a.constant:
             return {}
-        return {1: uniform_init(b.shape, b.shape[0], rng, view.const(1).dtype)}
+        return {1: uniform_init(b.shape, b.shape[0], rng, param_dtype(view, 1))}
 
     def _with_weight(self, view: NodeView, a: TensorInfo, b: TensorInfo, y: TensorInfo) -> Relation:
         out_axes = _last(len(y.shape))
@@ -162,28 +163,4 @@ class MatMul(BaseHandler):
         return relation
 
     def _between_activations(self, view: NodeView, a: TensorInfo, b: TensorInfo, y: TensorInfo) -> Relation:
-        """Attention-style products: the contracted axes are tied; rows of A and columns of B pass on."""
-        ra, rb, ry = len(a.shape), len(b.shape), len(y.shape)
-        relation = Relation([None])
-        relation.geometry = OpGeometry(a.name, ra - 1, y.name, ry - 1, kernel=1, positions=math.prod(y.shape[:-1]),
-                                       second_input=b.name)
-        a_role = _role(a.axes, {(ra - 1,): "contracted", (ra - 2,): "rows"})
-        b_role = _role(b.axes, {(rb - 2,): "contracted", (rb - 1,): "columns"})
-        if a_role == "contracted" and b_role == "contracted":
-            relation.ties.append(identity_tie(a, b))
-        out_axes = {"rows": (ry - 2,), "columns": (ry - 1,)}
-        passed = [(t, out_axes[role]) for t, role in ((a, a_role), (b, b_role)) if role in out_axes]
-        if len(passed) == 1:
-            source, axes = passed[0]
-            relation.output_axes = [axes]
-            relation.ties.append(identity_tie(source, TensorInfo(y.name, y.shape, axes)))
-        for t, role in ((a, a_role), (b, b_role)):
-            if role == "mixed" or (role in out_axes and len(passed) > 1) or (role == "contracted" and a_role != b_role):
-                relation.pins.append(Pin(t.name, f"{describe(view)} multiplies two activations whose channel axes it cannot follow"))
-        return relation
-
-
-def _role(axes: tuple[int, ...] | None, roles: dict[tuple[int, ...], str]) -> str | None:
-    if axes is None:
-        return None
-    return roles.get(axes, "mixed")
+        return activation_product(view, a, b, y)

@@ -15,6 +15,7 @@ from onnx_morph.handlers.base import (
     Source,
     describe,
     normalize_axis,
+    param_dtype,
 )
 from onnx_morph.handlers.passthrough import pass_through
 
@@ -27,7 +28,7 @@ def _fresh_affine(view: NodeView, fills: dict[int, float]) -> dict[int, np.ndarr
     for index, fill in fills.items():
         info = view.input(index)
         if info is not None and info.constant and info.shape is not None:
-            values[index] = np.full(info.shape, fill, dtype=view.const(index).dtype)
+            values[index] = np.full(info.shape, fill, dtype=param_dtype(view, index))
     return values
 
 

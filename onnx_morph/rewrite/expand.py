@@ -13,7 +13,7 @@ from onnx import numpy_helper
 
 from onnx_morph.costs import Totals, op_costs, total_cost, totals_of
 from onnx_morph.errors import OptionError
-from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
+from onnx_morph.graph import ChannelGraph, ChannelGroup, build_channel_graph, load_model
 from onnx_morph.graph.channel_graph import node_view
 from onnx_morph.handlers import handler_for
 from onnx_morph.rewrite.prune import LayerWidth, layer_widths
@@ -42,16 +42,23 @@ class ExpandResult:
 def width_copies(graph: ChannelGraph, multiplier: float, round_to: int = 1) -> np.ndarray:
     """How many copies of each channel class a uniform `multiplier` gives: each prunable group's
     width becomes round(multiplier * width) (a multiple of `round_to`, at least one), spread as
-    evenly as possible over its classes; pinned classes stay single."""
+    evenly as possible over its classes; pinned classes stay single, and so do attention heads
+    (see spans_channel_grid)."""
     copies = np.ones(graph.num_classes, dtype=np.int64)
     for group in graph.groups:
-        if not group.prunable:
+        if not group.prunable or spans_channel_grid(graph, group):
             continue
         width = max(round_to, round(multiplier * group.size / round_to) * round_to)
         base, extra = divmod(width, group.size)
         copies[group.classes] = base
         copies[group.classes[:extra]] += 1
     return copies
+
+
+def spans_channel_grid(graph: ChannelGraph, group: ChannelGroup) -> bool:
+    """Whether the group's channels are laid out over several axes somewhere (heads x head size):
+    a copied head would have to grow one axis of the grid, which the copies of its elements do not say."""
+    return any(len(graph.tensors[t].axes or ()) > 1 for t in group.tensors)
 
 
 def find_multiplier(graph: ChannelGraph, budget: Budget, round_to: int = 1) -> tuple[float, np.ndarray]:
@@ -135,8 +142,13 @@ def expand(
         after=after,
         predicted=total_cost(graph, copies, resource),
         widths=layer_widths(graph, copies),
-        notes=list(graph.model.notes),
+        notes=list(graph.model.notes) + _head_notes(graph),
     )
+
+
+def _head_notes(graph: ChannelGraph) -> list[str]:
+    heads = sum(1 for g in graph.groups if g.prunable and spans_channel_grid(graph, g))
+    return [f"{heads} groups of attention heads keep their head count"] if heads else []
 
 
 def expand_file(source: str | os.PathLike, output: str | os.PathLike, **options) -> ExpandResult:

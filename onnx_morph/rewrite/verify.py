@@ -13,6 +13,7 @@ from onnx import numpy_helper
 from onnx_morph.errors import ModelLoadError
 from onnx_morph.graph import ChannelGraph
 from onnx_morph.graph.load import check_fits
+from onnx_morph.handlers.layout import channel_ids
 
 
 @dataclass(frozen=True)
@@ -136,10 +137,10 @@ def masked_original(
     extra_nodes, extra_inits = [], []
     for tensor, keep in masks.items():
         info = graph.tensors[tensor]
-        if info.axes is None or len(info.axes) != 1:
+        if info.axes is None:
             continue
-        shape = [1] * len(info.shape)
-        shape[info.axes[0]] = keep.size
+        keep = keep[channel_ids(info)]
+        shape = list(keep.shape)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.model.dtypes.get(tensor, onnx.TensorProto.FLOAT))
         mask_name, out_name = f"{tensor}::mask", f"{tensor}::masked"
         extra_inits.append(numpy_helper.from_array(keep.astype(dtype).reshape(shape), mask_name))
@@ -150,7 +151,7 @@ def masked_original(
                 continue
             const_name, kept_name = f"{tensor}::removed_values", f"{tensor}::with_constants"
             if kept_name not in renamed.values():
-                extra_inits.append(numpy_helper.from_array(values.astype(dtype).reshape(shape), const_name))
+                extra_inits.append(numpy_helper.from_array(values.astype(dtype)[channel_ids(info)], const_name))
                 extra_nodes.append((tensor, onnx.helper.make_node("Add", [out_name, const_name], [kept_name],
                                                                   name=const_name)))
             renamed[(node_name, tensor)] = kept_name

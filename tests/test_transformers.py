@@ -1,0 +1,359 @@
+"""Transformers: MLP hidden units and whole attention heads are prunable channels.
+
+Two real exports: torchvision's VisionTransformer at vit_b_16's width (12 heads of 64, MLP 3072; 2
+layers, 64x64 images), whose nn.MultiheadAttention fuses Q, K and V into one 3E projection that is
+split by Reshape/Transpose/Gather, and a small BERT-style encoder with separate Q/K/V Linear layers.
+Heads and MLP units are removed by `prune --mask`; the result must compute what the torch module
+computes with those heads' and units' weights set to zero.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+from zoo import import_torchvision
+
+import onnx_morph
+from onnx_morph.costs import op_costs, totals_of
+from onnx_morph.graph import load_model
+from onnx_morph.rewrite import prune
+from onnx_morph.rewrite.artifacts import RegularizerOptions, make_training_artifacts
+from onnx_morph.rewrite.select import mask_document
+from onnx_morph.rewrite.verify import onnxruntime
+
+REL_TOL = 1e-4
+
+
+class SelfAttention(nn.Module):
+    """BERT's self-attention: separate Q/K/V projections, heads split by view + transpose."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.query, self.key, self.value = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.output = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, t, e = x.shape
+
+        def split(z):
+            return z.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.head_dim), dim=-1)
+        return self.output((weights @ v).transpose(1, 2).reshape(b, t, e))
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN as in BERT: x = LN(x + attention(x)); x = LN(x + fc2(gelu(fc1(x))))."""
+
+    def __init__(self, dim: int, heads: int, hidden: int):
+        super().__init__()
+        self.attention = SelfAttention(dim, heads)
+        self.attention_norm = nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.mlp_norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        x = self.attention_norm(x + self.attention(x))
+        return self.mlp_norm(x + self.fc2(nn.functional.gelu(self.fc1(x))))
+
+
+class TinyBert(nn.Module):
+    """Token + position embeddings -> LayerNorm -> encoder layers -> tanh pooler on token 0 -> classes."""
+
+    def __init__(self, vocab=50, tokens=8, dim=64, heads=4, hidden=128, layers=2, classes=3):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(torch.randn(1, tokens, dim) * 0.1)
+        self.embedding_norm = nn.LayerNorm(dim)
+        self.layers = nn.ModuleList(EncoderLayer(dim, heads, hidden) for _ in range(layers))
+        self.pooler, self.classifier = nn.Linear(dim, dim), nn.Linear(dim, classes)
+
+    def forward(self, tokens):
+        x = self.embedding_norm(self.embedding(tokens) + self.position)
+        for layer in self.layers:
+            x = layer(x)
+        return self.classifier(torch.tanh(self.pooler(x[:, 0])))
+
+
+BERT = {"tokens": 8, "dim": 64, "heads": 4, "hidden": 128, "layers": 2, "vocab": 50}
+VIT = {"image_size": 64, "patch_size": 16, "num_layers": 2, "num_heads": 12, "hidden_dim": 768, "mlp_dim": 3072}
+
+
+def _export(module: nn.Module, example: torch.Tensor, path, dynamic_batch: bool = False):
+    """TorchScript export with the repo's settings (tests/zoo.py), opset 17 (GELU as Erf, LayerNormalization)."""
+    module.eval()
+    axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel has no ONNX export
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), str(path), dynamo=False, do_constant_folding=False, opset_version=17,
+                              input_names=["input"], output_names=["output"], dynamic_axes=axes)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return path
+
+
+def _bert() -> TinyBert:
+    torch.manual_seed(0)
+    return TinyBert(**{k: BERT[k] for k in ("vocab", "tokens", "dim", "heads", "hidden", "layers")})
+
+
+def _bert_tokens(rng: np.random.Generator, batch: int = 1) -> np.ndarray:
+    return rng.integers(0, BERT["vocab"], size=(batch, BERT["tokens"])).astype(np.int64)
+
+
+def _vit():
+    torchvision = import_torchvision()
+    torch.manual_seed(0)
+    module = torchvision.models.vision_transformer.VisionTransformer(**VIT, num_classes=10)
+    with torch.no_grad():  # the classifier starts at zero: every output, and every comparison, would be 0
+        module.heads.head.weight.normal_(0.0, 0.02)
+    return module
+
+
+def _vit_images(rng: np.random.Generator) -> np.ndarray:
+    return rng.standard_normal((1, 3, VIT["image_size"], VIT["image_size"])).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def bert_path(tmp_path_factory):
+    return _export(_bert(), torch.from_numpy(_bert_tokens(np.random.default_rng(0))), tmp_path_factory.mktemp("bert") / "bert.onnx")
+
+
+@pytest.fixture(scope="module")
+def vit_path(tmp_path_factory):
+    side = VIT["image_size"]
+    return _export(_vit(), torch.randn(1, 3, side, side), tmp_path_factory.mktemp("vit") / "vit.onnx")
+
+
+def _node(graph, *fragments: str) -> str:
+    *inside, last = fragments
+    matches = [n for n in graph.nodes if n.endswith(last) and all(f in n for f in inside)]
+    assert len(matches) == 1, (fragments, matches)
+    return matches[0]
+
+
+def _output_classes(graph, *fragments: str) -> np.ndarray:
+    return graph.classes(graph.nodes[_node(graph, *fragments)].output[0])
+
+
+# Per model: the node producing layer i's Q (fused QKV for ViT) and its MLP hidden layer.
+LAYOUT = {
+    "bert": (lambda i: (f"layers.{i}/", "query/MatMul"), lambda i: (f"layers.{i}/", "fc1/MatMul")),
+    "vit": (lambda i: (f"encoder_layer_{i}/", "self_attention/MatMul"), lambda i: (f"encoder_layer_{i}/", "mlp.0/MatMul")),
+}
+
+
+def _shape(name: str) -> tuple[int, int, int, int]:
+    """(layers, heads, head dim, MLP width)."""
+    if name == "bert":
+        return BERT["layers"], BERT["heads"], BERT["dim"] // BERT["heads"], BERT["hidden"]
+    return VIT["num_layers"], VIT["num_heads"], VIT["hidden_dim"] // VIT["num_heads"], VIT["mlp_dim"]
+
+
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_every_head_and_mlp_unit_is_a_prunable_channel(name, request):
+    result = onnx_morph.analyze(request.getfixturevalue(f"{name}_path"))
+    graph = result.graph
+    layers, heads, head_dim, hidden = _shape(name)
+    prunable = [g for g in result.groups if g.prunable]
+    pooler = [BERT["dim"]] if name == "bert" else []  # BERT's pooler is a Linear -> tanh -> Linear MLP
+    assert sorted(g.size for g in prunable) == sorted([heads] * layers + [hidden] * layers + pooler)
+    query, mlp = LAYOUT[name]
+    for i in range(layers):
+        q = _output_classes(graph, *query(i))[: heads * head_dim]
+        assert np.unique(q).size == heads  # one class per head ...
+        assert all(np.unique(q[h * head_dim:(h + 1) * head_dim]).size == 1 for h in range(heads))  # ... of D dims
+        assert np.unique(_output_classes(graph, *mlp(i))).size == hidden
+    pinned = [g for g in result.groups if not g.prunable]
+    assert all(g.pin_reasons for g in pinned)
+    embedding = max(pinned, key=lambda g: g.size)  # the residual stream, tied to every LayerNorm
+    assert any("LayerNormalization" in r for r in embedding.pin_reasons)
+
+
+def _choose(graph, name: str, seed: int) -> tuple[np.ndarray, dict[int, list[int]], dict[int, list[int]]]:
+    """Alive classes with random heads and MLP units of every layer removed; and which ones, per layer."""
+    rng = np.random.default_rng(seed)
+    layers, heads, head_dim, hidden = _shape(name)
+    query, mlp = LAYOUT[name]
+    alive = np.ones(graph.num_classes, dtype=bool)
+    dead_heads, dead_units = {}, {}
+    for i in range(layers):
+        dead_heads[i] = sorted(rng.choice(heads, size=heads // 3 + i, replace=False).tolist())
+        dead_units[i] = sorted(rng.choice(hidden, size=hidden // 4, replace=False).tolist())
+        q = _output_classes(graph, *query(i))
+        alive[q[[h * head_dim for h in dead_heads[i]]]] = False
+        alive[_output_classes(graph, *mlp(i))[dead_units[i]]] = False
+    return alive, dead_heads, dead_units
+
+
+def _zero_bert(module: TinyBert, dead_heads, dead_units) -> None:
+    head_dim = BERT["dim"] // BERT["heads"]
+    with torch.no_grad():
+        for i, layer in enumerate(module.layers):
+            for h in dead_heads[i]:
+                for projection in (layer.attention.query, layer.attention.key, layer.attention.value):
+                    projection.weight[h * head_dim:(h + 1) * head_dim] = 0
+                    projection.bias[h * head_dim:(h + 1) * head_dim] = 0
+            layer.fc1.weight[dead_units[i]] = 0
+            layer.fc1.bias[dead_units[i]] = 0
+
+
+def _zero_vit(module, dead_heads, dead_units) -> None:
+    dim, head_dim = VIT["hidden_dim"], VIT["hidden_dim"] // VIT["num_heads"]
+    with torch.no_grad():
+        for i, layer in enumerate(module.encoder.layers):
+            attention = layer.self_attention
+            for h in dead_heads[i]:
+                for part in range(3):  # Q, K, V rows of the fused projection
+                    rows = slice(part * dim + h * head_dim, part * dim + (h + 1) * head_dim)
+                    attention.in_proj_weight[rows] = 0
+                    attention.in_proj_bias[rows] = 0
+            layer.mlp[0].weight[dead_units[i]] = 0
+            layer.mlp[0].bias[dead_units[i]] = 0
+
+
+def _torch_outputs(module: nn.Module, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    module.eval()
+    with torch.no_grad():
+        return [module(torch.from_numpy(x)).numpy() for x in inputs]
+
+
+def _ort_outputs(model: onnx.ModelProto, inputs: list[np.ndarray]) -> list[np.ndarray]:
+    session = onnxruntime().InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [session.run(None, {"input": x})[0] for x in inputs]
+
+
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_pruned_heads_and_units_equal_the_zeroed_torch_module(name, request):
+    path = request.getfixturevalue(f"{name}_path")
+    analysis = onnx_morph.analyze(path)
+    graph = analysis.graph
+    alive, dead_heads, dead_units = _choose(graph, name, seed=7)
+    result = prune(path, masks=mask_document(graph, alive))
+    assert result.removed_channels == int((~alive).sum())
+    assert result.masked_deviation.max_rel < REL_TOL
+    pruned = result.model
+    onnx.checker.check_model(pruned, full_check=True)
+
+    rng = np.random.default_rng(123)
+    inputs = [_bert_tokens(rng) for _ in range(3)] if name == "bert" else [_vit_images(rng) for _ in range(2)]
+    module = _bert() if name == "bert" else _vit()
+    (_zero_bert if name == "bert" else _zero_vit)(module, dead_heads, dead_units)
+    expected, actual = _torch_outputs(module, inputs), _ort_outputs(pruned, inputs)
+    for e, a in zip(expected, actual):
+        assert np.abs(e).max() > 0
+        assert np.abs(e - a).max() / np.abs(e).max() < REL_TOL
+
+    layers, heads, head_dim, hidden = _shape(name)
+    after = onnx_morph.analyze(pruned)
+    kept_heads = [heads - len(dead_heads[i]) for i in range(layers)]
+    kept_units = [hidden - len(dead_units[i]) for i in range(layers)]
+    pooler = [BERT["dim"]] if name == "bert" else []
+    assert sorted(g.size for g in after.groups if g.prunable) == sorted(kept_heads + kept_units + pooler)
+    assert after.total.flops == totals_of(op_costs(graph, alive)).flops < analysis.total.flops
+    _check_head_reshapes(pruned, name, kept_heads, heads, head_dim)
+
+
+def _check_head_reshapes(pruned: onnx.ModelProto, name: str, kept_heads: list[int], heads: int, head_dim: int) -> None:
+    """Every Reshape that splits out heads ([.., H, .., D]) now has the layer's surviving head count."""
+    shapes = load_model(pruned).shapes
+    prefix = "layers.{}/" if name == "bert" else "encoder_layer_{}/"
+    for i, kept in enumerate(kept_heads):
+        splits = [n for n in pruned.graph.node if n.op_type == "Reshape" and prefix.format(i) in n.name
+                  and len(shapes[n.output[0]]) >= 3 and shapes[n.output[0]][-1] == head_dim]
+        assert len(splits) >= 3, [n.name for n in splits]  # Q, K and V
+        for node in splits:
+            dims = shapes[node.output[0]][:-1]
+            assert kept in dims and heads not in dims, (node.name, dims)
+
+
+@pytest.fixture(scope="module")
+def dynamic_bert_path(tmp_path_factory):
+    return _export(_bert(), torch.from_numpy(_bert_tokens(np.random.default_rng(0))),
+                   tmp_path_factory.mktemp("bert_dynamic") / "bert.onnx", dynamic_batch=True)
+
+
+def test_pruned_bert_keeps_its_dynamic_batch(dynamic_bert_path):
+    """Head reshapes exported as view(b, t, H, D) keep b from the input, not the batch of 1 analyzed."""
+    graph = onnx_morph.analyze(dynamic_bert_path).graph
+    alive, dead_heads, dead_units = _choose(graph, "bert", seed=3)
+    pruned = prune(dynamic_bert_path, masks=mask_document(graph, alive)).model
+    module = _bert()
+    _zero_bert(module, dead_heads, dead_units)
+    tokens = [_bert_tokens(np.random.default_rng(5), batch=3)]
+    expected, actual = _torch_outputs(module, tokens)[0], _ort_outputs(pruned, tokens)[0]
+    assert actual.shape == (3, 3)
+    assert np.abs(expected - actual).max() / np.abs(expected).max() < REL_TOL
+
+
+def test_group_lasso_trains_on_bert(dynamic_bert_path, tmp_path):
+    from onnxruntime.training import api
+
+    path = dynamic_bert_path
+    options = RegularizerOptions(kind="group-lasso", cost="flops")
+    artifacts = make_training_artifacts(path, tmp_path / "run", regularizer=options, batch_size=4)
+    assert artifacts.initial_regularization > 0
+
+    state = api.CheckpointState.load_checkpoint(str(artifacts.checkpoint))
+    module = api.Module(str(artifacts.training_model), state, str(artifacts.eval_model))
+    optimizer = api.Optimizer(str(artifacts.optimizer_model), module)
+    module.train()
+    rng = np.random.default_rng(1)
+    feeds = {artifacts.inputs[0]: _bert_tokens(rng, batch=4), artifacts.labels: rng.integers(0, 3, 4).astype(np.int64),
+             "morph_strength": np.array(artifacts.strength, np.float32)}
+    inputs = [feeds[n] for n in module.input_names()]
+    loss, *_ = module(*inputs)
+    optimizer.step()
+    module.lazy_reset_grad()
+    assert np.isfinite(loss) and loss > 0
+    assert float(module(*inputs)[0]) != float(loss)  # the step changed the weights
+
+
+def test_a_head_split_without_attention_stays_pinned(tmp_path):
+    """Heads split and merged with nothing tying each head's dimensions: any one dimension could die,
+    and a reshape cannot express that, so the grid is pinned with the reshape's name."""
+
+    class SplitMerge(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = nn.Linear(16, 16), nn.Linear(16, 16)
+
+        def forward(self, x):
+            b, t, e = x.shape
+            heads = torch.relu(self.up(x)).view(b, t, 4, 4).transpose(1, 2)
+            return self.down(heads.transpose(1, 2).reshape(b, t, e))
+
+    torch.manual_seed(0)
+    result = onnx_morph.analyze(_export(SplitMerge(), torch.randn(1, 6, 16), tmp_path / "split.onnx"))
+    hidden = [g for g in result.groups if "/up/" in " ".join(g.producers)]
+    assert len(hidden) == 1 and not hidden[0].prunable
+    assert any("Reshape" in r and "splits the channels over axes" in r for r in hidden[0].pin_reasons)
+
+
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_expand_widens_mlps_and_keeps_the_heads(name, request):
+    """MorphNet's expansion on a transformer: MLP widths follow the multiplier, the head count stays."""
+    from onnx_morph.rewrite.expand import expand
+
+    path = request.getfixturevalue(f"{name}_path")
+    before = onnx_morph.analyze(path).total.flops
+    result = expand(path, target_flops=1.3 * before)
+    assert result.after.flops <= 1.3 * before
+    assert any("attention heads keep their head count" in note for note in result.notes)
+    changed = [w for w in result.widths if w.after != w.before]
+    assert all(w.after > w.before for w in changed)
+    assert sum("fc1" in w.node or "mlp.0" in w.node for w in changed) == 2  # both layers' MLPs (BERT's pooler too)
+    rng = np.random.default_rng(0)
+    inputs = [_bert_tokens(rng) if name == "bert" else _vit_images(rng)]
+    assert [o.shape for o in _ort_outputs(result.model, inputs)] == [o.shape for o in _ort_outputs(onnx.load(str(path)), inputs)]
