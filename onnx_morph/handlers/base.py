@@ -256,5 +256,15 @@ def uniform_init(shape: tuple[int, ...], fan_in: int, rng: np.random.Generator, 
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
+def fresh_weight_and_bias(view: NodeView, fan_in: int, rng: np.random.Generator) -> dict[int, np.ndarray]:
+    """A new Conv or Linear layer: weight (input 1) and bias (input 2, if any) uniform in +-1/sqrt(fan_in)."""
+    dtype = param_dtype(view, 1)
+    values = {1: uniform_init(view.input(1).shape, fan_in, rng, dtype)}
+    bias = view.input(2)
+    if bias is not None and bias.constant and bias.shape is not None:
+        values[2] = uniform_init(bias.shape, fan_in, rng, dtype)
+    return values
+
+
 def describe(view: NodeView) -> str:
     return f"{view.op_type} node '{view.name}'"

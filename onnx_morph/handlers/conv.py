@@ -18,8 +18,7 @@ from onnx_morph.handlers.base import (
     Tie,
     TensorInfo,
     describe,
-    param_dtype,
-    uniform_init,
+    fresh_weight_and_bias,
 )
 
 NCHW = (1,)
@@ -111,13 +110,7 @@ class Conv(BaseHandler):
         w = view.input(1)
         if w is None or not w.constant or w.shape is None:
             return {}
-        fan_in = math.prod(w.shape[1:])  # torch's choice for ConvTranspose too
-        dtype = param_dtype(view, 1)
-        values = {1: uniform_init(w.shape, fan_in, rng, dtype)}
-        bias = view.input(2)
-        if bias is not None and bias.constant and bias.shape is not None:
-            values[2] = uniform_init(bias.shape, fan_in, rng, dtype)
-        return values
+        return fresh_weight_and_bias(view, math.prod(w.shape[1:]), rng)  # torch's fan_in for ConvTranspose too
 
 
 def _check_weight(view: NodeView, x: TensorInfo, w: TensorInfo, y: TensorInfo, groups: int, transposed: bool) -> None:

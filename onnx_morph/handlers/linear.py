@@ -18,6 +18,7 @@ from onnx_morph.handlers.base import (
     Source,
     TensorInfo,
     describe,
+    fresh_weight_and_bias,
     param_dtype,
     uniform_init,
 )
@@ -88,13 +89,7 @@ class Gemm(BaseHandler):
         b = view.input(1)
         if b is None or not b.constant or b.shape is None or len(b.shape) != 2:
             return {}
-        fan_in = b.shape[1 if view.attr("transB", 0) else 0]
-        dtype = param_dtype(view, 1)
-        values = {1: uniform_init(b.shape, fan_in, rng, dtype)}
-        c = view.input(2)
-        if c is not None and c.constant and c.shape is not None:
-            values[2] = uniform_init(c.shape, fan_in, rng, dtype)
-        return values
+        return fresh_weight_and_bias(view, b.shape[1 if view.attr("transB", 0) else 0], rng)
 
 
 def _check_gemm(view: NodeView, a: TensorInfo, b: TensorInfo, y: TensorInfo, feature_axis: int, trans_b: bool) -> None:
