@@ -30,10 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--structure", metavar="FILE",
                          help="write the learned structure and channel masks (input of `prune --mask`)")
 
-    prune = commands.add_parser("prune", help="remove dead channels and write a smaller model")
-    prune.add_argument("model", help="path of an .onnx file")
-    prune.add_argument("-o", "--output", required=True, help="path of the pruned model (never the input)")
-    prune.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
+    prune = _model_to_model(commands, "prune", "remove dead channels and write a smaller model", "pruned")
     criterion = prune.add_mutually_exclusive_group(required=True)
     criterion.add_argument("--gamma-threshold", type=float, help="remove channels with |BatchNorm scale| <= T")
     criterion.add_argument("--weight-threshold", type=float, help="remove channels with weight-slice RMS <= T")
@@ -46,10 +43,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="with a budget, keep at least this fraction of every group's channels (default 0.1)")
     prune.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
 
-    expand = commands.add_parser("expand", help="scale a learned structure to a budget, freshly initialized")
-    expand.add_argument("model", help="path of an .onnx file (typically a pruned one)")
-    expand.add_argument("-o", "--output", required=True, help="path of the expanded model (never the input)")
-    expand.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
+    expand = _model_to_model(commands, "expand", "scale a learned structure to a budget, freshly initialized",
+                             "expanded")
     target = expand.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-flops", type=float, help="largest uniform width multiplier with FLOPs <= this")
     target.add_argument("--target-params", type=float, help="largest uniform width multiplier with params <= this")
@@ -103,6 +98,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", default="onnx-morph-demo", metavar="DIR", help="folder for models, logs, plot")
     demo.add_argument("--quick", action="store_true", help="a small subset and few steps (under a minute)")
     return parser
+
+
+def _model_to_model(commands, name: str, text: str, result: str) -> argparse.ArgumentParser:
+    """A command that reads one model and writes another."""
+    command = commands.add_parser(name, help=text)
+    command.add_argument("model", help="path of an .onnx file")
+    command.add_argument("-o", "--output", required=True, help=f"path of the {result} model (never the input)")
+    command.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
+    return command
 
 
 def _analyze(args: argparse.Namespace) -> None:

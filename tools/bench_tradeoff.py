@@ -408,26 +408,10 @@ def prune_to_budget(path: Path, budget: float):
 
     # Per channel, the largest |gamma| of the BatchNorms on it (the value analyze compares with the threshold).
     gammas = source_strength(analyze(path).graph, "gamma")
-    candidates = np.unique(np.concatenate([[0.0], gammas[np.isfinite(gammas)]]))
-
-    def flops(t: float) -> float:
-        return analyze(path, gamma_threshold=float(t)).effective.flops
-
-    lo, hi = 0, len(candidates) - 1
-    if flops(candidates[hi]) > budget:
-        raise SystemExit(f"{path}: even the largest |gamma| threshold leaves more than {budget:.0f} FLOPs")
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if flops(candidates[mid]) <= budget:
-            hi = mid
-        else:
-            lo = mid + 1
-    for index in range(lo, len(candidates)):
-        threshold = float(candidates[index])
-        pruned = prune(path, gamma_threshold=threshold)
-        if pruned.after.flops <= budget:
-            return threshold, pruned
-    raise SystemExit(f"{path}: no threshold prunes to {budget:.0f} FLOPs")
+    return _smallest_fitting_threshold(
+        np.unique(np.concatenate([[0.0], gammas[np.isfinite(gammas)]])), budget, f"{path}: |gamma|",
+        flops_at=lambda t: analyze(path, gamma_threshold=t).effective.flops,
+        prune_at=lambda t: prune(path, gamma_threshold=t))
 
 
 def prune_gates_to_budget(artifacts, shrunk, budget: float):
@@ -450,22 +434,29 @@ def prune_gates_to_budget(artifacts, shrunk, budget: float):
                 kept[group.classes[np.argmax(probability[group.classes])]] = True
         return kept
 
-    candidates = np.unique(np.concatenate([[0.0], probability[~fixed]]))
+    return _smallest_fitting_threshold(
+        np.unique(np.concatenate([[0.0], probability[~fixed]])), budget, f"{shrunk.model_path}: gate",
+        flops_at=lambda t: total_cost(graph, alive(t), "flops"),
+        prune_at=lambda t: prune(shrunk.model_path, masks=mask_document(graph, alive(t))))
+
+
+def _smallest_fitting_threshold(candidates: np.ndarray, budget: float, label: str, flops_at, prune_at):
+    """Bisection over sorted thresholds for the smallest whose FLOPs meet the budget (FLOPs fall as the
+    threshold rises), then the first from there whose pruned model does: (threshold, PruneResult)."""
     lo, hi = 0, len(candidates) - 1
-    if total_cost(graph, alive(candidates[hi]), "flops") > budget:
-        raise SystemExit(f"{shrunk.model_path}: even the largest gate threshold leaves more than {budget:.0f} FLOPs")
+    if flops_at(float(candidates[hi])) > budget:
+        raise SystemExit(f"{label}: even the largest threshold leaves more than {budget:.0f} FLOPs")
     while lo < hi:
         mid = (lo + hi) // 2
-        if total_cost(graph, alive(candidates[mid]), "flops") <= budget:
+        if flops_at(float(candidates[mid])) <= budget:
             hi = mid
         else:
             lo = mid + 1
-    for index in range(lo, len(candidates)):
-        threshold = float(candidates[index])
-        pruned = prune(shrunk.model_path, masks=mask_document(graph, alive(threshold)))
+    for threshold in map(float, candidates[lo:]):
+        pruned = prune_at(threshold)
         if pruned.after.flops <= budget:
             return threshold, pruned
-    raise SystemExit(f"{shrunk.model_path}: no gate threshold prunes to {budget:.0f} FLOPs")
+    raise SystemExit(f"{label}: no threshold prunes to {budget:.0f} FLOPs")
 
 
 def summary(records: list[dict]) -> dict:

@@ -82,11 +82,12 @@ def find_multiplier(graph: ChannelGraph, budget: Budget, round_to: int = 1) -> t
     return low, width_copies(graph, low, round_to)
 
 
-def fresh_parameters(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
+def fresh_parameters(model: onnx.ModelProto, seed: int = 0, graph: ChannelGraph | None = None) -> onnx.ModelProto:
     """The model with every layer's trained constants re-initialized as its handler says (Conv and
     Linear weights uniform in +-1/sqrt(fan_in), normalization scale 1 and shift 0); constants no
-    handler claims (shape constants, preprocessing) keep their values."""
-    graph = build_channel_graph(load_model(model))
+    handler claims (shape constants, preprocessing) keep their values. `graph`: the model's channel
+    graph, when the caller has built it."""
+    graph = graph or build_channel_graph(load_model(model))
     rng = np.random.default_rng(seed)
     fresh: dict[str, np.ndarray] = {}
     for name in graph.relations:
@@ -128,9 +129,10 @@ def expand(
                           "(see `onnx-morph analyze` for the reasons)")
     budget = Budget(resource, float(target))
     multiplier, copies = find_multiplier(graph, budget, round_to)
-    resized = fresh_parameters(resize_channels(graph, copies, graph.model.materialized()).model, seed)
-    onnx.checker.check_model(resized)
+    resized = resize_channels(graph, copies, graph.model.materialized()).model
     expanded = build_channel_graph(load_model(resized, input_shapes))
+    resized = fresh_parameters(resized, seed, expanded)  # same shapes: the graph still describes it
+    onnx.checker.check_model(resized)
     run(expanded, resized, random_inputs(expanded, samples=1))
     everything = np.ones(graph.num_classes, dtype=bool)
     after = totals_of(op_costs(expanded, np.ones(expanded.num_classes, dtype=bool)))

@@ -24,7 +24,9 @@ def fold_gates(model: onnx.ModelProto, gates: tuple[Gate, ...] | list[Gate],
     """In place: scale every gate's fold slices by its deterministic mask (`params`: the trained,
     stored gate parameters)."""
     by_name = {t.name: t for t in model.graph.initializer}
-    for gate, mask in zip(gates, gate_masks(gates, params).values()):
+    masks = gate_masks(gates, params)
+    for gate in gates:
+        mask = masks[gate.param]
         for param, axis in gate.fold:
             if param not in by_name:
                 raise OptionError(f"gate on '{gate.tensor}' (node '{gate.node}'): the model has no initializer '{param}'")
