@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--min-keep", type=float, default=0.1, metavar="F",
                        help="with a budget, keep at least this fraction of every group's channels (default 0.1)")
     prune.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
+    prune.add_argument("--calibrate", metavar="DATA",
+                       help="re-measure BatchNorm statistics of the pruned model on training images of DATA: "
+                            "fashion-mnist | digits | file.npz (x_train, ...)")
+    prune.add_argument("--calibration-images", type=int, default=1280, metavar="N",
+                       help="how many training images --calibrate uses (default 1280)")
 
     expand = _model_to_model(commands, "expand", "scale a learned structure to a budget, freshly initialized",
                              "expanded")
@@ -139,10 +144,19 @@ def _prune(args: argparse.Namespace) -> None:
     from onnx_morph.report import render_prune
     from onnx_morph.rewrite import prune_file
 
+    shapes = parse_input_shapes(args.input_shape)
+    calibration = None
+    if args.calibrate:
+        from onnx_morph.data import load_dataset
+        from onnx_morph.graph import load_model
+
+        inputs = load_model(args.model, shapes).input_shapes
+        data = load_dataset(args.calibrate).fitted(next(iter(inputs.values())))
+        calibration = data.calibration_batches(args.calibration_images)
     result = prune_file(
         args.model,
         args.output,
-        input_shapes=parse_input_shapes(args.input_shape),
+        input_shapes=shapes,
         gamma_threshold=args.gamma_threshold,
         weight_threshold=args.weight_threshold,
         masks=args.mask,
@@ -152,6 +166,7 @@ def _prune(args: argparse.Namespace) -> None:
         round_to=args.round_to,
         min_keep=args.min_keep,
         verify=not args.no_verify,
+        calibration=calibration,
     )
     print(render_prune(result, args.output))
 
@@ -202,9 +217,7 @@ def _train(args: argparse.Namespace) -> None:
 
     artifacts = load_artifacts(args.artifacts)
     data = load_dataset(args.data)
-    shape = next(iter(artifacts.input_shapes.values()))
-    if len(shape) == 4:
-        data = data.resized(shape[2], shape[3])
+    data = data.fitted(next(iter(artifacts.input_shapes.values())))
     if args.limit:
         data = data.subset(train=args.limit)
     output = Path(args.output) if args.output else artifacts.directory / "trained.onnx"

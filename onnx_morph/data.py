@@ -41,6 +41,18 @@ class Dataset:
         return Dataset(f"{self.name} resized to {height}x{width}", _resize(self.x_train, height, width), self.y_train,
                        _resize(self.x_test, height, width), self.y_test)
 
+    def fitted(self, input_shape: tuple[int, ...]) -> Dataset:
+        """Resized to an image model's input (N, C, H, W); other inputs are taken as they are."""
+        return self.resized(input_shape[2], input_shape[3]) if len(input_shape) == 4 else self
+
+    def calibration_batches(self, images: int = 1280, batch_size: int = 64) -> list[np.ndarray]:
+        """The first `images` training images in batches: inputs on which to re-measure BatchNorm statistics."""
+        if images < 1 or batch_size < 1:
+            raise OptionError(f"calibration takes at least one image in batches of at least one, not {images} "
+                              f"in batches of {batch_size}")
+        x = self.x_train[:images]
+        return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+
 
 def load_dataset(name: str) -> Dataset:
     """'fashion-mnist', 'digits', or a path to an .npz with x_train, y_train, x_test, y_test."""

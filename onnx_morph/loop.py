@@ -22,7 +22,7 @@ from onnx_morph.rewrite.artifacts import RegularizerOptions, make_training_artif
 from onnx_morph.rewrite.prune import LayerWidth, prune
 from onnx_morph.rewrite.save import save_model
 from onnx_morph.rewrite.verify import onnxruntime
-from onnx_morph.train import accuracy, train
+from onnx_morph.train import CALIBRATION_BATCHES, accuracy, train
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,8 @@ def morphnet_loop(
     batch_size: int = 64,
     progress: TextIO | None = None,
 ) -> LoopResult:
-    """Shrink `model` with the regularizer, prune at its threshold, fine-tune without it.
+    """Shrink `model` with the regularizer, prune at its threshold (re-measuring BatchNorm statistics
+    on training batches), fine-tune without it.
 
     `strength` None is MorphNet's default, 1 / (initial regularization value).
     """
@@ -72,7 +73,8 @@ def morphnet_loop(
                    test_data=test_data, progress=progress)
     threshold = regularizer.threshold if regularizer.threshold is not None else 1e-2
     kind = {"gamma_threshold": threshold} if regularizer.kind == "gamma" else {"weight_threshold": threshold}
-    pruned = prune(shrunk.model_path, **kind)
+    pruned = prune(shrunk.model_path, calibration=data.calibration_batches(CALIBRATION_BATCHES * batch_size, batch_size),
+                   **kind)
     save_model(pruned.model, work / "pruned.onnx")
 
     tune = make_training_artifacts(work / "pruned.onnx", work / "finetune", regularizer=None,

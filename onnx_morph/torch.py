@@ -428,19 +428,8 @@ def prune_module(regularizer: MorphNetRegularizer, path: str | os.PathLike | Non
     document = regularizer.mask_document(kept)
     module = regularizer.zeroed_copy(kept)
     model = unshare_initializers(export_onnx(module, regularizer.example_inputs, **_batch_dynamic(regularizer)))
-    result = prune(model, masks=document, **prune_options)
-    if calibration is not None:
-        from onnx_morph.train import recalibrated_batchnorm
-
-        inputs = [i.name for i in result.model.graph.input if i.name not in {t.name for t in result.model.graph.initializer}]
-        if len(inputs) != 1:
-            raise OptionError(f"calibration feeds one input, and the pruned model has {len(inputs)}: {inputs}")
-        batches = [_numpy(b).astype(np.float32) for b in calibration]
-        result.model = recalibrated_batchnorm(result.model, batches, inputs[0])
-        result.notes.append(f"BatchNorm statistics measured on {len(batches)} calibration batches")
-    elif any(n.op_type == "BatchNormalization" for n in result.model.graph.node) and result.removed_channels:
-        result.notes.append("BatchNorm statistics not recalibrated: removed channels' constants that feed padded "
-                            "convs are dropped; pass calibration= batches (or fine-tune)")
+    batches = None if calibration is None else [_numpy(b).astype(np.float32) for b in calibration]
+    result = prune(model, masks=document, calibration=batches, **prune_options)
     if path is not None:
         save_model(result.model, Path(path))
     return result

@@ -351,3 +351,66 @@ def test_mask_emptying_a_group_is_a_user_error(model, tmp_path):
     if proc.returncode == 2:
         assert_user_error(proc)
         assert not out.exists()
+
+
+# --------------------------------------------------------------------------- #
+# BatchNorm calibration
+# --------------------------------------------------------------------------- #
+
+
+@pytest.fixture(scope="module")
+def weak_channels(workdir) -> Path:
+    """The example CNN with small but non-zero BatchNorm scales on some channels and shifts away from
+    zero: pruning them moves every later BatchNorm's input."""
+    import torch
+
+    from onnx_morph.examples import export, small_resnet
+
+    torch.manual_seed(0)
+    module = small_resnet(width=16)
+    with torch.no_grad():
+        norms = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        for bn in norms:
+            bn.bias.uniform_(-0.5, 0.5)
+            bn.weight[: len(bn.weight) // 4] = 0.02
+    return export(module, (1, 1, 28, 28), workdir / "weak.onnx")
+
+
+def test_calibrate_remeasures_batchnorm_statistics(weak_channels, tmp_path):
+    from onnx_morph.data import load_dataset
+    from onnx_morph.rewrite.calibrate import recalibrated_batchnorm
+
+    plain_out, calibrated_out = tmp_path / "plain.onnx", tmp_path / "calibrated.onnx"
+    plain = run("prune", weak_channels, "-o", plain_out, "--gamma-threshold", "0.05")
+    assert plain.returncode == 0, plain.stderr
+    assert re.search(r"^note: the pruned model differs from the original .*--calibrate", plain.stdout, re.M), plain.stdout
+    proc = run("prune", weak_channels, "-o", calibrated_out, "--gamma-threshold", "0.05",
+               "--calibrate", "digits", "--calibration-images", "200")
+    assert proc.returncode == 0, proc.stderr
+    assert "note: BatchNorm statistics measured on 200 calibration inputs" in proc.stdout.splitlines()
+    assert "--calibrate" not in proc.stdout
+
+    batches = load_dataset("digits").fitted((1, 1, 28, 28)).calibration_batches(200)
+    assert [len(b) for b in batches] == [64, 64, 64, 8]
+    x = load_dataset("digits").fitted((1, 1, 28, 28)).x_test[:1]
+    expected = ort_outputs(recalibrated_batchnorm(onnx.load(plain_out), batches, "input"), x)[0]
+    calibrated = ort_outputs(calibrated_out, x)[0]
+    uncalibrated = ort_outputs(plain_out, x)[0]
+    np.testing.assert_allclose(calibrated, expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(calibrated - uncalibrated).max() > 1e-2  # the statistics did change
+    stats = {t.name for t in onnx.load(calibrated_out).graph.initializer if t.name.endswith("/running_mean")}
+    bn_count = sum(n.op_type == "BatchNormalization" for n in onnx.load(calibrated_out).graph.node)
+    assert len(stats) == bn_count > 0
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--calibrate", "digits", "--calibration-images", "0"], ["at least one image"]),
+    (["--calibrate", "imagenet"], ["unknown data 'imagenet'"]),
+    (["--calibrate", "digits"], ["does not fit input", "[64, 1, 16, 16]"]),
+])
+def test_calibrate_errors(args, fragments, model, tmp_path):
+    """BasicBlock takes 3-channel images; digits have one channel."""
+    out = tmp_path / "pruned.onnx"
+    proc = run("prune", model, "-o", out, "--ratio", "0.5", *args)
+    assert_user_error(proc, *fragments)
+    assert not out.exists()

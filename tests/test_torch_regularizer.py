@@ -290,7 +290,7 @@ def test_structure_and_prune_in_two_calls(tmp_path):
 def test_prune_module_calibrates_batchnorm_after_dropped_constants():
     """Dead channels with a non-zero beta hold relu(beta), which `prune` cannot fold into a padded
     conv; measured BatchNorm statistics absorb most of the shift."""
-    from onnx_morph.train import recalibrated_batchnorm
+    from onnx_morph.rewrite.calibrate import recalibrated_batchnorm
 
     torch.manual_seed(0)
     module = TinyResNet()
@@ -314,10 +314,10 @@ def test_prune_module_calibrates_batchnorm_after_dropped_constants():
     with torch.no_grad():
         expected = zeroed(x).numpy()
     plain = prune_module(reg)
-    assert "not recalibrated" in plain.notes[-1]
+    assert "--calibrate" in plain.notes[-1]
     dropped = np.abs(run(plain.model) - expected).max() / np.abs(expected).max()
     calibrated = prune_module(reg, calibration=calibration)
-    assert calibrated.notes[-1] == "BatchNorm statistics measured on 4 calibration batches"
+    assert calibrated.notes[-1] == "BatchNorm statistics measured on 32 calibration inputs"
     export = export_onnx(zeroed, x[:1], input_names=["x"], output_names=["y"],
                          dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
     reference = run(recalibrated_batchnorm(export, [b.numpy() for b in calibration], "x"))
@@ -329,7 +329,7 @@ def test_batchnorm_calibration_measures_training_mode_statistics():
     """recalibrated_batchnorm (used by prune_module) measures what torch measures in training mode.
     (With onnxruntime's graph optimizations on, some training-mode BatchNorms were normalized by
     their running statistics; the pruned TinyResNet of the test above showed it, this model does not.)"""
-    from onnx_morph.train import recalibrated_batchnorm
+    from onnx_morph.rewrite.calibrate import recalibrated_batchnorm
 
     torch.manual_seed(0)
     module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),

@@ -95,6 +95,11 @@ class Settings:
     strength_slimming: list[float]
     strength_gates: list[float]
     data: str
+    prune_after: int | None = None  # regularized epochs before pruning (None: all shrink epochs)
+
+    @property
+    def regularized_epochs(self) -> int:
+        return self.shrink_epochs if self.prune_after is None else self.prune_after
 
     @property
     def total_epochs(self) -> int:
@@ -112,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--finetune-epochs", type=int, default=1)
     parser.add_argument("--shrink-lr", type=float, default=5e-3)
     parser.add_argument("--finetune-lr", type=float, default=1e-3)
+    parser.add_argument("--prune-after", type=int, metavar="E",
+                        help="regularize only the first E shrink epochs, prune, and train the pruned model "
+                             "for the remaining shrink epochs at the shrink learning rate (default: all of them)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--strength-morphnet", type=_floats, default=[32.0],
                         help="multiple of MorphNet's default strength (1 / initial regularization): one value "
@@ -136,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         print("Fashion-MNIST is not installed; using scikit-learn's digits resized to 28x28", file=sys.stderr)
         data = load_dataset("digits").resized(28, 28)
     budgets = _floats(args.budgets)
+    if args.prune_after is not None and not 1 <= args.prune_after <= args.shrink_epochs:
+        parser.error(f"--prune-after takes 1 to --shrink-epochs ({args.shrink_epochs}) epochs")
     for option in ("strength_morphnet", "strength_slimming", "strength_gates"):
         if len(getattr(args, option)) not in (1, len(budgets)):
             parser.error(f"--{option.replace('_', '-')} takes one value or one per budget ({len(budgets)})")
@@ -148,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                             finetune_epochs=1, shrink_lr=args.shrink_lr, finetune_lr=args.finetune_lr,
                             batch_size=args.batch_size, strength_morphnet=pick(args.strength_morphnet),
                             strength_slimming=pick(args.strength_slimming), strength_gates=pick(args.strength_gates),
-                            data=data.name)
+                            data=data.name, prune_after=None if args.prune_after is None else 1)
     else:
         settings = Settings(seeds=list(range(args.seeds)), budgets=budgets,
                             train_subset=args.train_subset or None, test_subset=None,
@@ -156,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                             shrink_lr=args.shrink_lr, finetune_lr=args.finetune_lr, batch_size=args.batch_size,
                             strength_morphnet=args.strength_morphnet, strength_slimming=args.strength_slimming,
                             strength_gates=args.strength_gates,
-                            data=data.name)
+                            data=data.name, prune_after=args.prune_after)
     data = data.subset(train=settings.train_subset, test=settings.test_subset)
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
@@ -263,7 +273,7 @@ class Bench:
         artifacts = make_training_artifacts(seed_path, folder / "shrink", regularizer=options,
                                             batch_size=s.batch_size, overwrite=True)
         strength = multiple * artifacts.strength
-        shrunk = train(artifacts, self.train_data, epochs=s.shrink_epochs, learning_rate=s.shrink_lr,
+        shrunk = train(artifacts, self.train_data, epochs=s.regularized_epochs, learning_rate=s.shrink_lr,
                        strength=strength, structure_every=0, export=folder / "shrunk.onnx",
                        test_data=self.test_data, seed=seed, progress=None)
         shrink_seconds = time.perf_counter() - started
@@ -274,20 +284,18 @@ class Bench:
         if method == "morphnet":
             learned = prune(shrunk.model_path, gamma_threshold=LEARNED_THRESHOLD, verify=False)
             self.learned.setdefault(seed, save_model(learned.model, folder / "learned.onnx"))  # the strongest shrink
+        calibration = self.data.calibration_batches(20 * s.batch_size, s.batch_size)
         for budget in budgets:
             tic = time.perf_counter()
             if method == "gates":
-                threshold, pruned = prune_gates_to_budget(artifacts, shrunk, budget * self.seed_flops)
+                threshold, pruned = prune_gates_to_budget(artifacts, shrunk, budget * self.seed_flops, calibration)
             else:
-                threshold, pruned = prune_to_budget(shrunk.model_path, budget * self.seed_flops)
+                threshold, pruned = prune_to_budget(shrunk.model_path, budget * self.seed_flops, calibration)
             pruned_path = save_model(pruned.model, folder / f"pruned-{budget:.2f}.onnx")
             self.pruned[(method, seed, budget)] = pruned_path
             pruned_accuracy = accuracy(pruned.model, self.test_data)
-            tune = make_training_artifacts(pruned_path, folder / f"finetune-{budget:.2f}", regularizer=None,
-                                           batch_size=s.batch_size, overwrite=True)
-            tuned = train(tune, self.train_data, epochs=s.finetune_epochs, learning_rate=s.finetune_lr,
-                          export=folder / f"finetuned-{budget:.2f}.onnx", test_data=self.test_data, seed=seed,
-                          progress=None)
+            tuned = self._train_phases(pruned_path, folder / f"finetune-{budget:.2f}", seed,
+                                       s.shrink_epochs - s.regularized_epochs)
             report = analyze(tuned.model_path)
             self.record(dict(
                 method=method, seed=seed, budget=budget, accuracy=tuned.test_accuracy, flops=report.total.flops,
@@ -307,7 +315,7 @@ class Bench:
         folder = self.work / f"uniform-seed{seed}-{budget:.2f}"
         folder.mkdir(parents=True, exist_ok=True)
         multiplier, widths = uniform_widths(budget * self.seed_flops, self._uniform_flops)
-        tuned = self._from_scratch(self.network(seed, widths, folder / "scratch.onnx"), folder, seed)
+        tuned = self._train_phases(self.network(seed, widths, folder / "scratch.onnx"), folder, seed)
         report = analyze(tuned.model_path)
         self.record(dict(method="uniform", seed=seed, budget=budget, accuracy=tuned.test_accuracy,
                          flops=report.total.flops, params=report.total.params, multiplier=multiplier,
@@ -338,24 +346,28 @@ class Bench:
                                             "widths": [[w.node, w.before, w.after] for w in expanded.widths]}
         else:
             fresh = fresh_parameters(onnx.load(str(structure)), seed)
-        tuned = self._from_scratch(save_model(fresh, folder / "scratch.onnx"), folder, seed)
+        tuned = self._train_phases(save_model(fresh, folder / "scratch.onnx"), folder, seed)
         report = analyze(tuned.model_path)
         self.record(dict(method=method, seed=seed, budget=budget, accuracy=tuned.test_accuracy,
                          flops=report.total.flops, params=report.total.params,
                          seconds=time.perf_counter() - started, **extra))
 
-    def _from_scratch(self, path: Path, folder: Path, seed: int):
-        """The two phases every method trains in: shrink epochs at the shrink learning rate (without a
-        regularizer here), then fine-tune epochs at the fine-tune one, with fresh AdamW state."""
+    def _train_phases(self, path: Path, folder: Path, seed: int, first_epochs: int | None = None):
+        """The two phases every method trains in, without a regularizer here: `first_epochs` (default:
+        all shrink epochs) at the shrink learning rate, then fine-tune epochs at the fine-tune one,
+        each with fresh AdamW state."""
         from onnx_morph.rewrite.artifacts import make_training_artifacts
         from onnx_morph.train import train
 
         s = self.settings
-        first = make_training_artifacts(path, folder / "phase1", regularizer=None, batch_size=s.batch_size,
-                                        overwrite=True)
-        phase1 = train(first, self.train_data, epochs=s.shrink_epochs, learning_rate=s.shrink_lr,
-                       export=folder / "phase1.onnx", seed=seed, progress=None)
-        second = make_training_artifacts(phase1.model_path, folder / "phase2", regularizer=None,
+        first_epochs = s.shrink_epochs if first_epochs is None else first_epochs
+        folder.mkdir(parents=True, exist_ok=True)
+        if first_epochs:
+            first = make_training_artifacts(path, folder / "phase1", regularizer=None, batch_size=s.batch_size,
+                                            overwrite=True)
+            path = train(first, self.train_data, epochs=first_epochs, learning_rate=s.shrink_lr,
+                         export=folder / "phase1.onnx", seed=seed, progress=None).model_path
+        second = make_training_artifacts(path, folder / "phase2", regularizer=None,
                                          batch_size=s.batch_size, overwrite=True)
         return train(second, self.train_data, epochs=s.finetune_epochs, learning_rate=s.finetune_lr,
                      export=folder / "trained.onnx", test_data=self.test_data, seed=seed, progress=None)
@@ -399,9 +411,10 @@ def uniform_widths(budget: float, flops_of) -> tuple[float, tuple[int, int, int]
     return candidates[lo], widths(candidates[lo])
 
 
-def prune_to_budget(path: Path, budget: float):
+def prune_to_budget(path: Path, budget: float, calibration: list[np.ndarray] | None = None):
     """The smallest global |gamma| threshold whose effective FLOPs are at or under `budget`, and the
-    model pruned at it (stepping to the next threshold if pruning keeps a channel analyze counts as dead)."""
+    model pruned at it (stepping to the next threshold if pruning keeps a channel analyze counts as dead),
+    its BatchNorm statistics measured on `calibration`."""
     from onnx_morph.analysis import analyze
     from onnx_morph.graph import source_strength
     from onnx_morph.rewrite.prune import prune
@@ -411,10 +424,10 @@ def prune_to_budget(path: Path, budget: float):
     return _smallest_fitting_threshold(
         np.unique(np.concatenate([[0.0], gammas[np.isfinite(gammas)]])), budget, f"{path}: |gamma|",
         flops_at=lambda t: analyze(path, gamma_threshold=t).effective.flops,
-        prune_at=lambda t: prune(path, gamma_threshold=t))
+        prune_at=lambda t: prune(path, gamma_threshold=t, calibration=calibration))
 
 
-def prune_gates_to_budget(artifacts, shrunk, budget: float):
+def prune_gates_to_budget(artifacts, shrunk, budget: float, calibration: list[np.ndarray] | None = None):
     """The smallest global gate-probability threshold t whose alive channels (probability > t, every
     group keeping its most probable channel) fit `budget` FLOPs, and the trained model pruned to them
     (stepping to the next threshold if the pruned model's FLOPs exceed the budget)."""
@@ -437,7 +450,7 @@ def prune_gates_to_budget(artifacts, shrunk, budget: float):
     return _smallest_fitting_threshold(
         np.unique(np.concatenate([[0.0], probability[~fixed]])), budget, f"{shrunk.model_path}: gate",
         flops_at=lambda t: total_cost(graph, alive(t), "flops"),
-        prune_at=lambda t: prune(shrunk.model_path, masks=mask_document(graph, alive(t))))
+        prune_at=lambda t: prune(shrunk.model_path, masks=mask_document(graph, alive(t)), calibration=calibration))
 
 
 def _smallest_fitting_threshold(candidates: np.ndarray, budget: float, label: str, flops_at, prune_at):
@@ -487,7 +500,7 @@ def _rows(records: list[dict], seed_flops: float) -> list[list[str]]:
 
 
 HEADER = ["budget", "method", "MFLOPs", "FLOPs / seed", "params", "test accuracy (mean ± std)", "min-max",
-          "after pruning, before fine-tuning", "seeds"]
+          "after pruning (BatchNorm re-measured)", "seeds"]
 
 
 def console_table(records: list[dict], seed_flops: float) -> str:
@@ -503,8 +516,8 @@ def render(records: list[dict], s: Settings, seed_flops: float, wall: float, qui
         f"Seed network: small_resnet(width={SEED_WIDTH}), {seed_flops / 1e6:.2f} MFLOPs (2 per multiply-accumulate). "
         f"Data: {s.data}, {subset}, accuracy on {test}. Seeds {s.seeds}; budgets {s.budgets}.",
         f"Every method: {s.total_epochs} epochs in total at batch {s.batch_size}, AdamW, {s.shrink_epochs} at "
-        f"learning rate {s.shrink_lr:g} (regularized for MorphNet, gates and slimming, plain for uniform), then "
-        f"{s.finetune_epochs} at {s.finetune_lr:g} without a regularizer (after pruning for the regularized methods).",
+        f"learning rate {s.shrink_lr:g} (for MorphNet, gates and slimming: {_regularized(s)}), then "
+        f"{s.finetune_epochs} at {s.finetune_lr:g} without a regularizer.",
         f"Strengths (multiples of the default, 1 / initial regularization value"
         f"{', per budget' if max(map(len, (s.strength_morphnet, s.strength_slimming, s.strength_gates))) > 1 else ''}): "
         f"MorphNet {_multiples(s.strength_morphnet)}, gates {_multiples(s.strength_gates)}, "
@@ -512,6 +525,13 @@ def render(records: list[dict], s: Settings, seed_flops: float, wall: float, qui
         f"Wall time {wall / 60:.1f} min{' (--quick)' if quick else ''}.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _regularized(s: Settings) -> str:
+    if s.regularized_epochs == s.shrink_epochs:
+        return "regularized, then pruned"
+    return (f"the first {s.regularized_epochs} regularized, then pruned, the other "
+            f"{s.shrink_epochs - s.regularized_epochs} plain")
 
 
 def _multiples(values: list[float]) -> str:

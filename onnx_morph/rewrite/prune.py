@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -13,6 +14,7 @@ from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model, source_strength
 from onnx_morph.graph.load import serialized_size
 from onnx_morph.rewrite import select
+from onnx_morph.rewrite.calibrate import calibrated
 from onnx_morph.rewrite.surgery import keep_masks, probed_tensors, remove_channels, removed_channel_values
 from onnx_morph.rewrite.verify import Deviation, deviation, masked_original, random_inputs, run
 
@@ -54,6 +56,7 @@ def prune(
     min_keep: float = 0.1,
     fold_constants: bool = True,
     verify: bool = True,
+    calibration: Sequence[np.ndarray] | None = None,
 ) -> PruneResult:
     """Remove dead channels from every prunable group.
 
@@ -63,7 +66,11 @@ def prune(
     Every group keeps at least one channel; budgets also keep `min_keep` of each group's channels
     and remove channels `round_to` at a time, so widths stay multiples of it. With `fold_constants`, the constant a removed channel
     holds (beta after BatchNorm) is folded into the consumer's bias where that is exact (Gemm,
-    unpadded Conv); `verify` compares the result with the original in onnxruntime.
+    unpadded Conv); `verify` compares the result with the original in onnxruntime. A constant that
+    cannot be folded, or a removed channel that was small but not dead, shifts the next BatchNorm's
+    input: with `calibration` (input batches, e.g. 20 training batches) the pruned model's BatchNorm
+    statistics are measured on them, which absorbs the shift (the deviations are the surgery's,
+    before calibration).
     """
     criteria = {"gamma_threshold": gamma_threshold, "weight_threshold": weight_threshold, "masks": masks,
                 "target_flops": target_flops, "target_params": target_params, "ratio": ratio}
@@ -99,6 +106,13 @@ def prune(
             original_deviation = deviation([r[:outputs] for r in original_runs], pruned_runs)
     else:
         notes.append("over 2 GB: the checker and onnxruntime verification were skipped")
+    if calibration is not None:
+        pruned = calibrated(pruned, calibration)
+        notes.append(f"BatchNorm statistics measured on {sum(len(b) for b in calibration)} calibration inputs")
+    elif _shifts_batchnorm(pruned, original_deviation):
+        notes.append(f"the pruned model differs from the original (max relative {original_deviation.max_rel:.2g}) "
+                     "and its BatchNorm statistics are the original's: give calibration inputs (calibration=, --calibrate) or "
+                     "fine-tune")
     everything = np.ones(graph.num_classes, dtype=bool)
     after = totals_of(op_costs(graph, alive))
     return PruneResult(
@@ -112,6 +126,11 @@ def prune(
         notes=notes,
         alive=alive,
     )
+
+
+def _shifts_batchnorm(model: onnx.ModelProto, original: Deviation | None) -> bool:
+    return (original is not None and original.max_rel > 1e-3
+            and any(n.op_type == "BatchNormalization" for n in model.graph.node))
 
 
 def _choose(graph: ChannelGraph, criteria: dict, round_to: int, min_keep: float) -> tuple[np.ndarray, list[str]]:

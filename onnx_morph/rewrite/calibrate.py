@@ -1,0 +1,93 @@
+"""BatchNorm statistics re-measured on data: after pruning, a removed channel's constant that could
+not be folded (it fed a padded Conv) shifts the next BatchNorm's input, and re-measuring the
+statistics absorbs that shift; after training, the running statistics are the measured ones."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnx_morph.errors import OptionError
+from onnx_morph.rewrite.training_graph import trainable
+from onnx_morph.rewrite.verify import onnxruntime
+
+
+def recalibrated_batchnorm(model: onnx.ModelProto, inputs: list[np.ndarray], input_name: str) -> onnx.ModelProto:
+    """Set every BatchNorm's running mean and variance to its input's statistics over `inputs`,
+    measured with every BatchNorm normalizing by batch statistics, as in training."""
+    norms = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    if not norms or not inputs:
+        return model
+    probe = trainable(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.helper.make_tensor_value_info(n.input[0], onnx.TensorProto.FLOAT, None)
+                              for n in norms if n.input[0] not in known)
+    ort = onnxruntime()
+    options = ort.SessionOptions()
+    # onnxruntime 1.19's graph optimizations treat a training-mode BatchNormalization whose statistics
+    # are initializers as an inference one (normalized by the running statistics), so the measured
+    # statistics downstream of it would be wrong.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    wanted = [n.input[0] for n in norms]
+    sums: dict[str, list] = {}
+    for x in inputs:
+        values = dict(zip([o.name for o in session.get_outputs()], session.run(None, {input_name: x})))
+        for name in wanted:
+            v = values[name].astype(np.float64)
+            axes = tuple(a for a in range(v.ndim) if a != 1)
+            s = sums.setdefault(name, [np.zeros(v.shape[1]), np.zeros(v.shape[1]), 0])
+            s[0] += v.sum(axis=axes)
+            s[1] += (v * v).sum(axis=axes)
+            s[2] += v.size // v.shape[1]
+    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    for index, node in enumerate(norms):
+        total, squares, count = sums[node.input[0]]
+        mean = total / count
+        variance = np.maximum(squares / count - mean * mean, 0.0)
+        # Exporters feed the statistics through Identity nodes of shared tensors: give each BN its own.
+        for slot, value in ((3, mean), (4, variance)):
+            name = f"{node.name or f'batchnorm_{index}'}/{'running_mean' if slot == 3 else 'running_var'}"
+            while name in taken:
+                name += "_"
+            taken.add(name)
+            model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
+            node.input[slot] = name
+    return _without_unused(model)
+
+
+def _without_unused(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop the Identity nodes and initializers that fed the replaced statistics (onnxruntime warns about each)."""
+    while True:
+        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+        dead = [n for n in model.graph.node if n.op_type == "Identity" and n.output[0] not in used]
+        for node in dead:
+            model.graph.node.remove(node)
+        if not dead:
+            break
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return model
+
+
+def calibrated(model: onnx.ModelProto, batches: Sequence[np.ndarray]) -> onnx.ModelProto:
+    """`recalibrated_batchnorm` for a model with one data input, which every batch feeds (re-cut to
+    the input's batch size when that is fixed); a batch whose sample shape the input does not
+    accept is an error naming both shapes."""
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise OptionError(f"calibration feeds one input, and the model has {len(inputs)}: {[i.name for i in inputs]}")
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
+    batches = [np.asarray(b, dtype=np.float32) for b in batches]
+    for batch in batches:
+        if batch.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims[1:], batch.shape[1:])):
+            raise OptionError(f"calibration batch of shape {list(batch.shape)} does not fit input "
+                              f"'{inputs[0].name}' of shape {[d if d is not None else '?' for d in dims]}")
+    if dims and dims[0]:  # a fixed batch size: feed the data in batches of that size
+        batches = [b[i:i + dims[0]] for b in batches for i in range(0, len(b) - dims[0] + 1, dims[0])]
+    return recalibrated_batchnorm(model, batches, inputs[0].name)
