@@ -53,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     target = expand.add_mutually_exclusive_group(required=True)
     target.add_argument("--target-flops", type=float, help="largest uniform width multiplier with FLOPs <= this")
     target.add_argument("--target-params", type=float, help="largest uniform width multiplier with params <= this")
+    target.add_argument("--like", metavar="MODEL", help="target the FLOPs of MODEL (e.g. the network before shrinking)")
     expand.add_argument("--round-to", type=int, default=1, metavar="N", help="make every width a multiple of N")
     expand.add_argument("--seed", type=int, default=0, help="seed of the fresh weights")
 
@@ -176,8 +177,13 @@ def _expand(args: argparse.Namespace) -> None:
     from onnx_morph.report import render_expand
     from onnx_morph.rewrite.expand import expand_file
 
+    target_flops = args.target_flops
+    if args.like:
+        from onnx_morph.analysis import analyze
+
+        target_flops = analyze(args.like).total.flops
     result = expand_file(args.model, args.output, input_shapes=parse_input_shapes(args.input_shape),
-                         target_flops=args.target_flops, target_params=args.target_params,
+                         target_flops=target_flops, target_params=args.target_params,
                          round_to=args.round_to, seed=args.seed)
     print(render_expand(result, args.output))
 

@@ -41,6 +41,21 @@ def test_quick_tradeoff_has_a_row_per_method_within_the_budget(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_quick_prune_after_trains_the_pruned_model_at_the_shrink_rate(tmp_path):
+    """--prune-after 1 with --quick: 1 regularized epoch, prune, 1 plain epoch at the shrink rate, 1 fine-tune epoch."""
+    proc = subprocess.run([sys.executable, str(TOOL), "--quick", "--prune-after", "1", "--methods", "morphnet,uniform",
+                           "--out", str(tmp_path), "--work", str(tmp_path / "work")], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {r["method"]: r for r in map(json.loads, (tmp_path / "runs.jsonl").read_text().splitlines())}
+    assert runs["morphnet"]["regularized_epochs"] == 1
+    assert 0 <= runs["morphnet"]["pruned_accuracy"] <= 1 and 0 <= runs["morphnet"]["accuracy"] <= 1
+    tuned = tmp_path / "work" / "morphnet-seed0-x32" / "finetune-0.50"
+    steps = {phase: len((tuned / phase / "train_log.csv").read_text().splitlines()) - 1 for phase in ("phase1", "phase2")}
+    assert steps == {"phase1": 1024 // 64, "phase2": 1024 // 64}
+    assert "the first 1 regularized, then pruned, the other 1 plain" in (tmp_path / "table.md").read_text()
+
+
 
 def test_training_graph_gives_the_regularizers_exact_gradient(tmp_path):
     """onnxruntime-training 1.19.2 differentiates MatMul(matrix, 1-D vector) wrongly; the regularizer

@@ -26,7 +26,7 @@ from onnx_morph.data import load_dataset
 from onnx_morph.errors import OptionError
 from onnx_morph.examples import export, small_resnet
 from onnx_morph.graph import build_channel_graph, load_model
-from onnx_morph.rewrite import prune
+from onnx_morph.rewrite import prune, save_model
 from onnx_morph.rewrite.artifacts import make_training_artifacts
 from onnx_morph.rewrite.expand import expand, expand_file, width_copies
 from onnx_morph.train import train
@@ -184,3 +184,22 @@ def test_cli_writes_the_model_and_refuses_bad_input(exported, tmp_path):
     assert path.read_bytes() == digest
     with pytest.raises(OptionError):
         expand_file(path, path, target_flops=flops)
+
+
+def test_cli_like_targets_another_models_flops(exported, tmp_path):
+    """Shrink by pruning half the FLOPs, then grow back to the original's FLOPs with --like."""
+    path = exported("DenseBlock")
+    pruned = tmp_path / "pruned.onnx"
+    save_model(prune(path, ratio=0.5, verify=False).model, pruned)
+    out = tmp_path / "wide.onnx"
+    proc = subprocess.run([str(SCRIPT), "expand", str(pruned), "-o", str(out), "--like", str(path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    original, grown = analyze(path).total.flops, analyze(out).total.flops
+    assert 0.9 * original <= grown <= original
+    assert grown == expand(pruned, target_flops=original).after.flops
+    missing = tmp_path / "missing.onnx"
+    proc = subprocess.run([str(SCRIPT), "expand", str(pruned), "-o", str(tmp_path / "never.onnx"), "--like", str(missing)],
+                          capture_output=True, text=True, timeout=300)
+    assert_user_error(proc, str(missing), "no such file")
+    assert not (tmp_path / "never.onnx").exists()

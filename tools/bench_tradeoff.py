@@ -47,6 +47,10 @@ Writes DIR/table.md (markdown table and settings), DIR/tradeoff.png (accuracy vs
 bars = standard deviation over seeds), DIR/runs.jsonl (one line per trained model; an
 interrupted run resumes from it with --resume) and prints the table. --quick: a tiny subset,
 one seed, one budget (50%), for CI.
+
+--prune-after E changes the regularized methods' schedule, not the total: they are regularized for
+the first E shrink epochs only, pruned, and the pruned model trains the remaining shrink epochs at
+the shrink learning rate, then the fine-tune epochs, so the learning-rate schedule is uniform's.
 """
 
 from __future__ import annotations
@@ -154,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         def pick(values: list[float]) -> list[float]:
             return [dict(zip(budgets, values)).get(0.5, values[0])] if len(values) > 1 else values
 
-        settings = Settings(seeds=[0], budgets=[0.5], train_subset=1024, test_subset=1000, shrink_epochs=1,
+        # With --prune-after, 2 shrink epochs: 1 regularized, 1 after pruning.
+        settings = Settings(seeds=[0], budgets=[0.5], train_subset=1024, test_subset=1000,
+                            shrink_epochs=1 if args.prune_after is None else 2,
                             finetune_epochs=1, shrink_lr=args.shrink_lr, finetune_lr=args.finetune_lr,
                             batch_size=args.batch_size, strength_morphnet=pick(args.strength_morphnet),
                             strength_slimming=pick(args.strength_slimming), strength_gates=pick(args.strength_gates),
@@ -302,6 +308,7 @@ class Bench:
                 params=report.total.params, widths=[[w.node, w.before, w.after] for w in pruned.widths],
                 threshold=threshold, pruned_accuracy=pruned_accuracy, shrunk_accuracy=shrunk.test_accuracy,
                 strength=strength, strength_multiple=multiple, default_strength=artifacts.strength,
+                regularized_epochs=s.regularized_epochs,
                 shrunk_flops_at_0_01=at_default / self.seed_flops,
                 seconds=shrink_seconds / len(budgets) + time.perf_counter() - tic))
 
