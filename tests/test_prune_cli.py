@@ -414,3 +414,13 @@ def test_calibrate_errors(args, fragments, model, tmp_path):
     proc = run("prune", model, "-o", out, "--ratio", "0.5", *args)
     assert_user_error(proc, *fragments)
     assert not out.exists()
+
+
+def test_calibration_of_a_model_without_batchnorm_changes_nothing(workdir, tmp_path):
+    factory, shape = zoo.ZOO["TransformerBlock"]
+    path = zoo.export_onnx(factory(), shape, workdir / "transformer.onnx")
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    plain = prune(path, ratio=0.6)
+    result = prune(path, ratio=0.6, calibration=[np.repeat(x, 4, axis=0)])
+    assert result.notes[-1] == "no BatchNorm to calibrate"
+    assert result.model.SerializeToString() == plain.model.SerializeToString()

@@ -85,7 +85,8 @@ def calibrated(model: onnx.ModelProto, batches: Sequence[np.ndarray]) -> onnx.Mo
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
     batches = [np.asarray(b, dtype=np.float32) for b in batches]
     for batch in batches:
-        if batch.ndim != len(dims) or any(d is not None and d != n for d, n in zip(dims[1:], batch.shape[1:])):
+        fits = batch.ndim == len(dims) and all(d is None or d == n for d, n in zip(dims[1:], batch.shape[1:]))
+        if dims and not fits:
             raise OptionError(f"calibration batch of shape {list(batch.shape)} does not fit input "
                               f"'{inputs[0].name}' of shape {[d if d is not None else '?' for d in dims]}")
     if dims and dims[0]:  # a fixed batch size: feed the data in batches of that size

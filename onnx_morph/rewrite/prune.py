@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Sequence
 from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -106,7 +106,9 @@ def prune(
             original_deviation = deviation([r[:outputs] for r in original_runs], pruned_runs)
     else:
         notes.append("over 2 GB: the checker and onnxruntime verification were skipped")
-    if calibration is not None:
+    if calibration is not None and not _has_batchnorm(pruned):
+        notes.append("no BatchNorm to calibrate")
+    elif calibration is not None:
         pruned = calibrated(pruned, calibration)
         notes.append(f"BatchNorm statistics measured on {sum(len(b) for b in calibration)} calibration inputs")
     elif _shifts_batchnorm(pruned, original_deviation):
@@ -128,9 +130,12 @@ def prune(
     )
 
 
+def _has_batchnorm(model: onnx.ModelProto) -> bool:
+    return any(n.op_type == "BatchNormalization" for n in model.graph.node)
+
+
 def _shifts_batchnorm(model: onnx.ModelProto, original: Deviation | None) -> bool:
-    return (original is not None and original.max_rel > 1e-3
-            and any(n.op_type == "BatchNormalization" for n in model.graph.node))
+    return original is not None and original.max_rel > 1e-3 and _has_batchnorm(model)
 
 
 def _choose(graph: ChannelGraph, criteria: dict, round_to: int, min_keep: float) -> tuple[np.ndarray, list[str]]:
