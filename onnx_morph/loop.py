@@ -55,10 +55,15 @@ def morphnet_loop(
     learning_rate: float = 5e-3,
     finetune_learning_rate: float = 1e-3,
     batch_size: int = 64,
+    round_to: int = 4,
     progress: TextIO | None = None,
 ) -> LoopResult:
     """Shrink `model` with the regularizer, prune at its threshold (re-measuring BatchNorm statistics
     on training batches), fine-tune without it.
+
+    Pruned widths are kept multiples of `round_to` (rounded up): onnxruntime's convolution kernels
+    run odd widths slowly; the demo's network pruned to 60% of its FLOPs at odd widths took 6.8 ms
+    per batch of 64 against the unpruned 3.3 ms, and 2.9 ms with even widths.
 
     `strength` None is MorphNet's default, 1 / (initial regularization value).
     """
@@ -73,8 +78,8 @@ def morphnet_loop(
                    test_data=test_data, progress=progress)
     threshold = regularizer.threshold if regularizer.threshold is not None else 1e-2
     kind = {"gamma_threshold": threshold} if regularizer.kind == "gamma" else {"weight_threshold": threshold}
-    pruned = prune(shrunk.model_path, calibration=data.calibration_batches(CALIBRATION_BATCHES * batch_size, batch_size),
-                   **kind)
+    calibration = data.calibration_batches(CALIBRATION_BATCHES * batch_size, batch_size)
+    pruned = prune(shrunk.model_path, calibration=calibration, round_to=round_to, **kind)
     save_model(pruned.model, work / "pruned.onnx")
 
     tune = make_training_artifacts(work / "pruned.onnx", work / "finetune", regularizer=None,
@@ -82,35 +87,44 @@ def morphnet_loop(
     tuned = train(tune, train_data, epochs=finetune_epochs, learning_rate=finetune_learning_rate,
                   export=work / "finetuned.onnx", test_data=test_data, progress=progress)
 
-    stages = [measure("trained (regularized)", shrunk.model_path, test_data),
-              measure("pruned", work / "pruned.onnx", test_data),
-              measure("pruned + fine-tuned", tuned.model_path, test_data)]
+    stages = measure({"trained (regularized)": shrunk.model_path, "pruned": work / "pruned.onnx",
+                      "pruned + fine-tuned": tuned.model_path}, test_data)
     curve = [(r["step"], r["effective_cost"]) for r in shrunk.history]
     return LoopResult(stages, pruned.widths, curve, shrink.total_cost or 0.0)
 
 
-def measure(name: str, path: Path, test_data, runs: int = 30, batch: int = 64) -> Stage:
-    """Accuracy, cost-model FLOPs and parameters, and median onnxruntime latency of one batch."""
-    model = onnx.load(str(path))
-    report = analyze(path)
-    return Stage(name, Path(path), accuracy(model, test_data), report.total.flops, report.total.params,
-                 latency_ms(model, test_data[0][:batch], runs))
+def measure(models: dict[str, Path], test_data, runs: int = 30, batch: int = 64) -> list[Stage]:
+    """Per named model: accuracy, cost-model FLOPs and parameters, and median onnxruntime latency of one batch."""
+    loaded = {name: onnx.load(str(path)) for name, path in models.items()}
+    latency = latencies_ms(list(loaded.values()), test_data[0][:batch], runs)
+    stages = []
+    for (name, model), ms in zip(loaded.items(), latency):
+        report = analyze(models[name])
+        stages.append(Stage(name, Path(models[name]), accuracy(model, test_data), report.total.flops,
+                            report.total.params, ms))
+    return stages
 
 
-def latency_ms(model: onnx.ModelProto, x: np.ndarray, runs: int = 30, threads: int = 2) -> float:
+def latencies_ms(models: list[onnx.ModelProto], x: np.ndarray, runs: int = 30, threads: int = 2) -> list[float]:
+    """Median latency of each model on `x`, timed in turns (one run of each per round), so that load
+    from other processes falls on all of them alike."""
     ort = onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = {session.get_inputs()[0].name: x.astype(np.float32)}
+    # Idle workers that spin would steal the cores from the next session's turn.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sessions = [ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"]) for m in models]
+    feeds = [{s.get_inputs()[0].name: x.astype(np.float32)} for s in sessions]
     for _ in range(5):
-        session.run(None, feeds)
-    times = []
+        for session, feed in zip(sessions, feeds):
+            session.run(None, feed)
+    times: list[list[float]] = [[] for _ in sessions]
     for _ in range(runs):
-        started = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+        for session, feed, spent in zip(sessions, feeds, times):
+            started = time.perf_counter()
+            session.run(None, feed)
+            spent.append(time.perf_counter() - started)
+    return [1000 * statistics.median(t) for t in times]
 
 
 def plot(result: LoopResult, path: str | os.PathLike) -> Path:

@@ -19,7 +19,7 @@ benchmark itself cannot run.
    ``onnx-morph prune MODEL -o OUT --ratio R`` with and without ``--no-verify``
    (median of --repeat runs each), and saves the pruned model.
 3. onnxruntime CPU latency (CPUExecutionProvider, intra_op_num_threads=2, inter_op 1,
-   ORT_ENABLE_ALL graph optimizations) at batch 1 and batch 32 of the original and every pruned
+   ORT_ENABLE_ALL graph optimizations, worker spinning off) at batch 1 and batch 32 of the original and every pruned
    model. Runs are interleaved in rounds (each round runs every session of that model once, in
    rotating order) so that load drifting over time from other processes hits every model alike;
    warm-up runs first, then the median per session.
@@ -186,6 +186,8 @@ def make_session(path: pathlib.Path):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    # Interleaved timing: idle workers that spin would steal the cores from the next session's run.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
