@@ -211,7 +211,7 @@ class _StructureTracker:
         (folder / f"alive_{step:05d}.json").write_text(json.dumps(self.structure, indent=1) + "\n")
         if final:
             # prune keeps one channel of every group: the masks revive each emptied group's strongest.
-            kept = alive.copy()
+            kept = self.regularizer.kept(params)[:-1]
             for group in self.graph.groups:
                 if not kept[group.classes].any():
                     kept[group.classes[np.argmax(vector[group.classes])]] = True

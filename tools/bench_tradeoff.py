@@ -435,20 +435,23 @@ def prune_to_budget(path: Path, budget: float, calibration: list[np.ndarray] | N
 
 
 def prune_gates_to_budget(artifacts, shrunk, budget: float, calibration: list[np.ndarray] | None = None):
-    """The smallest global gate-probability threshold t whose alive channels (probability > t, every
-    group keeping its most probable channel) fit `budget` FLOPs, and the trained model pruned to them
-    (stepping to the next threshold if the pruned model's FLOPs exceed the budget)."""
+    """The smallest global gate-probability threshold t whose alive channels (probability > t and open
+    in the eval graph, every group keeping its most probable channel) fit `budget` FLOPs, and the
+    trained model pruned to them (stepping to the next threshold if the pruned model's FLOPs exceed
+    the budget). A run that closed more than the budget asks for ends under it."""
     from onnx_morph.costs import total_cost
     from onnx_morph.graph import build_channel_graph, load_model
     from onnx_morph.rewrite.prune import prune
     from onnx_morph.rewrite.select import mask_document
 
     graph = build_channel_graph(load_model(artifacts.base_model))
-    fixed = artifacts.regularizer.build(graph).fixed[:-1]
+    regularizer = artifacts.regularizer.build(graph)
+    fixed = regularizer.fixed[:-1]
     probability = shrunk.vector
+    open_ = regularizer.kept({g.param: shrunk.gate_logits[g.param] / g.logit_scale for g in regularizer.gates})[:-1]
 
     def alive(t: float) -> np.ndarray:
-        kept = (probability > t) | fixed
+        kept = ((probability > t) & open_) | fixed
         for group in graph.groups:
             if not kept[group.classes].any():
                 kept[group.classes[np.argmax(probability[group.classes])]] = True

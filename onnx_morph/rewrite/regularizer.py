@@ -131,6 +131,16 @@ class Regularizer:
         above = vector >= self.threshold if self.kind == "gates" else vector > self.threshold
         return above | self.fixed
 
+    def kept(self, params: dict[str, np.ndarray]) -> np.ndarray:
+        """Per class (plus the fixed class), whether a pruned model keeps it: alive, and for gates also
+        open in the eval graph (some gate on it with a positive logit). A channel whose gates are all
+        closed is zero there, so it goes even when its probability still counts it alive."""
+        alive = self.alive(self.vector(params))
+        if self.kind != "gates":
+            return alive
+        logits = np.concatenate([self.gate(s.param).logits(params[s.param]) for s in self.sources] + [np.zeros(1)])
+        return alive & ((logits[self.gather] > 0).any(axis=0) | self.fixed)
+
     def gate(self, param: str) -> Gate:
         return next(g for g in self.gates if g.param == param)
 
