@@ -424,3 +424,16 @@ def test_calibration_of_a_model_without_batchnorm_changes_nothing(workdir, tmp_p
     result = prune(path, ratio=0.6, calibration=[np.repeat(x, 4, axis=0)])
     assert result.notes[-1] == "no BatchNorm to calibrate"
     assert result.model.SerializeToString() == plain.model.SerializeToString()
+
+
+def test_calibration_refuses_a_non_float_input():
+    from onnx import TensorProto, helper
+
+    from onnx_morph.errors import OptionError
+    from onnx_morph.rewrite.calibrate import calibrated
+
+    graph = helper.make_graph([helper.make_node("Identity", ["tokens"], ["y"])], "g",
+                              [helper.make_tensor_value_info("tokens", TensorProto.INT64, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, [1, 4])])
+    with pytest.raises(OptionError, match="input 'tokens' takes int64"):
+        calibrated(helper.make_model(graph), [np.zeros((1, 4), np.float32)])

@@ -82,6 +82,10 @@ def calibrated(model: onnx.ModelProto, batches: Sequence[np.ndarray]) -> onnx.Mo
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         raise OptionError(f"calibration feeds one input, and the model has {len(inputs)}: {[i.name for i in inputs]}")
+    elem_type = inputs[0].type.tensor_type.elem_type
+    if elem_type != onnx.TensorProto.FLOAT:
+        raise OptionError(f"calibration feeds float32 batches, and input '{inputs[0].name}' takes "
+                          f"{onnx.helper.tensor_dtype_to_np_dtype(elem_type)}")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in inputs[0].type.tensor_type.shape.dim]
     batches = [np.asarray(b, dtype=np.float32) for b in batches]
     for batch in batches:
