@@ -95,6 +95,20 @@ def test_term_matches_the_numpy_regularizer(cost):
     assert all(parameter.grad.abs().max() > 0 for parameter in reg.gate_parameters())
 
 
+def test_pruning_keeps_only_open_channels():
+    """A channel whose gates are all closed is zero in eval mode: kept() drops it even while its
+    probability (>= 0.1) counts it alive; one open gate on a residual channel keeps it."""
+    reg = MorphNetRegularizer(GateNet(), X, regularizer="gates")
+    set_logits(reg, [np.array([1.0, -1.0, -5.0, -1.0, -5, -5, -5, -5]), np.array([-1.0] * 4 + [2.0] * 12),
+                     np.array([-5.0, 1.0, -1.0, -5.0, -5, -5, -5, -5])])
+    stream, inner = (reg.graph.classes(g.tensor) for g in reg.spec.gates[:2])
+    alive, kept = reg().alive.numpy(), reg.kept()
+    assert alive[stream].tolist() == [True] * 4 + [False] * 4
+    assert kept[stream].tolist() == [True] * 2 + [False] * 6
+    assert alive[inner].all() and kept[inner].tolist() == [False] * 4 + [True] * 12
+    assert reg.alive_counts(kept) == {"/stem/Conv": 2, "/body/Conv": 12, "/back/Conv": 2, "/head/Gemm": 10}
+
+
 def test_eval_masks_by_open_gates_and_training_samples():
     torch.manual_seed(0)
     module = GateNet()
