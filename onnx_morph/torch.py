@@ -5,6 +5,8 @@
 module's own parameters, and from then on evaluates MorphNet's term in torch on each call: the
 same formula the ONNX rewrite emits (per-source vectors, max over a class's sources, alive as a
 non-differentiable step, cost polynomials, latency's per-op roofline), with no re-export.
+Probabilistic gates are forward hooks on the modules that produce the gated tensors, with their
+logits held by the regularizer.
 `export_structure` writes the learned widths, and `prune_module` exports the trained module
 and removes the dead channels with `onnx_morph.rewrite.prune`.
 
@@ -31,7 +33,10 @@ from onnx import numpy_helper
 from onnx_morph.costs.terms import COEFFICIENTS
 from onnx_morph.errors import OnnxMorphError, OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
-from onnx_morph.rewrite.regularizer import RMS_EPSILON, Regularizer, build_regularizer
+from onnx_morph.rewrite.artifacts import GATE_TEMPERATURE, RegularizerOptions
+from onnx_morph.rewrite.gates import gate_masks
+from onnx_morph.rewrite.regularizer import GATE_LOGIT_SCALE, RMS_EPSILON, Gate, Regularizer
+from onnx_morph.rewrite.training_graph import NOISE_EPSILON
 
 __all__ = ["MorphNetRegularizer", "MorphNetOutput", "SourceBinding", "export_onnx", "export_structure",
            "prune_module", "unwrap"]
@@ -103,10 +108,18 @@ class MorphNetRegularizer:
     `example_inputs` is one example input (or a tuple of them) of the shape the costs should be
     computed for; use batch 1, costs are per example as in MorphNet. `cost` is flops, params,
     activations or latency:HW (HW a name from onnx_morph.costs.HARDWARE, or PEAK_GFLOPS,BANDWIDTH_GBS);
-    `regularizer` is gamma (BatchNorm scales) or group-lasso (weight
-    slices). The other options are those of `build_regularizer`. The module is exported once, here;
-    the parameters it reads are the module's own (DDP/compile wrappers are seen through), so the
-    regularizer follows training, `.to(device)` and `load_state_dict` without being rebuilt.
+    `regularizer` is gamma (BatchNorm scales), group-lasso (weight slices) or gates (FiGS: a
+    per-channel probabilistic gate on each producer of a prunable group without BatchNorm, or on
+    every one with `gates_everywhere`). The other options are those of `build_regularizer`. The
+    module is exported once, here; the parameters it reads are the module's own (DDP/compile
+    wrappers are seen through), so the regularizer follows training, `.to(device)` and
+    `load_state_dict` without being rebuilt.
+
+    Gates are not the module's: their logits (stored / `gate_logit_scale`, as in the ONNX route) are
+    `gate_parameters()`, created on the producers' device, which the optimizer must also get, and
+    forward hooks on the producing modules multiply the outputs by the mask: sampled in training
+    mode (logistic noise at `gate_temperature`, hard forward with `straight_through`), (logit > 0)
+    in eval mode. `remove()` detaches the hooks; `prune_module` folds the eval masks instead.
     """
 
     def __init__(
@@ -124,12 +137,20 @@ class MorphNetRegularizer:
         force_group: Sequence[str] = (),
         blacklist: Sequence[str] = (),
         export_options: dict[str, Any] | None = None,
+        gates_everywhere: bool = False,
+        gate_temperature: float = GATE_TEMPERATURE,
+        straight_through: bool = False,
+        gate_logit_scale: float = GATE_LOGIT_SCALE,
     ) -> None:
-        if regularizer == "gates":
-            raise OptionError("the gates regularizer trains gates that the ONNX training rewrite inserts; in torch, "
-                              "use regularizer='gamma' or 'group-lasso', or train with `onnx-morph regularize "
-                              "--regularizer gates`")
+        options = RegularizerOptions(
+            kind=regularizer, cost=cost, threshold=threshold, l1_fraction=l1_fraction, macs=macs,
+            input_boundary=tuple(input_boundary), output_boundary=tuple(output_boundary),
+            force_group=tuple(force_group), blacklist=tuple(blacklist), gate_temperature=gate_temperature,
+            straight_through=straight_through, gates_everywhere=gates_everywhere, gate_logit_scale=gate_logit_scale)
         self.module = unwrap(module)
+        if _gate_hooks(self.module):
+            raise OptionError("the module carries the gate hooks of another MorphNetRegularizer, which would change "
+                              "what is exported: call that regularizer's remove() first")
         self.example_inputs = example_inputs
         self.export_options = dict(export_options or {})
         model, names = _export_distinct(self.module, example_inputs, self.export_options)
@@ -137,15 +158,18 @@ class MorphNetRegularizer:
         try:
             self.graph: ChannelGraph = build_channel_graph(load_model(model))
             _refuse_constant_sources(self.graph, regularizer, blacklist, label)
-            self.spec: Regularizer = build_regularizer(
-                self.graph, kind=regularizer, cost=cost, macs=macs, threshold=threshold,
-                l1_fraction=l1_fraction, input_boundary=list(input_boundary), output_boundary=list(output_boundary),
-                force_group=list(force_group), blacklist=list(blacklist))
+            self.spec: Regularizer = options.build(self.graph)
         except OnnxMorphError as exc:
             raise type(exc)(str(exc).replace("<model>", label)) from None
         self.parameter_of: dict[str, str] = names
         parameters = dict(self.module.named_parameters())
         self.bindings: list[SourceBinding] = []
+        self.gate_modules: dict[str, str] = {}
+        self._hooks: list[Any] = []
+        if self.spec.gates:
+            self._parameters = self._add_gates(parameters, options, label)
+            self._finish()
+            return
         for source in self.spec.sources:
             name = names.get(source.param)
             if name is None:
@@ -155,6 +179,9 @@ class MorphNetRegularizer:
                 raise OptionError(f"regularization source '{source.param}' has another shape than parameter '{name}'")
             self.bindings.append(SourceBinding(source.param, name, source.axis, source.channels))
         self._parameters = [parameters[b.parameter] for b in self.bindings]
+        self._finish()
+
+    def _finish(self) -> None:
         everything = np.ones(self.graph.num_classes, dtype=bool)
         self.total_cost: float = self.spec.terms.evaluate(everything, np.zeros(self.graph.num_classes))[0]
         self._device: torch.device | None = None
@@ -165,19 +192,58 @@ class MorphNetRegularizer:
         return self.spec.kind
 
     def source_parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters the term depends on (BatchNorm weights for gamma, conv/linear weights for group-lasso)."""
+        """The parameters the term depends on (BatchNorm weights for gamma, conv/linear weights for
+        group-lasso, the gate parameters for gates)."""
         return list(self._parameters)
+
+    def gate_parameters(self) -> list[torch.nn.Parameter]:
+        """The gates' trainable parameters (logit / scale), one per gate in `spec.gates` order; they are
+        not the module's, so give them to the optimizer too. Empty for gamma and group-lasso."""
+        return list(self._parameters) if self.spec.gates else []
+
+    def remove(self) -> None:
+        """Detach the gate hooks: the module computes its ungated function again."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def _add_gates(self, parameters: dict[str, torch.nn.Parameter], options: RegularizerOptions,
+                   label: str) -> list[torch.nn.Parameter]:
+        """A parameter and a forward hook per gate, on the module whose output is the gated tensor: the
+        one that owns all of the gate's fold parameters and nothing else, so masking its output is
+        masking the tensor."""
+        gate_parameters = []
+        for gate in self.spec.gates:
+            names = [self.parameter_of.get(initializer) for initializer, _ in gate.fold]
+            owners = {n.rpartition(".")[0] for n in names if n is not None}
+            owner = owners.pop() if len(owners) == 1 and None not in names else None
+            if owner is not None:
+                own = {f"{owner}.{n}".lstrip(".") for n, _ in self.module.get_submodule(owner).named_parameters(
+                    recurse=False)}
+                if own != set(names) or owner in self.gate_modules.values():
+                    owner = None
+            if owner is None:
+                raise OptionError(f"the gate on node {gate.node} (tensor '{gate.tensor}') in {label} cannot be a hook: "
+                                  f"no module of the model produces exactly that tensor from its own parameters; "
+                                  f"leave the node out with blacklist=[{gate.node!r}]")
+            device = parameters[names[0]].device
+            parameter = torch.nn.Parameter(torch.as_tensor(gate.initial_parameter(), device=device))
+            hook = _gate_hook(gate, parameter, options.gate_temperature, options.straight_through)
+            self._hooks.append(self.module.get_submodule(owner).register_forward_hook(hook))
+            self.gate_modules[gate.param] = owner
+            gate_parameters.append(parameter)
+        return gate_parameters
+
+    def _stored_gates(self) -> dict[str, np.ndarray]:
+        return {g.param: _numpy(p) for g, p in zip(self.spec.gates, self._parameters)}
 
     def __call__(self) -> MorphNetOutput:
         """The regularization term, effective cost and alive classes for the parameters' current values."""
         c = self._on(self._parameters[0].device)
-        values = torch.cat(self._source_vectors(c["dtype"]) + [c["zero"]])
-        if c["gather"].shape[0] == 1:
-            r = values[c["gather"][0]]
-        else:
-            r = values[c["gather"]].amax(0)  # ties share the gradient, as in onnxruntime's Max and MorphNet's reduce_max
+        r = self._combined(c)
         with torch.no_grad():
-            alive = ((r > self.spec.threshold) | c["fixed"]).to(r.dtype)
+            above = r >= self.spec.threshold if self.spec.gates else r > self.spec.threshold
+            alive = (above | c["fixed"]).to(r.dtype)
         a_in, a_out = (self._row_sums(alive, c[side]) for side in ("in", "out"))
         r_in, r_out = (self._row_sums(r, c[side]) for side in ("in", "out"))
         k = c["coefficients"]
@@ -218,9 +284,12 @@ class MorphNetRegularizer:
         return document
 
     def kept(self, alive: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
-        """Per class, whether pruning keeps it: alive (by default now), plus the strongest channel
-        of any group that would otherwise be emptied."""
+        """Per class, whether pruning keeps it: alive (by default now) and, for gates, open in eval
+        mode (a channel whose gates are all closed is zero there), plus the strongest channel of any
+        group that would otherwise be emptied."""
         alive = _numpy(self().alive if alive is None else alive).astype(bool)
+        if self.spec.gates:
+            alive = alive & self.spec.kept(self._stored_gates())[:-1]
         return _keep_one(self.graph, alive, self.vector())
 
     def zeroed_copy(self, kept: np.ndarray | None = None) -> torch.nn.Module:
@@ -228,8 +297,12 @@ class MorphNetRegularizer:
 
         A scale below the threshold still passes a little signal, so its channel is not the
         constant (beta, relu(beta)) that pruning can fold into the next layer; at 0 it is.
+        For gates the copy has no hooks: each gate's eval mask (logit > 0), also 0 on the classes
+        not kept, is folded into its producer's parameters, so the copy computes the gated module.
         """
         kept = self.kept() if kept is None else kept
+        if self.spec.gates:
+            return self._folded_copy(kept)
         dead = np.flatnonzero(~np.append(kept, True) & ~self.spec.fixed)
         positions = set(self.spec.gather[:, dead].ravel().tolist()) - {self.spec.zero_position}
         twin = copy.deepcopy(self.module)
@@ -243,14 +316,41 @@ class MorphNetRegularizer:
                 offset += binding.channels
         return twin
 
-    def vector(self) -> np.ndarray:
-        """Per channel class, the regularization value (max over its sources; 0 without one)."""
+    def _folded_copy(self, kept: np.ndarray) -> torch.nn.Module:
+        twin = copy.deepcopy(self.module)
+        for hooks, key in _gate_hooks(twin):  # deepcopy copies the hooks too
+            del hooks[key]
+        parameters = dict(twin.named_parameters())
+        masks = gate_masks(self.spec.gates, self._stored_gates())
         with torch.no_grad():
-            c = self._on(self._parameters[0].device)
-            values = torch.cat(self._source_vectors(c["dtype"]) + [c["zero"]])
-            return _numpy(values[c["gather"]].amax(0)[:-1]).astype(np.float64)
+            for gate in self.spec.gates:
+                mask = masks[gate.param] * kept[self.graph.classes(gate.tensor)]
+                for initializer, axis in gate.fold:
+                    parameter = parameters[self.parameter_of[initializer]]
+                    shape = [1] * parameter.ndim
+                    shape[axis] = gate.channels
+                    parameter.mul_(torch.as_tensor(mask.reshape(shape), dtype=parameter.dtype,
+                                                   device=parameter.device))
+        return twin
+
+    def vector(self) -> np.ndarray:
+        """Per channel class, the regularization value (max over its sources, for gates the probability
+        that one is open; 0 without one)."""
+        with torch.no_grad():
+            return _numpy(self._combined(self._on(self._parameters[0].device))[:-1]).astype(np.float64)
+
+    def _combined(self, c: dict[str, Any]) -> torch.Tensor:
+        """Per class (plus the fixed class), its sources combined: 1 - prod(1 - p) for gates, else max."""
+        values = torch.cat(self._source_vectors(c["dtype"]) + [c["zero"]])
+        if self.spec.gates:
+            return 1 - (1 - values[c["gather"]]).prod(0)
+        if c["gather"].shape[0] == 1:
+            return values[c["gather"][0]]
+        return values[c["gather"]].amax(0)  # ties share the gradient, as in onnxruntime's Max and MorphNet's reduce_max
 
     def _source_vectors(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        if self.spec.gates:
+            return [torch.sigmoid(p.to(dtype) * g.logit_scale) for g, p in zip(self.spec.gates, self._parameters)]
         if self.spec.kind == "gamma":
             return [torch.cat([p.reshape(-1) for p in self._parameters]).to(dtype).abs()]
         f = self.spec.l1_fraction
@@ -289,6 +389,32 @@ class MorphNetRegularizer:
         c["nodes"] = len(node_index)
         self._constants, self._device = c, device
         return c
+
+
+def _gate_hook(gate: Gate, parameter: torch.nn.Parameter, temperature: float, straight_through: bool):
+    """The forward hook of one gate, as `add_gates` / `deterministic_gates` compute it: a closure, which
+    deepcopy shares rather than copies (a bound method would copy its regularizer)."""
+    shape = [1] * gate.rank
+    shape[gate.axis] = gate.channels
+
+    def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if not module.training:  # .data: an export traces the mask as a constant, which must not require grad
+            return output * (parameter.data > 0).to(output.dtype).reshape(shape)
+        logits = parameter * gate.logit_scale
+        u = torch.empty_like(logits).uniform_(NOISE_EPSILON, 1 - NOISE_EPSILON)
+        mask = torch.sigmoid((logits + torch.log(u / (1 - u))) / temperature)
+        if straight_through:
+            mask = (mask > 0.5).to(mask.dtype) + mask - mask.detach()
+        return output * mask.to(output.dtype).reshape(shape)
+
+    hook.onnx_morph_gate = gate.param
+    return hook
+
+
+def _gate_hooks(module: torch.nn.Module) -> list[tuple[dict, int]]:
+    """(hook dict, key) of every gate hook on `module` and its submodules."""
+    return [(m._forward_hooks, key) for m in module.modules() for key, hook in m._forward_hooks.items()
+            if hasattr(hook, "onnx_morph_gate")]
 
 
 def _polynomial(terms: list[tuple[torch.Tensor | None, torch.Tensor | None]], zeros: torch.Tensor) -> torch.Tensor:

@@ -310,8 +310,11 @@ def test_artifacts_made_before_the_logit_scale_load_with_scale_1(model, tmp_path
     assert load_artifacts(artifacts.directory).regularizer.gate_logit_scale == 1.0
 
 
-def test_torch_regularizer_refuses_gates():
+def test_torch_regularizer_places_the_same_gates(model):
+    """The torch path (tests/test_torch_gates.py) gates the tensors this route gates."""
     from onnx_morph.torch import MorphNetRegularizer
 
-    with pytest.raises(OptionError, match="regularize --regularizer gates"):
-        MorphNetRegularizer(GateNet(), torch.zeros(1, 1, 8, 8), regularizer="gates")
+    reg = MorphNetRegularizer(GateNet(), torch.zeros(1, 1, 8, 8), regularizer="gates")
+    route = RegularizerOptions(kind="gates").build(build_channel_graph(load_model(model)))
+    where = lambda gates: [(g.param, g.tensor, g.node, g.axis, g.rank, g.channels) for g in gates]  # noqa: E731
+    assert where(reg.spec.gates) == where(route.gates)
