@@ -17,24 +17,12 @@ from onnx_morph.rewrite.regularizer import GATE_LOGIT, GATE_LOGIT_SCALE
 from onnx_morph.rewrite.verify import onnxruntime
 from onnx_morph.torch import MorphNetRegularizer, export_onnx, prune_module
 
+try:
+    from test_gates import GateNet
+except ImportError:  # tests/ turned into a package
+    from tests.test_gates import GateNet
+
 X = torch.zeros(1, 1, 8, 8)
-
-
-class GateNet(nn.Module):
-    """No BatchNorm: convs with biases, a residual add (stem and back share channels), AvgPool, Linear."""
-
-    def __init__(self, width: int = 8, classes: int = 10):
-        super().__init__()
-        self.stem = nn.Conv2d(1, width, 3, padding=1)
-        self.body = nn.Conv2d(width, 2 * width, 3, padding=1)
-        self.back = nn.Conv2d(2 * width, width, 1)
-        self.pool = nn.AvgPool2d(2)
-        self.head = nn.Linear(width * 16, classes)
-
-    def forward(self, x):
-        x = torch.relu(self.stem(x))
-        x = torch.relu(x + self.back(torch.relu(self.body(x))))
-        return self.head(torch.flatten(self.pool(x), 1))
 
 
 def masked_forward(net: GateNet, x: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
