@@ -188,15 +188,21 @@ def test_folding_equals_the_gated_eval_model(model, digits):
     assert not np.allclose(want, _session(base).run(None, {"input": x})[0], atol=1e-3)
 
 
-def test_gates_everywhere_sit_after_batchnorm_and_fold_into_it(tmp_path, digits):
-    """On a BatchNorm network a gate before the BatchNorm would be normalized away: it goes after it,
-    and folds into the BatchNorm's scale and shift."""
+def bn_gate_net() -> nn.Module:
+    """Conv -> BatchNorm (shifted statistics and beta) -> ReLU -> Conv with bias -> Linear, for 8x8 inputs."""
     torch.manual_seed(2)
     net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
                         nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 64, 10))
     with torch.no_grad():
         net[1].running_mean.uniform_(-0.5, 0.5)
         net[1].bias.uniform_(-0.5, 0.5)
+    return net
+
+
+def test_gates_everywhere_sit_after_batchnorm_and_fold_into_it(tmp_path, digits):
+    """On a BatchNorm network a gate before the BatchNorm would be normalized away: it goes after it,
+    and folds into the BatchNorm's scale and shift."""
+    net = bn_gate_net()
     path = export(net, (1, 1, 8, 8), tmp_path / "bn.onnx")
     graph = build_channel_graph(load_model(path))
     assert [g.node for g in build_regularizer(graph, kind="gates").gates] == ["/3/Conv"]

@@ -18,9 +18,9 @@ from onnx_morph.rewrite.verify import onnxruntime
 from onnx_morph.torch import MorphNetRegularizer, export_onnx, prune_module
 
 try:
-    from test_gates import GateNet
+    from test_gates import GateNet, bn_gate_net
 except ImportError:  # tests/ turned into a package
-    from tests.test_gates import GateNet
+    from tests.test_gates import GateNet, bn_gate_net
 
 X = torch.zeros(1, 1, 8, 8)
 
@@ -237,12 +237,7 @@ def test_refusals():
 
 def test_gates_everywhere_hook_the_batchnorm_and_prune_to_it():
     """On a BatchNorm network the gate sits after the BatchNorm module, and folds into its scale and shift."""
-    torch.manual_seed(2)
-    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
-                        nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 64, 10))
-    with torch.no_grad():
-        net[1].running_mean.uniform_(-0.5, 0.5)
-        net[1].bias.uniform_(-0.5, 0.5)
+    net = bn_gate_net()
     first = MorphNetRegularizer(net, X, regularizer="gates")
     assert list(first.gate_modules.values()) == ["3"]
     with pytest.raises(OptionError, match="gate hooks of another MorphNetRegularizer"):
