@@ -267,7 +267,7 @@ class Bench:
         from onnx_morph.rewrite.artifacts import RegularizerOptions, make_training_artifacts
         from onnx_morph.rewrite.prune import prune
         from onnx_morph.rewrite.save import save_model
-        from onnx_morph.train import accuracy, train
+        from onnx_morph.train import CALIBRATION_BATCHES, accuracy, train
 
         s = self.settings
         started = time.perf_counter()
@@ -290,7 +290,7 @@ class Bench:
         if method == "morphnet":
             learned = prune(shrunk.model_path, gamma_threshold=LEARNED_THRESHOLD, verify=False)
             self.learned.setdefault(seed, save_model(learned.model, folder / "learned.onnx"))  # the strongest shrink
-        calibration = self.data.calibration_batches(20 * s.batch_size, s.batch_size)
+        calibration = self.data.calibration_batches(CALIBRATION_BATCHES * s.batch_size, s.batch_size)
         for budget in budgets:
             tic = time.perf_counter()
             if method == "gates":
