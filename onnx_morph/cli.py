@@ -145,19 +145,16 @@ def _prune(args: argparse.Namespace) -> None:
     from onnx_morph.report import render_prune
     from onnx_morph.rewrite import prune_file
 
-    shapes = parse_input_shapes(args.input_shape)
     calibration = None
     if args.calibrate:
         from onnx_morph.data import load_dataset
-        from onnx_morph.graph import load_model
 
-        inputs = load_model(args.model, shapes).input_shapes
-        data = load_dataset(args.calibrate).fitted(next(iter(inputs.values())))
-        calibration = data.calibration_batches(args.calibration_images)
+        data = load_dataset(args.calibrate)
+        calibration = lambda shape: data.fitted(shape).calibration_batches(args.calibration_images)  # noqa: E731
     result = prune_file(
         args.model,
         args.output,
-        input_shapes=shapes,
+        input_shapes=parse_input_shapes(args.input_shape),
         gamma_threshold=args.gamma_threshold,
         weight_threshold=args.weight_threshold,
         masks=args.mask,

@@ -394,8 +394,7 @@ class MorphNetRegularizer:
 def _gate_hook(gate: Gate, parameter: torch.nn.Parameter, temperature: float, straight_through: bool):
     """The forward hook of one gate, as `add_gates` / `deterministic_gates` compute it: a closure, which
     deepcopy shares rather than copies (a bound method would copy its regularizer)."""
-    shape = [1] * gate.rank
-    shape[gate.axis] = gate.channels
+    shape = gate.shape
 
     def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
         if not module.training:  # .data: an export traces the mask as a constant, which must not require grad

@@ -11,8 +11,13 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_morph.errors import OptionError
+from onnx_morph.rewrite.surgery import drop_unused
 from onnx_morph.rewrite.training_graph import trainable
 from onnx_morph.rewrite.verify import onnxruntime
+
+
+def has_batchnorm(model: onnx.ModelProto) -> bool:
+    return any(n.op_type == "BatchNormalization" for n in model.graph.node)
 
 
 def recalibrated_batchnorm(model: onnx.ModelProto, inputs: list[np.ndarray], input_name: str) -> onnx.ModelProto:
@@ -56,21 +61,7 @@ def recalibrated_batchnorm(model: onnx.ModelProto, inputs: list[np.ndarray], inp
             taken.add(name)
             model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
             node.input[slot] = name
-    return _without_unused(model)
-
-
-def _without_unused(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Drop the Identity nodes and initializers that fed the replaced statistics (onnxruntime warns about each)."""
-    while True:
-        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-        dead = [n for n in model.graph.node if n.op_type == "Identity" and n.output[0] not in used]
-        for node in dead:
-            model.graph.node.remove(node)
-        if not dead:
-            break
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    drop_unused(model.graph)  # the Identity nodes and initializers that fed the replaced statistics
     return model
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnx
@@ -14,7 +14,7 @@ from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model, source_strength
 from onnx_morph.graph.load import serialized_size
 from onnx_morph.rewrite import select
-from onnx_morph.rewrite.calibrate import calibrated
+from onnx_morph.rewrite.calibrate import calibrated, has_batchnorm
 from onnx_morph.rewrite.surgery import keep_masks, probed_tensors, remove_channels, removed_channel_values
 from onnx_morph.rewrite.verify import Deviation, deviation, masked_original, random_inputs, run
 
@@ -56,7 +56,7 @@ def prune(
     min_keep: float = 0.1,
     fold_constants: bool = True,
     verify: bool = True,
-    calibration: Sequence[np.ndarray] | None = None,
+    calibration: Sequence[np.ndarray] | Callable[[tuple[int, ...]], Sequence[np.ndarray]] | None = None,
 ) -> PruneResult:
     """Remove dead channels from every prunable group.
 
@@ -68,7 +68,8 @@ def prune(
     holds (beta after BatchNorm) is folded into the consumer's bias where that is exact (Gemm,
     unpadded Conv); `verify` compares the result with the original in onnxruntime. A constant that
     cannot be folded, or a removed channel that was small but not dead, shifts the next BatchNorm's
-    input: with `calibration` (input batches, e.g. 20 training batches) the pruned model's BatchNorm
+    input: with `calibration` (input batches, e.g. 20 training batches, or a function of the model's
+    input shape that returns them, such as a dataset resized to fit) the pruned model's BatchNorm
     statistics are measured on them, which absorbs the shift (the deviations are the surgery's,
     before calibration).
     """
@@ -106,9 +107,11 @@ def prune(
             original_deviation = deviation([r[:outputs] for r in original_runs], pruned_runs)
     else:
         notes.append("over 2 GB: the checker and onnxruntime verification were skipped")
-    if calibration is not None and not _has_batchnorm(pruned):
+    if calibration is not None and not has_batchnorm(pruned):
         notes.append("no BatchNorm to calibrate")
     elif calibration is not None:
+        if callable(calibration):
+            calibration = calibration(next(iter(graph.model.input_shapes.values())))
         pruned = calibrated(pruned, calibration)
         notes.append(f"BatchNorm statistics measured on {sum(len(b) for b in calibration)} calibration inputs")
     elif _shifts_batchnorm(pruned, original_deviation):
@@ -130,12 +133,8 @@ def prune(
     )
 
 
-def _has_batchnorm(model: onnx.ModelProto) -> bool:
-    return any(n.op_type == "BatchNormalization" for n in model.graph.node)
-
-
 def _shifts_batchnorm(model: onnx.ModelProto, original: Deviation | None) -> bool:
-    return original is not None and original.max_rel > 1e-3 and _has_batchnorm(model)
+    return original is not None and original.max_rel > 1e-3 and has_batchnorm(model)
 
 
 def _choose(graph: ChannelGraph, criteria: dict, round_to: int, min_keep: float) -> tuple[np.ndarray, list[str]]:

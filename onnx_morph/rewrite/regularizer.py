@@ -71,6 +71,13 @@ class Gate:
     fold: tuple[tuple[str, int], ...]
     logit_scale: float = GATE_LOGIT_SCALE
 
+    @property
+    def shape(self) -> list[int]:
+        """The mask's shape, broadcast against the gated tensor."""
+        shape = [1] * self.rank
+        shape[self.axis] = self.channels
+        return shape
+
     def logits(self, stored: np.ndarray) -> np.ndarray:
         """The gate's logits from its stored (trainable) parameter, as the graph computes them."""
         return np.asarray(stored, dtype=np.float64).reshape(-1) * self.logit_scale

@@ -145,7 +145,7 @@ def resize_channels(
         # serialization, which fails for a tensor over 2 GB.
         pruned.graph.initializer.add().CopyFrom(tensor)
     del pruned.graph.value_info[:]
-    _drop_unused(pruned.graph)
+    drop_unused(pruned.graph)
     return Surgery(pruned, surgery.folded, sum(surgery.values[name].size for name in surgery.created))
 
 
@@ -186,7 +186,7 @@ def removed_channel_values(
     return removed
 
 
-def _drop_unused(graph: onnx.GraphProto) -> None:
+def drop_unused(graph: onnx.GraphProto) -> None:
     """Remove nodes and initializers nothing reads any more (replaced shape computations, old weights)."""
     needed = {o.name for o in graph.output}
     kept = []

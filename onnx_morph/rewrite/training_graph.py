@@ -163,7 +163,7 @@ def deterministic_gates(model: onnx.ModelProto, gates: tuple[Gate, ...] | list[G
                                                               builder.const("zero", np.array(0.0))])],
                             to=TensorProto.FLOAT)
         model.graph.node[index].input[1] = builder.node(
-            "Reshape", [mask, builder.const("shape", _gate_shape(gate), np.int64)])
+            "Reshape", [mask, builder.const("shape", gate.shape, np.int64)])
         placements.append((index, start, True))
     _place(model.graph, placements)
     _drop_unused(model)
@@ -250,7 +250,7 @@ class _Builder:
         return self.scale(self.node("Cast", [fixed], to=TensorProto.FLOAT), 1.0 / DETACH_SCALE)
 
     def apply_gate(self, gate: Gate, ungated: str, mask: str) -> None:
-        shaped = self.node("Reshape", [mask, self.const("shape", _gate_shape(gate), np.int64)])
+        shaped = self.node("Reshape", [mask, self.const("shape", gate.shape, np.int64)])
         self.graph.node.append(helper.make_node("Mul", [ungated, shaped], [gate.tensor], name=f"{gate.param}/apply"))
 
     def gate_logits(self, gate: Gate) -> str:
@@ -313,12 +313,6 @@ class _Builder:
                                                      self.node("Mul", [memory, memory_bound])]))
 
         return pick(*per_node["cost"]), pick(*per_node["reg"])
-
-
-def _gate_shape(gate: Gate) -> list[int]:
-    shape = [1] * gate.rank
-    shape[gate.axis] = gate.channels
-    return shape
 
 
 def _place(graph: onnx.GraphProto, placements: list[tuple[int, int, bool]]) -> None:
