@@ -6,17 +6,40 @@ import argparse
 import json
 import sys
 
-from onnx_morph.errors import OnnxMorphError
+from onnx_morph.data import DATA_HELP
+from onnx_morph.errors import OnnxMorphError, OptionError
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Help lines end with the option's default, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default not in (None, False, [], argparse.SUPPRESS) and "default" not in text
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Commands(argparse._SubParsersAction):
+    """Subcommands parse without prefix matching (`--round` is not `--round-to`) and with the
+    defaults shown in their help."""
+
+    def add_parser(self, name, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        return super().add_parser(name, **kwargs)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="onnx-morph", description="MorphNet structure learning for ONNX models.")
+    parser = argparse.ArgumentParser(prog="onnx-morph", description="MorphNet structure learning for ONNX models.",
+                                     allow_abbrev=False)
+    parser.register("action", "parsers", _Commands)
     commands = parser.add_subparsers(dest="command", required=True)
 
     analyze = commands.add_parser("analyze", help="channel groups and per-op costs of a model")
     analyze.add_argument("model", help="path of an .onnx file")
-    analyze.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
-                         help="fix the dims of a dynamic input (default: dynamic batch = 1)")
+    _input_shape(analyze)
     analyze.add_argument("--cost", default="flops",
                          help="flops | params | activations | memory | latency:HW (HW: V100, T4, ... or GFLOPS,GBS)")
     threshold = analyze.add_mutually_exclusive_group()
@@ -40,13 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     criterion.add_argument("--ratio", type=float, help="keep this fraction of the FLOPs (e.g. 0.5)")
     prune.add_argument("--round-to", type=int, default=1, metavar="N", help="keep every width a multiple of N")
     prune.add_argument("--min-keep", type=float, default=0.1, metavar="F",
-                       help="with a budget, keep at least this fraction of every group's channels (default 0.1)")
+                       help="with a budget, keep at least this fraction of every group's channels")
     prune.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     prune.add_argument("--calibrate", metavar="DATA",
-                       help="re-measure BatchNorm statistics of the pruned model on training images of DATA: "
-                            "fashion-mnist | digits | file.npz (x_train, ...)")
+                       help=f"re-measure BatchNorm statistics of the pruned model on training images of DATA: {DATA_HELP}")
     prune.add_argument("--calibration-images", type=int, default=1280, metavar="N",
-                       help="how many training images --calibrate uses (default 1280)")
+                       help="how many training images --calibrate uses")
+    _normalization(prune)
 
     expand = _model_to_model(commands, "expand", "scale a learned structure to a budget, freshly initialized",
                              "expanded")
@@ -60,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     regularize = commands.add_parser("regularize", help="write onnxruntime-training artifacts with MorphNet's regularizer")
     regularize.add_argument("model", help="path of an .onnx file (exported with BatchNorm kept for --regularizer gamma)")
     regularize.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the artifacts")
-    regularize.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
+    _input_shape(regularize)
     regularize.add_argument("--cost", default="flops", help="flops | params | activations | latency:HW")
     regularize.add_argument("--regularizer", default="gamma", choices=["gamma", "group-lasso", "gates", "none"],
                             help="gamma (BatchNorm scale L1), group-lasso (weight slices), gates (probabilistic "
@@ -79,8 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     regularize.add_argument("--gates-everywhere", action="store_true",
                             help="gates: gate every prunable group, also those with a BatchNorm")
     regularize.add_argument("--macs", action="store_true", help="FLOPs cost counts multiply-accumulates")
-    regularize.add_argument("--loss", default="cross-entropy", choices=["cross-entropy", "mse", "bce"])
-    regularize.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"])
+    regularize.add_argument("--loss", default="cross-entropy", choices=["cross-entropy", "mse", "bce"],
+                            help="task loss on the model's first output")
+    regularize.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer of the artifacts")
     regularize.add_argument("--batch-size", type=int, default=64, help="training batch size (fixed in the artifacts)")
     for option, text in (("--input-boundary", "regularize only after nodes matching this regex"),
                          ("--output-boundary", "regularize only up to nodes matching this regex"),
@@ -91,10 +115,13 @@ def _parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train regularize's artifacts and export the trained model")
     train.add_argument("artifacts", metavar="DIR", help="folder written by `onnx-morph regularize`")
-    train.add_argument("--data", required=True, help="fashion-mnist | digits | file.npz (x_train, y_train, x_test, y_test)")
-    train.add_argument("--epochs", type=int, default=1)
+    train.add_argument("--data", required=True, help=DATA_HELP)
+    _normalization(train)
+    train.add_argument("--epochs", type=int, default=1, help="passes over the training data")
     train.add_argument("--learning-rate", type=float, help="default: the optimizer's (1e-3)")
-    train.add_argument("--strength", type=float, help="override the artifacts' strength")
+    strength = train.add_mutually_exclusive_group()
+    strength.add_argument("--strength", type=float, help="override the artifacts' strength")
+    _targets(strength)
     train.add_argument("--structure-every", type=int, default=100, metavar="N",
                        help="write learned_structure/alive_STEP.json every N steps")
     train.add_argument("--limit", type=int, metavar="N", help="use only the first N training examples")
@@ -102,8 +129,39 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="MorphNet end to end on a built-in CNN: shrink, prune, fine-tune")
     demo.add_argument("-o", "--output", default="onnx-morph-demo", metavar="DIR", help="folder for models, logs, plot")
+    demo.add_argument("--data", choices=["fashion-mnist", "digits"],
+                      help="default: Fashion-MNIST where it is installed or downloads, else digits")
+    demo.add_argument("--target-ratio", type=float, default=0.5, metavar="R", help="fraction of the FLOPs to keep")
     demo.add_argument("--quick", action="store_true", help="a small subset and few steps (under a minute)")
     return parser
+
+
+def _input_shape(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
+                         help="fix the dims of a dynamic input (a dynamic batch alone is set to 1)")
+
+
+def _normalization(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--mean", type=_floats, metavar="M[,M,M]",
+                         help="normalize [0, 1] pixels by this per-channel mean (default: the training set's)")
+    command.add_argument("--std", type=_floats, metavar="S[,S,S]",
+                         help="normalize [0, 1] pixels by this per-channel std (default: the training set's)")
+
+
+def _targets(group) -> None:
+    group.add_argument("--target-ratio", type=float, metavar="R",
+                       help="adapt the strength until the effective cost is this fraction of the full cost")
+    group.add_argument("--target-flops", type=float, metavar="X", help="adapt the strength until FLOPs <= X")
+    group.add_argument("--target-params", type=float, metavar="X", help="adapt the strength until params <= X")
+    group.add_argument("--target-latency", type=float, metavar="SECONDS",
+                       help="adapt the strength until the latency cost <= this (artifacts made with --cost latency:HW)")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, not '{text}'") from None
 
 
 def _model_to_model(commands, name: str, text: str, result: str) -> argparse.ArgumentParser:
@@ -111,7 +169,7 @@ def _model_to_model(commands, name: str, text: str, result: str) -> argparse.Arg
     command = commands.add_parser(name, help=text)
     command.add_argument("model", help="path of an .onnx file")
     command.add_argument("-o", "--output", required=True, help=f"path of the {result} model (never the input)")
-    command.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
+    _input_shape(command)
     return command
 
 
@@ -150,7 +208,8 @@ def _prune(args: argparse.Namespace) -> None:
         from onnx_morph.data import load_dataset
 
         data = load_dataset(args.calibrate)
-        calibration = lambda shape: data.fitted(shape).calibration_batches(args.calibration_images)  # noqa: E731
+        calibration = lambda shape: data.fitted(shape, args.mean, args.std).calibration_batches(  # noqa: E731
+            args.calibration_images)
     result = prune_file(
         args.model,
         args.output,
@@ -208,7 +267,10 @@ def _regularize(args: argparse.Namespace) -> None:
     if options is not None:
         print(f"regularizer: {options.kind} on {options.cost}, strength {result.strength:.4g}; cost "
               f"{result.total_cost:.6g}, effective {result.initial_cost:.6g}, regularization {result.initial_regularization:.6g}")
-    print(f"train it: onnx-morph train {result.directory} --data fashion-mnist --epochs 1")
+    for note in result.notes:
+        print(f"note: {note}")
+    target = " --target-ratio 0.5" if options is not None else ""
+    print(f"train it: onnx-morph train {result.directory} --data DATA --epochs 1{target}  (DATA: {DATA_HELP})")
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -216,34 +278,56 @@ def _train(args: argparse.Namespace) -> None:
 
     from onnx_morph.data import load_dataset
     from onnx_morph.rewrite.artifacts import load_artifacts
+    from onnx_morph.target import cost_target
     from onnx_morph.train import train
 
     artifacts = load_artifacts(args.artifacts)
-    data = load_dataset(args.data)
-    data = data.fitted(next(iter(artifacts.input_shapes.values())))
+    target = None
+    if artifacts.regularizer is not None:
+        target = cost_target(artifacts.regularizer.cost, artifacts.total_cost, ratio=args.target_ratio,
+                             flops=args.target_flops, params=args.target_params, latency=args.target_latency)
+    elif any(v is not None for v in (args.target_ratio, args.target_flops, args.target_params, args.target_latency)):
+        raise OptionError(f"the artifacts in {artifacts.directory} have no regularizer, so no cost to bring to a target")
+    shape = next(iter(artifacts.input_shapes.values()))
+    data = load_dataset(args.data, image_size=tuple(shape[2:]) if len(shape) == 4 else None)
+    data = data.fitted(shape, args.mean, args.std)
     if args.limit:
         data = data.subset(train=args.limit)
     output = Path(args.output) if args.output else artifacts.directory / "trained.onnx"
-    result = train(artifacts, (data.x_train, data.y_train), epochs=args.epochs,
-                   learning_rate=args.learning_rate, strength=args.strength, structure_every=args.structure_every,
-                   export=output, test_data=(data.x_test, data.y_test))
+    result = train(artifacts, (data.x_train, data.y_train), epochs=args.epochs, learning_rate=args.learning_rate,
+                   strength=args.strength, target=target, structure_every=args.structure_every, export=output,
+                   test_data=(data.x_test, data.y_test))
     print(f"{result.steps} steps in {result.seconds:.1f} s on {data.name}; task loss {result.task_loss:.4f}")
     if result.effective_cost is not None:
-        print(f"effective {artifacts.regularizer.cost}: {result.effective_cost:.6g} of {artifacts.total_cost:.6g} "
-              f"({100 * result.effective_cost / artifacts.total_cost:.1f}%)")
+        cost = artifacts.regularizer.cost
+        print(f"effective {cost}: {result.effective_cost:.6g} of {artifacts.total_cost:.6g} "
+              f"({100 * result.effective_cost / artifacts.total_cost:.1f}%)"
+              + (f"; target {target:.6g} ({100 * target / artifacts.total_cost:.1f}%)" if target else ""))
+        if result.moved_to_target > 0:
+            print(f"masks.json: the {result.moved_to_target} weakest channels still alive at the end removed to meet "
+                  "the target")
+        elif result.moved_to_target < 0:
+            print(f"masks.json: the {-result.moved_to_target} strongest channels below the threshold kept, within "
+                  "the target")
         print("alive channels per group: " + ", ".join(f"{g}: {n}" for g, n in result.alive_per_group.items()))
     print(f"test accuracy {100 * result.test_accuracy:.2f}%; trained model: {result.model_path}")
     print(f"logs: {artifacts.directory}/train_log.csv, tensorboard/, learned_structure/, masks.json")
+    if result.effective_cost is not None:
+        print(f"prune it: onnx-morph prune {result.model_path} --mask {artifacts.directory / 'masks.json'} -o small.onnx")
 
 
 def _demo(args: argparse.Namespace) -> None:
     from onnx_morph.examples import demo
 
-    demo(sys.stdout, args.output, quick=args.quick)
+    demo(sys.stdout, args.output, quick=args.quick, data=args.data, target_ratio=args.target_ratio)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         {"analyze": _analyze, "prune": _prune, "expand": _expand, "regularize": _regularize, "train": _train,
          "demo": _demo}[args.command](args)

@@ -61,31 +61,49 @@ def export(module, input_shape: tuple[int, ...], path: Path) -> Path:
     return path
 
 
-def demo(out: TextIO, work_dir: str | os.PathLike = "onnx-morph-demo", quick: bool = False) -> LoopResult:
+# (epochs shrinking, epochs fine-tuning, learning rate, training images) per data set and mode: digits
+# has 1,437 training images, so it takes more epochs for as many steps.
+_SETTINGS = {
+    ("fashion-mnist", False): (2, 1, 0.005, None),
+    ("fashion-mnist", True): (3, 1, 0.02, 2048),
+    ("digits", False): (16, 4, 0.02, None),
+    ("digits", True): (8, 2, 0.02, None),
+}
+
+
+def demo(out: TextIO, work_dir: str | os.PathLike = "onnx-morph-demo", quick: bool = False, data: str | None = None,
+         target_ratio: float = 0.5) -> LoopResult:
     """MorphNet end to end: export the example CNN, shrink it with the Gamma FLOPs regularizer in
-    onnxruntime-training, prune it, fine-tune it, and report each stage."""
+    onnxruntime-training to `target_ratio` of its FLOPs, prune it, fine-tune it, and report each stage.
+
+    `data` None takes Fashion-MNIST where it is installed, cached or can be downloaded, and
+    scikit-learn's digits otherwise (saying why)."""
     import torch
 
-    from onnx_morph.data import FASHION_MNIST_HELP, fashion_mnist_available, load_dataset
+    from onnx_morph.data import load_dataset
+    from onnx_morph.errors import OptionError
     from onnx_morph.loop import morphnet_loop, plot
     from onnx_morph.report import render_loop
 
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    if fashion_mnist_available():
-        data = load_dataset("fashion-mnist")
-    else:
-        print(f"{FASHION_MNIST_HELP}; using digits instead.", file=out)
-        data = load_dataset("digits").resized(28, 28)
-    if quick:
-        data = data.subset(train=2048, test=1000)
+    name = data or "fashion-mnist"
+    try:
+        dataset = load_dataset(name)
+    except OptionError as exc:
+        if data is not None:
+            raise
+        print(f"{exc}; using digits instead.", file=out)
+        name, dataset = "digits", load_dataset("digits")
+    epochs, finetune_epochs, learning_rate, images = _SETTINGS[name, quick]
+    dataset = dataset.fitted((1, 1, 28, 28)).subset(train=images, test=1000 if quick else None)
     torch.manual_seed(0)
     path = export(small_resnet(), (1, 1, 28, 28), work / "seed.onnx")
-    print(f"seed: a ResNet-style CNN for 28x28 inputs ({path}); data: {data.name}, "
-          f"{len(data.y_train)} training and {len(data.y_test)} test images", file=out)
-    settings = dict(epochs=2, finetune_epochs=1, learning_rate=0.005) if not quick else dict(
-        epochs=3, finetune_epochs=1, learning_rate=0.02)
-    result = morphnet_loop(path, data, work, progress=sys.stderr, **settings)
+    print(f"seed: a ResNet-style CNN for 28x28 inputs ({path}); data: {dataset.name}, "
+          f"{len(dataset.y_train)} training and {len(dataset.y_test)} test images; target: {target_ratio:.0%} of the "
+          "FLOPs", file=out)
+    result = morphnet_loop(path, dataset, work, progress=sys.stderr, epochs=epochs, finetune_epochs=finetune_epochs,
+                           learning_rate=learning_rate, target_ratio=target_ratio)
     print(render_loop(result), file=out)
     print(f"plot: {plot(result, work / 'morphnet.png')}; models, logs and structures in {work}/", file=out)
     return result

@@ -22,6 +22,7 @@ from onnx_morph.rewrite.artifacts import RegularizerOptions, make_training_artif
 from onnx_morph.rewrite.prune import LayerWidth, prune
 from onnx_morph.rewrite.save import save_model
 from onnx_morph.rewrite.verify import onnxruntime
+from onnx_morph.target import cost_target
 from onnx_morph.train import CALIBRATION_BATCHES, accuracy, train
 
 
@@ -41,6 +42,9 @@ class LoopResult:
     widths: list[LayerWidth]
     cost_curve: list[tuple[int, float]] = field(repr=False)
     total_cost: float = 0.0
+    data: str = ""
+    target: float | None = None  # of the regularized resource
+    notes: list[str] = field(default_factory=list)
 
 
 def morphnet_loop(
@@ -56,10 +60,16 @@ def morphnet_loop(
     finetune_learning_rate: float = 1e-3,
     batch_size: int = 64,
     round_to: int = 4,
+    target_ratio: float | None = None,
     progress: TextIO | None = None,
 ) -> LoopResult:
     """Shrink `model` with the regularizer, prune at its threshold (re-measuring BatchNorm statistics
     on training batches), fine-tune without it.
+
+    With `target_ratio`, the strength is adapted during shrinking until the effective cost is that
+    fraction of the full cost (`onnx_morph.target`), and the pruned model meets it: the learned
+    masks, or where rounding widths up overshoots, the same budget met by ranking the trained
+    channels (FLOPs and parameter costs).
 
     Pruned widths are kept multiples of `round_to` (rounded up): onnxruntime's convolution kernels
     run odd widths slowly; the demo's network pruned to 60% of its FLOPs at odd widths took 6.8 ms
@@ -74,12 +84,14 @@ def morphnet_loop(
 
     shrink = make_training_artifacts(model, work / "shrink", regularizer=regularizer, strength=strength,
                                      batch_size=batch_size, overwrite=True)
-    shrunk = train(shrink, train_data, epochs=epochs, learning_rate=learning_rate, export=work / "trained.onnx",
-                   test_data=test_data, progress=progress)
-    threshold = regularizer.threshold if regularizer.threshold is not None else 1e-2
-    kind = {"gamma_threshold": threshold} if regularizer.kind == "gamma" else {"weight_threshold": threshold}
+    target = None if target_ratio is None else cost_target(regularizer.cost, shrink.total_cost, ratio=target_ratio)
+    shrunk = train(shrink, train_data, epochs=epochs, learning_rate=learning_rate, target=target,
+                   export=work / "trained.onnx", test_data=test_data, progress=progress)
     calibration = data.calibration_batches(CALIBRATION_BATCHES * batch_size, batch_size)
-    pruned = prune(shrunk.model_path, calibration=calibration, round_to=round_to, **kind)
+    pruned = prune(shrunk.model_path, masks=shrink.directory / "masks.json", calibration=calibration, round_to=round_to)
+    resource = regularizer.cost if regularizer.cost in ("flops", "params") and not regularizer.macs else None
+    if target is not None and resource and getattr(pruned.after, resource) > target * (1 + 1e-9):
+        pruned = prune(shrunk.model_path, calibration=calibration, round_to=round_to, **{f"target_{resource}": target})
     save_model(pruned.model, work / "pruned.onnx")
 
     tune = make_training_artifacts(work / "pruned.onnx", work / "finetune", regularizer=None,
@@ -90,7 +102,8 @@ def morphnet_loop(
     stages = measure({"trained (regularized)": shrunk.model_path, "pruned": work / "pruned.onnx",
                       "pruned + fine-tuned": tuned.model_path}, test_data)
     curve = [(r["step"], r["effective_cost"]) for r in shrunk.history]
-    return LoopResult(stages, pruned.widths, curve, shrink.total_cost or 0.0)
+    notes = [] if pruned.removed_channels else ["pruning removed no channel: the regularizer left every channel alive"]
+    return LoopResult(stages, pruned.widths, curve, shrink.total_cost or 0.0, data.name, target, notes)
 
 
 def measure(models: dict[str, Path], test_data, runs: int = 30, batch: int = 64) -> list[Stage]:
@@ -146,7 +159,11 @@ def plot(result: LoopResult, path: str | os.PathLike) -> Path:
     curve.plot(steps, [c / result.total_cost for c in costs] if result.total_cost else costs)
     curve.set_xlabel("training step")
     curve.set_ylabel("effective FLOPs / seed FLOPs")
+    if result.target is not None and result.total_cost:
+        curve.axhline(result.target / result.total_cost, color="gray", linestyle="--", label="target")
+        curve.legend()
     curve.set_title("effective cost while shrinking")
+    figure.suptitle(f"MorphNet on {result.data}" if result.data else "MorphNet")
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=110)

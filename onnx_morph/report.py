@@ -126,6 +126,10 @@ def render_loop(result) -> str:
     first = result.stages[0]
     rows = [[s.name, f"{100 * s.accuracy:.2f}%", f"{human(s.flops)} ({s.flops / first.flops:.0%})",
              f"{human(s.params)} ({s.params / first.params:.0%})", f"{s.latency_ms:.3f} ms"] for s in result.stages]
-    lines = _table(["stage", "test accuracy", "FLOPs", "params", "latency (batch 64)"], rows) + ["", "widths:"]
+    lines = [f"data: {result.data}"] if result.data else []
+    if result.target is not None and result.total_cost:
+        lines.append(f"target: {result.target / result.total_cost:.0%} of the cost")
+    lines += _table(["stage", "test accuracy", "FLOPs", "params", "latency (batch 64)"], rows) + ["", "widths:"]
     lines += [f"  {w.node}: {w.before} -> {w.after}" for w in result.widths if w.before != w.after]
+    lines += [f"note: {n}" for n in result.notes]
     return "\n".join(lines)

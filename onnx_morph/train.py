@@ -32,6 +32,7 @@ from onnx_morph.rewrite.gates import fold_gates
 from onnx_morph.rewrite.save import save_model
 from onnx_morph.rewrite.select import mask_document
 from onnx_morph.rewrite.verify import onnxruntime
+from onnx_morph.target import StrengthController, structure_at
 
 Batch = tuple[np.ndarray, np.ndarray]
 CALIBRATION_BATCHES = 20
@@ -49,6 +50,7 @@ class TrainResult:
     vector: np.ndarray | None = field(default=None, repr=False)  # per class: the final regularization values
     gate_logits: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # logits, not stored parameters
     test_accuracy: float | None = None
+    moved_to_target: int = 0  # channels removed (> 0) or restored (< 0) at the end to put the structure at the target
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list, repr=False)
 
@@ -61,6 +63,7 @@ def train(
     batch_size: int | None = None,
     learning_rate: float | None = None,
     strength: float | Callable[[int], float] | None = None,
+    target: float | None = None,
     log_dir: str | os.PathLike | None = None,
     structure_every: int = 100,
     export: str | os.PathLike | None = None,
@@ -69,9 +72,14 @@ def train(
     progress: TextIO | None = sys.stderr,
 ) -> TrainResult:
     """Train for `epochs` over `data`: (x, y) arrays (shuffled, cut into batches of the artifacts'
-    batch size; the last partial batch is dropped) or an iterable of (x, y) batches of that size.
+    batch size; the last partial batch is dropped), or any re-iterable of (x, y) batches, numpy
+    arrays or torch tensors, such as a list or a torch DataLoader (batches of another size than
+    the artifacts' are skipped, as a DataLoader's last partial batch).
 
     `strength` overrides the artifacts' strength; a callable gets the step number (a schedule).
+    `target` (in the regularized resource's units, see `onnx_morph.target.cost_target`) adapts the
+    strength online until the effective cost holds at the target (`StrengthController`), and the
+    final structure (masks.json, `structure`) is put at it (`onnx_morph.target.structure_at`).
     `log_dir` (default: the artifacts folder) receives train_log.csv, TensorBoard events and
     learned_structure/. With `export`, the trained inference model is written there, and with
     `test_data` its accuracy is measured in onnxruntime.
@@ -87,7 +95,14 @@ def train(
     log_dir = Path(log_dir) if log_dir is not None else artifacts.directory
     log_dir.mkdir(parents=True, exist_ok=True)
     schedule = _schedule(strength if strength is not None else artifacts.strength)
-    tracker = _StructureTracker(artifacts)
+    if target is not None:
+        if artifacts.regularizer is None:
+            raise OptionError(f"the artifacts in {artifacts.directory} have no regularizer, so no cost to bring to a target")
+        schedule = StrengthController(schedule(0), target)
+    tracker = _StructureTracker(artifacts, target)
+    if not isinstance(data, tuple) and epochs > 1 and iter(data) is data:
+        raise OptionError("the data is a one-pass iterator and training takes several epochs: pass a list, a "
+                          "DataLoader or (x, y) arrays")
 
     ort = onnxruntime()
     ort.set_default_logger_severity(3)
@@ -105,13 +120,16 @@ def train(
     rng = np.random.default_rng(seed)
     started = time.perf_counter()
     history: list[dict] = []
+    calibration: list[np.ndarray] = []
     step = 0
     with _Logs(log_dir) as logs:
         module.train()
         for epoch in range(epochs):
-            batches = list(_batches(data, batch_size, rng))
+            batches = _batches(data, batch_size, rng)
             bar = _Progress(progress, f"epoch {epoch + 1}/{epochs}", len(batches))
             for x, y in batches:
+                if len(calibration) < CALIBRATION_BATCHES:
+                    calibration.append(x)
                 feeds = {artifacts.inputs[0]: x.astype(np.float32), artifacts.labels: y.astype(label_type)}
                 if regularized:
                     feeds[STRENGTH] = np.array(schedule(step), dtype=np.float32)
@@ -125,6 +143,8 @@ def train(
                     cost, reg = float(outputs[1]), float(outputs[2])
                     record.update(task_loss=loss - schedule(step) * reg, regularization=reg,
                                   effective_cost=cost, strength=schedule(step))
+                    if isinstance(schedule, StrengthController):
+                        schedule.update(cost)
                 if not math.isfinite(loss):
                     raise OptionError(f"training diverged at step {step} (loss {loss}); lower the learning rate "
                                       "or the strength")
@@ -135,6 +155,8 @@ def train(
                 bar.update(record)
                 step += 1
             bar.close()
+            if not bar.done:
+                raise OptionError(f"no batch of the data has {batch_size} examples, the artifacts' batch size")
         final = tracker.record(state, log_dir, step, final=True) if tracker.enabled else {}
         if final:
             logs.write({"step": step, "epoch": epochs, **final})
@@ -144,18 +166,19 @@ def train(
         effective_cost=final.get("effective_cost_after") if final else None,
         structure=tracker.structure, alive_per_group=tracker.alive_per_group, vector=tracker.vector,
         gate_logits={g.param: g.logits(state.parameters[g.param].data) for g in tracker.gates},
-        seconds=time.perf_counter() - started, history=history)
+        moved_to_target=tracker.moved, seconds=time.perf_counter() - started, history=history)
     if export is not None:
-        trained = trained_model(artifacts, state, data, batch_size, tracker.gates)
+        trained = trained_model(artifacts, state, calibration, tracker.gates)
         result.model_path = save_model(trained, export, source=artifacts.base_model)
         if test_data is not None:
             result.test_accuracy = accuracy(trained, test_data)
     return result
 
 
-def trained_model(artifacts: TrainingArtifacts, state, data, batch_size: int = 64, gates=None) -> onnx.ModelProto:
-    """The base model with the checkpoint's parameters and BatchNorm statistics measured on `data`;
-    probabilistic gates (`gates`: the regularizer's, rebuilt when None) are folded into their producers."""
+def trained_model(artifacts: TrainingArtifacts, state, inputs: list[np.ndarray], gates=None) -> onnx.ModelProto:
+    """The base model with the checkpoint's parameters and BatchNorm statistics measured on the
+    `inputs` batches; probabilistic gates (`gates`: the regularizer's, rebuilt when None) are folded
+    into their producers."""
     model = onnx.load(str(artifacts.base_model))
     if gates is None:
         gates = _StructureTracker(artifacts).gates
@@ -166,8 +189,7 @@ def trained_model(artifacts: TrainingArtifacts, state, data, batch_size: int = 6
             by_name[name].CopyFrom(numpy_helper.from_array(np.asarray(state.parameters[name].data, dtype=np.float32),
                                                            name))
     fold_gates(model, gates, gate_params)
-    batches = list(_batches(data, batch_size, np.random.default_rng(1)))[:CALIBRATION_BATCHES]
-    return recalibrated_batchnorm(model, [x for x, _ in batches], artifacts.inputs[0])
+    return recalibrated_batchnorm(model, inputs, artifacts.inputs[0])
 
 
 def accuracy(model: onnx.ModelProto, data: Batch, batch_size: int = 256) -> float:
@@ -185,8 +207,10 @@ def accuracy(model: onnx.ModelProto, data: Batch, batch_size: int = 256) -> floa
 class _StructureTracker:
     """Alive channels per group and MorphNet's structure, computed from the current parameters."""
 
-    def __init__(self, artifacts: TrainingArtifacts):
+    def __init__(self, artifacts: TrainingArtifacts, target: float | None = None):
         self.enabled = artifacts.regularizer is not None
+        self.target = target
+        self.moved = 0
         self.structure: dict[str, int] = {}
         self.alive_per_group: dict[int, int] = {}
         self.vector: np.ndarray | None = None
@@ -210,14 +234,28 @@ class _StructureTracker:
         folder.mkdir(exist_ok=True)
         (folder / f"alive_{step:05d}.json").write_text(json.dumps(self.structure, indent=1) + "\n")
         if final:
-            # prune keeps one channel of every group: the masks revive each emptied group's strongest.
-            kept = self.regularizer.kept(params)[:-1]
-            for group in self.graph.groups:
-                if not kept[group.classes].any():
-                    kept[group.classes[np.argmax(vector[group.classes])]] = True
+            kept = self._final_masks(params, vector[:-1])
+            if self.target is not None:
+                cost, _ = self.regularizer.terms.evaluate(kept, vector[:-1])
+            self.structure = mask_document(self.graph, kept)["structure"]
             (log_dir / "masks.json").write_text(json.dumps(mask_document(self.graph, kept)) + "\n")
         key = "effective_cost_after" if final else "effective_cost_structure"
         return {key: cost, **{f"alive/group_{g}": n for g, n in self.alive_per_group.items()}}
+
+    def _final_masks(self, params: dict, vector: np.ndarray) -> np.ndarray:
+        """What `prune --mask` keeps: alive (and open) channels, one at least in every group (the
+        strongest), and with a target, the weakest removed until the cost meets it."""
+        kept = self.regularizer.kept(params)[:-1]
+        groups = [g.classes for g in self.graph.groups]
+        for classes in groups:
+            if classes.size and not kept[classes].any():
+                kept[classes[np.argmax(vector[classes])]] = True
+        if self.target is not None:
+            before = int(kept.sum())
+            kept = structure_at(self.target, kept, vector, ~self.regularizer.fixed[:-1], groups,
+                              lambda alive: self.regularizer.terms.evaluate(alive, vector)[0])
+            self.moved = before - int(kept.sum())
+        return kept
 
 
 class _Logs:
@@ -284,14 +322,29 @@ def _schedule(strength: float | Callable[[int], float]) -> Callable[[int], float
     return lambda step: float(strength)
 
 
-def _batches(data, batch_size: int, rng: np.random.Generator) -> Iterable[Batch]:
+def _batches(data, batch_size: int, rng: np.random.Generator) -> list[Batch]:
+    """One epoch of (x, y) numpy batches of exactly `batch_size` examples."""
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], np.ndarray):
         x, y = data
         if len(x) != len(y):
             raise OptionError(f"{len(x)} inputs but {len(y)} labels")
         order = rng.permutation(len(y))
-        for start in range(0, len(y) - batch_size + 1 if len(y) >= batch_size else 1, batch_size):
-            chosen = order[start:start + batch_size]
-            yield x[chosen], y[chosen]
-        return
-    yield from data
+        return [(x[order[s:s + batch_size]], y[order[s:s + batch_size]])
+                for s in range(0, len(y) - batch_size + 1, batch_size)]
+    batches = []
+    for item in data:
+        try:
+            x, y = (_numpy(v) for v in item)
+        except (TypeError, ValueError):
+            raise OptionError(f"each batch of the data must be a pair (inputs, labels), not {type(item).__name__}") from None
+        if len(x) != len(y):
+            raise OptionError(f"a batch has {len(x)} inputs but {len(y)} labels")
+        if len(x) == batch_size:
+            batches.append((x, y))
+    return batches
+
+
+def _numpy(value) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)

@@ -216,6 +216,11 @@ class BaseHandler:
     def initial_values(self, view: NodeView, rng: np.random.Generator) -> dict[int, np.ndarray]:
         return {}
 
+    def batch_free(self, view: NodeView, batch: int) -> dict[int, np.ndarray]:
+        """New values for constant inputs that froze the export's batch size `batch` (the batch is
+        axis 0 of every data input), so that the node runs at any batch; most ops need none."""
+        return {}
+
     def view_permutation(self, node: onnx.NodeProto, rank: int) -> tuple[int, ...] | None:
         """If the op's output is its first input with axes permuted (a view of a weight), the permutation."""
         return None

@@ -79,6 +79,16 @@ class Reshape(BaseHandler):
                 target[axis] = extent
         edit.set_input(1, _leading_dims_copied(view, target, axes))
 
+    def batch_free(self, view: NodeView, batch: int) -> dict[int, np.ndarray]:
+        """A Reshape target whose first dim is the exported batch copies it from the input instead (0)."""
+        x, target = view.input(0), view.const(1)
+        if (view.op_type != "Reshape" or target is None or x is None or x.constant or not x.shape
+                or view.attr("allowzero", 0) or target.size == 0 or target[0] != batch or x.shape[0] != batch):
+            return {}
+        target = np.array(target, dtype=np.int64)
+        target[0] = 0
+        return {1: target}
+
 
 def _leading_dims_copied(view: NodeView, target: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     """The target with its leading dims (before any channel axis) copied from the input (0) where they

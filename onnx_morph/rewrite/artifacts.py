@@ -24,12 +24,13 @@ from onnx import TensorProto
 
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
+from onnx_morph.rewrite.batch import flexible_batch
 from onnx_morph.rewrite.regularizer import GATE_LOGIT_SCALE, Regularizer, build_regularizer, check_gate_logit_scale
 from onnx_morph.rewrite.training_graph import (
     EFFECTIVE_COST, REGULARIZATION, add_gates, add_regularizer, deterministic_gates, inference_batchnorm, trainable,
     unshare_initializers, with_batch_size,
 )
-from onnx_morph.rewrite.verify import onnxruntime
+from onnx_morph.rewrite.verify import onnxruntime, runtime_errors
 
 STRENGTH = "morph_strength"
 CONFIG = "morph.json"
@@ -97,6 +98,7 @@ class TrainingArtifacts:
     initial_cost: float | None = None
     initial_regularization: float | None = None
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def training_model(self) -> Path:
@@ -132,16 +134,20 @@ def load_artifacts(directory: str | os.PathLike) -> TrainingArtifacts:
     if not config.is_file():
         raise OptionError(f"{directory}: not an onnx-morph training directory (no {CONFIG}); "
                           "make one with `onnx-morph regularize model.onnx -o DIR`")
-    data = json.loads(config.read_text())
-    if data.pop("format", None) != CONFIG_FORMAT:
-        raise OptionError(f"{config}: not an onnx-morph training description")
-    data["directory"] = directory
-    if data["regularizer"] is not None:
-        options = {k: tuple(v) if isinstance(v, list) else v for k, v in data["regularizer"].items()}
-        if options["kind"] == "gates":
-            options.setdefault("gate_logit_scale", 1.0)  # graphs made before the scale stored the logits
-        data["regularizer"] = RegularizerOptions(**options)
-    return TrainingArtifacts(**data)
+    try:
+        data = json.loads(config.read_text())
+        if data.pop("format", None) != CONFIG_FORMAT:
+            raise OptionError(f"{config}: not an onnx-morph training description")
+        data["directory"] = directory
+        if data["regularizer"] is not None:
+            options = {k: tuple(v) if isinstance(v, list) else v for k, v in data["regularizer"].items()}
+            if options["kind"] == "gates":
+                options.setdefault("gate_logit_scale", 1.0)  # graphs made before the scale stored the logits
+            data["regularizer"] = RegularizerOptions(**options)
+        return TrainingArtifacts(**data)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise OptionError(f"{config}: a corrupt training description ({type(exc).__name__}: {exc}); make the "
+                          "artifacts again with `onnx-morph regularize`") from None
 
 
 def make_training_artifacts(
@@ -179,6 +185,12 @@ def make_training_artifacts(
     base = unshare_initializers(loaded.materialized())
     graph = build_channel_graph(load_model(base, loaded.input_shapes))
     _check_float(graph)
+    notes = []
+    flexible = flexible_batch(graph)
+    if flexible.model is not None:
+        base = flexible.model
+        graph = build_channel_graph(load_model(base, loaded.input_shapes))
+        notes.append(flexible.note)
     reg = regularizer.build(graph) if regularizer is not None else None
     params = trained_parameters(graph, reg)
     training = with_batch_size(trainable(base), batch_size)
@@ -201,7 +213,7 @@ def make_training_artifacts(
         directory=out_dir, inputs=inputs, labels=labels, loss=loss if isinstance(loss, str) else type(loss).__name__,
         strength=float(strength), regularizer=regularizer, trainable=sorted(params), batch_size=batch_size,
         total_cost=total_cost, initial_cost=initial_cost, initial_regularization=initial_reg,
-        input_shapes={k: list(v) for k, v in loaded.input_shapes.items()})
+        input_shapes={k: list(v) for k, v in loaded.input_shapes.items()}, notes=notes)
 
     for stale in out_dir.parent.glob(f".{out_dir.name}.{STAGING}*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
@@ -319,13 +331,15 @@ def _generate(training: onnx.ModelProto, base: onnx.ModelProto, params: set[str]
                 optimizer={"adamw": artifacts.OptimType.AdamW, "sgd": artifacts.OptimType.SGD}[optimizer],
                 artifact_directory=str(directory),
                 additional_output_names=[EFFECTIVE_COST, REGULARIZATION] if regularized else None)
-    except RuntimeError as exc:
+    except (RuntimeError, onnx.shape_inference.InferenceError, onnx.checker.ValidationError,
+            *runtime_errors(onnxruntime())) as exc:
         message = str(exc)
         if "gradient builder has not been registered" in message:
             detail = message.split("has not been registered:")[-1].strip()
             raise OptionError(f"onnxruntime-training has no gradient for {detail}; re-export the model without "
                               "that op (see README, Training)") from None
-        raise
+        first = " ".join(message.split())[:300]
+        raise OptionError(f"onnxruntime-training cannot build the training graph of this model: {first}") from None
     for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
         path = directory / name
         artifact = onnx.load(str(path))

@@ -70,7 +70,7 @@ def _check_run_memory(graph: ChannelGraph) -> None:
                    f"onnxruntime runs on random inputs (tensor '{largest}' of shape {list(loaded.shapes[largest])} alone)")
 
 
-def _ort_errors(ort) -> tuple[type, ...]:
+def runtime_errors(ort) -> tuple[type, ...]:
     state = ort.capi.onnxruntime_pybind11_state
     return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
 
@@ -84,7 +84,7 @@ def run(graph: ChannelGraph, model: onnx.ModelProto, feeds: list[dict[str, np.nd
     derived from it is onnx-morph's, and propagates as is.
     """
     ort = onnxruntime()
-    errors = _ort_errors(ort)
+    errors = runtime_errors(ort)
     try:
         return _run(ort, graph, model, feeds, extra_outputs)
     except errors:
