@@ -1,4 +1,5 @@
-"""`onnx-morph demo --quick`: MorphNet's whole loop on the built-in CNN, through the installed script."""
+"""`onnx-morph demo --quick --data digits`: MorphNet's whole loop on the built-in CNN, through the
+installed script, on data every machine has (scikit-learn's digits)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ SCRIPT = Path(sys.executable).parent / "onnx-morph"
 
 def test_quick_demo_shrinks_prunes_and_fine_tunes(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([str(SCRIPT), "demo", "--quick", "-o", str(out)], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([str(SCRIPT), "demo", "--quick", "--data", "digits", "-o", str(out)], capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = {}
     for line in proc.stdout.splitlines():
@@ -23,9 +24,10 @@ def test_quick_demo_shrinks_prunes_and_fine_tunes(tmp_path):
             rows[match.group(1)] = [float(v) for v in match.groups()[1:]]
     assert set(rows) == {"trained (regularized)", "pruned", "pruned + fine-tuned"}, proc.stdout
     trained, pruned, tuned = rows["trained (regularized)"], rows["pruned"], rows["pruned + fine-tuned"]
-    assert trained[1] == 100 and pruned[1] < 100 and pruned[2] < 100
+    assert "data: digits resized to 28x28" in proc.stdout and "target: 50% of the cost" in proc.stdout
+    assert trained[1] == 100 and pruned[1] <= 50 and pruned[2] < 100  # at the target: at least 30% removed
     assert pruned[1] == tuned[1]
-    assert abs(pruned[0] - trained[0]) < 2.0  # removing dead channels keeps what the model computes
+    assert abs(pruned[0] - trained[0]) < 5.0  # removing dead and weakest channels keeps most of what it computes
     assert tuned[0] > 40
     assert "widths:" in proc.stdout and "->" in proc.stdout
     png = out / "morphnet.png"

@@ -269,6 +269,9 @@ def test_missing_fashion_mnist_says_how_to_install(monkeypatch, tmp_path):
     from onnx_morph.errors import OptionError
 
     monkeypatch.setattr(data, "FASHION_MNIST_DIR", tmp_path)
+    monkeypatch.setenv("ONNX_MORPH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ONNX_MORPH_FASHION_MNIST_URL", "http://127.0.0.1:9/")  # nothing listens: no download
+    monkeypatch.delenv("ONNX_MORPH_FASHION_MNIST", raising=False)
     with pytest.raises(OptionError, match="apt install dataset-fashion-mnist"):
         data.load_dataset("fashion-mnist")
 

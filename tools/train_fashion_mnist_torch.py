@@ -42,7 +42,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 from benchlib import table  # noqa: E402
 
-from onnx_morph.data import FASHION_MNIST_HELP, fashion_mnist, fashion_mnist_available  # noqa: E402
+from onnx_morph.data import fashion_mnist  # noqa: E402
+from onnx_morph.errors import OptionError  # noqa: E402
 from onnx_morph.examples import small_resnet  # noqa: E402
 from onnx_morph.torch import MorphNetRegularizer, export_structure, prune_module  # noqa: E402
 
@@ -188,8 +189,10 @@ def finish(model, regularizer: MorphNetRegularizer, args: argparse.Namespace, x_
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not fashion_mnist_available():
-        print(f"train_fashion_mnist_torch: {FASHION_MNIST_HELP}", file=sys.stderr)
+    try:
+        fashion_mnist()  # installed, cached, or downloaded now, before any worker starts
+    except OptionError as exc:
+        print(f"train_fashion_mnist_torch: {exc}", file=sys.stderr)
         return 2
     if not args.ddp:
         train(0, 1, args, None)
