@@ -16,6 +16,7 @@ from onnx_morph.graph import ChannelGraph
 from onnx_morph.graph.dependence import IndexRange, integer_input_ranges
 from onnx_morph.graph.load import check_fits
 from onnx_morph.handlers.layout import channel_ids
+from onnx_morph.rewrite.surgery import drop_unused
 
 
 @dataclass(frozen=True)
@@ -171,13 +172,15 @@ def masked_original(
     folded: dict[tuple[str, str], np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """The original model with every removed channel multiplied by zero wherever it appears, except
-    where a consumer folded the channel's constant into its bias: there the channel keeps its own
-    value. Where the channel really is that constant, the pruned model computes exactly this; where
-    it is not (a fold decided from samples that happened to agree), the deviation shows it."""
+    where a consumer folded the channel's constant into its bias: there the channel holds the value
+    it has in the unmasked original (computed by a copy of the original's nodes). Where the channel
+    really is that constant, the pruned model computes exactly this; where it is not (a fold decided
+    from samples that happened to agree), the deviation shows it."""
     model = onnx.ModelProto()
     model.CopyFrom(original)
     renamed: dict = {}
     extra_nodes, extra_inits = [], []
+    produced = {o for n in model.graph.node for o in n.output}
     for tensor, keep in masks.items():
         info = graph.tensors[tensor]
         if info.axes is None:
@@ -192,16 +195,19 @@ def masked_original(
         for (node_name, folded_tensor), values in (folded or {}).items():
             if folded_tensor != tensor:
                 continue
-            with_folded = (keep.astype(bool) | (values != 0)[channel_ids(info)]).astype(dtype)
+            folded_only = (~keep.astype(bool) & (values != 0)[channel_ids(info)]).astype(dtype)
             folded_mask, kept_name = f"{tensor}::folded_mask", f"{tensor}::with_constants"
+            unmasked = tensor + _UNMASKED if tensor in produced else tensor
             if kept_name not in renamed.values():
-                extra_inits.append(numpy_helper.from_array(with_folded.reshape(shape), folded_mask))
-                extra_nodes.append((tensor, onnx.helper.make_node("Mul", [tensor, folded_mask], [kept_name],
-                                                                  name=folded_mask)))
+                extra_inits.append(numpy_helper.from_array(folded_only.reshape(shape), folded_mask))
+                extra_nodes.append((tensor, onnx.helper.make_node(
+                    "Mul", [unmasked, folded_mask], [f"{tensor}::folded_values"], name=folded_mask)))
+                extra_nodes.append((tensor, onnx.helper.make_node(
+                    "Add", [out_name, f"{tensor}::folded_values"], [kept_name], name=kept_name)))
             renamed[(node_name, tensor)] = kept_name
     producer_of = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
     inserts: dict[int, list[onnx.NodeProto]] = {}
-    nodes = []
+    nodes = _unmasked_copy(model) if folded else []
     for tensor, node in extra_nodes:
         if tensor in producer_of:
             inserts.setdefault(producer_of[tensor], []).append(node)
@@ -216,4 +222,27 @@ def masked_original(
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(extra_inits)
     del model.graph.value_info[:]
+    drop_unused(model.graph)  # the copy's nodes that no folded channel needs
     return model
+
+
+_UNMASKED = "::unmasked"
+
+
+def _unmasked_copy(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The model's nodes with every computed tensor renamed: they compute the original's values
+    beside the masked ones (only inputs and initializers are shared)."""
+    produced = {o for n in model.graph.node for o in n.output if o}
+    copies = []
+    for node in model.graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = node.name + _UNMASKED
+        for i, name in enumerate(copy.input):
+            if name in produced:
+                copy.input[i] = name + _UNMASKED
+        for i, name in enumerate(copy.output):
+            if name:
+                copy.output[i] = name + _UNMASKED
+        copies.append(copy)
+    return copies
