@@ -20,6 +20,7 @@ import copy
 import json
 import math
 import os
+import warnings
 import zlib
 from pathlib import Path
 
@@ -365,6 +366,142 @@ def test_two_samples_that_agree_by_chance_are_not_a_constant(tmp_path):
     removed = removed_channel_values(graph, {tensor: np.zeros(size, bool)}, {tensor: [first, second]})
     assert removed[tensor][0] == 0
     assert removed[tensor][1:] == pytest.approx(0.48551723)
+
+
+# --------------------------------------------------------------------------- #
+# Integer inputs and constant channels: decided on probes, verified on fresh inputs
+# --------------------------------------------------------------------------- #
+
+
+class TokenNet(torch.nn.Module):
+    """Token ids -> Embedding(50, 12) times a 0/1 mask -> Linear -> ReLU -> Linear; with `kinds`, a
+    second id input of shape [1] picks one of two kind embeddings, expanded to every token and joined
+    to the features (channels 12..15 depend on the kind alone: one bit of entropy per input)."""
+
+    def __init__(self, kinds: bool = False):
+        super().__init__()
+        self.emb, self.kind = torch.nn.Embedding(50, 12), torch.nn.Embedding(2, 4) if kinds else None
+        self.fc1, self.fc2 = torch.nn.Linear(16 if kinds else 12, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, ids, mask):
+        x = self.emb(ids) * mask.unsqueeze(1).to(torch.float32)
+        if self.kind is not None:
+            x = torch.cat([x, self.kind(mask[:1]).expand(ids.shape[0], -1)], dim=1)
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def export_token_net(module: TokenNet, path: Path) -> Path:
+    torch.manual_seed(0)
+    dummy = (torch.zeros(6, dtype=torch.int64), torch.zeros(6, dtype=torch.int64))
+    with torch.no_grad():
+        module.fc1.bias.abs_()  # removed hidden channels hold relu(bias) > 0 on a zero input
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's
+        torch.onnx.export(module.eval(), dummy, str(path), dynamo=False, input_names=["ids", "mask"],
+                          output_names=["output"])
+    return path
+
+
+def zero_masked_difference_on(path: Path, result, feeds: list[dict[str, np.ndarray]]) -> float:
+    """Pruned model vs the original with every removed channel multiplied by zero, on `feeds`."""
+    from onnx_morph.rewrite.surgery import keep_masks
+    from onnx_morph.rewrite.verify import masked_original
+
+    graph = build_channel_graph(load_model(path))
+    reference = session(masked_original(graph, graph.model.materialized(), keep_masks(graph, result.alive)))
+    candidate, worst = session(result.model), 0.0
+    for feed in feeds:
+        for e, a in zip(reference.run(None, feed), candidate.run(None, feed)):
+            worst = max(worst, float(np.max(np.abs(e - a)) / np.max(np.abs(e))))
+    return worst
+
+
+def prune_inputs_of(path: Path, node_op: str, channels: list[int], which: str = "input"):
+    """prune() removing `channels` of the input (or output) of the first `node_op` node."""
+    graph = build_channel_graph(load_model(path))
+    node = next(n for n in graph.order if graph.nodes[n].op_type == node_op)
+    geometry = graph.relations[node].geometry
+    alive = np.ones(graph.num_classes, dtype=bool)
+    alive[graph.classes(getattr(geometry, which))[channels]] = False
+    return graph, prune(path, masks=mask_document(graph, alive))
+
+
+def test_token_ids_get_valid_random_values_and_live_channels_are_not_folded(tmp_path):
+    """Token ids fed as zeros made both probe inputs equal: every hidden channel looked constant, two
+    removed ones were folded into the next bias as relu(bias), and the report said 1e-7 while real ids
+    gave a 100% deviation. Ids now take random values below the embedding table's length, the mask
+    0/1 (with a note: nothing bounds it), and the pruned model equals the zero-masked original."""
+    from onnx_morph.graph.dependence import integer_input_ranges
+    from onnx_morph.rewrite.verify import random_inputs
+
+    path = export_token_net(TokenNet(), tmp_path / "tokens.onnx")
+    graph, result = prune_inputs_of(path, "Gemm", [1, 5], which="output")
+    ranges = integer_input_ranges(graph)
+    assert (ranges["ids"].high, ranges["mask"].high) == (50, 2)
+    assert "table of 50" in ranges["ids"].evidence and ranges["mask"].evidence is None
+    feeds = random_inputs(graph, samples=2, seed=5)
+    assert all(0 <= f["ids"].min() and f["ids"].max() < 50 and set(f["mask"].tolist()) <= {0, 1} for f in feeds)
+    assert not np.array_equal(feeds[0]["ids"], feeds[1]["ids"])
+    assert any("'mask'" in note and "0/1" in note for note in result.notes)
+
+    assert result.removed_channels == 2
+    rng = np.random.default_rng(11)
+    fresh = [{"ids": rng.integers(0, 50, 6), "mask": rng.integers(0, 2, 6)} for _ in range(4)]
+    assert zero_masked_difference_on(path, result, fresh) < REL_TOL  # 0.9 before
+    assert result.masked_deviation.max_rel < REL_TOL
+
+
+def test_a_channel_of_a_low_entropy_input_is_not_folded(tmp_path):
+    """Channels 12..15 depend on one bit (the kind of the whole input): two random inputs agree on it
+    half the time, and equal samples made them 'constant'. Probes now hold every integer input at
+    both ends of its range (all 0, then all 1), so the kind channels vary and nothing is folded."""
+    from onnx_morph.rewrite.verify import probe_inputs
+
+    path = export_token_net(TokenNet(kinds=True), tmp_path / "kinds.onnx")
+    graph, result = prune_inputs_of(path, "Gemm", [13, 14])
+    kinds = [feed["mask"][0] for feed in probe_inputs(graph, 4, seed=3)]
+    assert kinds[:2] == [0, 1]
+    assert result.removed_channels == 2
+    rng = np.random.default_rng(12)
+    fresh = [{"ids": rng.integers(0, 50, 6), "mask": np.full(6, kind)} for kind in (0, 1)]
+    assert zero_masked_difference_on(path, result, fresh) < REL_TOL  # 0.38 before
+    assert result.masked_deviation.max_rel < REL_TOL
+
+
+def test_verification_sees_a_wrong_fold(tmp_path):
+    """The verification reference keeps a folded channel's own value (not the folded constant): a
+    channel folded as constant that is not (as sampled probes could decide) shows as a deviation."""
+    from onnx_morph.rewrite.surgery import keep_masks, remove_channels
+    from onnx_morph.rewrite.verify import deviation, masked_original, run
+
+    path = export_token_net(TokenNet(kinds=True), tmp_path / "kinds.onnx")
+    graph, result = prune_inputs_of(path, "Gemm", [13, 14])
+    node = next(n for n in graph.order if graph.nodes[n].op_type == "Gemm")
+    tensor = graph.relations[node].geometry.input
+    masks = keep_masks(graph, result.alive)
+    kind_table = onnx_morph.graph.load_model(path).constant("kind.weight")
+    wrong = {tensor: np.where(masks[tensor], 0.0, np.concatenate([np.zeros(12), kind_table[0]]))}  # kind 0's values
+    surgery = remove_channels(graph, result.alive, graph.model.materialized(), wrong)
+    assert surgery.folded
+    reference = masked_original(graph, graph.model.materialized(), masks, surgery.folded)
+    feeds = [{"ids": np.arange(6), "mask": np.full(6, kind)} for kind in (0, 1)]
+    assert deviation(run(graph, reference, feeds[:1]), run(graph, surgery.model, feeds[:1])).max_rel < REL_TOL
+    assert deviation(run(graph, reference, feeds[1:]), run(graph, surgery.model, feeds[1:])).max_rel > 0.01
+
+
+def test_a_zero_scale_batchnorm_channel_is_proven_constant(exports, tmp_path):
+    """BatchNorm with scale 0 holds its shift on every input, and relu(shift) after ReLU, through
+    Flatten: proven without sampling. The other channels are not."""
+    from onnx_morph.graph.dependence import input_dependence
+
+    module, shape, _ = exports("FlattenHead")
+    module = copy.deepcopy(module)
+    zero_channels(module, {"features.bn.weight": (0, [2, 5])}, bias=False)
+    graph = build_channel_graph(load_model(zoo.export_onnx(module, shape, tmp_path / "flat.onnx")))
+    gemm = next(n for n in graph.order if graph.nodes[n].op_type == "Gemm")
+    varying = input_dependence(graph)[graph.relations[gemm].geometry.input].reshape(8, 64)
+    assert sorted(np.flatnonzero(~varying.any(axis=1)).tolist()) == [2, 5]
+    assert varying[[0, 1, 3, 4, 6, 7]].all()
 
 
 def zero_masked_difference(path: Path, result, shape) -> float:

@@ -203,9 +203,23 @@ class Handler(Protocol):
         this kind starts training; inputs left out keep their values."""
         ...
 
+    def varying(self, view: NodeView, relation: Relation, inputs: list[np.ndarray | None]) -> list[np.ndarray | bool]:
+        """Which channel elements of each output may change with the model's inputs, given which
+        elements of each input may (None for a constant input); True or False stands for a whole output."""
+        ...
+
+    def index_bound(self, view: NodeView, index: int) -> int | None:
+        """When input `index` holds indices into a table (an embedding lookup), the table's length."""
+        ...
+
 
 class BaseHandler:
     static_output = False
+    # Each output channel element is computed from the input elements tied to it (and from inputs
+    # tied to nothing of that output, such as a broadcast operand): dependence follows the ties.
+    follows_ties = False
+    # Output 0 holds input 0's values, reshaped or cast: an index bound read after it holds before it.
+    preserves_values = False
 
     def preferred_axes(self, view: NodeView, index: int, rank: int) -> Axes | None:
         return None
@@ -224,6 +238,40 @@ class BaseHandler:
     def view_permutation(self, node: onnx.NodeProto, rank: int) -> tuple[int, ...] | None:
         """If the op's output is its first input with axes permuted (a view of a weight), the permutation."""
         return None
+
+    def varying(self, view: NodeView, relation: Relation, inputs: list[np.ndarray | None]) -> list[np.ndarray | bool]:
+        """Without a finer rule every output element may change as soon as any input element may.
+        A relation with pins is not followed: its ties need not say what is computed from what."""
+        if self.follows_ties and not relation.pins:
+            return varying_along_ties(view, relation, inputs)
+        anything = any(bool(v.any()) for v in inputs if v is not None)
+        return [anything] * len(view.outputs)
+
+    def index_bound(self, view: NodeView, index: int) -> int | None:
+        return None
+
+
+def varying_along_ties(view: NodeView, relation: Relation, inputs: list[np.ndarray | None]) -> list[np.ndarray | bool]:
+    """An output element may vary when an input element tied to it may, or when an input tied to
+    nothing of that output may vary anywhere (a broadcast operand reaches every element). The
+    view's tensors carry their channel axes (as the built graph has them)."""
+    result: list[np.ndarray | bool] = []
+    for y in view.outputs:
+        if y is None or y.channels is None:
+            result.append(any(bool(v.any()) for v in inputs if v is not None))
+            continue
+        out = np.zeros(y.channels, dtype=bool)
+        for x, v in zip(view.inputs, inputs):
+            if x is None or v is None:
+                continue
+            tied = [(t.a_index, t.b_index) if t.a == x.name else (t.b_index, t.a_index)
+                    for t in relation.ties if {t.a, t.b} == {x.name, y.name}]
+            if not tied:
+                out |= bool(v.any())
+            for x_index, y_index in tied:
+                np.logical_or.at(out, y_index, v[x_index] if x.channels is not None else bool(v.any()))
+        result.append(out)
+    return result
 
 
 def identity_tie(a: TensorInfo, b: TensorInfo) -> Tie:

@@ -34,6 +34,8 @@ def _aligned(info: TensorInfo, out_rank: int) -> tuple[int, ...]:
 
 
 class Elementwise(BaseHandler):
+    follows_ties = True
+
     def relate(self, view: NodeView) -> Relation:
         y = view.outputs[0]
         operands = [t for t in view.inputs if t is not None]

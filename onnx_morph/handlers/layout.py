@@ -43,6 +43,9 @@ class Reshape(BaseHandler):
     Flatten of [N, C, H, W] gives each channel c the block of H*W features c*HW .. c*HW+HW-1, and a
     split of C into (groups, C/groups) gives two channel axes."""
 
+    follows_ties = True
+    preserves_values = True
+
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
         if x is None or x.axes is None or x.constant:
@@ -131,6 +134,9 @@ def _constant_along(ids: np.ndarray, axis: int) -> bool:
 
 
 class Transpose(BaseHandler):
+    follows_ties = True
+    preserves_values = True
+
     def view_permutation(self, node, rank: int) -> tuple[int, ...]:
         perm = next((tuple(a.ints) for a in node.attribute if a.name == "perm"), None)
         return perm if perm else tuple(reversed(range(rank)))
@@ -146,6 +152,8 @@ class Transpose(BaseHandler):
 
 class Concat(BaseHandler):
     """On the channel axis the inputs' channels are laid end to end; off it, like an elementwise op."""
+
+    follows_ties = True
 
     def relate(self, view: NodeView) -> Relation:
         y = view.outputs[0]
@@ -210,6 +218,8 @@ def _subset(view: NodeView, x: TensorInfo, outputs: list[tuple[TensorInfo, np.nd
 
 
 class Split(BaseHandler):
+    follows_ties = True
+
     def relate(self, view: NodeView) -> Relation:
         x = view.input(0)
         outputs = view.outputs
@@ -241,6 +251,8 @@ class Split(BaseHandler):
 
 
 class Slice(BaseHandler):
+    follows_ties = True
+
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
         if x is None or x.axes is None or x.constant:
@@ -300,6 +312,14 @@ class Slice(BaseHandler):
 
 class Gather(BaseHandler):
     """Gather from an activation by constant indices, or an embedding lookup (constant table)."""
+
+    follows_ties = True
+
+    def index_bound(self, view: NodeView, index: int) -> int | None:
+        data = view.input(0)
+        if index != 1 or data is None or data.shape is None or not data.shape:
+            return None
+        return int(data.shape[normalize_axis(view.attr("axis", 0), len(data.shape))])
 
     def relate(self, view: NodeView) -> Relation:
         data, indices, y = view.input(0), view.input(1), view.outputs[0]
@@ -386,6 +406,9 @@ def _renumber_grid_slice(view: NodeView, edit, data: TensorInfo, keep: np.ndarra
 
 class Expand(BaseHandler):
     """Broadcast to a larger shape: channels pass when the channel dims are already full size."""
+
+    follows_ties = True
+    preserves_values = True
 
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]

@@ -44,6 +44,8 @@ def _per_channel_params(view: NodeView, indices: tuple[int, ...], tensor: str | 
 class BatchNorm(BaseHandler):
     """Per-channel affine normalization with running statistics (not parameters: buffers)."""
 
+    follows_ties = True
+
     def preferred_axes(self, view: NodeView, index: int, rank: int):
         return NCHW if index == 0 else None
 
@@ -57,6 +59,14 @@ class BatchNorm(BaseHandler):
         relation.params = _per_channel_params(view, (1, 2), y.name)
         return relation
 
+
+    def varying(self, view: NodeView, relation, inputs: list[np.ndarray | None]) -> list[np.ndarray | bool]:
+        """A channel with scale 0 is its shift on every input."""
+        result = super().varying(view, relation, inputs)
+        y, scale = view.outputs[0], view.const(1)
+        if y is not None and y.axes == NCHW and scale is not None and scale.size == y.channels:
+            result[0] = np.asarray(result[0]) & (scale.reshape(-1) != 0)
+        return result
 
     def prune(self, view: NodeView, edit) -> None:
         keep = edit.keep(view.input(0).name)

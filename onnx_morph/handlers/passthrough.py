@@ -42,13 +42,23 @@ def pass_through(view: NodeView, pin_reason: str | None = None) -> Relation:
 class Passthrough(BaseHandler):
     """Per-element or per-channel ops that never mix channels."""
 
+    follows_ties = True
+
     def relate(self, view: NodeView) -> Relation:
         return pass_through(view)
 
 
 class Identity(Passthrough):
+    preserves_values = True
+
     def view_permutation(self, node, rank: int) -> tuple[int, ...]:
         return tuple(range(rank))
+
+
+class Cast(Passthrough):
+    """Cast keeps the values (indices cast to int32 still index the same table)."""
+
+    preserves_values = True
 
 
 class SpatialPassthrough(Passthrough):
@@ -60,6 +70,8 @@ class SpatialPassthrough(Passthrough):
 
 class Softmax(BaseHandler):
     """Normalizes along one axis: over the channels, removing one changes all the others."""
+
+    follows_ties = True  # over the channels the relation is pinned, and not followed
 
     def relate(self, view: NodeView) -> Relation:
         x = view.input(0)
@@ -76,6 +88,8 @@ class Softmax(BaseHandler):
 
 class Pad(BaseHandler):
     """Zero padding keeps channels unless it pads the channel axis itself."""
+
+    follows_ties = True
 
     def relate(self, view: NodeView) -> Relation:
         x = view.input(0)
@@ -99,6 +113,8 @@ class Pad(BaseHandler):
 
 class Reduce(BaseHandler):
     """Reductions keep channels only when they do not reduce over the channel axes."""
+
+    follows_ties = True
 
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]

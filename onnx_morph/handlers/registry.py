@@ -8,7 +8,7 @@ from onnx_morph.handlers.elementwise import Elementwise
 from onnx_morph.handlers.layout import Concat, Expand, Gather, Reshape, Slice, Split, Transpose
 from onnx_morph.handlers.linear import Gemm, MatMul
 from onnx_morph.handlers.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
-from onnx_morph.handlers.passthrough import Identity, Pad, Passthrough, Reduce, Softmax, SpatialPassthrough
+from onnx_morph.handlers.passthrough import Cast, Identity, Pad, Passthrough, Reduce, Softmax, SpatialPassthrough
 
 
 class ShapeOnly(BaseHandler):
@@ -33,7 +33,7 @@ class Unknown(BaseHandler):
 
 
 UNARY = (
-    "Abs Acos Acosh Asin Asinh Atan Atanh BitwiseNot Cast CastLike Ceil Celu Clip Cos Cosh Dropout Elu Erf Exp "
+    "Abs Acos Acosh Asin Asinh Atan Atanh BitwiseNot CastLike Ceil Celu Clip Cos Cosh Dropout Elu Erf Exp "
     "Floor Gelu HardSigmoid HardSwish IsInf IsNaN LeakyRelu Log Mish Neg Not Reciprocal Relu Round "
     "Selu Shrink Sigmoid Sign Sin Sinh Softplus Softsign Sqrt Tan Tanh ThresholdedRelu"
 ).split()
@@ -56,6 +56,7 @@ _REGISTRY: dict[str, BaseHandler] = {
     **{op: Reshape() for op in ("Reshape", "Flatten", "Squeeze", "Unsqueeze")},
     **{op: ShapeOnly() for op in ("Shape", "Size")},
     "Identity": Identity(),
+    "Cast": Cast(),
     "Conv": Conv(),
     "ConvTranspose": ConvTranspose(),
     "Gemm": Gemm(),

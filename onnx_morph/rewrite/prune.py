@@ -12,13 +12,19 @@ import onnx
 from onnx_morph.costs import Totals, op_costs, total_cost, totals_of
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model, source_strength
+from onnx_morph.graph.dependence import input_dependence
 from onnx_morph.graph.load import serialized_size
 from onnx_morph.rewrite import select
 from onnx_morph.rewrite.calibrate import calibrated, has_batchnorm
 from onnx_morph.rewrite.surgery import keep_masks, probed_tensors, remove_channels, removed_channel_values
-from onnx_morph.rewrite.verify import Deviation, deviation, masked_original, random_inputs, run
+from onnx_morph.rewrite.verify import (Deviation, deviation, input_notes, masked_original, probe_inputs,
+                                       random_inputs, run)
 
 _PROTOBUF_LIMIT = 2**31 - 1
+# Removed channels' constants are measured on PROBE_SAMPLES probe inputs (of PROBE_SEED); the result
+# is verified on VERIFY_SAMPLES random inputs of VERIFY_SEED, which decided nothing.
+PROBE_SAMPLES, PROBE_SEED = 4, 24301
+VERIFY_SAMPLES, VERIFY_SEED = 2, 0
 
 
 @dataclass(frozen=True)
@@ -89,22 +95,18 @@ def prune(
 
     original = graph.model.materialized()
     small = serialized_size(original) < _PROTOBUF_LIMIT
-    feeds = random_inputs(graph, samples=2) if small and (verify or fold_constants) else []
-    probes = probed_tensors(graph, masks) if fold_constants and feeds else []
-    original_runs = run(graph, original, feeds, probes) if feeds else []
-    outputs = len(original.graph.output)
-    removed = removed_channel_values(
-        graph, masks, {t: [r[outputs + i] for r in original_runs] for i, t in enumerate(probes)})
+    removed, original_runs, fresh = _probe_and_run(graph, original, masks, small and fold_constants, small and verify)
     surgery = remove_channels(graph, alive, original, removed)
     pruned = surgery.model
     masked_deviation = original_deviation = None
     if small:
         onnx.checker.check_model(pruned)
         if verify:
-            pruned_runs = run(graph, pruned, feeds)
-            masked_runs = run(graph, masked_original(graph, original, masks, surgery.folded), feeds)
+            notes.extend(input_notes(graph))
+            pruned_runs = run(graph, pruned, fresh)
+            masked_runs = run(graph, masked_original(graph, original, masks, surgery.folded), fresh)
             masked_deviation = deviation(masked_runs, pruned_runs)
-            original_deviation = deviation([r[:outputs] for r in original_runs], pruned_runs)
+            original_deviation = deviation(original_runs, pruned_runs)
     else:
         notes.append("over 2 GB: the checker and onnxruntime verification were skipped")
     if calibration is not None and not has_batchnorm(pruned):
@@ -131,6 +133,35 @@ def prune(
         notes=notes,
         alive=alive,
     )
+
+
+def _probe_and_run(
+    graph: ChannelGraph, original: onnx.ModelProto, masks: dict[str, np.ndarray], fold: bool, verify: bool,
+) -> tuple[dict[str, np.ndarray], list[list[np.ndarray]], list[dict[str, np.ndarray]]]:
+    """The constants of removed channels, and the original's outputs on fresh inputs for verification,
+    in one onnxruntime session. One probe run tells the value of a channel proven independent of the
+    inputs (input_dependence) and rules out one that varies over positions; any other removed channel
+    takes PROBE_SAMPLES runs on probe_inputs. Verification runs on inputs of another seed, which
+    decided nothing."""
+    probes = probed_tensors(graph, masks) if fold else []
+    fresh = random_inputs(graph, samples=VERIFY_SAMPLES, seed=VERIFY_SEED) if verify else []
+    if not probes:
+        return {}, run(graph, original, [], plain=fresh) if fresh else [], fresh
+    proven = {t: ~v for t, v in input_dependence(graph).items() if t in probes}
+    outputs = len(original.graph.output)
+    feeds = probe_inputs(graph, PROBE_SAMPLES, seed=PROBE_SEED)
+
+    def samples(runs) -> dict[str, list[np.ndarray]]:
+        return {t: [r[outputs + i] for r in runs] for i, t in enumerate(probes)}
+
+    def undecided(first) -> list[dict[str, np.ndarray]]:
+        settled = removed_channel_values(graph, masks, samples(first), {t: np.ones_like(p) for t, p in proven.items()})
+        open_ = any((~masks[t] & ~proven[t] & (settled[t] != 0)).any() for t in probes)
+        return feeds[1:] if open_ else []
+
+    runs = run(graph, original, feeds[:1], probes, then=undecided, plain=fresh)
+    probed = runs[:len(runs) - len(fresh)]
+    return removed_channel_values(graph, masks, samples(probed), proven), runs[len(probed):], fresh
 
 
 def _shifts_batchnorm(model: onnx.ModelProto, original: Deviation | None) -> bool:

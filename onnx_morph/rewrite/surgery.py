@@ -159,11 +159,14 @@ def probed_tensors(graph: ChannelGraph, masks: dict[str, np.ndarray]) -> list[st
 
 
 def removed_channel_values(
-    graph: ChannelGraph, masks: dict[str, np.ndarray], samples: dict[str, list[np.ndarray]]
+    graph: ChannelGraph, masks: dict[str, np.ndarray], samples: dict[str, list[np.ndarray]],
+    proven: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The constant each removed channel holds, from its values on several random inputs: a channel
-    counts as constant only if it takes one value over every position of every sample (a channel
-    dead by a weight norm, or one value per sample after global pooling, is not).
+    """The constant each removed channel holds, from its values on sample inputs: a channel counts as
+    constant only if it takes one value over every position, and is either proven independent of the
+    inputs (`proven`, per tensor: graph.dependence.input_dependence's False) or takes that value in
+    every one of at least two samples (a channel dead by a weight norm, or one value per sample after
+    global pooling, is not).
 
     A dead channel (beta after a zero gamma) does not depend on the input at all, so each position
     holds bit-identical values in every sample; a channel after global pooling has one value per
@@ -172,11 +175,14 @@ def removed_channel_values(
     tensor's largest channel, a small varying channel could pass for constant."""
     removed = {}
     for tensor, values in samples.items():
-        if len(values) < 2:
+        known = (proven or {}).get(tensor)
+        if not values or (len(values) < 2 and (known is None or not known.any())):
             continue
         axis = graph.tensors[tensor].axes[0]
         stack = np.stack([np.moveaxis(np.asarray(v), axis, 0).reshape(v.shape[axis], -1) for v in values])
         input_independent = np.all(stack == stack[:1], axis=(0, 2))
+        if len(values) < 2:
+            input_independent &= known
         flat = stack[0].astype(np.float64)
         mean = flat.mean(axis=1)
         spread = flat.max(axis=1) - flat.min(axis=1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx
@@ -12,8 +13,10 @@ from onnx import numpy_helper
 
 from onnx_morph.errors import ModelLoadError
 from onnx_morph.graph import ChannelGraph
+from onnx_morph.graph.dependence import IndexRange, integer_input_ranges
 from onnx_morph.graph.load import check_fits
 from onnx_morph.handlers.layout import channel_ids
+from onnx_morph.rewrite.surgery import drop_unused
 
 
 @dataclass(frozen=True)
@@ -42,16 +45,46 @@ def onnxruntime():
 
 
 def random_inputs(graph: ChannelGraph, samples: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Standard normal floats; integer inputs uniform over their valid values (integer_input_ranges:
+    token ids below the size of the embedding table that reads them, 0/1 where nothing bounds them),
+    so that every sample differs from the others, as real inputs do."""
     _check_run_memory(graph)
+    ranges = integer_input_ranges(graph)
     rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(samples):
-        feed = {}
-        for name, shape in graph.model.input_shapes.items():
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.model.dtypes.get(name, onnx.TensorProto.FLOAT))
-            feed[name] = rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype)
-        feeds.append(feed)
+    return [{name: _random_input(graph, name, shape, ranges.get(name), rng)
+             for name, shape in graph.model.input_shapes.items()} for _ in range(samples)]
+
+
+# Probe inputs: float scales, and the first two samples hold integer inputs at the ends of their
+# range, so that a channel fed by a low-entropy input (a flag, a token type) shows it varies.
+_PROBE_SCALES = (1.0, 4.0, 0.25, 1.0)
+
+
+def probe_inputs(graph: ChannelGraph, samples: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Inputs chosen to make channels that depend on the inputs show it: floats at several scales
+    (a saturated channel moves at another), integer inputs all lowest, all highest, then random."""
+    feeds = random_inputs(graph, samples, seed)
+    ranges = integer_input_ranges(graph)
+    for index, feed in enumerate(feeds):
+        for name, value in feed.items():
+            if name in ranges and index < 2:
+                feed[name] = np.full_like(value, 0 if index == 0 else ranges[name].high - 1)
+            elif name not in ranges:
+                feed[name] = (value * _PROBE_SCALES[index % len(_PROBE_SCALES)]).astype(value.dtype)
     return feeds
+
+
+def input_notes(graph: ChannelGraph) -> list[str]:
+    """What the prune report says about integer inputs whose valid values the model does not bound."""
+    return [f"integer input '{name}' is not read as indices into a table: verification fed it random 0/1 values"
+            for name, bound in integer_input_ranges(graph).items() if bound.evidence is None]
+
+
+def _random_input(graph: ChannelGraph, name: str, shape, bound: IndexRange | None, rng) -> np.ndarray:
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.model.dtypes.get(name, onnx.TensorProto.FLOAT))
+    if bound is None:
+        return rng.standard_normal(shape).astype(dtype)
+    return rng.integers(0, bound.high, size=shape).astype(dtype)
 
 
 def _check_run_memory(graph: ChannelGraph) -> None:
@@ -75,9 +108,14 @@ def runtime_errors(ort) -> tuple[type, ...]:
     return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
 
 
-def run(graph: ChannelGraph, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-        extra_outputs: list[str] = ()) -> list[list[np.ndarray]]:
-    """Outputs of `model` (then the `extra_outputs` intermediate tensors) for each feed, in one session.
+Feeds = list[dict[str, np.ndarray]]
+
+
+def run(graph: ChannelGraph, model: onnx.ModelProto, feeds: Feeds, extra_outputs: list[str] = (),
+        then: Callable[[list[list[np.ndarray]]], Feeds] | None = None, plain: Feeds = ()) -> list[list[np.ndarray]]:
+    """Outputs of `model` (then the `extra_outputs` intermediate tensors) for each feed, in one session;
+    `then`, given those results, may ask for more feeds, run alike after them; the `plain` feeds
+    come last and fetch the model's own outputs only.
 
     When onnxruntime cannot load or run the input model itself (an op it lacks, a contradiction
     onnx's checker misses), that is the input's fault: a ModelLoadError. A failure only of a model
@@ -86,10 +124,10 @@ def run(graph: ChannelGraph, model: onnx.ModelProto, feeds: list[dict[str, np.nd
     ort = onnxruntime()
     errors = runtime_errors(ort)
     try:
-        return _run(ort, graph, model, feeds, extra_outputs)
+        return _run(ort, graph, model, feeds, extra_outputs, then, plain)
     except errors:
         try:
-            _run(ort, graph, graph.model.materialized(), feeds[:1], ())
+            _run(ort, graph, graph.model.materialized(), [*feeds, *plain][:1], ())
         except errors as original:
             message = " ".join(str(original).split())
             raise ModelLoadError(f"{graph.model.source}: onnxruntime {ort.__version__} cannot run the model: "
@@ -97,8 +135,9 @@ def run(graph: ChannelGraph, model: onnx.ModelProto, feeds: list[dict[str, np.nd
         raise
 
 
-def _run(ort, graph: ChannelGraph, model: onnx.ModelProto, feeds: list[dict[str, np.ndarray]],
-         extra_outputs) -> list[list[np.ndarray]]:
+def _run(ort, graph: ChannelGraph, model: onnx.ModelProto, feeds: Feeds, extra_outputs,
+         then=None, plain: Feeds = ()) -> list[list[np.ndarray]]:
+    own = [o.name for o in model.graph.output]
     if extra_outputs:
         probe = onnx.ModelProto()
         probe.CopyFrom(model)
@@ -109,7 +148,10 @@ def _run(ort, graph: ChannelGraph, model: onnx.ModelProto, feeds: list[dict[str,
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return [session.run(None, feed) for feed in feeds]
+    results = [session.run(None, feed) for feed in feeds]
+    if then is not None:
+        results += [session.run(None, feed) for feed in then(results)]
+    return results + [session.run(own, feed) for feed in plain]
 
 
 def deviation(expected: list[list[np.ndarray]], actual: list[list[np.ndarray]]) -> Deviation:
@@ -130,11 +172,15 @@ def masked_original(
     folded: dict[tuple[str, str], np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """The original model with every removed channel multiplied by zero wherever it appears, except
-    where a consumer folded the channel's constant into its bias: there the constant is kept."""
+    where a consumer folded the channel's constant into its bias: there the channel holds the value
+    it has in the unmasked original (computed by a copy of the original's nodes). Where the channel
+    really is that constant, the pruned model computes exactly this; where it is not (a fold decided
+    from samples that happened to agree), the deviation shows it."""
     model = onnx.ModelProto()
     model.CopyFrom(original)
     renamed: dict = {}
     extra_nodes, extra_inits = [], []
+    produced = {o for n in model.graph.node for o in n.output}
     for tensor, keep in masks.items():
         info = graph.tensors[tensor]
         if info.axes is None:
@@ -149,15 +195,19 @@ def masked_original(
         for (node_name, folded_tensor), values in (folded or {}).items():
             if folded_tensor != tensor:
                 continue
-            const_name, kept_name = f"{tensor}::removed_values", f"{tensor}::with_constants"
+            folded_only = (~keep.astype(bool) & (values != 0)[channel_ids(info)]).astype(dtype)
+            folded_mask, kept_name = f"{tensor}::folded_mask", f"{tensor}::with_constants"
+            unmasked = tensor + _UNMASKED if tensor in produced else tensor
             if kept_name not in renamed.values():
-                extra_inits.append(numpy_helper.from_array(values.astype(dtype)[channel_ids(info)], const_name))
-                extra_nodes.append((tensor, onnx.helper.make_node("Add", [out_name, const_name], [kept_name],
-                                                                  name=const_name)))
+                extra_inits.append(numpy_helper.from_array(folded_only.reshape(shape), folded_mask))
+                extra_nodes.append((tensor, onnx.helper.make_node(
+                    "Mul", [unmasked, folded_mask], [f"{tensor}::folded_values"], name=folded_mask)))
+                extra_nodes.append((tensor, onnx.helper.make_node(
+                    "Add", [out_name, f"{tensor}::folded_values"], [kept_name], name=kept_name)))
             renamed[(node_name, tensor)] = kept_name
     producer_of = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
     inserts: dict[int, list[onnx.NodeProto]] = {}
-    nodes = []
+    nodes = _unmasked_copy(model) if folded else []
     for tensor, node in extra_nodes:
         if tensor in producer_of:
             inserts.setdefault(producer_of[tensor], []).append(node)
@@ -172,4 +222,27 @@ def masked_original(
     model.graph.node.extend(nodes)
     model.graph.initializer.extend(extra_inits)
     del model.graph.value_info[:]
+    drop_unused(model.graph)  # the copy's nodes that no folded channel needs
     return model
+
+
+_UNMASKED = "::unmasked"
+
+
+def _unmasked_copy(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The model's nodes with every computed tensor renamed: they compute the original's values
+    beside the masked ones (only inputs and initializers are shared)."""
+    produced = {o for n in model.graph.node for o in n.output if o}
+    copies = []
+    for node in model.graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = node.name + _UNMASKED
+        for i, name in enumerate(copy.input):
+            if name in produced:
+                copy.input[i] = name + _UNMASKED
+        for i, name in enumerate(copy.output):
+            if name:
+                copy.output[i] = name + _UNMASKED
+        copies.append(copy)
+    return copies
