@@ -23,6 +23,7 @@ import numpy as np
 from onnx_morph.costs import Hardware, parse_cost
 from onnx_morph.costs.terms import RESOURCES, CostTerms, cost_terms
 from onnx_morph.errors import OptionError
+from onnx_morph.graph.alive import covered_classes
 from onnx_morph.graph.channel_graph import ChannelGraph
 
 KINDS = {"gamma": "gamma", "group-lasso": "weight", "gates": "gate"}
@@ -98,7 +99,8 @@ class Regularizer:
 
     `gather[j, c]` is the position of class c's j-th source in the concatenation of all source
     vectors followed by one zero; classes with fewer sources repeat the zero. `fixed` marks
-    classes that are alive whatever their sources say (pinned, blacklisted, or without one).
+    classes that are alive whatever their sources say (pinned, blacklisted, without one, or fed
+    by a producer without one).
     """
 
     kind: str
@@ -211,11 +213,13 @@ def build_regularizer(
     offsets: dict[tuple[str, int], int] = {}
     total = 0
     gates = _gates(graph, ignored, gates_everywhere, gate_logit_scale) if kind == "gates" else []
+    covers: dict[str, list[np.ndarray]] = {}
     for gate in gates:
         classes = graph.classes(gate.tensor)
         for channel, cls in enumerate(classes.tolist()):
             positions[cls].append(total + channel)
         sources[(gate.param, 0)] = SourceParam(gate.param, 0, gate.channels)
+        covers.setdefault(gate.tensor, []).append(np.arange(gate.channels))
         total += gate.channels
     for group in graph.groups if kind != "gates" else ():
         for source in group.sources:
@@ -231,13 +235,16 @@ def build_regularizer(
             classes = graph.classes(source.tensor)[source.channels]
             for channel, cls in zip(source.channels.tolist(), classes.tolist()):
                 positions[cls].append(offsets[key] + channel)
-    pinned = np.append(graph.class_pinned(), True)
-    for cls in np.flatnonzero(pinned):
-        positions[cls] = []
+            covers.setdefault(source.tensor, []).append(source.channels)
+    # Pinned classes, and classes that a producer without a source feeds, live whatever their
+    # sources say: they are neither regularized nor counted dead.
+    fixed_classes = np.append(graph.class_pinned() | ~covered_classes(graph, covers), True)
     for members in _forced_groups(graph, list(force_group)):
-        union = sorted({p for c in members for p in positions[c]})
+        union = sorted({p for c in members if not fixed_classes[c] for p in positions[c]})
         for c in members:
             positions[c] = list(union)
+    for cls in np.flatnonzero(fixed_classes):
+        positions[cls] = []
     if not any(positions):
         what = {"gamma": "BatchNormalization scale", "group-lasso": "conv or matmul weight",
                 "gates": "gate (a prunable group without BatchNorm)"}[kind]
