@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import onnx_morph
+from onnx_morph.errors import OptionError
 from onnx_morph.graph import build_channel_graph, load_model
 from onnx_morph.rewrite import prune
 from onnx_morph.rewrite.regularizer import build_regularizer
@@ -169,3 +170,17 @@ def test_squeeze_excitation_channels_stay_regularized(tmp_path):
     se_scaled = next(n for n in graph.nodes if n.endswith("block.2/Mul"))
     classes = graph.classes(graph.nodes[se_scaled].output[0])
     assert not spec.fixed[classes].any()
+
+
+def test_a_regularizer_with_no_channel_that_can_die_says_why(tmp_path):
+    class OnlyStream(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.c(self.bn(self.a(x)) + self.b(x))
+
+    path = zoo.export_onnx(OnlyStream(), SHAPE, tmp_path / "only.onnx")
+    with pytest.raises(OptionError, match="also fed by a producer without one .* so none can die: use the group-lasso"):
+        build_regularizer(build_channel_graph(load_model(path)))

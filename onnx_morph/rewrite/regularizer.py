@@ -238,22 +238,17 @@ def build_regularizer(
             covers.setdefault(source.tensor, []).append(source.channels)
     # Pinned classes, and classes that a producer without a source feeds, live whatever their
     # sources say: they are neither regularized nor counted dead.
-    fixed_classes = np.append(graph.class_pinned() | ~covered_classes(graph, covers), True)
+    pinned = np.append(graph.class_pinned(), True)
+    fixed_classes = pinned | np.append(~covered_classes(graph, covers), True)
     for members in _forced_groups(graph, list(force_group)):
         union = sorted({p for c in members if not fixed_classes[c] for p in positions[c]})
         for c in members:
             positions[c] = list(union)
+    unreachable = any(positions[c] for c in np.flatnonzero(fixed_classes & ~pinned))
     for cls in np.flatnonzero(fixed_classes):
         positions[cls] = []
     if not any(positions):
-        what = {"gamma": "BatchNormalization scale", "group-lasso": "conv or matmul weight",
-                "gates": "gate (a prunable group without BatchNorm)"}[kind]
-        hint = {"gamma": " The gamma regularizer needs BatchNorm: export with do_constant_folding=False, or use the "
-                         "group-lasso or gates regularizer.",
-                "group-lasso": "",
-                "gates": "" if gates_everywhere else " Gate every group with gates_everywhere (--gates-everywhere)."}[kind]
-        raise OptionError(f"{graph.model.source}: no {what} regularizes a prunable channel in the regularized "
-                          f"region, so the regularizer would be a silent zero.{hint}")
+        raise _no_source_error(graph, kind, gates_everywhere, unreachable)
     zero = total
     depth = max(len(p) for p in positions)
     gather = np.full((depth, len(positions)), zero, dtype=np.int64)
@@ -262,6 +257,21 @@ def build_regularizer(
     fixed = np.array([not p for p in positions])
     return Regularizer(kind, terms, list(sources.values()), gather, fixed, float(threshold), float(l1_fraction),
                        tuple(gates))
+
+
+def _no_source_error(graph: ChannelGraph, kind: str, gates_everywhere: bool, unreachable: bool) -> OptionError:
+    what = {"gamma": "BatchNormalization scale", "group-lasso": "conv or matmul weight",
+            "gates": "gate (a prunable group without BatchNorm)"}[kind]
+    hint = {"gamma": " The gamma regularizer needs BatchNorm: export with do_constant_folding=False, or use the "
+                     "group-lasso or gates regularizer.",
+            "group-lasso": "",
+            "gates": "" if gates_everywhere else " Gate every group with gates_everywhere (--gates-everywhere)."}[kind]
+    if unreachable:
+        alternative = ": use the group-lasso or gates regularizer" if kind == "gamma" else ""
+        hint = (" Every channel that has one is also fed by a producer without one (a Conv without BatchNorm "
+                f"adding into it), so none can die{alternative}.")
+    return OptionError(f"{graph.model.source}: no {what} regularizes a prunable channel in the regularized "
+                       f"region, so the regularizer would be a silent zero.{hint}")
 
 
 def _gates(graph: ChannelGraph, ignored: set[str], everywhere: bool, logit_scale: float) -> list[Gate]:
