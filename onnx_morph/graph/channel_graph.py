@@ -71,6 +71,11 @@ class ChannelGraph:
             return name, None
         return self.aliases.get(name)
 
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of a constant input, also where it views an initializer (an exporter's Identity
+        alias, a Transpose) that the weightless load left unevaluated; None if computed otherwise."""
+        return resolved_constant(self.model, self.aliases, name)
+
     def class_pinned(self) -> np.ndarray:
         pinned = np.zeros(self.num_classes, dtype=bool)
         pinned[list(self.class_pins)] = True
@@ -236,7 +241,19 @@ def _view(model: LoadedModel, name: str, node: onnx.NodeProto, tensors: dict[str
         return tensors.get(tensor) or TensorInfo(tensor, model.shapes.get(tensor))
 
     outputs = [TensorInfo(o, model.shapes.get(o)) if o else None for o in node.output]
-    return NodeView(node, name, [info(i) for i in node.input], outputs, model.constant, model.opset)
+    return NodeView(node, name, [info(i) for i in node.input], outputs,
+                    lambda tensor: resolved_constant(model, aliases or {}, tensor), model.opset)
+
+
+def resolved_constant(model: LoadedModel, aliases: dict, name: str) -> np.ndarray | None:
+    """`model.constant(name)`, else the aliased initializer's value with the alias's permutation."""
+    value = model.constant(name)
+    root = aliases.get(name)
+    if value is None and root is not None:
+        value = model.constant(root[0])
+        if value is not None and root[1] is not None:
+            value = np.transpose(value, root[1])
+    return value
 
 
 def _checked(info: TensorInfo, model: LoadedModel) -> TensorInfo:

@@ -160,6 +160,9 @@ class Relation:
     geometry: OpGeometry | None = None
     params: list[ParamTerm] = field(default_factory=list)
     grids: list[Grid] = field(default_factory=list)
+    # The output is a product of its tied inputs (Mul, attention's matrix products): a channel that
+    # is zero in one operand is zero in the output, whatever the other operands hold.
+    product: bool = False
 
 
 class Editor(Protocol):

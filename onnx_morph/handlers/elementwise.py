@@ -47,7 +47,7 @@ class Elementwise(BaseHandler):
         if out_axes is None:
             return Relation([None], params=self._params(operands, y, None, rank))
         out = TensorInfo(y.name, y.shape, out_axes)
-        relation = Relation([out_axes], params=self._params(operands, y, out_axes, rank))
+        relation = Relation([out_axes], params=self._params(operands, y, out_axes, rank), product=view.op_type == "Mul")
         reason = f"{describe(view)} combines operands whose channel layouts differ"
         relation.pins += _unsliceable_constants(view, operands, y, out_axes)
         for t in operands:

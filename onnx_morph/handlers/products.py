@@ -46,7 +46,8 @@ def activation_product(view: NodeView, a: TensorInfo, b: TensorInfo, y: TensorIn
                         geometry=_plain_geometry(a, b, y))
     chan_y = sorted((chan_a | chan_b) - {k})
     y_axes = tuple(place if place < batch else (ry - 2 if place == m else ry - 1) for place in chan_y)
-    relation = Relation([y_axes or None], geometry=_geometry(a, b, y, chan_a, chan_b, place_a, place_b, batch))
+    relation = Relation([y_axes or None], geometry=_geometry(a, b, y, chan_a, chan_b, place_a, place_b, batch),
+                        product=True)
 
     space = [_expand_a(a, batch), _expand_b(b, batch)]
     names = [a.name, b.name]

@@ -198,7 +198,11 @@ def _choose(graph: ChannelGraph, criteria: dict, round_to: int, min_keep: float)
         budget = select.Budget("flops", _positive(criteria["target_flops"], "--target-flops"))
     else:
         budget = select.Budget("params", _positive(criteria["target_params"], "--target-params"))
-    return select.by_budget(graph, budget, multiple=round_to, min_keep=min_keep), notes
+    alive = select.by_budget(graph, budget, multiple=round_to, min_keep=min_keep)
+    missed = select.budget_shortfall(graph, budget, alive)
+    if missed:
+        notes.append(missed)
+    return alive, notes
 
 
 def _positive(value: float, option: str) -> float:

@@ -23,6 +23,7 @@ import numpy as np
 from onnx_morph.costs import Hardware, parse_cost
 from onnx_morph.costs.terms import RESOURCES, CostTerms, cost_terms
 from onnx_morph.errors import OptionError
+from onnx_morph.graph.alive import covered_classes
 from onnx_morph.graph.channel_graph import ChannelGraph
 
 KINDS = {"gamma": "gamma", "group-lasso": "weight", "gates": "gate"}
@@ -98,7 +99,8 @@ class Regularizer:
 
     `gather[j, c]` is the position of class c's j-th source in the concatenation of all source
     vectors followed by one zero; classes with fewer sources repeat the zero. `fixed` marks
-    classes that are alive whatever their sources say (pinned, blacklisted, or without one).
+    classes that are alive whatever their sources say (pinned, blacklisted, without one, or fed
+    by a producer without one).
     """
 
     kind: str
@@ -211,11 +213,13 @@ def build_regularizer(
     offsets: dict[tuple[str, int], int] = {}
     total = 0
     gates = _gates(graph, ignored, gates_everywhere, gate_logit_scale) if kind == "gates" else []
+    covers: dict[str, list[np.ndarray]] = {}
     for gate in gates:
         classes = graph.classes(gate.tensor)
         for channel, cls in enumerate(classes.tolist()):
             positions[cls].append(total + channel)
         sources[(gate.param, 0)] = SourceParam(gate.param, 0, gate.channels)
+        covers.setdefault(gate.tensor, []).append(np.arange(gate.channels))
         total += gate.channels
     for group in graph.groups if kind != "gates" else ():
         for source in group.sources:
@@ -231,22 +235,20 @@ def build_regularizer(
             classes = graph.classes(source.tensor)[source.channels]
             for channel, cls in zip(source.channels.tolist(), classes.tolist()):
                 positions[cls].append(offsets[key] + channel)
+            covers.setdefault(source.tensor, []).append(source.channels)
+    # Pinned classes, and classes that a producer without a source feeds, live whatever their
+    # sources say: they are neither regularized nor counted dead.
     pinned = np.append(graph.class_pinned(), True)
-    for cls in np.flatnonzero(pinned):
-        positions[cls] = []
+    fixed_classes = pinned | np.append(~covered_classes(graph, covers), True)
     for members in _forced_groups(graph, list(force_group)):
-        union = sorted({p for c in members for p in positions[c]})
+        union = sorted({p for c in members if not fixed_classes[c] for p in positions[c]})
         for c in members:
             positions[c] = list(union)
+    unreachable = any(positions[c] for c in np.flatnonzero(fixed_classes & ~pinned))
+    for cls in np.flatnonzero(fixed_classes):
+        positions[cls] = []
     if not any(positions):
-        what = {"gamma": "BatchNormalization scale", "group-lasso": "conv or matmul weight",
-                "gates": "gate (a prunable group without BatchNorm)"}[kind]
-        hint = {"gamma": " The gamma regularizer needs BatchNorm: export with do_constant_folding=False, or use the "
-                         "group-lasso or gates regularizer.",
-                "group-lasso": "",
-                "gates": "" if gates_everywhere else " Gate every group with gates_everywhere (--gates-everywhere)."}[kind]
-        raise OptionError(f"{graph.model.source}: no {what} regularizes a prunable channel in the regularized "
-                          f"region, so the regularizer would be a silent zero.{hint}")
+        raise _no_source_error(graph, kind, gates_everywhere, unreachable)
     zero = total
     depth = max(len(p) for p in positions)
     gather = np.full((depth, len(positions)), zero, dtype=np.int64)
@@ -255,6 +257,21 @@ def build_regularizer(
     fixed = np.array([not p for p in positions])
     return Regularizer(kind, terms, list(sources.values()), gather, fixed, float(threshold), float(l1_fraction),
                        tuple(gates))
+
+
+def _no_source_error(graph: ChannelGraph, kind: str, gates_everywhere: bool, unreachable: bool) -> OptionError:
+    what = {"gamma": "BatchNormalization scale", "group-lasso": "conv or matmul weight",
+            "gates": "gate (a prunable group without BatchNorm)"}[kind]
+    hint = {"gamma": " The gamma regularizer needs BatchNorm: export with do_constant_folding=False, or use the "
+                     "group-lasso or gates regularizer.",
+            "group-lasso": "",
+            "gates": "" if gates_everywhere else " Gate every group with gates_everywhere (--gates-everywhere)."}[kind]
+    if unreachable:
+        alternative = ": use the group-lasso or gates regularizer" if kind == "gamma" else ""
+        hint = (" Every channel that has one is also fed by a producer without one (a Conv without BatchNorm "
+                f"adding into it), so none can die{alternative}.")
+    return OptionError(f"{graph.model.source}: no {what} regularizes a prunable channel in the regularized "
+                       f"region, so the regularizer would be a silent zero.{hint}")
 
 
 def _gates(graph: ChannelGraph, ignored: set[str], everywhere: bool, logit_scale: float) -> list[Gate]:

@@ -77,6 +77,21 @@ def by_budget(graph: ChannelGraph, budget: Budget, *, multiple: int = 1, min_kee
     return alive
 
 
+def budget_shortfall(graph: ChannelGraph, budget: Budget, alive: np.ndarray) -> str | None:
+    """Why a budget was not met, in one line, or None when it was."""
+    reached = total_cost(graph, alive, budget.resource)
+    if reached <= budget.target:
+        return None
+    full = total_cost(graph, np.ones_like(alive), budget.resource)
+    strength, _ = ranking_strength(graph)
+    prunable = ~graph.class_pinned()
+    unranked = int((prunable & ~np.isfinite(strength)).sum())
+    why = (f"; {unranked} prunable channels have nothing to rank them by (no BatchNorm scale, no readable weight "
+           "slice, or a producer without one feeding them) and stay") if unranked else ""
+    return (f"{budget.resource} target {budget.target:.4g} not reached: {reached:.4g} ({reached / full:.0%} of "
+            f"{full:.4g}) remain{why}")
+
+
 def _floor_width(size: int, multiple: int, min_keep: float) -> int:
     wanted = max(multiple, math.ceil(min_keep * size / multiple) * multiple)
     return min(size, wanted)

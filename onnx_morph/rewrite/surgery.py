@@ -14,6 +14,7 @@ from onnx import numpy_helper
 
 from onnx_morph.graph.channel_graph import ChannelGraph, node_view
 from onnx_morph.handlers import handler_for
+from onnx_morph.rewrite.verify import evaluate_constant
 
 
 def keep_masks(graph: ChannelGraph, alive: np.ndarray) -> dict[str, np.ndarray]:
@@ -74,8 +75,9 @@ class _NodeEditor:
 
 
 class _Surgery:
-    def __init__(self, graph: ChannelGraph, copies: dict[str, np.ndarray], removed: dict[str, np.ndarray]):
-        self.graph, self.copies, self.removed = graph, copies, removed
+    def __init__(self, graph: ChannelGraph, copies: dict[str, np.ndarray], removed: dict[str, np.ndarray],
+                 original: onnx.ModelProto):
+        self.graph, self.copies, self.removed, self.original = graph, copies, removed, original
         self.folded: dict[tuple[str, str], np.ndarray] = {}
         self.created: set[str] = set()
         self.added: dict[str, onnx.TensorProto] = {}
@@ -86,11 +88,9 @@ class _Surgery:
     def value(self, name: str) -> np.ndarray:
         if name in self.values:
             return self.values[name]
-        root = self.graph.param_root(name)
-        if root is not None:
-            value = self.graph.model.constant(root[0])
-            return value if root[1] is None else np.transpose(value, root[1])
-        value = self.graph.model.constant(name)
+        value = self.graph.constant(name)
+        if value is None and name in self.graph.static:
+            value = evaluate_constant(self.graph, self.original, name)
         if value is None:
             raise ValueError(f"'{name}' is computed at run time; surgery cannot shrink it")
         return value
@@ -135,7 +135,7 @@ def resize_channels(
     """A copy of `original` in which channel class c appears copies[c] times, in place of once."""
     pruned = onnx.ModelProto()
     pruned.CopyFrom(original)
-    surgery = _Surgery(graph, copies_per_tensor(graph, copies), removed or {})
+    surgery = _Surgery(graph, copies_per_tensor(graph, copies), removed or {}, original)
     nodes = dict(zip(graph.order, pruned.graph.node))
     for name in graph.relations:
         node = nodes[name]
