@@ -17,24 +17,13 @@ from onnx_morph.handlers.base import (
     Source,
     Tie,
     TensorInfo,
+    channel_ids,
     describe,
     identity_tie,
     normalize_axis,
 )
 
 _MAX_RESHAPE_ELEMENTS = 1 << 26
-
-
-def channel_ids(info: TensorInfo) -> np.ndarray:
-    """An array broadcastable to `info.shape` holding each position's channel element index."""
-    dims = [info.shape[a] for a in info.axes]
-    ids = np.arange(math.prod(dims), dtype=np.int64).reshape(dims)
-    order = sorted(range(len(info.axes)), key=lambda k: info.axes[k])
-    ids = ids.transpose(order)
-    view_shape = [1] * len(info.shape)
-    for a in info.axes:
-        view_shape[a] = info.shape[a]
-    return ids.reshape(view_shape)
 
 
 class Reshape(BaseHandler):

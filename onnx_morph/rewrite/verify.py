@@ -13,7 +13,7 @@ from onnx import numpy_helper
 from onnx_morph.errors import ModelLoadError
 from onnx_morph.graph import ChannelGraph
 from onnx_morph.graph.load import check_fits
-from onnx_morph.handlers.layout import channel_ids
+from onnx_morph.handlers.base import channel_ids
 
 
 @dataclass(frozen=True)
