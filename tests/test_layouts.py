@@ -112,3 +112,66 @@ def test_linear_reshaped_to_nchw_prunes_conv_channels(norm, transposed, tmp_path
     reshapes = [onnx.numpy_helper.to_array(t).tolist() for t in pruned.graph.initializer
                 if t.data_type == onnx.TensorProto.INT64 and len(t.dims) == 1 and t.dims[0] == 4]
     assert [-1, kept, module.side, module.side] in reshapes
+
+
+class FusedGate(nn.Module):
+    """One Linear(E, k*C) viewed as [k, C] and split along k, the pieces combined elementwise:
+    unbind -> a * sigmoid(b) (k = 2), or chunk -> a * sigmoid(b) + c (k = 3)."""
+
+    def __init__(self, pieces: int, dim: int = 8, width: int = 6, squeeze: bool = False):
+        super().__init__()
+        self.pieces, self.width, self.squeeze = pieces, width, squeeze
+        self.up, self.down = nn.Linear(dim, pieces * width), nn.Linear(width, dim)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        fused = self.up(x).reshape(b, t, self.pieces, self.width)
+        if self.pieces == 2:
+            a, g = fused.unbind(2)
+            return self.down(a * torch.sigmoid(g))
+        a, g, c = fused.chunk(3, dim=2)
+        merged = a * torch.sigmoid(g) + c
+        # squeeze(2) of a chunk exports as an If (the size is known only at run time); reshape does not
+        return self.down(merged.squeeze(2) if self.squeeze else merged.reshape(b, t, self.width))
+
+
+@pytest.mark.parametrize("pieces", [2, 3], ids=["unbind", "chunk"])
+def test_fused_projection_split_along_k_prunes_whole_channels(pieces, tmp_path):
+    torch.manual_seed(0)
+    module = FusedGate(pieces)
+    example = torch.randn(1, 5, 8)
+    path = _export(module, example, tmp_path / "gate.onnx")
+    analysis = onnx_morph.analyze(path)
+    graph = analysis.graph
+    (group,) = _prunable(analysis)
+    assert group.size == module.width  # channel j is the feature set {j, C+j, 2C+j}
+    width = module.width
+    features = graph.classes(graph.nodes[next(n for n in graph.nodes if "up/MatMul" in n)].output[0])
+    for j in range(width):
+        assert np.unique(features[j::width]).size == 1
+
+    dead = [0, 3, 4]
+    alive = np.ones(graph.num_classes, dtype=bool)
+    alive[features[dead]] = False
+
+    def zero(m):
+        with torch.no_grad():
+            rows = [j + p * width for j in dead for p in range(pieces)]
+            m.up.weight[rows] = 0
+            m.up.bias[rows] = 0
+
+    pruned = _prune_and_compare(path, module, alive, zero, example)
+    kept = width - len(dead)
+    shapes = [list(onnx.numpy_helper.to_array(t).shape) for t in pruned.graph.initializer]
+    assert [8, pieces * kept] in shapes and [kept, 8] in shapes
+
+
+def test_channels_read_inside_an_if_branch_stay_pinned(tmp_path):
+    """torch exports squeeze of a chunk as an If whose branches read the activation by name: the If
+    is not a constant computation, and those channels are pinned with its name."""
+    torch.manual_seed(0)
+    path = _export(FusedGate(3, squeeze=True), torch.randn(1, 5, 8), tmp_path / "if.onnx")
+    analysis = onnx_morph.analyze(path)
+    assert not _prunable(analysis)
+    gate = next(g for g in analysis.groups if any("/up/" in p for p in g.producers))
+    assert gate.size == 6 and "If node '/If' reads it inside a subgraph" in gate.pin_reasons
