@@ -1,8 +1,9 @@
 """Transformers: MLP hidden units and whole attention heads are prunable channels.
 
-Two real exports: torchvision's VisionTransformer at vit_b_16's width (12 heads of 64, MLP 3072; 2
+Three real exports: torchvision's VisionTransformer at vit_b_16's width (12 heads of 64, MLP 3072; 2
 layers, 64x64 images), whose nn.MultiheadAttention fuses Q, K and V into one 3E projection that is
-split by Reshape/Transpose/Gather, and a small BERT-style encoder with separate Q/K/V Linear layers.
+split by Reshape/Transpose/Gather, a small BERT-style encoder with separate Q/K/V Linear layers, and
+a timm-style ViT whose qkv Linear(E, 3E) is viewed as (B, N, 3, H, D), permuted and unbound.
 Heads and MLP units are removed by `prune --mask`; the result must compute what the torch module
 computes with those heads' and units' weights set to zero.
 """
@@ -357,3 +358,151 @@ def test_expand_widens_mlps_and_keeps_the_heads(name, request):
     rng = np.random.default_rng(0)
     inputs = [_bert_tokens(rng) if name == "bert" else _vit_images(rng)]
     assert [o.shape for o in _ort_outputs(result.model, inputs)] == [o.shape for o in _ort_outputs(onnx.load(str(path)), inputs)]
+
+
+class FusedQkvAttention(nn.Module):
+    """timm's Attention: qkv Linear(E, 3E) -> reshape(B, N, 3, H, D) -> permute(2, 0, 3, 1, 4) -> q, k, v
+    taken by unbind (Split + Squeeze), indexing (Gather) or split (Split + Squeeze)."""
+
+    def __init__(self, dim: int, heads: int, take: str):
+        super().__init__()
+        self.heads, self.head_dim, self.take = heads, dim // heads, take
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, e = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.take == "unbind":
+            q, k, v = qkv.unbind(0)
+        elif self.take == "index":
+            q, k, v = qkv[0], qkv[1], qkv[2]
+        else:
+            q, k, v = (t.squeeze(0) for t in qkv.split(1, dim=0))
+        weights = ((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5).softmax(dim=-1)
+        return self.proj((weights @ v).transpose(1, 2).reshape(b, n, e))
+
+
+class TimmBlock(nn.Module):
+    """Pre-LN: x += attention(LN(x)); x += fc2(gelu(fc1(LN(x))))."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, take: str):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), FusedQkvAttention(dim, heads, take)
+        self.norm2, self.fc1, self.fc2 = nn.LayerNorm(dim), nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+TIMM = {"dim": 32, "heads": 4, "hidden": 64, "layers": 2, "patch": 4, "side": 16}
+
+
+class TinyTimmViT(nn.Module):
+    """Patch conv -> blocks -> LayerNorm -> mean over tokens -> classes."""
+
+    def __init__(self, take: str):
+        super().__init__()
+        dim = TIMM["dim"]
+        self.patch = nn.Conv2d(3, dim, TIMM["patch"], TIMM["patch"])
+        self.blocks = nn.ModuleList(TimmBlock(dim, TIMM["heads"], TIMM["hidden"], take) for _ in range(TIMM["layers"]))
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, 5)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x).mean(1))
+
+
+def _timm_vit(take: str) -> TinyTimmViT:
+    torch.manual_seed(0)
+    return TinyTimmViT(take)
+
+
+def _timm_images(rng: np.random.Generator, batch: int) -> np.ndarray:
+    return rng.standard_normal((batch, 3, TIMM["side"], TIMM["side"])).astype(np.float32)
+
+
+def _export_dynamo(module: nn.Module, example: torch.Tensor, path):
+    """The default exporter (torch >= 2.9, onnxscript), dynamic batch."""
+    module.eval()
+    batch = torch.export.Dim("batch")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, (example,), dynamo=True, input_names=["input"], output_names=["output"],
+                                    dynamic_shapes=({0: batch},))
+    program.save(str(path))
+    return path
+
+
+def _timm_path(tmp_path, take: str, exporter: str):
+    example = torch.from_numpy(_timm_images(np.random.default_rng(0), 2))
+    if exporter == "dynamo":
+        pytest.importorskip("onnxscript", reason="torch's dynamo exporter needs the onnxscript package")
+        return _export_dynamo(_timm_vit(take), example, tmp_path / "timm.onnx")
+    return _export(_timm_vit(take), example, tmp_path / "timm.onnx", dynamic_batch=True)
+
+
+def _qkv_outputs(graph) -> list[str]:
+    """Each layer's fused qkv projection output (3E features), in graph order, found by shape (the
+    exporters name nodes differently)."""
+    three = 3 * TIMM["dim"]
+    found = [r.geometry.output for name in graph.order if (r := graph.relations.get(name)) is not None
+             and r.geometry is not None and r.geometry.weight is not None
+             and graph.tensors[r.geometry.output].shape[-1] == three]
+    assert len(found) == TIMM["layers"], found
+    return found
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+@pytest.mark.parametrize("take", ["unbind", "index", "split"])
+def test_fused_qkv_heads_prune_whole(take, exporter, tmp_path):
+    """timm-style fused qkv attention: one group of H heads per layer; pruning some heads equals the
+    torch module with those heads' q, k and v rows zeroed, and the head reshapes are rewritten."""
+    path = _timm_path(tmp_path, take, exporter)
+    analysis = onnx_morph.analyze(path)
+    graph = analysis.graph
+    dim, heads, hidden, layers = TIMM["dim"], TIMM["heads"], TIMM["hidden"], TIMM["layers"]
+    head_dim = dim // heads
+    assert sorted(g.size for g in analysis.groups if g.prunable) == [heads] * layers + [hidden] * layers
+    for g in analysis.groups:
+        assert g.prunable or g.pin_reasons
+        assert not any("unknown shape" in r or "several channel axes" in r or "splits the channels" in r
+                       for r in g.pin_reasons), g.pin_reasons
+
+    rng = np.random.default_rng(11)
+    alive = np.ones(graph.num_classes, dtype=bool)
+    dead = {}
+    for i, qkv in enumerate(_qkv_outputs(graph)):
+        classes = graph.classes(qkv).reshape(3, heads, head_dim)
+        assert all(np.unique(classes[:, h]).size == 1 for h in range(heads))  # q, k, v of head h: one channel
+        assert np.unique(classes[:, :, 0]).size == heads
+        dead[i] = sorted(rng.choice(heads, size=1 + i, replace=False).tolist())
+        alive[classes[0, dead[i], 0]] = False
+    result = prune(path, masks=mask_document(graph, alive))
+    assert result.removed_channels == sum(map(len, dead.values()))
+    assert result.masked_deviation.max_rel < REL_TOL
+    onnx.checker.check_model(result.model, full_check=True)
+    assert onnx_morph.analyze(result.model).total.flops == totals_of(op_costs(graph, alive)).flops
+
+    module = _timm_vit(take)
+    with torch.no_grad():
+        for i, block in enumerate(module.blocks):
+            for h in dead[i]:
+                rows = [part * dim + h * head_dim + d for part in range(3) for d in range(head_dim)]
+                block.attn.qkv.weight[rows] = 0
+                block.attn.qkv.bias[rows] = 0
+    images = [_timm_images(np.random.default_rng(5), batch=3)]
+    expected = _torch_outputs(module, images)[0]
+    session = onnxruntime().InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    actual = session.run(None, {session.get_inputs()[0].name: images[0]})[0]
+    assert np.abs(expected - actual).max() / np.abs(expected).max() < REL_TOL
+
+    kept = [heads - len(dead[i]) for i in range(layers)]
+    shapes = load_model(result.model).shapes
+    reshaped = [shapes[n.output[0]] for n in result.model.graph.node if n.op_type == "Reshape"]
+    assert [s[-3:] for s in reshaped if len(s) == 5] == [(3, k, head_dim) for k in kept]  # the head splits
+    tokens = (TIMM["side"] // TIMM["patch"]) ** 2
+    merges = [s[-1] for s in reshaped if len(s) == 3 and s[1] == tokens]  # (B, N, E'), not the patches' (B, E, N)
+    assert merges == [k * head_dim for k in kept]  # and the head merges

@@ -257,12 +257,21 @@ def render(rows: list[Row], total_seconds: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+HAND_WRITTEN = "## Coupling patterns"
+
+
+def _hand_written(path: pathlib.Path) -> str:
+    """The hand-written sections of the existing file (from HAND_WRITTEN on), kept across sweeps."""
+    text = path.read_text() if path.exists() else ""
+    return "" if HAND_WRITTEN not in text else "\n" + text[text.index(HAND_WRITTEN):]
+
+
 def parse(text: str) -> tuple[list[Row], float]:
     """The rows and total time of a table written by render() (for --update)."""
     rows: dict[str, Row] = {}
     total = 0.0
     section = None
-    for line in text.splitlines():
+    for line in text.split(HAND_WRITTEN)[0].splitlines():
         if line.startswith("**") and "Sweep time" in line:
             total = 60 * float(line.rsplit("Sweep time", 1)[1].split()[0])
         elif line.startswith("| model |"):
@@ -324,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         fresh = {r.model: r for r in rows}
         rows = sorted([*(fresh.pop(r.model, r) for r in previous), *fresh.values()], key=lambda r: r.model)
         seconds += previous_seconds
-    text = render(rows, seconds)
+    text = render(rows, seconds) + _hand_written(pathlib.Path(args.output))
     from onnx_morph.rewrite.save import write_text
 
     write_text(text, args.output)

@@ -104,7 +104,8 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
     unknown: dict[str, list[str]] = defaultdict(list)
     for name, node in nodes.items():
         handler = handler_for(node.op_type, node.domain)
-        inputs = [i for i in node.input if i]
+        inner = outer_references(node)
+        inputs = [i for i in node.input if i] + sorted(inner)
         if getattr(handler, "static_output", False) or all(i in static for i in inputs):
             static.update(o for o in node.output if o)
             _record_alias(model, node, aliases)
@@ -116,6 +117,9 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
             relation = handler.relate(view)
         except ModelLoadError as exc:  # the node contradicts itself (weights vs shapes)
             raise ModelLoadError(f"{model.source}: {exc}") from None
+        # If/Loop/Scan bodies read outer tensors by name: what they do with those channels is unknown.
+        relation.pins += [Pin(t, f"{node.op_type} node '{name}' reads it inside a subgraph") for t in sorted(inner)
+                          if t in tensors]
         relations[name] = relation
         for output, axes in zip(view.outputs, relation.output_axes):
             if output is not None:
@@ -175,6 +179,18 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
     )
     partial.groups = build_groups(partial)
     return partial
+
+
+def outer_references(node: onnx.NodeProto) -> set[str]:
+    """Tensors of the enclosing graph that the node's subgraphs (If branches, Loop and Scan bodies) read."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            local = {i.name for i in sub.input} | {t.name for t in sub.initializer}
+            local.update(o for inner in sub.node for o in inner.output)
+            for inner in sub.node:
+                names.update(i for i in (*inner.input, *outer_references(inner)) if i and i not in local)
+    return names
 
 
 def _reasons_by_class(class_of, elements, reason_ids, reasons: list[str]) -> dict[int, list[str]]:

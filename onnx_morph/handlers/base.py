@@ -289,6 +289,46 @@ def pin_all(view: NodeView, reason: str) -> list[Pin]:
     return [Pin(t.name, reason) for t in tensors]
 
 
+def channel_ids(info: TensorInfo) -> np.ndarray:
+    """An array broadcastable to `info.shape` holding each position's channel element index."""
+    dims = [info.shape[a] for a in info.axes]
+    ids = np.arange(math.prod(dims), dtype=np.int64).reshape(dims)
+    order = sorted(range(len(info.axes)), key=lambda k: info.axes[k])
+    ids = ids.transpose(order)
+    view_shape = [1] * len(info.shape)
+    for a in info.axes:
+        view_shape[a] = info.shape[a]
+    return ids.reshape(view_shape)
+
+
+def slice_members(info: TensorInfo, axis: int) -> np.ndarray:
+    """The channel elements of each slice of the tensor's channel grid along `axis`, one row per slice."""
+    dims = [info.shape[a] for a in info.axes]
+    ids = np.arange(math.prod(dims), dtype=np.int64).reshape(dims)
+    return np.moveaxis(ids, info.axes.index(axis), 0).reshape(dims[info.axes.index(axis)], -1)
+
+
+def spread_over_positions(info: TensorInfo, axis: int) -> bool:
+    """The channels span `axis` and axes after it that an op reading channels on `axis` treats as
+    positions: a Linear's features reshaped to [N, C, H, W] ahead of a Conv."""
+    return info.axes is not None and len(info.axes) > 1 and axis in info.axes and min(info.axes) == axis
+
+
+def collapse_tie(info: TensorInfo, axis: int) -> Tie:
+    """Every element of a channel grid lives or dies with its slice along `axis`: an op that reads
+    channels on `axis` sees the grid's other axes as positions, so channel c owns the whole slice c."""
+    rows = slice_members(info, axis)
+    return Tie(info.name, rows.reshape(-1), info.name, np.repeat(rows[:, 0], rows.shape[1]))
+
+
+def along_axis(info: TensorInfo, values: np.ndarray | None, axis: int) -> np.ndarray | None:
+    """Per-element values (a keep mask) of a tensor as one value per slice along `axis`, for a tensor
+    whose slices along `axis` are whole channels (see collapse_tie)."""
+    if values is None or info.axes is None or info.axes == (axis,):
+        return values
+    return values[slice_members(info, axis)[:, 0]]
+
+
 def normalize_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 

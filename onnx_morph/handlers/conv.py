@@ -17,8 +17,12 @@ from onnx_morph.handlers.base import (
     Source,
     Tie,
     TensorInfo,
+    along_axis,
+    collapse_tie,
     describe,
     fresh_weight_and_bias,
+    slice_members,
+    spread_over_positions,
 )
 
 NCHW = (1,)
@@ -35,8 +39,9 @@ def group_ties(x: TensorInfo, y: TensorInfo, groups: int) -> list[Tie]:
     c_in, c_out = x.shape[1], y.shape[1]
     per_in, per_out = c_in // groups, c_out // groups
     inputs, outputs = np.arange(c_in, dtype=np.int64), np.arange(c_out, dtype=np.int64)
+    first = slice_members(x, 1)[:, 0]  # input channel c's element (c itself unless spread over positions)
     return [
-        Tie(x.name, inputs, y.name, (inputs // per_in) * per_out),
+        Tie(x.name, first[inputs], y.name, (inputs // per_in) * per_out),
         Tie(y.name, outputs, y.name, (outputs // per_out) * per_out),
     ]
 
@@ -58,10 +63,12 @@ class Conv(BaseHandler):
             return relation
         groups = int(view.attr("group", 1))
         _check_weight(view, x, w, y, groups, self.transposed)
-        if x.axes != NCHW:
+        if x.axes != NCHW and not spread_over_positions(x, 1):
             relation.pins.append(Pin(x.name, f"{describe(view)} reads channels on axis 1, the input's are on {x.axes}"))
         else:
             relation.ties = group_ties(x, y, groups)
+            if x.axes != NCHW:  # Linear features reshaped to [N, C, H, W]: channel c owns its H*W block
+                relation.ties.append(collapse_tie(x, 1))
         relation.sources.append(Source("weight", y.name, view.name, w.name, axis=1 if self.transposed else 0))
         relation.geometry = OpGeometry(
             input=x.name,
@@ -81,11 +88,11 @@ class Conv(BaseHandler):
 
     def prune(self, view: NodeView, edit) -> None:
         x, y = view.input(0), view.outputs[0]
-        keep_in, keep_out = edit.keep(x.name), edit.keep(y.name)
+        keep_in, keep_out = along_axis(x, edit.keep(x.name), 1), edit.keep(y.name)
         in_axis, out_axis = (0, 1) if self.transposed else (1, 0)
         groups = int(view.attr("group", 1))
         has_bias = view.input(2) is not None
-        if keep_in is not None and groups == 1 and not self.transposed and _unpadded(view):
+        if keep_in is not None and groups == 1 and not self.transposed and _unpadded(view) and x.axes == NCHW:
             removed = edit.removed_values(x.name)
             if removed is not None:
                 # A removed input channel holding the constant c adds c * sum(W[o, c]) to every output o.

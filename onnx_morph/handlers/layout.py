@@ -17,24 +17,14 @@ from onnx_morph.handlers.base import (
     Source,
     Tie,
     TensorInfo,
+    channel_ids,
     describe,
     identity_tie,
     normalize_axis,
+    slice_members,
 )
 
 _MAX_RESHAPE_ELEMENTS = 1 << 26
-
-
-def channel_ids(info: TensorInfo) -> np.ndarray:
-    """An array broadcastable to `info.shape` holding each position's channel element index."""
-    dims = [info.shape[a] for a in info.axes]
-    ids = np.arange(math.prod(dims), dtype=np.int64).reshape(dims)
-    order = sorted(range(len(info.axes)), key=lambda k: info.axes[k])
-    ids = ids.transpose(order)
-    view_shape = [1] * len(info.shape)
-    for a in info.axes:
-        view_shape[a] = info.shape[a]
-    return ids.reshape(view_shape)
 
 
 class Reshape(BaseHandler):
@@ -209,12 +199,22 @@ def _subset(view: NodeView, x: TensorInfo, outputs: list[tuple[TensorInfo, np.nd
     if axis not in x.axes:
         axes_out = [x.axes] * len(outputs)
         return Relation(axes_out, ties=[identity_tie(x, TensorInfo(y.name, y.shape, x.axes)) for y, _ in outputs])
-    if x.axes != (axis,):
-        return Relation([None] * len(outputs), pins=[Pin(x.name, f"{describe(view)} cuts one of several channel axes")])
     relation = Relation([x.axes] * len(outputs))
+    ids = channel_ids(x)
     for y, kept in outputs:
-        relation.ties.append(Tie(y.name, np.arange(len(kept), dtype=np.int64), x.name, kept))
+        # With channels over several axes (q, k, v out of a [3, H, D] grid) each output is a sub-grid.
+        mine = channel_ids(TensorInfo(y.name, y.shape, x.axes)).reshape(-1)
+        relation.ties.append(Tie(y.name, mine, x.name, np.take(ids, kept, axis=axis).reshape(-1)))
     return relation
+
+
+def kept_slices(info: TensorInfo, keep: np.ndarray, axis: int, where: str) -> np.ndarray:
+    """Per slice of the tensor along channel axis `axis`, how many copies survive a keep-mask over its
+    channel elements (a ValueError naming `where` when the kept elements are not a sub-grid)."""
+    if info.axes == (axis,):
+        return keep
+    kept_extents(info, keep, where)
+    return keep.astype(bool)[slice_members(info, axis)].any(axis=1)
 
 
 class Split(BaseHandler):
@@ -240,9 +240,11 @@ class Split(BaseHandler):
         x = view.input(0)
         keeps = [edit.keep(y.name) for y in view.outputs]
         axis = normalize_axis(view.attr("axis", 0), len(x.shape))
-        if all(k is None for k in keeps) or x.axes != (axis,):
+        if all(k is None for k in keeps) or axis not in x.axes:
             return
-        sizes = np.array([int(k.sum()) if k is not None else y.shape[axis] for k, y in zip(keeps, view.outputs)], dtype=np.int64)
+        sizes = np.array([y.shape[axis] if k is None else
+                          int(kept_slices(TensorInfo(y.name, y.shape, x.axes), k, axis, describe(view)).sum())
+                          for k, y in zip(keeps, view.outputs)], dtype=np.int64)
         if view.opset >= 13:
             edit.set_attr("num_outputs", None)
             edit.set_input(1, sizes)
@@ -264,6 +266,8 @@ class Slice(BaseHandler):
         sliced = [a for a in axes if a in x.axes]
         if not sliced:
             return _subset(view, x, [(y, None)], -1)
+        if len(sliced) > 1:
+            return Relation([None], pins=[Pin(x.name, f"{describe(view)} slices several channel axes at once")])
         position = axes.index(sliced[0])
         if steps[position] != 1:
             return Relation([None], pins=[Pin(x.name, f"{describe(view)} takes every {steps[position]}th channel")])
@@ -274,16 +278,19 @@ class Slice(BaseHandler):
         """Bounds on the channel axis become the kept channels' positions in the pruned input."""
         x, y = view.input(0), view.outputs[0]
         keep_in, keep_out = edit.keep(x.name), edit.keep(y.name)
-        if keep_in is None or x.axes is None or len(x.axes) != 1:
+        if keep_in is None or x.axes is None:
             return
         rank = len(x.shape)
         starts, ends, axes, steps = self._bounds(view, rank)
-        if x.axes[0] not in axes:
+        sliced = [a for a in axes if a in x.axes]
+        if not sliced:
             return
-        position = axes.index(x.axes[0])
-        first = range(x.shape[x.axes[0]])[slice(starts[position], ends[position])].start
-        starts[position] = int(keep_in[:first].sum())
-        ends[position] = starts[position] + int(keep_out.sum() if keep_out is not None else y.shape[x.axes[0]])
+        axis, position = sliced[0], axes.index(sliced[0])
+        first = range(x.shape[axis])[slice(starts[position], ends[position])].start
+        starts[position] = int(kept_slices(x, keep_in, axis, describe(view))[:first].sum())
+        kept = y.shape[axis] if keep_out is None else kept_slices(TensorInfo(y.name, y.shape, x.axes), keep_out, axis,
+                                                                  describe(view)).sum()
+        ends[position] = starts[position] + int(kept)
         if view.input(1) is None:
             edit.set_attr("starts", starts)
             edit.set_attr("ends", ends)

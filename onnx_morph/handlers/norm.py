@@ -11,10 +11,14 @@ from onnx_morph.handlers.base import (
     BaseHandler,
     NodeView,
     ParamTerm,
+    Pin,
     Relation,
     Source,
+    along_axis,
+    collapse_tie,
     describe,
     normalize_axis,
+    spread_over_positions,
     param_dtype,
 )
 from onnx_morph.handlers.passthrough import pass_through
@@ -56,6 +60,10 @@ class BatchNorm(BaseHandler):
             scale = view.input(1)
             if scale is not None and scale.constant:
                 relation.sources.append(Source("gamma", y.name, view.name, scale.name))
+        elif x is not None and spread_over_positions(x, 1) and relation.ties:
+            relation.ties.append(collapse_tie(x, 1))  # Linear features reshaped to [N, C, H, W]
+        elif x is not None and x.axes is not None and x.axes != NCHW:
+            relation.pins.append(Pin(x.name, f"{describe(view)} normalizes channels on axis 1, the input's are on {x.axes}"))
         relation.params = _per_channel_params(view, (1, 2), y.name)
         return relation
 
@@ -69,7 +77,7 @@ class BatchNorm(BaseHandler):
         return result
 
     def prune(self, view: NodeView, edit) -> None:
-        keep = edit.keep(view.input(0).name)
+        keep = along_axis(view.input(0), edit.keep(view.input(0).name), 1)
         if keep is not None:
             for index in range(1, len(view.inputs)):
                 if view.input(index) is not None:

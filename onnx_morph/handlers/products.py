@@ -24,7 +24,7 @@ from onnx_morph.handlers.base import (
     Tie,
     describe,
 )
-from onnx_morph.handlers.layout import channel_ids
+from onnx_morph.handlers.base import channel_ids
 
 
 def activation_product(view: NodeView, a: TensorInfo, b: TensorInfo, y: TensorInfo) -> Relation:

@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_morph.graph.channel_graph import ChannelGraph, node_view
+from onnx_morph.graph.channel_graph import ChannelGraph, node_view, outer_references
 from onnx_morph.handlers import handler_for
 from onnx_morph.rewrite.verify import evaluate_constant
 
@@ -200,17 +200,8 @@ def drop_unused(graph: onnx.GraphProto) -> None:
         if any(o in needed for o in node.output) or not node.output:
             kept.append(node)
             needed.update(i for i in node.input if i)
-            needed.update(_subgraph_inputs(node))
+            needed.update(outer_references(node))
     del graph.node[:]
     graph.node.extend(reversed(kept))
     for index in reversed([i for i, t in enumerate(graph.initializer) if t.name not in needed]):
         del graph.initializer[index]  # in place: re-adding the kept ones would copy tensors over 2 GB
-
-
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
-    names = set()
-    for attr in node.attribute:
-        for sub in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
-            for inner in sub.node:
-                names.update(i for i in inner.input if i)
-    return names
