@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_morph.errors import OptionError
-from onnx_morph.rewrite.surgery import drop_unused
+from onnx_morph.rewrite.editing import drop_unused
 from onnx_morph.rewrite.training_graph import trainable
 from onnx_morph.rewrite.verify import onnxruntime
 

@@ -14,6 +14,7 @@ from onnx import numpy_helper
 
 from onnx_morph.graph.channel_graph import ChannelGraph, node_view, outer_references
 from onnx_morph.handlers import handler_for
+from onnx_morph.rewrite.editing import drop_unused
 from onnx_morph.rewrite.verify import evaluate_constant
 
 
@@ -190,18 +191,3 @@ def removed_channel_values(
         constant = (~masks[tensor]) & input_independent & (spread <= 1e-6 * np.abs(mean)) & (np.abs(mean) > 1e-6 * scale)
         removed[tensor] = np.where(constant, mean, 0.0)
     return removed
-
-
-def drop_unused(graph: onnx.GraphProto) -> None:
-    """Remove nodes and initializers nothing reads any more (replaced shape computations, old weights)."""
-    needed = {o.name for o in graph.output}
-    kept = []
-    for node in reversed(graph.node):
-        if any(o in needed for o in node.output) or not node.output:
-            kept.append(node)
-            needed.update(i for i in node.input if i)
-            needed.update(outer_references(node))
-    del graph.node[:]
-    graph.node.extend(reversed(kept))
-    for index in reversed([i for i, t in enumerate(graph.initializer) if t.name not in needed]):
-        del graph.initializer[index]  # in place: re-adding the kept ones would copy tensors over 2 GB

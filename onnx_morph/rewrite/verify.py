@@ -16,7 +16,7 @@ from onnx_morph.graph import ChannelGraph
 from onnx_morph.graph.dependence import IndexRange, integer_input_ranges
 from onnx_morph.graph.load import check_fits
 from onnx_morph.handlers.base import channel_ids
-from onnx_morph.rewrite.surgery import drop_unused
+from onnx_morph.rewrite.editing import drop_unused
 
 
 @dataclass(frozen=True)
