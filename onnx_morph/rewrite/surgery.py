@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_morph.graph.channel_graph import ChannelGraph, node_view, outer_references
+from onnx_morph.graph.channel_graph import ChannelGraph, node_view
 from onnx_morph.handlers import handler_for
 from onnx_morph.rewrite.editing import drop_unused
 from onnx_morph.rewrite.verify import evaluate_constant
