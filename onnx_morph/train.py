@@ -31,7 +31,7 @@ from onnx_morph.rewrite.calibrate import recalibrated_batchnorm
 from onnx_morph.rewrite.gates import fold_gates
 from onnx_morph.rewrite.save import save_model
 from onnx_morph.rewrite.select import mask_document
-from onnx_morph.rewrite.verify import onnxruntime
+from onnx_morph.rewrite.verify import onnxruntime, onnxruntime_training
 from onnx_morph.target import StrengthController, structure_at
 
 Batch = tuple[np.ndarray, np.ndarray]
@@ -104,9 +104,8 @@ def train(
         raise OptionError("the data is a one-pass iterator and training takes several epochs: pass a list, a "
                           "DataLoader or (x, y) arrays")
 
-    ort = onnxruntime()
-    ort.set_default_logger_severity(3)
-    from onnxruntime.training import api
+    onnxruntime().set_default_logger_severity(3)
+    api = onnxruntime_training().api
 
     with native_stderr_silenced():
         state = api.CheckpointState.load_checkpoint(str(artifacts.checkpoint))

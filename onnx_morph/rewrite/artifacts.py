@@ -30,7 +30,7 @@ from onnx_morph.rewrite.training_graph import (
     EFFECTIVE_COST, REGULARIZATION, add_gates, add_regularizer, deterministic_gates, inference_batchnorm, trainable,
     unshare_initializers, with_batch_size,
 )
-from onnx_morph.rewrite.verify import onnxruntime, runtime_errors
+from onnx_morph.rewrite.verify import onnxruntime, onnxruntime_training, runtime_errors
 
 STRENGTH = "morph_strength"
 CONFIG = "morph.json"
@@ -180,6 +180,7 @@ def make_training_artifacts(
         raise OptionError(f"the strength must be a finite number >= 0, not {strength}")
     out_dir = Path(out_dir)
     _check_target(out_dir, model, overwrite)
+    onnxruntime_training()  # before any work: the one-line reason when it is missing
 
     loaded = load_model(model, input_shapes)
     base = unshare_initializers(loaded.materialized())
@@ -302,7 +303,8 @@ def _generate(training: onnx.ModelProto, base: onnx.ModelProto, params: set[str]
               optimizer: str, directory: Path) -> None:
     regularized = reg is not None
     onnxruntime().set_default_logger_severity(3)
-    from onnxruntime.training import artifacts, onnxblock
+    training = onnxruntime_training()
+    artifacts, onnxblock = training.artifacts, training.onnxblock
 
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
     task = {"cross-entropy": onnxblock.loss.CrossEntropyLoss, "mse": onnxblock.loss.MSELoss,

@@ -3,6 +3,7 @@ model against the original."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -11,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_morph.errors import ModelLoadError
+from onnx_morph.errors import ModelLoadError, OptionError
 from onnx_morph.graph import ChannelGraph
 from onnx_morph.graph.dependence import IndexRange, integer_input_ranges
 from onnx_morph.graph.load import check_fits
@@ -38,10 +39,27 @@ def onnxruntime():
             sys.modules[probe] = None  # makes the probe's import fail fast
         try:
             import onnxruntime  # noqa: F401
+        except ImportError:
+            raise OptionError("running models needs onnxruntime: pip install 'onnx-morph[cpu]' (inference), or "
+                              "'onnx-morph[train]' (training, inference included)") from None
         finally:
             if blocked and sys.modules.get(probe, 0) is None:
                 del sys.modules[probe]
     return sys.modules["onnxruntime"]
+
+
+def onnxruntime_training():
+    """onnxruntime-training's Python module, or the one-line reason it is missing: it ships its own
+    `onnxruntime` module, which a plain onnxruntime installed over it replaces."""
+    ort = onnxruntime()
+    try:
+        for part in ("api", "artifacts", "onnxblock"):
+            importlib.import_module(f"onnxruntime.training.{part}")
+    except ImportError as exc:
+        raise OptionError(f"training needs onnxruntime-training ({exc}); onnxruntime {ort.__version__} is installed: "
+                          "pip install 'onnx-morph[train]' in an environment without the plain onnxruntime "
+                          "(both install the module onnxruntime)") from None
+    return ort.training
 
 
 def random_inputs(graph: ChannelGraph, samples: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
