@@ -21,6 +21,7 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from onnx_morph.errors import ModelLoadError, OptionError
 from onnx_morph.graph.wire import read_without_weights
+from onnx_morph.handlers import handler_for
 
 MIN_OPSET = 11
 MAX_OPSET = 21
@@ -448,11 +449,32 @@ def _infer_and_fold(view: onnx.ModelProto, label: str) -> tuple[onnx.ModelProto,
                     new_values[name] = known[name] = value
         folded.update(new_values)
         unshaped = any(o and o not in shapes and o not in folded for n in kept for o in n.output)
-        if not new_values or not unshaped:
+        if not unshaped:
             return inferred, folded
-        del view.graph.node[:]
-        view.graph.node.extend(kept)
-        view.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in new_values.items())
+        if new_values:
+            del view.graph.node[:]
+            view.graph.node.extend(kept)
+            view.graph.initializer.extend(numpy_helper.from_array(v, name) for name, v in new_values.items())
+        elif not _shapes_from_handlers(view, inferred):
+            return inferred, folded
+
+
+def _shapes_from_handlers(view: onnx.ModelProto, inferred: onnx.ModelProto) -> bool:
+    """Declare the output shapes that onnx cannot infer (ops of other domains) where a registered
+    handler knows them; whether any was added."""
+    shapes, dtypes = _collect_types(inferred)
+    added = False
+    for node in view.graph.node:
+        missing = [o for o in node.output if o and o not in shapes]
+        if not missing or not node.input:
+            continue
+        result = handler_for(node.op_type, node.domain).output_shapes(node, [shapes.get(i) for i in node.input])
+        for name, shape in zip(node.output, result or ()):
+            if name in missing and shape is not None:
+                view.graph.value_info.append(onnx.helper.make_tensor_value_info(
+                    name, dtypes.get(node.input[0], TensorProto.FLOAT), list(shape)))
+                added = True
+    return added
 
 
 def _evaluate(node: onnx.NodeProto, known: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], opsets) -> list[np.ndarray] | None:

@@ -233,6 +233,11 @@ class BaseHandler:
     def initial_values(self, view: NodeView, rng: np.random.Generator) -> dict[int, np.ndarray]:
         return {}
 
+    def output_shapes(self, node: onnx.NodeProto, inputs: list[tuple[int, ...] | None]) -> list | None:
+        """Output shapes onnx's shape inference cannot give (ops of other domains), from the input
+        shapes; None when the handler does not know them either."""
+        return None
+
     def batch_free(self, view: NodeView, batch: int) -> dict[int, np.ndarray]:
         """New values for constant inputs that froze the export's batch size `batch` (the batch is
         axis 0 of every data input), so that the node runs at any batch; most ops need none."""

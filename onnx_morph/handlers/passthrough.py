@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import onnx
+
 from onnx_morph.handlers.base import (
     BaseHandler,
     NodeView,
@@ -46,6 +48,9 @@ class Passthrough(BaseHandler):
 
     def relate(self, view: NodeView) -> Relation:
         return pass_through(view)
+
+    def output_shapes(self, node: onnx.NodeProto, inputs: list[tuple[int, ...] | None]) -> list | None:
+        return [inputs[0]] * len(node.output) if inputs and inputs[0] is not None else None
 
 
 class Identity(Passthrough):

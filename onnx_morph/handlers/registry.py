@@ -1,4 +1,4 @@
-"""The one place that maps ONNX op types to their handlers."""
+"""The one place that maps ONNX op types to their handlers, and where users add their own."""
 
 from __future__ import annotations
 
@@ -74,17 +74,37 @@ _REGISTRY: dict[str, BaseHandler] = {
     "Expand": Expand(),
 }
 _UNKNOWN = Unknown()
+_DOMAINS: dict[str, dict[str, BaseHandler]] = {"": _REGISTRY}
+
+
+def _domain(domain: str) -> str:
+    return "" if domain in ("", "ai.onnx") else domain
 
 
 def handler_for(op_type: str, domain: str = "") -> BaseHandler:
-    """The handler for an op; ops outside the default domain or not listed get the pinning one."""
-    if domain not in ("", "ai.onnx"):
-        return _UNKNOWN
-    return _REGISTRY.get(op_type, _UNKNOWN)
+    """The handler for an op; ops no handler is registered for get the pinning one."""
+    return _DOMAINS.get(_domain(domain), {}).get(op_type, _UNKNOWN)
+
+
+def register_handler(op_type: str, handler: BaseHandler | None, domain: str = "") -> BaseHandler | None:
+    """Teach onnx-morph an op (a custom op, or another domain's): `handler` states its channel relation
+    (`relate`), and, where it has parameters or shape constants, how surgery resizes them (`prune`).
+    Subclass BaseHandler, whose other hooks default to "nothing to do". Replaces a built-in handler of the same op; None removes the registration. Returns the handler
+    that was registered before, if any, so that it can be restored."""
+    if handler is not None and not isinstance(handler, BaseHandler):
+        raise TypeError(f"a handler subclasses onnx_morph.handlers.BaseHandler (or Passthrough, Elementwise), "
+                        f"and {type(handler).__name__} does not")
+    table = _DOMAINS.setdefault(_domain(domain), {})
+    previous = table.get(op_type)
+    if handler is None:
+        table.pop(op_type, None)
+    else:
+        table[op_type] = handler
+    return previous
 
 
 def is_known(op_type: str, domain: str = "") -> bool:
     return handler_for(op_type, domain) is not _UNKNOWN
 
 
-__all__ = ["handler_for", "is_known"]
+__all__ = ["handler_for", "is_known", "register_handler"]
