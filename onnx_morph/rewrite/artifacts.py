@@ -303,8 +303,8 @@ def _generate(training: onnx.ModelProto, base: onnx.ModelProto, params: set[str]
               optimizer: str, directory: Path) -> None:
     regularized = reg is not None
     onnxruntime().set_default_logger_severity(3)
-    training = onnxruntime_training()
-    artifacts, onnxblock = training.artifacts, training.onnxblock
+    runtime = onnxruntime_training()
+    artifacts, onnxblock = runtime.artifacts, runtime.onnxblock
 
     logging.getLogger().setLevel(max(logging.getLogger().level, logging.WARNING))
     task = {"cross-entropy": onnxblock.loss.CrossEntropyLoss, "mse": onnxblock.loss.MSELoss,
