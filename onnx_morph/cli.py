@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--all-ops", action="store_true", help="list every op, not only the 40 costliest")
     analyze.add_argument("--structure", metavar="FILE",
                          help="write the learned structure and channel masks (input of `prune --mask`)")
+    analyze.add_argument("--graph", metavar="FILE.graphml",
+                         help="write the channel graph for a graph viewer: ops, tensors, their channel groups")
 
     prune = _model_to_model(commands, "prune", "remove dead channels and write a smaller model", "pruned")
     criterion = prune.add_mutually_exclusive_group(required=True)
@@ -191,6 +193,13 @@ def _analyze(args: argparse.Namespace) -> None:
 
         write_mask_document(result.graph, result.alive, args.structure,
                             "weight" if args.weight_threshold is not None else "gamma")
+    if args.graph:
+        from onnx_morph.graph.graphml import write_graphml
+
+        try:
+            write_graphml(result.graph, args.graph)
+        except OSError as exc:
+            raise OptionError(f"{args.graph}: cannot write ({exc.strerror or exc})") from None
     if args.json:
         json.dump(result.to_json(), sys.stdout, indent=1)
         sys.stdout.write("\n")

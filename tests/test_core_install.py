@@ -44,7 +44,7 @@ def test_analyze_prune_expand_without_torch(tmp_path):
     script = f"""
 import json, sys
 from onnx_morph.cli import main
-codes = [main(["analyze", {str(model)!r}, "--json", "--gamma-threshold", "0.3"]),
+codes = [main(["analyze", {str(model)!r}, "--json", "--gamma-threshold", "0.3", "--graph", {str(tmp_path / 'g.graphml')!r}]),
          main(["prune", {str(model)!r}, "-o", {str(tmp_path / 'small.onnx')!r}, "--gamma-threshold", "0.3"]),
          main(["expand", {str(tmp_path / 'small.onnx')!r}, "-o", {str(tmp_path / 'wide.onnx')!r}, "--like", {str(model)!r}])]
 print(json.dumps({{"codes": codes, "heavy": [m for m in {HEAVY!r} if m in sys.modules]}}))
@@ -56,6 +56,12 @@ print(json.dumps({{"codes": codes, "heavy": [m for m in {HEAVY!r} if m in sys.mo
     report, _ = json.JSONDecoder().raw_decode(proc.stdout[proc.stdout.index("{"):])
     # Three of conv1's eight channels have BatchNorm scale 0: dead.
     assert report["total"]["flops"] > report["effective"]["flops"]
+    import networkx as nx
+
+    viewed = nx.read_graphml(str(tmp_path / "g.graphml"))
+    edges = {(a, b): attrs for a, b, attrs in viewed.edges(data=True)}
+    assert edges["conv1", "bn1"]["shape"] == "1x8x8x8" and edges["conv1", "bn1"]["prunable"] is True
+    assert edges["input:x", "conv1"]["prunable"] is False and edges["fc", "output:y"]["prunable"] is False
     small = onnx.load(str(tmp_path / "small.onnx"))
     assert numpy_helper.to_array(next(t for t in small.graph.initializer if t.name.startswith("w1"))).shape[0] == 5
     from onnx_morph.rewrite.verify import onnxruntime
