@@ -10,7 +10,8 @@ logits held by the regularizer.
 `export_structure` writes the learned widths, and `prune_module` exports the trained module
 and removes the dead channels with `onnx_morph.rewrite.prune`.
 
-Only this module imports torch; `import onnx_morph` and the CLI never load it.
+`import onnx_morph`, analyze, prune and expand never load torch; training does (onnxruntime-training
+imports it), and so do the demo and the data module where it resizes images.
 """
 
 from __future__ import annotations

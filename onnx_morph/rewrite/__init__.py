@@ -1,4 +1,5 @@
-"""Rewrites of the model: surgery that removes dead channels (and, later, the training-graph regularizer)."""
+"""Rewrites of the model: surgery (prune, expand, verify, calibrate, save) and training (the regularizer
+as ONNX nodes, onnxruntime-training artifacts, gates, batch-flexible exports)."""
 
 from onnx_morph.rewrite.prune import LayerWidth, PruneResult, prune, prune_file
 from onnx_morph.rewrite.save import save_model
