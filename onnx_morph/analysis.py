@@ -75,6 +75,7 @@ class Analysis:
             "ops": [asdict(op) for op in self.ops],
             "groups": [asdict(g) for g in self.groups],
             "unknown_ops": self.unknown_ops,
+            "modules": self.graph.module_paths,
         }
 
 

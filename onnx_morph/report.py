@@ -57,6 +57,7 @@ def render(analysis: Analysis, max_ops: int | None = None) -> str:
         out.append(_totals_line("effective", a.effective, a.flop_unit) + f"   ({which})")
 
     total_cost = a.cost_of(a.effective) or 0.0
+    modules = a.graph.module_paths
     rows = []
     for op in a.ops:
         value = a.cost_of(op)
@@ -64,10 +65,11 @@ def render(analysis: Analysis, max_ops: int | None = None) -> str:
             continue
         share = f"{100 * value / total_cost:.1f}%" if total_cost else "-"
         rows.append([op.node, op.op_type, f"{op.in_alive}/{op.in_total}", f"{op.out_alive}/{op.out_total}",
-                     human(value, unit), share])
+                     human(value, unit), share] + ([modules.get(op.node, "")] if modules else []))
     shown = rows if max_ops is None else rows[:max_ops]
     out += ["", f"per-op {cost_label} ({len(rows)} ops with a nonzero cost)"]
-    out += _table(["node", "type", "in alive", "out alive", cost_label, "share"], shown)
+    out += _table(["node", "type", "in alive", "out alive", cost_label, "share"] + (["module"] if modules else []),
+                  shown)
     if len(shown) < len(rows):
         out.append(f"... {len(rows) - len(shown)} more (use --all-ops)")
 

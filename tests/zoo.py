@@ -60,8 +60,10 @@ def export_onnx(
     *,
     opset: Optional[int] = None,
     dynamic_batch: bool = False,
+    exporter: str = "torchscript",
 ) -> pathlib.Path:
-    """Export ``module`` to ONNX at ``path`` with the TorchScript exporter.
+    """Export ``module`` to ONNX at ``path`` with the TorchScript exporter, or with torch's default
+    (``exporter="dynamo"``: onnxscript-based, BatchNorm kept with ``optimize=False``).
 
     The module is put in eval mode, torch is seeded with 0 and a random input of
     ``input_shape`` is traced.  Graph input/output are named ``input``/``output``;
@@ -84,6 +86,12 @@ def export_onnx(
         kwargs["opset_version"] = opset
     if dynamic_batch:
         kwargs["dynamic_axes"] = {"input": {0: "batch"}, "output": {0: "batch"}}
+    if exporter == "dynamo":
+        kwargs = dict(dynamo=True, optimize=False, input_names=["input"], output_names=["output"], verbose=False)
+        if opset is not None:
+            kwargs["opset_version"] = opset
+        if dynamic_batch:
+            kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch")},)
     with warnings.catch_warnings():
         for msg in _EXPORTER_DEPRECATIONS:
             warnings.filterwarnings("ignore", message=msg, category=DeprecationWarning)

@@ -3,6 +3,8 @@ activation as an element of a union-find structure that the op handlers tie toge
 
 from __future__ import annotations
 
+import ast
+
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -48,6 +50,12 @@ class ChannelGraph:
         """networkx.MultiDiGraph of op nodes and graph inputs/outputs, one edge per (tensor, consumer)
         with the tensor's shape and channel axes; built on first use (networkx is slow to import)."""
         return _networkx(self.model, self.nodes, self.tensors)
+
+    @cached_property
+    def module_paths(self) -> dict[str, str]:
+        """Node name -> the torch module that produced it ("layer1.0.conv1"), where the export says
+        (torch's dynamo exporter names nodes node_Conv_292 and keeps the module path in metadata)."""
+        return {name: path for name, node in self.nodes.items() if (path := module_path(node))}
 
     @property
     def num_classes(self) -> int:
@@ -204,6 +212,22 @@ def _reasons_by_class(class_of, elements, reason_ids, reasons: list[str]) -> dic
     for pair in pairs[np.argsort(first, kind="stable")].tolist():
         by_class[pair // len(reasons)].append(reasons[pair % len(reasons)])
     return dict(by_class)
+
+
+def module_path(node: onnx.NodeProto) -> str | None:
+    """The module path in a node's `pkg.torch.onnx.name_scopes` metadata (the enclosing modules'
+    full paths, outermost first, then the op's own name), or None."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            if not isinstance(scopes, list) or len(scopes) < 2:
+                return None
+            path = str(scopes[-2])
+            return path if path and not path.startswith("_") else None
+    return None
 
 
 def node_view(graph: ChannelGraph, name: str) -> NodeView:

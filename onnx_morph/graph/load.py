@@ -20,6 +20,7 @@ from onnx import TensorProto, numpy_helper
 from onnx.external_data_helper import load_external_data_for_model
 
 from onnx_morph.errors import ModelLoadError, OptionError
+from onnx_morph.graph.normalize import normalized
 from onnx_morph.graph.wire import read_without_weights
 from onnx_morph.handlers import handler_for
 
@@ -99,6 +100,7 @@ def load_model(
     else:
         path = Path(source)
         model, label, base_dir = _read(path), str(path), path.resolve().parent
+    model = normalized(model)
     opset = _check_opset(model, label)
     _check_initializers(model, label, base_dir)
     view, resolved_inputs, notes = _weightless_view(model, label, input_shapes or {})
@@ -437,10 +439,10 @@ def _infer_and_fold(view: onnx.ModelProto, label: str) -> tuple[onnx.ModelProto,
     known = {t.name: numpy_helper.to_array(t) for t in view.graph.initializer}
     while True:
         inferred = _infer_shapes(view, label)
-        shapes, _ = _collect_types(inferred)
+        shapes, dtypes = _collect_types(inferred)
         kept, new_values = [], {}
         for node in view.graph.node:
-            values = _evaluate(node, known, shapes, view.opset_import)
+            values = _evaluate(node, known, shapes, dtypes, view.opset_import)
             if values is None:
                 kept.append(node)
                 continue
@@ -477,12 +479,16 @@ def _shapes_from_handlers(view: onnx.ModelProto, inferred: onnx.ModelProto) -> b
     return added
 
 
-def _evaluate(node: onnx.NodeProto, known: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]], opsets) -> list[np.ndarray] | None:
+def _evaluate(node: onnx.NodeProto, known: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
+              dtypes: dict[str, int], opsets) -> list[np.ndarray] | None:
     if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDABLE:
         return None
     if node.op_type == "Constant":
         value = _constant_node_value(node)
         return None if value is None or value.size > _MAX_FOLDED_ELEMENTS else [value]
+    if node.op_type == "CastLike" and node.input[0] in known and node.input[1] in dtypes:
+        # Only the type of the second input matters: a constant cast like an activation is a constant.
+        return [known[node.input[0]].astype(onnx.helper.tensor_dtype_to_np_dtype(dtypes[node.input[1]]))]
     if node.op_type in ("Shape", "Size"):
         shape = shapes.get(node.input[0])
         if shape is None:
