@@ -489,19 +489,22 @@ def test_verification_sees_a_wrong_fold(tmp_path):
     assert deviation(run(graph, reference, feeds[1:]), run(graph, surgery.model, feeds[1:])).max_rel > 0.01
 
 
-def test_a_zero_scale_batchnorm_channel_is_proven_constant(exports, tmp_path):
-    """BatchNorm with scale 0 holds its shift on every input, and relu(shift) after ReLU, through
-    Flatten: proven without sampling. The other channels are not."""
+def test_zeroed_channels_are_proven_constant(exports, tmp_path):
+    """A BatchNorm channel with scale 0 holds its shift on every input, a conv channel with zero
+    weights its bias (here 0, then BatchNorm's constant), and relu of that after ReLU, through
+    Flatten: proven without sampling. The other channels are not; the Gemm's outputs all read some."""
     from onnx_morph.graph.dependence import input_dependence
 
     module, shape, _ = exports("FlattenHead")
     module = copy.deepcopy(module)
-    zero_channels(module, {"features.bn.weight": (0, [2, 5])}, bias=False)
+    zero_channels(module, {"features.bn.weight": (0, [2, 5]), "features.conv.weight": (0, [3])}, bias=False)
     graph = build_channel_graph(load_model(zoo.export_onnx(module, shape, tmp_path / "flat.onnx")))
     gemm = next(n for n in graph.order if graph.nodes[n].op_type == "Gemm")
-    varying = input_dependence(graph)[graph.relations[gemm].geometry.input].reshape(8, 64)
-    assert sorted(np.flatnonzero(~varying.any(axis=1)).tolist()) == [2, 5]
-    assert varying[[0, 1, 3, 4, 6, 7]].all()
+    dependence = input_dependence(graph)
+    varying = dependence[graph.relations[gemm].geometry.input].reshape(8, 64)
+    assert sorted(np.flatnonzero(~varying.any(axis=1)).tolist()) == [2, 3, 5]
+    assert varying[[0, 1, 4, 6, 7]].all()
+    assert dependence[graph.relations[gemm].geometry.output].all()
 
 
 def zero_masked_difference(path: Path, result, shape) -> float:
