@@ -380,6 +380,7 @@ class TokenNet(torch.nn.Module):
 
     def __init__(self, kinds: bool = False):
         super().__init__()
+        torch.manual_seed(0)
         self.emb, self.kind = torch.nn.Embedding(50, 12), torch.nn.Embedding(2, 4) if kinds else None
         self.fc1, self.fc2 = torch.nn.Linear(16 if kinds else 12, 8), torch.nn.Linear(8, 4)
 
@@ -391,7 +392,6 @@ class TokenNet(torch.nn.Module):
 
 
 def export_token_net(module: TokenNet, path: Path) -> Path:
-    torch.manual_seed(0)
     dummy = (torch.zeros(6, dtype=torch.int64), torch.zeros(6, dtype=torch.int64))
     with torch.no_grad():
         module.fc1.bias.abs_()  # removed hidden channels hold relu(bias) > 0 on a zero input
