@@ -454,13 +454,14 @@ def test_token_ids_get_valid_random_values_and_live_channels_are_not_folded(tmp_
 def test_a_channel_of_a_low_entropy_input_is_not_folded(tmp_path):
     """Channels 12..15 depend on one bit (the kind of the whole input): two random inputs agree on it
     half the time, and equal samples made them 'constant'. Probes now hold every integer input at
-    both ends of its range (all 0, then all 1), so the kind channels vary and nothing is folded."""
+    both ends of its range (all 0, then all 1), so the kind channels vary and nothing is folded.
+    (With two random valid probes and no proof, 8 of 20 seeds folded them: 0.27 to 0.42 deviation.)"""
     from onnx_morph.rewrite.verify import probe_inputs
 
     path = export_token_net(TokenNet(kinds=True), tmp_path / "kinds.onnx")
     graph, result = prune_inputs_of(path, "Gemm", [13, 14])
     kinds = [feed["mask"][0] for feed in probe_inputs(graph, 4, seed=3)]
-    assert kinds[:2] == [0, 1]
+    assert kinds[1:3] == [0, 1]
     assert result.removed_channels == 2
     rng = np.random.default_rng(12)
     fresh = [{"ids": rng.integers(0, 50, 6), "mask": np.full(6, kind)} for kind in (0, 1)]

@@ -159,8 +159,8 @@ def _probe_and_run(
 
     def undecided(first) -> list[dict[str, np.ndarray]]:
         settled = removed_channel_values(graph, masks, samples(first), {t: np.ones_like(p) for t, p in proven.items()})
-        open_ = any((~masks[t] & ~proven[t] & (settled[t] != 0)).any() for t in probes)
-        return feeds[1:] if open_ else []
+        unsettled = any((~masks[t] & ~proven[t] & (settled[t] != 0)).any() for t in probes)
+        return feeds[1:] if unsettled else []
 
     runs = run(graph, original, feeds[:1], probes, then=undecided, plain=fresh)
     probed = runs[:len(runs) - len(fresh)]

@@ -55,20 +55,21 @@ def random_inputs(graph: ChannelGraph, samples: int, seed: int = 0) -> list[dict
              for name, shape in graph.model.input_shapes.items()} for _ in range(samples)]
 
 
-# Probe inputs: float scales, and the first two samples hold integer inputs at the ends of their
-# range, so that a channel fed by a low-entropy input (a flag, a token type) shows it varies.
+# Probe inputs: float scales, and samples 1 and 2 hold integer inputs at the ends of their range,
+# so that a channel fed by a low-entropy input (a flag, a token type) shows that it varies.
 _PROBE_SCALES = (1.0, 4.0, 0.25, 1.0)
 
 
 def probe_inputs(graph: ChannelGraph, samples: int, seed: int) -> list[dict[str, np.ndarray]]:
     """Inputs chosen to make channels that depend on the inputs show it: floats at several scales
-    (a saturated channel moves at another), integer inputs all lowest, all highest, then random."""
+    (a saturated channel moves at another); integer inputs random (the first sample alone shows
+    most channels vary over positions), then all lowest, all highest, then random again."""
     feeds = random_inputs(graph, samples, seed)
     ranges = integer_input_ranges(graph)
     for index, feed in enumerate(feeds):
         for name, value in feed.items():
-            if name in ranges and index < 2:
-                feed[name] = np.full_like(value, 0 if index == 0 else ranges[name].high - 1)
+            if name in ranges and index in (1, 2):
+                feed[name] = np.full_like(value, 0 if index == 1 else ranges[name].high - 1)
             elif name not in ranges:
                 feed[name] = (value * _PROBE_SCALES[index % len(_PROBE_SCALES)]).astype(value.dtype)
     return feeds
