@@ -206,9 +206,20 @@ def masked_original(
                 extra_nodes.append((tensor, onnx.helper.make_node(
                     "Add", [out_name, f"{tensor}::folded_values"], [kept_name], name=kept_name)))
             renamed[(node_name, tensor)] = kept_name
+    _splice(graph, model, _unmasked_copy(model) if folded else [], extra_nodes, renamed)
+    model.graph.initializer.extend(extra_inits)
+    del model.graph.value_info[:]
+    drop_unused(model.graph)  # the copy's nodes that no folded channel needs
+    return model
+
+
+def _splice(graph: ChannelGraph, model: onnx.ModelProto, first: list[onnx.NodeProto],
+            extra_nodes: list[tuple[str, onnx.NodeProto]], renamed: dict) -> None:
+    """Put `first`, then the model's nodes, each followed by the extra nodes that read its output,
+    and point every node's inputs at their renamed (masked) versions."""
     producer_of = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
     inserts: dict[int, list[onnx.NodeProto]] = {}
-    nodes = _unmasked_copy(model) if folded else []
+    nodes = list(first)
     for tensor, node in extra_nodes:
         if tensor in producer_of:
             inserts.setdefault(producer_of[tensor], []).append(node)
@@ -221,10 +232,6 @@ def masked_original(
         nodes.extend(inserts.get(index, []))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    model.graph.initializer.extend(extra_inits)
-    del model.graph.value_info[:]
-    drop_unused(model.graph)  # the copy's nodes that no folded channel needs
-    return model
 
 
 _UNMASKED = "::unmasked"
