@@ -117,7 +117,7 @@ def render_prune(result, output: str) -> str:
         out.append("verification: skipped")
     else:
         m, o = result.masked_deviation, result.original_deviation
-        out.append(f"verification against the original with the removed channels masked ({m.samples} random inputs): "
+        out.append(f"verification against the original with the removed channels masked ({m.samples} fresh random inputs): "
                    f"max abs {m.max_abs:.3g}, max rel {m.max_rel:.3g}")
         out.append(f"difference from the unpruned original: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}")
     return "\n".join(out)

@@ -380,6 +380,7 @@ class TokenNet(torch.nn.Module):
 
     def __init__(self, kinds: bool = False):
         super().__init__()
+        torch.manual_seed(0)
         self.emb, self.kind = torch.nn.Embedding(50, 12), torch.nn.Embedding(2, 4) if kinds else None
         self.fc1, self.fc2 = torch.nn.Linear(16 if kinds else 12, 8), torch.nn.Linear(8, 4)
 
@@ -391,7 +392,6 @@ class TokenNet(torch.nn.Module):
 
 
 def export_token_net(module: TokenNet, path: Path) -> Path:
-    torch.manual_seed(0)
     dummy = (torch.zeros(6, dtype=torch.int64), torch.zeros(6, dtype=torch.int64))
     with torch.no_grad():
         module.fc1.bias.abs_()  # removed hidden channels hold relu(bias) > 0 on a zero input
@@ -454,13 +454,14 @@ def test_token_ids_get_valid_random_values_and_live_channels_are_not_folded(tmp_
 def test_a_channel_of_a_low_entropy_input_is_not_folded(tmp_path):
     """Channels 12..15 depend on one bit (the kind of the whole input): two random inputs agree on it
     half the time, and equal samples made them 'constant'. Probes now hold every integer input at
-    both ends of its range (all 0, then all 1), so the kind channels vary and nothing is folded."""
+    both ends of its range (all 0, then all 1), so the kind channels vary and nothing is folded.
+    (With two random valid probes and no proof, 8 of 20 seeds folded them: 0.27 to 0.42 deviation.)"""
     from onnx_morph.rewrite.verify import probe_inputs
 
     path = export_token_net(TokenNet(kinds=True), tmp_path / "kinds.onnx")
     graph, result = prune_inputs_of(path, "Gemm", [13, 14])
     kinds = [feed["mask"][0] for feed in probe_inputs(graph, 4, seed=3)]
-    assert kinds[:2] == [0, 1]
+    assert kinds[1:3] == [0, 1]
     assert result.removed_channels == 2
     rng = np.random.default_rng(12)
     fresh = [{"ids": rng.integers(0, 50, 6), "mask": np.full(6, kind)} for kind in (0, 1)]
@@ -489,19 +490,22 @@ def test_verification_sees_a_wrong_fold(tmp_path):
     assert deviation(run(graph, reference, feeds[1:]), run(graph, surgery.model, feeds[1:])).max_rel > 0.01
 
 
-def test_a_zero_scale_batchnorm_channel_is_proven_constant(exports, tmp_path):
-    """BatchNorm with scale 0 holds its shift on every input, and relu(shift) after ReLU, through
-    Flatten: proven without sampling. The other channels are not."""
+def test_zeroed_channels_are_proven_constant(exports, tmp_path):
+    """A BatchNorm channel with scale 0 holds its shift on every input, a conv channel with zero
+    weights its bias (here 0, then BatchNorm's constant), and relu of that after ReLU, through
+    Flatten: proven without sampling. The other channels are not; the Gemm's outputs all read some."""
     from onnx_morph.graph.dependence import input_dependence
 
     module, shape, _ = exports("FlattenHead")
     module = copy.deepcopy(module)
-    zero_channels(module, {"features.bn.weight": (0, [2, 5])}, bias=False)
+    zero_channels(module, {"features.bn.weight": (0, [2, 5]), "features.conv.weight": (0, [3])}, bias=False)
     graph = build_channel_graph(load_model(zoo.export_onnx(module, shape, tmp_path / "flat.onnx")))
     gemm = next(n for n in graph.order if graph.nodes[n].op_type == "Gemm")
-    varying = input_dependence(graph)[graph.relations[gemm].geometry.input].reshape(8, 64)
-    assert sorted(np.flatnonzero(~varying.any(axis=1)).tolist()) == [2, 5]
-    assert varying[[0, 1, 3, 4, 6, 7]].all()
+    dependence = input_dependence(graph)
+    varying = dependence[graph.relations[gemm].geometry.input].reshape(8, 64)
+    assert sorted(np.flatnonzero(~varying.any(axis=1)).tolist()) == [2, 3, 5]
+    assert varying[[0, 1, 4, 6, 7]].all()
+    assert dependence[graph.relations[gemm].geometry.output].all()
 
 
 def zero_masked_difference(path: Path, result, shape) -> float:

@@ -99,7 +99,7 @@ def check_report(stdout: str, out: Path, result, verified: bool = True) -> None:
     for w in result.widths:
         assert re.search(rf"^{re.escape(w.node)}\s+{w.op_type}\s+{w.before}\s+{w.after}$", stdout, re.M), (w, stdout)
     if verified:
-        m = re.search(r"^verification against the original with the removed channels masked \(2 random inputs\): "
+        m = re.search(r"^verification against the original with the removed channels masked \(2 fresh random inputs\): "
                       r"max abs (\S+), max rel (\S+)$", stdout, re.M)
         assert m, stdout
         assert float(m.group(2)) < 1e-4

@@ -259,6 +259,17 @@ class BaseHandler:
         return None
 
 
+def varying_through_weight(inputs: list[np.ndarray | None], reads: np.ndarray) -> list[np.ndarray | bool] | None:
+    """Output channel o of a weighted op (input 0 times a constant weight, `reads[o, i]`: some weight
+    from input channel i to o is nonzero) may vary only when it reads a channel that may: a channel
+    whose weights are all zero holds its bias. None when another input may vary, or `reads` does not
+    match input 0's channels."""
+    x = inputs[0]
+    if x is None or x.size != reads.shape[1] or any(v is not None and v.any() for v in inputs[1:]):
+        return None
+    return [np.any(reads[:, x], axis=1)]
+
+
 def varying_along_ties(view: NodeView, relation: Relation, inputs: list[np.ndarray | None]) -> list[np.ndarray | bool]:
     """An output element may vary when an input element tied to it may, or when an input tied to
     nothing of that output may vary anywhere (a broadcast operand reaches every element). The

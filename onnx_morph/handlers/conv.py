@@ -23,6 +23,7 @@ from onnx_morph.handlers.base import (
     fresh_weight_and_bias,
     slice_members,
     spread_over_positions,
+    varying_through_weight,
 )
 
 NCHW = (1,)
@@ -85,6 +86,14 @@ class Conv(BaseHandler):
             relation.params.append(ParamTerm(bias.name, math.prod(bias.shape), y.name))
         return relation
 
+
+    def varying(self, view: NodeView, relation: Relation, inputs: list[np.ndarray | None]) -> list[np.ndarray | bool]:
+        x, y, w = view.input(0), view.outputs[0], view.const(1)
+        if relation.pins or w is None or int(view.attr("group", 1)) != 1 or x.axes != NCHW or y.axes != NCHW:
+            return super().varying(view, relation, inputs)
+        reads = np.any(w.reshape(w.shape[0], w.shape[1], -1) != 0, axis=2)
+        result = varying_through_weight(inputs, reads.T if self.transposed else reads)
+        return super().varying(view, relation, inputs) if result is None else result
 
     def prune(self, view: NodeView, edit) -> None:
         x, y = view.input(0), view.outputs[0]

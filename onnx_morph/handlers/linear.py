@@ -21,6 +21,7 @@ from onnx_morph.handlers.base import (
     fresh_weight_and_bias,
     param_dtype,
     uniform_init,
+    varying_through_weight,
 )
 from onnx_morph.handlers.products import activation_product
 
@@ -57,6 +58,13 @@ class Gemm(BaseHandler):
             relation.params.append(ParamTerm(c.name, math.prod(c.shape), y.name if per_feature else None))
         return relation
 
+
+    def varying(self, view: NodeView, relation: Relation, inputs: list[np.ndarray | None]) -> list[np.ndarray | bool]:
+        a, y, b = view.input(0), view.outputs[0], view.const(1)
+        if relation.pins or b is None or view.attr("transA", 0) or a.axes != (1,) or y.axes != (1,):
+            return super().varying(view, relation, inputs)
+        result = varying_through_weight(inputs, (b if view.attr("transB", 0) else b.T) != 0)
+        return super().varying(view, relation, inputs) if result is None else result
 
     def prune(self, view: NodeView, edit) -> None:
         a, y = view.input(0), view.outputs[0]
@@ -126,6 +134,13 @@ class MatMul(BaseHandler):
             return Relation([None], pins=[Pin(t.name, f"{describe(view)} multiplies by a constant on the left")
                                           for t in (a, b) if t.is_activation])
         return self._between_activations(view, a, b, y)
+
+    def varying(self, view: NodeView, relation: Relation, inputs: list[np.ndarray | None]) -> list[np.ndarray | bool]:
+        a, y, b = view.input(0), view.outputs[0], view.const(1)
+        if relation.pins or b is None or b.ndim != 2 or a.axes != _last(len(a.shape)) or y.axes != _last(len(y.shape)):
+            return super().varying(view, relation, inputs)
+        result = varying_through_weight(inputs, b.T != 0)
+        return super().varying(view, relation, inputs) if result is None else result
 
     def prune(self, view: NodeView, edit) -> None:
         a, b, y = view.input(0), view.input(1), view.outputs[0]

@@ -31,6 +31,10 @@ class Unknown(BaseHandler):
             reason = f"unknown op {view.node.domain}.{view.op_type} at node '{view.name}'"
         return Relation(axes, pins=pin_all(view, reason))
 
+    def varying(self, view: NodeView, relation: Relation, inputs) -> list[bool]:
+        """An unknown op may draw random numbers: its outputs may change even on constant inputs."""
+        return [True] * len(view.outputs)
+
 
 UNARY = (
     "Abs Acos Acosh Asin Asinh Atan Atanh BitwiseNot CastLike Ceil Celu Clip Cos Cosh Dropout Elu Erf Exp "

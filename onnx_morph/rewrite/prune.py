@@ -72,7 +72,10 @@ def prune(
     Every group keeps at least one channel; budgets also keep `min_keep` of each group's channels
     and remove channels `round_to` at a time, so widths stay multiples of it. With `fold_constants`, the constant a removed channel
     holds (beta after BatchNorm) is folded into the consumer's bias where that is exact (Gemm,
-    unpadded Conv); `verify` compares the result with the original in onnxruntime. A constant that
+    unpadded Conv), when the channel is proven independent of the inputs or equal on four probe
+    inputs; `verify` compares the result with the original in onnxruntime on fresh random inputs
+    that decided nothing (integer inputs: ids below the length of the table they index, 0/1 where
+    nothing bounds them, with a note). A constant that
     cannot be folded, or a removed channel that was small but not dead, shifts the next BatchNorm's
     input: with `calibration` (input batches, e.g. 20 training batches, or a function of the model's
     input shape that returns them, such as a dataset resized to fit) the pruned model's BatchNorm
@@ -156,8 +159,8 @@ def _probe_and_run(
 
     def undecided(first) -> list[dict[str, np.ndarray]]:
         settled = removed_channel_values(graph, masks, samples(first), {t: np.ones_like(p) for t, p in proven.items()})
-        open_ = any((~masks[t] & ~proven[t] & (settled[t] != 0)).any() for t in probes)
-        return feeds[1:] if open_ else []
+        unsettled = any((~masks[t] & ~proven[t] & (settled[t] != 0)).any() for t in probes)
+        return feeds[1:] if unsettled else []
 
     runs = run(graph, original, feeds[:1], probes, then=undecided, plain=fresh)
     probed = runs[:len(runs) - len(fresh)]

@@ -73,20 +73,21 @@ def random_inputs(graph: ChannelGraph, samples: int, seed: int = 0) -> list[dict
              for name, shape in graph.model.input_shapes.items()} for _ in range(samples)]
 
 
-# Probe inputs: float scales, and the first two samples hold integer inputs at the ends of their
-# range, so that a channel fed by a low-entropy input (a flag, a token type) shows it varies.
+# Probe inputs: float scales, and samples 1 and 2 hold integer inputs at the ends of their range,
+# so that a channel fed by a low-entropy input (a flag, a token type) shows that it varies.
 _PROBE_SCALES = (1.0, 4.0, 0.25, 1.0)
 
 
 def probe_inputs(graph: ChannelGraph, samples: int, seed: int) -> list[dict[str, np.ndarray]]:
     """Inputs chosen to make channels that depend on the inputs show it: floats at several scales
-    (a saturated channel moves at another), integer inputs all lowest, all highest, then random."""
+    (a saturated channel moves at another); integer inputs random (the first sample alone shows
+    most channels vary over positions), then all lowest, all highest, then random again."""
     feeds = random_inputs(graph, samples, seed)
     ranges = integer_input_ranges(graph)
     for index, feed in enumerate(feeds):
         for name, value in feed.items():
-            if name in ranges and index < 2:
-                feed[name] = np.full_like(value, 0 if index == 0 else ranges[name].high - 1)
+            if name in ranges and index in (1, 2):
+                feed[name] = np.full_like(value, 0 if index == 1 else ranges[name].high - 1)
             elif name not in ranges:
                 feed[name] = (value * _PROBE_SCALES[index % len(_PROBE_SCALES)]).astype(value.dtype)
     return feeds
@@ -250,9 +251,20 @@ def masked_original(
                 extra_nodes.append((tensor, onnx.helper.make_node(
                     "Add", [out_name, f"{tensor}::folded_values"], [kept_name], name=kept_name)))
             renamed[(node_name, tensor)] = kept_name
+    _splice(graph, model, _unmasked_copy(model) if folded else [], extra_nodes, renamed)
+    model.graph.initializer.extend(extra_inits)
+    del model.graph.value_info[:]
+    drop_unused(model.graph)  # the copy's nodes that no folded channel needs
+    return model
+
+
+def _splice(graph: ChannelGraph, model: onnx.ModelProto, first: list[onnx.NodeProto],
+            extra_nodes: list[tuple[str, onnx.NodeProto]], renamed: dict) -> None:
+    """Put `first`, then the model's nodes, each followed by the extra nodes that read its output,
+    and point every node's inputs at their renamed (masked) versions."""
     producer_of = {o: i for i, n in enumerate(model.graph.node) for o in n.output}
     inserts: dict[int, list[onnx.NodeProto]] = {}
-    nodes = _unmasked_copy(model) if folded else []
+    nodes = list(first)
     for tensor, node in extra_nodes:
         if tensor in producer_of:
             inserts.setdefault(producer_of[tensor], []).append(node)
@@ -265,10 +277,6 @@ def masked_original(
         nodes.extend(inserts.get(index, []))
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    model.graph.initializer.extend(extra_inits)
-    del model.graph.value_info[:]
-    drop_unused(model.graph)  # the copy's nodes that no folded channel needs
-    return model
 
 
 _UNMASKED = "::unmasked"
