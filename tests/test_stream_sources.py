@@ -6,6 +6,7 @@ graph and torch) alike; with weight slices as the sources every producer has one
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 
 import onnx_morph
+from onnx_morph.cli import main as cli_main
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import build_channel_graph, load_model
 from onnx_morph.rewrite import prune
@@ -184,3 +186,13 @@ def test_a_regularizer_with_no_channel_that_can_die_says_why(tmp_path):
     path = zoo.export_onnx(OnlyStream(), SHAPE, tmp_path / "only.onnx")
     with pytest.raises(OptionError, match="also fed by a producer without one .* so none can die: use the group-lasso"):
         build_regularizer(build_channel_graph(load_model(path)))
+
+
+def test_a_budget_that_is_not_met_says_so(exported, tmp_path, capsys):
+    """The stream's channels have nothing to rank them by (their BatchNorm scales do not decide
+    them): a budget that needs them is not met, and the report says so."""
+    code = cli_main(["prune", str(exported), "-o", str(tmp_path / "small.onnx"), "--ratio", "0.2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert re.search(r"^note: flops target \S+ not reached: \S+ \(36% of \S+\) remain; 8 prunable channels have "
+                     r"nothing to rank them by", out, re.M), out

@@ -23,7 +23,7 @@ def source_strength(graph: ChannelGraph, kind: str) -> np.ndarray:
                 continue
             key = (source.param, source.axis)
             if key not in cache:
-                value = graph.model.constant(source.param)
+                value = graph.constant(source.param)
                 if value is None:
                     continue
                 cache[key] = _per_slice(np.asarray(value, dtype=np.float64), source.axis, kind)

@@ -80,9 +80,13 @@ class ChannelGraph:
         return self.aliases.get(name)
 
     def constant(self, name: str) -> np.ndarray | None:
-        """The value of a constant input, also where it views an initializer (an exporter's Identity
-        alias, a Transpose) that the weightless load left unevaluated; None if computed otherwise."""
-        return resolved_constant(self.model, self.aliases, name)
+        """The value of a constant input, also where the weightless load left it unevaluated: a view
+        of an initializer (an exporter's Identity alias, a Transpose), or a weight computed from
+        constants; None if it depends on the graph's inputs."""
+        value = resolved_constant(self.model, self.aliases, name)
+        if value is None and name in self.static:
+            value = self.model.computed_constant(name)
+        return value
 
     def class_pinned(self) -> np.ndarray:
         pinned = np.zeros(self.num_classes, dtype=bool)
@@ -231,8 +235,10 @@ def module_path(node: onnx.NodeProto) -> str | None:
 
 
 def node_view(graph: ChannelGraph, name: str) -> NodeView:
-    """The view a handler gets of a node of a built graph."""
-    return _view(graph.model, name, graph.nodes[name], graph.tensors, graph.static, graph.aliases)
+    """The view a handler gets of a node of a built graph (surgery's): every constant's value is readable."""
+    view = _view(graph.model, name, graph.nodes[name], graph.tensors, graph.static, graph.aliases)
+    view.constant_of = graph.constant
+    return view
 
 
 def _unique_names(nodes) -> list[str]:

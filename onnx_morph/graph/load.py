@@ -56,6 +56,7 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         self._initializers = {t.name: t for t in self.model.graph.initializer}
+        self._computed: dict[str, np.ndarray | None] = {}
         self._constants: dict[str, np.ndarray] = {}
         for node in self.model.graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
@@ -75,6 +76,46 @@ class LoadedModel:
         if tensor.data_location == TensorProto.EXTERNAL:
             tensor = _with_external_data(tensor, self.base_dir, self.source)
         return numpy_helper.to_array(tensor)
+
+    def computed_constant(self, name: str) -> np.ndarray | None:
+        """The value of a tensor that nodes compute from constants alone and that loading left
+        unevaluated because it reads an initializer over the weightless view's limit (a standardized
+        weight: weight -> Reshape -> BatchNormalization -> Reshape, times a gain); None when it
+        depends on a graph input or the reference runtime cannot compute it."""
+        if name not in self._computed:
+            self._computed[name] = self._evaluate_constant(name)
+        return self._computed[name]
+
+    def _evaluate_constant(self, name: str) -> np.ndarray | None:
+        producers = {o: (i, n) for i, n in enumerate(self.graph.node) for o in n.output if o}
+        chosen: dict[int, onnx.NodeProto] = {}
+        feeds: dict[str, np.ndarray] = {}
+        stack, seen = [name], set()
+        while stack:
+            tensor = stack.pop()
+            if not tensor or tensor in seen:
+                continue
+            seen.add(tensor)
+            if tensor in self._initializers:
+                feeds[tensor] = self.constant(tensor)
+            elif tensor in producers and producers[tensor][1].domain in ("", "ai.onnx"):
+                index, node = producers[tensor]
+                chosen[index] = node
+                stack.extend(node.input)
+            else:
+                return None
+        graph = onnx.helper.make_graph(
+            [chosen[i] for i in sorted(chosen)], "constant",
+            [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+             for n, v in feeds.items()],
+            [onnx.helper.make_empty_tensor_value_info(name)])
+        from onnx.reference import ReferenceEvaluator
+
+        try:
+            model = onnx.helper.make_model(graph, opset_imports=self.model.opset_import)
+            return np.asarray(ReferenceEvaluator(model).run(None, feeds)[0])
+        except Exception:  # noqa: BLE001 - an op the reference runtime cannot run: the value stays unknown
+            return None
 
     def materialized(self) -> onnx.ModelProto:
         """A copy of the model with every weight in memory (for onnxruntime and surgery)."""

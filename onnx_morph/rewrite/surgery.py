@@ -15,7 +15,6 @@ from onnx import numpy_helper
 from onnx_morph.graph.channel_graph import ChannelGraph, node_view
 from onnx_morph.handlers import handler_for
 from onnx_morph.rewrite.editing import drop_unused
-from onnx_morph.rewrite.verify import evaluate_constant
 
 
 def keep_masks(graph: ChannelGraph, alive: np.ndarray) -> dict[str, np.ndarray]:
@@ -76,9 +75,8 @@ class _NodeEditor:
 
 
 class _Surgery:
-    def __init__(self, graph: ChannelGraph, copies: dict[str, np.ndarray], removed: dict[str, np.ndarray],
-                 original: onnx.ModelProto):
-        self.graph, self.copies, self.removed, self.original = graph, copies, removed, original
+    def __init__(self, graph: ChannelGraph, copies: dict[str, np.ndarray], removed: dict[str, np.ndarray]):
+        self.graph, self.copies, self.removed = graph, copies, removed
         self.folded: dict[tuple[str, str], np.ndarray] = {}
         self.created: set[str] = set()
         self.added: dict[str, onnx.TensorProto] = {}
@@ -90,8 +88,6 @@ class _Surgery:
         if name in self.values:
             return self.values[name]
         value = self.graph.constant(name)
-        if value is None and name in self.graph.static:
-            value = evaluate_constant(self.graph, self.original, name)
         if value is None:
             raise ValueError(f"'{name}' is computed at run time; surgery cannot shrink it")
         return value
@@ -136,7 +132,7 @@ def resize_channels(
     """A copy of `original` in which channel class c appears copies[c] times, in place of once."""
     pruned = onnx.ModelProto()
     pruned.CopyFrom(original)
-    surgery = _Surgery(graph, copies_per_tensor(graph, copies), removed or {}, original)
+    surgery = _Surgery(graph, copies_per_tensor(graph, copies), removed or {})
     nodes = dict(zip(graph.order, pruned.graph.node))
     for name in graph.relations:
         node = nodes[name]

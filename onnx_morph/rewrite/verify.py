@@ -173,33 +173,6 @@ def _run(ort, graph: ChannelGraph, model: onnx.ModelProto, feeds: Feeds, extra_o
     return results + [session.run(own, feed) for feed in plain]
 
 
-def evaluate_constant(graph: ChannelGraph, model: onnx.ModelProto, name: str) -> np.ndarray | None:
-    """The value of a tensor that nodes compute from constants alone (a standardized weight: weight ->
-    Reshape -> BatchNormalization -> Reshape), which the weightless load left unevaluated; None if
-    it depends on a graph input."""
-    producers = {o: (i, n) for i, n in enumerate(model.graph.node) for o in n.output if o}
-    initializers = {t.name for t in model.graph.initializer}
-    chosen: dict[int, onnx.NodeProto] = {}
-    stack, seen = [name], set()
-    while stack:
-        tensor = stack.pop()
-        if not tensor or tensor in seen or tensor in initializers:
-            continue
-        seen.add(tensor)
-        if tensor not in producers:
-            return None
-        index, node = producers[tensor]
-        chosen[index] = node
-        stack.extend(node.input)
-    used = {i for n in chosen.values() for i in n.input}
-    dtype = graph.model.dtypes.get(name, onnx.TensorProto.FLOAT)
-    sub = onnx.helper.make_graph([chosen[i] for i in sorted(chosen)], "constant", [],
-                                 [onnx.helper.make_tensor_value_info(name, dtype, None)],
-                                 [t for t in model.graph.initializer if t.name in used])
-    probe = onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
-    return _run(onnxruntime(), graph, probe, [{}], ())[0][0]
-
-
 def deviation(expected: list[list[np.ndarray]], actual: list[list[np.ndarray]]) -> Deviation:
     worst_abs = worst_rel = 0.0
     for e_run, a_run in zip(expected, actual):
