@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from onnx_morph.data import DATA_HELP
-from onnx_morph.errors import OnnxMorphError, OptionError
+from onnx_morph.errors import InvariantError, OnnxMorphError, OptionError, OutputError
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -199,7 +200,7 @@ def _analyze(args: argparse.Namespace) -> None:
         try:
             write_graphml(result.graph, args.graph)
         except OSError as exc:
-            raise OptionError(f"{args.graph}: cannot write ({exc.strerror or exc})") from None
+            raise OutputError(f"{args.graph}: cannot write ({exc.strerror or exc})") from None
     if args.json:
         json.dump(result.to_json(), sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -334,18 +335,33 @@ def _demo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, unknown = parser.parse_known_args(argv)
+    command = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
     if unknown:
-        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        command.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         {"analyze": _analyze, "prune": _prune, "expand": _expand, "regularize": _regularize, "train": _train,
          "demo": _demo}[args.command](args)
     except OnnxMorphError as exc:
-        print(f"onnx-morph: error: {exc}", file=sys.stderr)
+        print(f"onnx-morph: error: {_with_flags(str(exc), command)}", file=sys.stderr)
         return 2
+    except InvariantError as exc:
+        print(f"onnx-morph: internal error (a bug of onnx-morph, not of your input): {exc}\n"
+              "Please report it with the command and, if you can, the model.", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         return 0
     return 0
+
+
+def _with_flags(message: str, command: argparse.ArgumentParser) -> str:
+    """The library names its options as Python does (`round_to`); the CLI user knows them as flags."""
+    for action in command._actions:
+        flags = [o for o in action.option_strings if o.startswith("--")]
+        if flags:
+            message = message.replace(f"`{action.dest}`", flags[0])
+            if "_" in action.dest:
+                message = re.sub(rf"(?<![\w-]){re.escape(action.dest)}(?![\w])", flags[0], message)
+    return message
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_morph.errors import OptionError
+from onnx_morph.errors import OptionError, TrainingError
 from onnx_morph.graph import build_channel_graph, load_model
 from onnx_morph.rewrite.artifacts import STRENGTH, TrainingArtifacts, load_artifacts, native_stderr_silenced
 from onnx_morph.rewrite.calibrate import recalibrated_batchnorm
@@ -90,7 +90,7 @@ def train(
         raise OptionError(f"epochs must be at least 1, not {epochs}")
     if batch_size is not None and batch_size != artifacts.batch_size:
         raise OptionError(f"the artifacts in {artifacts.directory} train with batches of {artifacts.batch_size}, "
-                          f"not {batch_size}; regenerate them with --batch-size {batch_size}")
+                          f"not {batch_size}; regenerate them with batch_size {batch_size}")
     batch_size = artifacts.batch_size
     log_dir = Path(log_dir) if log_dir is not None else artifacts.directory
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +145,7 @@ def train(
                     if isinstance(schedule, StrengthController):
                         schedule.update(cost)
                 if not math.isfinite(loss):
-                    raise OptionError(f"training diverged at step {step} (loss {loss}); lower the learning rate "
+                    raise TrainingError(f"training diverged at step {step} (loss {loss}); lower the learning rate "
                                       "or the strength")
                 if tracker.enabled and structure_every and step % structure_every == 0:
                     record.update(tracker.record(state, log_dir, step))
@@ -155,7 +155,7 @@ def train(
                 step += 1
             bar.close()
             if not bar.done:
-                raise OptionError(f"no batch of the data has {batch_size} examples, the artifacts' batch size")
+                raise TrainingError(f"no batch of the data has {batch_size} examples, the artifacts' batch size")
         final = tracker.record(state, log_dir, step, final=True) if tracker.enabled else {}
         if final:
             logs.write({"step": step, "epoch": epochs, **final})

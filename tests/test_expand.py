@@ -151,7 +151,7 @@ def test_library_errors(exported, tmp_path):
         (dict(), "exactly one"),
         (dict(target_flops=flops, target_params=1e6), "exactly one"),
         (dict(target_flops=-1.0), "must be positive"),
-        (dict(target_flops=flops, round_to=0), "--round-to"),
+        (dict(target_flops=flops, round_to=0), "round_to must be at least 1"),
         (dict(target_flops=1e3), "below"),
         (dict(target_flops=1e15), "out of reach"),
     ]

@@ -326,3 +326,29 @@ def test_every_option_has_help(command):
     sub = next(a for a in parser._actions if a.dest == "command").choices[command]
     for action in sub._actions:
         assert action.help, (command, action.option_strings or action.dest)
+
+
+def test_library_errors_name_options_and_the_cli_names_flags(tmp_path):
+    from onnx_morph.examples import export, small_resnet
+    from onnx_morph.rewrite.expand import expand
+
+    path = export(small_resnet(4), (1, 1, 8, 8), tmp_path / "m.onnx")
+    with pytest.raises(OptionError, match="^round_to must be at least 1, not 0$"):
+        expand(path, target_flops=1e6, round_to=0)
+    assert_user_error(cli("expand", path, "-o", tmp_path / "w.onnx", "--target-flops", "1e6", "--round-to", "0"),
+                      "--round-to must be at least 1, not 0")
+
+
+def test_an_internal_error_is_reported_as_a_bug(monkeypatch, capsys):
+    import onnx_morph.analysis
+    from onnx_morph.cli import main
+    from onnx_morph.errors import InvariantError
+
+    def broken(*args, **kwargs):
+        raise InvariantError("channel classes disagree")
+
+    monkeypatch.setattr(onnx_morph.analysis, "analyze", broken)
+    assert main(["analyze", "whatever.onnx"]) == 1
+    err = capsys.readouterr().err
+    assert "internal error (a bug of onnx-morph, not of your input): channel classes disagree" in err
+    assert "Please report it" in err

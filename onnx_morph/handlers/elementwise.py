@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from onnx_morph.errors import InvariantError
 from onnx_morph.handlers.base import (
     BaseHandler,
     NodeView,
@@ -24,7 +25,7 @@ from onnx_morph.handlers.base import (
 
 def _single_axis(axes):
     if axes is None or len(axes) != 1:
-        raise ValueError("surgery reached a tensor without a single channel axis")
+        raise InvariantError("surgery reached a tensor without a single channel axis")
     return axes
 
 

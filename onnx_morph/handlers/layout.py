@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from onnx_morph.errors import InvariantError
 from onnx_morph.handlers.base import (
     BaseHandler,
     Grid,
@@ -113,7 +114,7 @@ def kept_extents(info: TensorInfo, keep: np.ndarray, where: str) -> dict[int, in
         extents[axis] = int(along.sum())
         product = np.multiply.outer(product, along)
     if not np.array_equal(product, grid):
-        raise ValueError(f"{where}: the kept channels of '{info.name}' are not whole slices of its "
+        raise InvariantError(f"{where}: the kept channels of '{info.name}' are not whole slices of its "
                          f"{'x'.join(map(str, grid.shape))} channel grid")
     return extents
 
@@ -406,7 +407,7 @@ def _renumber_grid_slice(view: NodeView, edit, data: TensorInfo, keep: np.ndarra
     index = int(np.asarray(view.const(1)))
     index = index + extent if index < 0 else index
     if not kept[index]:
-        raise ValueError(f"{describe(view)} gathers slice {index} of '{data.name}', which pruning removes")
+        raise InvariantError(f"{describe(view)} gathers slice {index} of '{data.name}', which pruning removes")
     if not kept.all():
         edit.set_input(1, np.array(int(kept[:index].sum()), dtype=np.int64))
 

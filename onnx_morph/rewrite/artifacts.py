@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from onnx_morph.errors import OptionError
+from onnx_morph.errors import OptionError, OutputError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.rewrite.batch import flexible_batch
 from onnx_morph.rewrite.regularizer import GATE_LOGIT_SCALE, Regularizer, build_regularizer, check_gate_logit_scale
@@ -283,7 +283,7 @@ def _check_target(out_dir: Path, model, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise OptionError(f"{out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise OptionError(f"{out_dir} exists and is not empty; choose another directory or pass --force")
+        raise OutputError(f"{out_dir} exists and is not empty; choose another directory or pass overwrite=True (--force)")
     if not out_dir.parent.exists():
         raise OptionError(f"the folder {out_dir.parent} does not exist")
 

@@ -117,12 +117,12 @@ def expand(
     parameters) fit the target; tied channels (residual streams, concats, depthwise pairs) scale
     together because they are one group. Pinned groups keep their width."""
     if (target_flops is None) == (target_params is None):
-        raise OptionError("give exactly one of --target-flops, --target-params")
+        raise OptionError("give exactly one of target_flops, target_params")
     if round_to < 1:
-        raise OptionError(f"--round-to must be at least 1, not {round_to}")
+        raise OptionError(f"round_to must be at least 1, not {round_to}")
     resource, target = ("flops", target_flops) if target_flops is not None else ("params", target_params)
     if not target > 0:
-        raise OptionError(f"--target-{resource} must be positive, not {target}")
+        raise OptionError(f"target_{resource} must be positive, not {target}")
     graph = build_channel_graph(load_model(model, input_shapes))
     if not any(g.prunable for g in graph.groups):
         raise OptionError(f"{graph.model.source}: no channel group can change width "

@@ -11,7 +11,7 @@ from typing import BinaryIO
 
 import onnx
 
-from onnx_morph.errors import OptionError
+from onnx_morph.errors import OptionError, OutputError
 from onnx_morph.graph.load import serialized_size
 
 _PROTOBUF_LIMIT = 2**31 - 1
@@ -27,7 +27,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
         refuse_overwrite(target, source)
     folder = target.resolve().parent
     if not folder.is_dir():
-        raise OptionError(f"{target}: the folder {folder} does not exist")
+        raise OutputError(f"{target}: the folder {folder} does not exist")
     external = serialized_size(model) > _PROTOBUF_LIMIT
     if not external:
         _write_atomically(target, folder, lambda f: f.write(model.SerializeToString()))
@@ -37,7 +37,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
         handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
         os.close(handle)
     except OSError as exc:
-        raise OptionError(f"{target}: cannot write: {exc.strerror or exc}") from None
+        raise OutputError(f"{target}: cannot write: {exc.strerror or exc}") from None
     temp_data = Path(temp + ".data")
     try:
         copy = onnx.ModelProto()
@@ -48,7 +48,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
         os.replace(temp_data, folder / data_name)
         os.replace(temp, target)
     except OSError as exc:
-        raise OptionError(f"{target}: cannot write: {exc.strerror or exc}") from None
+        raise OutputError(f"{target}: cannot write: {exc.strerror or exc}") from None
     finally:
         for leftover in (Path(temp), temp_data):
             if leftover.exists():
@@ -61,7 +61,7 @@ def write_text(text: str, path: str | os.PathLike) -> None:
     target = Path(path)
     folder = target.resolve().parent
     if not folder.is_dir():
-        raise OptionError(f"{target}: the folder {folder} does not exist")
+        raise OutputError(f"{target}: the folder {folder} does not exist")
     _write_atomically(target, folder, lambda f: f.write(text.encode()))
 
 
@@ -83,7 +83,7 @@ def _write_atomically(target: Path, folder: Path, write: Callable[[BinaryIO], ob
                 temp = _link_unnamed(f.fileno(), folder, target.name)
         os.replace(temp, target)
     except OSError as exc:
-        raise OptionError(f"{target}: cannot write: {exc.strerror or exc}") from None
+        raise OutputError(f"{target}: cannot write: {exc.strerror or exc}") from None
     finally:
         if temp is not None and os.path.lexists(temp):
             os.unlink(temp)

@@ -13,6 +13,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_morph.graph.channel_graph import ChannelGraph, node_view
+from onnx_morph.errors import InvariantError
 from onnx_morph.handlers import handler_for
 from onnx_morph.rewrite.editing import drop_unused
 
@@ -51,7 +52,7 @@ class _NodeEditor:
     def slice_input(self, index: int, axis: int, copies: np.ndarray) -> None:
         value = self.surgery.value(self.node.input[index])
         if value.shape[axis] != copies.size:
-            raise ValueError(
+            raise InvariantError(
                 f"{self.node.op_type} node '{self.name}': input {index} has {value.shape[axis]} entries on axis {axis}, "
                 f"the channel mask {copies.size}"
             )
@@ -89,7 +90,7 @@ class _Surgery:
             return self.values[name]
         value = self.graph.constant(name)
         if value is None:
-            raise ValueError(f"'{name}' is computed at run time; surgery cannot shrink it")
+            raise InvariantError(f"'{name}' is computed at run time; surgery cannot shrink it")
         return value
 
     def new_initializer(self, base: str, value: np.ndarray) -> str:
