@@ -28,7 +28,7 @@ MIN_OPSET = 11
 MAX_OPSET = 21
 # Initializers at most this large stay in the weightless view: shape constants need their values.
 _SMALL_INITIALIZER = 1024
-_PROTOBUF_LIMIT = 2**31 - 1
+PROTOBUF_LIMIT = 2**31 - 1
 # A tensor of more elements than this (4 TiB of float32) exists on no machine: its dims are hostile or wrong.
 MAX_ELEMENTS = 2**40
 
@@ -163,7 +163,7 @@ def _read(path: Path) -> onnx.ModelProto:
     size = path.stat().st_size
     if size == 0:
         raise ModelLoadError(f"{path}: the file is empty, not an ONNX model")
-    if size > _PROTOBUF_LIMIT:
+    if size > PROTOBUF_LIMIT:
         raise ModelLoadError(
             f"{path}: {size} bytes is over protobuf's 2 GB limit; save the weights as external data"
         )
@@ -250,7 +250,7 @@ def serialized_size(model: onnx.ModelProto) -> int:
     try:
         return model.ByteSize()
     except EncodeError:
-        return _PROTOBUF_LIMIT + 1
+        return PROTOBUF_LIMIT + 1
 
 
 def memory_limit() -> int | None:

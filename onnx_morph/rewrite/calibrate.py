@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_morph.errors import OptionError
-from onnx_morph.rewrite.editing import drop_unused
+from onnx_morph.rewrite.editing import Names, drop_unused
 from onnx_morph.rewrite.training_graph import trainable
 from onnx_morph.rewrite.verify import onnxruntime
 
@@ -48,17 +48,14 @@ def recalibrated_batchnorm(model: onnx.ModelProto, inputs: list[np.ndarray], inp
             s[0] += v.sum(axis=axes)
             s[1] += (v * v).sum(axis=axes)
             s[2] += v.size // v.shape[1]
-    taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
+    names = Names(model.graph)
     for index, node in enumerate(norms):
         total, squares, count = sums[node.input[0]]
         mean = total / count
         variance = np.maximum(squares / count - mean * mean, 0.0)
         # Exporters feed the statistics through Identity nodes of shared tensors: give each BN its own.
         for slot, value in ((3, mean), (4, variance)):
-            name = f"{node.name or f'batchnorm_{index}'}/{'running_mean' if slot == 3 else 'running_var'}"
-            while name in taken:
-                name += "_"
-            taken.add(name)
+            name = names.fresh(f"{node.name or f'batchnorm_{index}'}/{'running_mean' if slot == 3 else 'running_var'}")
             model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
             node.input[slot] = name
     drop_unused(model.graph)  # the Identity nodes and initializers that fed the replaced statistics

@@ -13,14 +13,13 @@ from onnx_morph.costs import Totals, op_costs, total_cost, totals_of
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model, source_strength
 from onnx_morph.graph.dependence import input_dependence
-from onnx_morph.graph.load import serialized_size
+from onnx_morph.graph.load import PROTOBUF_LIMIT, serialized_size
 from onnx_morph.rewrite import select
 from onnx_morph.rewrite.calibrate import calibrated, has_batchnorm
 from onnx_morph.rewrite.surgery import keep_masks, probed_tensors, remove_channels, removed_channel_values
 from onnx_morph.rewrite.verify import (Deviation, deviation, input_notes, masked_original, probe_inputs,
                                        random_inputs, run)
 
-_PROTOBUF_LIMIT = 2**31 - 1
 # Removed channels' constants are measured on PROBE_SAMPLES probe inputs (of PROBE_SEED); the result
 # is verified on VERIFY_SAMPLES random inputs of VERIFY_SEED, which decided nothing.
 PROBE_SAMPLES, PROBE_SEED = 4, 24301
@@ -97,7 +96,7 @@ def prune(
     masks = keep_masks(graph, alive)
 
     original = graph.model.materialized()
-    small = serialized_size(original) < _PROTOBUF_LIMIT
+    small = serialized_size(original) < PROTOBUF_LIMIT
     removed, original_runs, fresh = _probe_and_run(graph, original, masks, small and fold_constants, small and verify)
     surgery = remove_channels(graph, alive, original, removed)
     pruned = surgery.model

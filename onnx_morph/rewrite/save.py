@@ -12,9 +12,8 @@ from typing import BinaryIO
 import onnx
 
 from onnx_morph.errors import OptionError, OutputError
-from onnx_morph.graph.load import serialized_size
+from onnx_morph.graph.load import PROTOBUF_LIMIT, serialized_size
 
-_PROTOBUF_LIMIT = 2**31 - 1
 
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None) -> Path:
@@ -28,7 +27,7 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
     folder = target.resolve().parent
     if not folder.is_dir():
         raise OutputError(f"{target}: the folder {folder} does not exist")
-    external = serialized_size(model) > _PROTOBUF_LIMIT
+    external = serialized_size(model) > PROTOBUF_LIMIT
     if not external:
         _write_atomically(target, folder, lambda f: f.write(model.SerializeToString()))
         return target

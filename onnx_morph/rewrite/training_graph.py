@@ -19,6 +19,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_morph.costs.terms import COEFFICIENTS
 from onnx_morph.errors import OptionError
+from onnx_morph.rewrite.editing import Names, drop_unused
 from onnx_morph.rewrite.regularizer import RMS_EPSILON, Gate, Regularizer
 
 REGULARIZATION = "morph_regularization"
@@ -49,6 +50,7 @@ def unshare_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     model = _copy(model)
     floats = {t.name: t for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
+    names = Names(model.graph)
     uses = Counter()
     for node in model.graph.node:
         for index, name in enumerate(node.input):
@@ -58,7 +60,7 @@ def unshare_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
             if uses[name] > 1:
                 copy = TensorProto()
                 copy.CopyFrom(floats[name])
-                copy.name = _unique(model, f"{name}__{uses[name] - 1}")
+                copy.name = names.fresh(f"{name}__{uses[name] - 1}")
                 model.graph.initializer.append(copy)
                 node.input[index] = copy.name
     return model
@@ -166,7 +168,7 @@ def deterministic_gates(model: onnx.ModelProto, gates: tuple[Gate, ...] | list[G
             "Reshape", [mask, builder.const("shape", gate.shape, np.int64)])
         placements.append((index, start, True))
     _place(model.graph, placements)
-    _drop_unused(model)
+    drop_unused(model.graph, PREFIX)
     return model
 
 
@@ -332,22 +334,6 @@ def _place(graph: onnx.GraphProto, placements: list[tuple[int, int, bool]]) -> N
     graph.node.extend(ordered)
 
 
-def _drop_unused(model: onnx.ModelProto) -> None:
-    """Remove the nodes and initializers under PREFIX that no graph output depends on."""
-    needed = {o.name for o in model.graph.output}
-    kept = []
-    for node in reversed(model.graph.node):
-        if node.name.startswith(PREFIX) and not needed.intersection(node.output):
-            continue
-        kept.append(node)
-        needed.update(node.input)
-    del model.graph.node[:]
-    model.graph.node.extend(reversed(kept))
-    initializers = [t for t in model.graph.initializer if not t.name.startswith(PREFIX) or t.name in needed]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(initializers)
-
-
 def _add_chain(node: onnx.NodeProto) -> list[onnx.NodeProto]:
     chain, current = [], node.input[0]
     for i, operand in enumerate(node.input[1:], start=1):
@@ -367,14 +353,6 @@ def _set_attribute(node: onnx.NodeProto, name: str, value) -> None:
 
 def _opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def _unique(model: onnx.ModelProto, name: str) -> str:
-    taken = {t.name for t in model.graph.initializer}
-    candidate, k = name, 1
-    while candidate in taken:
-        candidate, k = f"{name}_{k}", k + 1
-    return candidate
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
