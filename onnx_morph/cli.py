@@ -256,12 +256,8 @@ def _expand(args: argparse.Namespace) -> None:
 
 def _regularize(args: argparse.Namespace) -> None:
     from onnx_morph.graph import parse_input_shapes
-    from onnx_morph.rewrite.artifacts import (
-        GATE_LOGIT_SCALE,
-        GATE_TEMPERATURE,
-        RegularizerOptions,
-        make_training_artifacts,
-    )
+    from onnx_morph.rewrite.artifacts import make_training_artifacts
+    from onnx_morph.rewrite.regularizer import GATE_LOGIT_SCALE, GATE_TEMPERATURE, RegularizerOptions
 
     options = None if args.regularizer == "none" else RegularizerOptions(
         kind=args.regularizer, cost=args.cost, threshold=args.threshold, l1_fraction=args.l1_fraction, macs=args.macs,

@@ -18,7 +18,8 @@ import onnx
 
 from onnx_morph.analysis import analyze
 from onnx_morph.data import Dataset
-from onnx_morph.rewrite.artifacts import RegularizerOptions, make_training_artifacts
+from onnx_morph.rewrite.artifacts import make_training_artifacts
+from onnx_morph.rewrite.regularizer import RegularizerOptions
 from onnx_morph.rewrite.prune import LayerWidth, prune
 from onnx_morph.rewrite.save import save_model
 from onnx_morph.rewrite.verify import onnxruntime

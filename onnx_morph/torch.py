@@ -34,9 +34,8 @@ from onnx import numpy_helper
 from onnx_morph.costs.terms import COEFFICIENTS
 from onnx_morph.errors import OnnxMorphError, OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
-from onnx_morph.rewrite.artifacts import GATE_TEMPERATURE, RegularizerOptions
 from onnx_morph.rewrite.gates import gate_masks
-from onnx_morph.rewrite.regularizer import GATE_LOGIT_SCALE, RMS_EPSILON, Gate, Regularizer
+from onnx_morph.rewrite.regularizer import RMS_EPSILON, Gate, Regularizer, RegularizerOptions
 from onnx_morph.rewrite.training_graph import NOISE_EPSILON
 
 __all__ = ["MorphNetRegularizer", "MorphNetOutput", "SourceBinding", "export_onnx", "export_structure",
@@ -103,11 +102,26 @@ def export_onnx(module: torch.nn.Module, example_inputs: Any, path: str | os.Pat
     return model
 
 
+def regularizer_options(**fields: Any) -> RegularizerOptions:
+    """RegularizerOptions from keywords: `regularizer` for `kind`, any sequence for the name patterns."""
+    if "regularizer" in fields:
+        fields["kind"] = fields.pop("regularizer")
+    for name in ("input_boundary", "output_boundary", "force_group", "blacklist"):
+        if name in fields:
+            fields[name] = tuple(fields[name])
+    try:
+        return RegularizerOptions(**fields)
+    except TypeError as exc:
+        raise OptionError(f"MorphNetRegularizer: {exc}".replace("__init__() ", "")) from None
+
+
 class MorphNetRegularizer:
     """MorphNet's regularization term for a torch module, evaluated in torch on every call.
 
     `example_inputs` is one example input (or a tuple of them) of the shape the costs should be
-    computed for; use batch 1, costs are per example as in MorphNet. `cost` is flops, params,
+    computed for; use batch 1, costs are per example as in MorphNet. The regularizer is `options`
+    (a RegularizerOptions, as the ONNX route's), or its fields as keywords (`regularizer` names its
+    `kind`): `cost` is flops, params,
     activations or latency:HW (HW a name from onnx_morph.costs.HARDWARE, or PEAK_GFLOPS,BANDWIDTH_GBS);
     `regularizer` is gamma (BatchNorm scales), group-lasso (weight slices) or gates (FiGS: a
     per-channel probabilistic gate on each producer of a prunable group without BatchNorm, or on
@@ -128,26 +142,12 @@ class MorphNetRegularizer:
         module: torch.nn.Module,
         example_inputs: Any,
         *,
-        cost: str = "flops",
-        regularizer: str = "gamma",
-        threshold: float | None = None,
-        l1_fraction: float = 0.0,
-        macs: bool = False,
-        input_boundary: Sequence[str] = (),
-        output_boundary: Sequence[str] = (),
-        force_group: Sequence[str] = (),
-        blacklist: Sequence[str] = (),
+        options: RegularizerOptions | None = None,
         export_options: dict[str, Any] | None = None,
-        gates_everywhere: bool = False,
-        gate_temperature: float = GATE_TEMPERATURE,
-        straight_through: bool = False,
-        gate_logit_scale: float = GATE_LOGIT_SCALE,
+        **fields: Any,
     ) -> None:
-        options = RegularizerOptions(
-            kind=regularizer, cost=cost, threshold=threshold, l1_fraction=l1_fraction, macs=macs,
-            input_boundary=tuple(input_boundary), output_boundary=tuple(output_boundary),
-            force_group=tuple(force_group), blacklist=tuple(blacklist), gate_temperature=gate_temperature,
-            straight_through=straight_through, gates_everywhere=gates_everywhere, gate_logit_scale=gate_logit_scale)
+        options = options or regularizer_options(**fields)
+        regularizer, blacklist = options.kind, options.blacklist
         self.module = unwrap(module)
         if _gate_hooks(self.module):
             raise OptionError("the module carries the gate hooks of another MorphNetRegularizer, which would change "

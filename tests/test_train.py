@@ -24,7 +24,8 @@ from onnx_morph.graph import build_channel_graph, load_model
 from onnx_morph.costs import op_costs
 from onnx_morph.rewrite import prune
 from onnx_morph.rewrite.select import by_mask_document
-from onnx_morph.rewrite.artifacts import RegularizerOptions, load_artifacts, make_training_artifacts
+from onnx_morph.rewrite.artifacts import load_artifacts, make_training_artifacts
+from onnx_morph.rewrite.regularizer import RegularizerOptions
 from onnx_morph.train import train
 
 SCRIPT = Path(sys.executable).parent / "onnx-morph"

@@ -24,7 +24,8 @@ import onnx_morph
 from onnx_morph.costs import op_costs, totals_of
 from onnx_morph.graph import load_model
 from onnx_morph.rewrite import prune
-from onnx_morph.rewrite.artifacts import RegularizerOptions, make_training_artifacts
+from onnx_morph.rewrite.artifacts import make_training_artifacts
+from onnx_morph.rewrite.regularizer import RegularizerOptions
 from onnx_morph.rewrite.select import mask_document
 from onnx_morph.rewrite.verify import onnxruntime
 

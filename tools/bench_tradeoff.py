@@ -264,7 +264,8 @@ class Bench:
 
     def _shrink_prune_finetune(self, method: str, seed: int, multiple: float, budgets: list[float]) -> None:
         from onnx_morph.analysis import analyze
-        from onnx_morph.rewrite.artifacts import RegularizerOptions, make_training_artifacts
+        from onnx_morph.rewrite.artifacts import make_training_artifacts
+        from onnx_morph.rewrite.regularizer import RegularizerOptions
         from onnx_morph.rewrite.prune import prune
         from onnx_morph.rewrite.save import save_model
         from onnx_morph.train import CALIBRATION_BATCHES, accuracy, train

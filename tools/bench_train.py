@@ -43,7 +43,8 @@ def main() -> None:
     import torch
 
     from onnx_morph.examples import export, small_resnet
-    from onnx_morph.rewrite.artifacts import RegularizerOptions, make_training_artifacts
+    from onnx_morph.rewrite.artifacts import make_training_artifacts
+    from onnx_morph.rewrite.regularizer import RegularizerOptions
     from onnx_morph.rewrite.verify import onnxruntime
 
     torch.set_num_threads(args.threads)

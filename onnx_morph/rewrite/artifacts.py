@@ -25,7 +25,7 @@ from onnx import TensorProto
 from onnx_morph.errors import OptionError, OutputError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.rewrite.batch import flexible_batch
-from onnx_morph.rewrite.regularizer import GATE_LOGIT_SCALE, Regularizer, build_regularizer, check_gate_logit_scale
+from onnx_morph.rewrite.regularizer import Regularizer, RegularizerOptions
 from onnx_morph.rewrite.training_graph import (
     EFFECTIVE_COST, REGULARIZATION, add_gates, add_regularizer, deterministic_gates, inference_batchnorm, trainable,
     unshare_initializers, with_batch_size,
@@ -41,45 +41,6 @@ LOSSES = {"cross-entropy": "labels", "mse": "target", "bce": "target"}
 OPTIMIZERS = ("adamw", "sgd")
 # onnxruntime-training 1.19.2 loads models up to this IR version.
 MAX_IR_VERSION = 10
-# A soft but decisive sample: MorphNet's 0.001 makes the mask a Bernoulli draw whose gradient is almost
-# everywhere zero, so only the regularizer would move the logits; 0.5 lets the task loss push back.
-GATE_TEMPERATURE = 0.5
-
-
-@dataclass(frozen=True)
-class RegularizerOptions:
-    """How the regularizer was built; stored so training can rebuild the same one."""
-
-    kind: str = "gamma"
-    cost: str = "flops"
-    threshold: float | None = None
-    l1_fraction: float = 0.0
-    macs: bool = False
-    input_boundary: tuple[str, ...] = ()
-    output_boundary: tuple[str, ...] = ()
-    force_group: tuple[str, ...] = ()
-    blacklist: tuple[str, ...] = ()
-    gate_temperature: float = GATE_TEMPERATURE
-    straight_through: bool = False
-    gates_everywhere: bool = False
-    gate_logit_scale: float = GATE_LOGIT_SCALE
-
-    def __post_init__(self):
-        if not (0 < self.gate_temperature < float("inf")):
-            raise OptionError(f"the gate temperature must be a finite number > 0, not {self.gate_temperature}")
-        check_gate_logit_scale(self.gate_logit_scale)
-        if self.kind != "gates" and (self.straight_through or self.gates_everywhere
-                                     or self.gate_temperature != GATE_TEMPERATURE
-                                     or self.gate_logit_scale != GATE_LOGIT_SCALE):
-            raise OptionError(f"gate temperature, gate logit scale, straight-through and gates-everywhere apply to "
-                              f"the gates regularizer, not to '{self.kind}'")
-
-    def build(self, graph: ChannelGraph) -> Regularizer:
-        return build_regularizer(
-            graph, kind=self.kind, cost=self.cost, threshold=self.threshold, l1_fraction=self.l1_fraction,
-            macs=self.macs, input_boundary=list(self.input_boundary), output_boundary=list(self.output_boundary),
-            force_group=list(self.force_group), blacklist=list(self.blacklist), gates_everywhere=self.gates_everywhere,
-            gate_logit_scale=self.gate_logit_scale)
 
 
 @dataclass

@@ -40,6 +40,9 @@ GATE_LOGIT = 2.5
 # hundred steps at the small learning rates that keep the weights trained (at scale 1 no gate
 # closes in bench_tradeoff's ~470); much larger scales make a gate flip within a few steps.
 GATE_LOGIT_SCALE = 10.0
+# A soft but decisive sample: MorphNet's 0.001 makes the mask a Bernoulli draw whose gradient is almost
+# everywhere zero, so only the regularizer would move the logits; 0.5 lets the task loss push back.
+GATE_TEMPERATURE = 0.5
 GATE_PREFIX = "morph/gate/"
 # Keeps the gradient of a weight slice's RMS finite when the whole slice is zero.
 RMS_EPSILON = 1e-12
@@ -375,3 +378,39 @@ def _forced_groups(graph: ChannelGraph, patterns: list[str]) -> list[list[int]]:
             raise OptionError(f"force-group pattern '{pattern}' matches nodes of different widths {sorted(widths)}")
         groups += [sorted(set(column)) for column in zip(*(c.tolist() for c in outputs))]
     return groups
+
+
+@dataclass(frozen=True)
+class RegularizerOptions:
+    """How the regularizer was built; stored so training can rebuild the same one."""
+
+    kind: str = "gamma"
+    cost: str = "flops"
+    threshold: float | None = None
+    l1_fraction: float = 0.0
+    macs: bool = False
+    input_boundary: tuple[str, ...] = ()
+    output_boundary: tuple[str, ...] = ()
+    force_group: tuple[str, ...] = ()
+    blacklist: tuple[str, ...] = ()
+    gate_temperature: float = GATE_TEMPERATURE
+    straight_through: bool = False
+    gates_everywhere: bool = False
+    gate_logit_scale: float = GATE_LOGIT_SCALE
+
+    def __post_init__(self):
+        if not (0 < self.gate_temperature < float("inf")):
+            raise OptionError(f"the gate temperature must be a finite number > 0, not {self.gate_temperature}")
+        check_gate_logit_scale(self.gate_logit_scale)
+        if self.kind != "gates" and (self.straight_through or self.gates_everywhere
+                                     or self.gate_temperature != GATE_TEMPERATURE
+                                     or self.gate_logit_scale != GATE_LOGIT_SCALE):
+            raise OptionError(f"gate temperature, gate logit scale, straight-through and gates-everywhere apply to "
+                              f"the gates regularizer, not to '{self.kind}'")
+
+    def build(self, graph: ChannelGraph) -> Regularizer:
+        return build_regularizer(
+            graph, kind=self.kind, cost=self.cost, threshold=self.threshold, l1_fraction=self.l1_fraction,
+            macs=self.macs, input_boundary=list(self.input_boundary), output_boundary=list(self.output_boundary),
+            force_group=list(self.force_group), blacklist=list(self.blacklist), gates_everywhere=self.gates_everywhere,
+            gate_logit_scale=self.gate_logit_scale)
