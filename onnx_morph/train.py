@@ -234,9 +234,10 @@ class _StructureTracker:
         (folder / f"alive_{step:05d}.json").write_text(json.dumps(self.structure, indent=1) + "\n")
         if final:
             kept = self._final_masks(params, vector[:-1])
-            if self.target is not None:
+            if self.target is not None:  # the learned structure is the one put at the target
                 cost, _ = self.regularizer.terms.evaluate(kept, vector[:-1])
-            self.structure = mask_document(self.graph, kept)["structure"]
+                self.structure = mask_document(self.graph, kept)["structure"]
+                (folder / f"alive_{step:05d}.json").write_text(json.dumps(self.structure, indent=1) + "\n")
             (log_dir / "masks.json").write_text(json.dumps(mask_document(self.graph, kept)) + "\n")
         key = "effective_cost_after" if final else "effective_cost_structure"
         return {key: cost, **{f"alive/group_{g}": n for g, n in self.alive_per_group.items()}}
