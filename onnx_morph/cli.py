@@ -48,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--calibration-images", type=int, default=1280, metavar="N",
                        help="how many training images --calibrate uses (default 1280)")
 
+    profile = commands.add_parser("profile", help="time every weighted op in onnxruntime at a grid of widths")
+    profile.add_argument("model", help="path of an .onnx file")
+    profile.add_argument("-o", "--output", required=True, metavar="FILE", help="latency table (JSON)")
+    profile.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
+    profile.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
+    profile.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    profile.add_argument("--batch", type=int, default=1, help="batch size timed (default 1)")
+    profile.add_argument("--max-points", type=int, default=10, metavar="N",
+                         help="widths per axis of each op's grid, besides the full width and its top step (default 10)")
+
     expand = _model_to_model(commands, "expand", "scale a learned structure to a budget, freshly initialized",
                              "expanded")
     target = expand.add_mutually_exclusive_group(required=True)
@@ -169,6 +179,18 @@ def _prune(args: argparse.Namespace) -> None:
     print(render_prune(result, args.output))
 
 
+def _profile(args: argparse.Namespace) -> None:
+    from onnx_morph.graph import parse_input_shapes
+    from onnx_morph.profile import Timing, profile
+    from onnx_morph.rewrite.save import write_text
+
+    table = profile(args.model, input_shapes=parse_input_shapes(args.input_shape), max_points=args.max_points,
+                    timing=Timing(provider=args.provider, threads=args.threads, batch=args.batch))
+    write_text(json.dumps(table.to_json(), indent=1) + "\n", args.output)
+    print(f"wrote {args.output}: {len(table.ops)} ops on {table.name}; model {1e3 * table.model_seconds:.3f} ms "
+          f"(ops {1e3 * table.ops_seconds:.3f} ms, overhead {1e3 * table.overhead_seconds:.3f} ms)")
+
+
 def _expand(args: argparse.Namespace) -> None:
     from onnx_morph.graph import parse_input_shapes
     from onnx_morph.report import render_expand
@@ -245,7 +267,7 @@ def _demo(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"analyze": _analyze, "prune": _prune, "expand": _expand, "regularize": _regularize, "train": _train,
+        {"analyze": _analyze, "prune": _prune, "profile": _profile, "expand": _expand, "regularize": _regularize, "train": _train,
          "demo": _demo}[args.command](args)
     except OnnxMorphError as exc:
         print(f"onnx-morph: error: {exc}", file=sys.stderr)

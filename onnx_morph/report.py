@@ -55,6 +55,12 @@ def render(analysis: Analysis, max_ops: int | None = None) -> str:
         which = (f"gamma threshold {a.gamma_threshold}" if a.gamma_threshold is not None
                  else f"weight threshold {a.weight_threshold}")
         out.append(_totals_line("effective", a.effective, a.flop_unit) + f"   ({which})")
+    measured = getattr(a.hardware, "model_seconds", None)
+    if measured is not None:
+        out.append(f"latency table {a.hardware.source} ({a.hardware.description}): "
+                   f": the whole model measured {human(measured, 's')}, of which "
+                   f"{human(a.hardware.overhead_seconds, 's')} fixed overhead; predicted here "
+                   f"{human(a.effective.latency_s, 's')}")
 
     total_cost = a.cost_of(a.effective) or 0.0
     rows = []

@@ -115,6 +115,9 @@ def cost_terms(
         raise OptionError(f"unknown cost '{resource}': use one of {', '.join(RESOURCES)}")
     if resource == "latency" and hardware is None:
         raise OptionError("the latency cost needs a hardware (a name, or PEAK_GFLOPS,BANDWIDTH_GBS)")
+    if resource == "latency" and not isinstance(hardware, Hardware):
+        raise OptionError("the regularizer takes a roofline latency (latency:HW); a measured table works in "
+                          "analyze and prune")
     fixed = graph.num_classes
     rows: list[CostRow] = []
     for name, relation in graph.relations.items():
