@@ -38,6 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     criterion.add_argument("--target-flops", type=float, help="remove the weakest channels until FLOPs <= this")
     criterion.add_argument("--target-params", type=float, help="remove the weakest channels until params <= this")
     criterion.add_argument("--ratio", type=float, help="keep this fraction of the FLOPs (e.g. 0.5)")
+    criterion.add_argument("--target-latency", metavar="R|TIME",
+                           help="prune to this latency predicted by --latency-table: a fraction of the measured "
+                                "original (0.5) or a time (3.2ms)")
+    prune.add_argument("--latency-table", metavar="FILE",
+                       help="latency table written by `onnx-morph profile`: predicted and measured latency before and after")
+    prune.add_argument("--provider", choices=["cpu", "cuda"], help="refuse a latency table profiled on another provider")
+    prune.add_argument("--no-measure", action="store_true", help="with a latency table, skip timing the two models")
     prune.add_argument("--round-to", type=int, default=1, metavar="N", help="keep every width a multiple of N")
     prune.add_argument("--min-keep", type=float, default=0.1, metavar="F",
                        help="with a budget, keep at least this fraction of every group's channels (default 0.1)")
@@ -175,6 +182,10 @@ def _prune(args: argparse.Namespace) -> None:
         min_keep=args.min_keep,
         verify=not args.no_verify,
         calibration=calibration,
+        target_latency=args.target_latency,
+        latency_table=args.latency_table,
+        provider=args.provider,
+        measure=not args.no_measure,
     )
     print(render_prune(result, args.output))
 
@@ -188,7 +199,8 @@ def _profile(args: argparse.Namespace) -> None:
                     timing=Timing(provider=args.provider, threads=args.threads, batch=args.batch))
     write_text(json.dumps(table.to_json(), indent=1) + "\n", args.output)
     print(f"wrote {args.output}: {len(table.ops)} ops on {table.name}; model {1e3 * table.model_seconds:.3f} ms "
-          f"(ops {1e3 * table.ops_seconds:.3f} ms, overhead {1e3 * table.overhead_seconds:.3f} ms)")
+          f""
+          f"= {table.scale:.3f} x ops {1e3 * table.ops_seconds:.3f} ms + overhead {1e3 * table.overhead_seconds:.3f} ms")
 
 
 def _expand(args: argparse.Namespace) -> None:

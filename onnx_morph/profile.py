@@ -5,7 +5,9 @@ included) becomes a one-node model with random weights; surgery (the handlers' o
 shrinks it to each (A_in, A_out) of the grid, and onnxruntime times it: warm-up runs, then at
 least `repeats` runs, the median and the median absolute deviation. Results are cached per op
 signature, batch, provider, threads, device and runtime version, so repeated layers and repeated
-runs cost nothing. The whole model is timed too; the difference is the table's fixed overhead.
+runs cost nothing. The whole model is timed too, at full width and with every prunable group
+halved (in turns); the table maps the sum of the ops' latencies to the whole model's through these
+two points (see costs/measured.py).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.rewrite.verify import onnxruntime
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -58,17 +60,22 @@ class Timing:
         data = model if isinstance(model, bytes) else model.SerializeToString()
         return ort.InferenceSession(data, options, providers=[PROVIDERS[self.provider]])
 
-    def time(self, session, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> tuple[float, float]:
+    def time(self, session, feeds: dict[str, np.ndarray]) -> tuple[float, float]:
         """(median, median absolute deviation) in seconds of `session.run`."""
+        times = self.runs(session, feeds)
+        median = statistics.median(times)
+        return median, statistics.median(abs(t - median) for t in times)
+
+    def runs(self, session, feeds: dict[str, np.ndarray]) -> list[float]:
+        """Seconds of each timed run, after the warm-up runs."""
         for _ in range(self.warmup):
-            session.run(outputs, feeds)
+            session.run(None, feeds)
         times: list[float] = []
         while len(times) < self.repeats or (sum(times) < self.min_seconds and len(times) < 4 * self.repeats):
             start = time.perf_counter()
-            session.run(outputs, feeds)
+            session.run(None, feeds)
             times.append(time.perf_counter() - start)
-        median = statistics.median(times)
-        return median, statistics.median(abs(t - median) for t in times)
+        return times
 
 
 def check_timing(timing: Timing) -> None:
@@ -239,6 +246,9 @@ def measure_op(graph: ChannelGraph, name: str, timing: Timing, max_points: int) 
     grid_in = tuple(int(w) for w in (widths[0, :, 0] if tied else widths[:, 0, 0]))
     grid_out = tuple(int(w) for w in widths[0, :, 1])
     full_in, full_out = probe.widths(np.ones(probe.graph.num_classes, dtype=bool))
+    # A narrower op is never slower: a dip below a narrower width's time is noise (or a kernel quirk the
+    # pruner should not bet on), so each entry is the largest median at or below its widths.
+    seconds = np.maximum.accumulate(np.maximum.accumulate(seconds, axis=1), axis=0)
     return OpTable(name, graph.nodes[name].op_type, op_signature(graph, name), full_in, full_out, tied,
                    grid_in, grid_out, seconds[0] if tied else seconds, noise[0] if tied else noise)
 
@@ -260,14 +270,31 @@ def load_at_batch(model, input_shapes: dict[str, tuple[int, ...]] | None, batch:
 def measure_model(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], dtypes: dict[str, int],
                   timing: Timing) -> tuple[float, float]:
     """(median, MAD) seconds of the whole model on random inputs of these shapes."""
+    return measure_models([model], input_shapes, dtypes, timing)[0]
+
+
+def measure_models(models: list[onnx.ModelProto], input_shapes: dict[str, tuple[int, ...]], dtypes: dict[str, int],
+                   timing: Timing, rounds: int = 5) -> list[tuple[float, float]]:
+    """(median, MAD) seconds of each model on the same random inputs, timed in turns (a few runs of each
+    per round) so that load changing over time hits them alike."""
     rng = np.random.default_rng(0)
     feeds = {}
     for name, shape in input_shapes.items():
         dtype = helper.tensor_dtype_to_np_dtype(dtypes.get(name, onnx.TensorProto.FLOAT))
         feeds[name] = rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype)
-    whole = Timing(timing.provider, timing.threads, timing.batch, warmup=3, repeats=10, min_seconds=0.5)
-    session = timing.session(model)
-    return whole.time(session, feeds)
+    sessions = [timing.session(m) for m in models]
+    chunk = Timing(timing.provider, timing.threads, timing.batch, warmup=0, repeats=2, min_seconds=0.1)
+    times: list[list[float]] = [[] for _ in models]
+    for session in sessions:
+        Timing(warmup=3, repeats=1, min_seconds=0.0).time(session, feeds)
+    for _ in range(rounds):
+        for index, session in enumerate(sessions):
+            times[index].extend(chunk.runs(session, feeds))
+    results = []
+    for series in times:
+        median = statistics.median(series)
+        results.append((median, statistics.median(abs(t - median) for t in series)))
+    return results
 
 
 # --------------------------------------------------------------------------- #
@@ -317,15 +344,52 @@ def profile(
             "op_type", "signature", "in_width", "out_width", "tied", "grid_in", "grid_out", "seconds", "noise")))
     whole_key = _model_key(graph)
     whole = _cached_value(folder, whole_key, env)
+    half = uniform_half(graph)
     if whole is None:
-        whole = measure_model(loaded.materialized(), loaded.input_shapes, loaded.dtypes, timing)
+        whole = _measure_whole(graph, half, timing)
         _store_value(folder, whole_key, env, list(whole))
     result = LatencyTable(loaded.source, timing.provider, timing.threads, timing.batch, device,
                           f"onnxruntime {onnxruntime().__version__}", float(whole[0]), float(whole[1]), ops)
+    result.calibrate(_half_widths(graph, half, ops), float(whole[2]))
     _say(progress, f"profile: {len(names)} ops ({measured} measured, {len(names) - measured} repeated or cached), "
                    f"model {1e3 * result.model_seconds:.3f} ms, ops {1e3 * result.ops_seconds:.3f} ms, "
                    f"in {time.perf_counter() - started:.1f} s")
     return result
+
+
+def uniform_half(graph: ChannelGraph) -> np.ndarray:
+    """Alive classes with every prunable group cut to half its width (rounded up to a multiple of 8)."""
+    alive = np.ones(graph.num_classes, dtype=bool)
+    for group in graph.groups:
+        if group.prunable and group.size > 1:
+            half = -(-group.size // 2)
+            keep = min(group.size, -(-half // 8) * 8) if group.size >= 16 else half
+            alive[group.classes[keep:]] = False
+    return alive
+
+
+def _half_widths(graph: ChannelGraph, alive: np.ndarray, ops: dict[str, OpTable]) -> dict[str, tuple[int, int]]:
+    from onnx_morph.costs.resources import alive_along
+
+    widths = {}
+    for name in ops:
+        geometry = graph.relations[name].geometry
+        widths[name] = (int(alive_along(graph, alive, geometry.input, geometry.in_axis).sum()),
+                        int(alive_along(graph, alive, geometry.output, geometry.out_axis).sum()))
+    return widths
+
+
+def _measure_whole(graph: ChannelGraph, half: np.ndarray, timing: Timing) -> tuple[float, float, float]:
+    """(median, MAD) of the whole model and the median with every group halved, timed in turns."""
+    from onnx_morph.rewrite.surgery import remove_channels
+
+    original = graph.model.materialized()
+    models = [original]
+    if not half.all():
+        models.append(remove_channels(graph, half, original).model)
+    shapes = graph.model.input_shapes
+    results = measure_models(models, shapes, graph.model.dtypes, timing)
+    return results[0][0], results[0][1], results[-1][0]
 
 
 def _say(stream: TextIO | None, line: str) -> None:
@@ -386,7 +450,7 @@ def _store(folder: Path, signature: str, env: str, table: OpTable) -> None:
 
 def _cached_value(folder: Path, key: str, env: str):
     value = _read_json(folder / f"{_key('model', key, env)}.json")
-    return value if isinstance(value, list) and len(value) == 2 else None
+    return value if isinstance(value, list) and len(value) == 3 else None
 
 
 def _store_value(folder: Path, key: str, env: str, value) -> None:

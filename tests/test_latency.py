@@ -132,13 +132,13 @@ def test_analyze_with_a_measured_table(model_path, table_path):
     table = load_table(table_path)
     full = analyze(model_path, cost=f"latency:measured={table_path}")
     assert full.total.latency_s == pytest.approx(table.model_seconds, rel=1e-9)  # exact at full width
-    assert sum(op.latency_s for op in full.ops) == pytest.approx(table.ops_seconds, rel=1e-9)
+    assert sum(op.latency_s for op in full.ops) == pytest.approx(table.scale * table.ops_seconds, rel=1e-9)
     dead = analyze(model_path, cost=f"latency:measured={table_path}", gamma_threshold=0.9)
     graph = dead.graph
     expected = table.overhead_seconds
     for op in dead.ops:
         if op.node in table.ops:
-            expected += table.ops[op.node].latency(op.in_alive, op.out_alive)
+            expected += table.scale * table.ops[op.node].latency(op.in_alive, op.out_alive)
     assert dead.effective.latency_s == pytest.approx(expected, rel=1e-9)
     assert dead.effective.latency_s < full.total.latency_s and graph is not None
     proc = run("analyze", model_path, "--cost", f"latency:measured={table_path}")
@@ -158,3 +158,82 @@ def test_bad_tables_are_one_line_errors(folder, model_path, table_path):
     onnx.save(small_cnn(hidden=40), other)
     assert_user_error(run("analyze", other, "--cost", f"latency:measured={table_path}"), "does not fit this model", "pw")
     assert_user_error(run("analyze", model_path, "--cost", f"latency:measured={folder / 'missing.json'}"), "no such file")
+
+
+# --------------------------------------------------------------------------- #
+# pruning to a latency target
+# --------------------------------------------------------------------------- #
+
+
+def staircase_table(graph, step: int = 16, overhead: float = 1e-4) -> LatencyTable:
+    """A synthetic table: every op costs as if its widths were rounded up to multiples of `step`,
+    timed at every multiple of 8 (so 8, 24, 40... lie on the flat part of a step)."""
+    from onnx_morph.costs.measured import timed_ops
+
+    up = lambda w: -(-w // step) * step  # noqa: E731
+    ops = {}
+    for name, signature in timed_ops(graph).items():
+        geometry = graph.relations[name].geometry
+        full_in, full_out = graph.model.shapes[geometry.input][geometry.in_axis], graph.model.shapes[geometry.output][geometry.out_axis]
+        pinned_in = graph.class_pinned()[graph.axis_classes(geometry.input, geometry.in_axis)].all()
+        pinned_out = graph.class_pinned()[graph.axis_classes(geometry.output, geometry.out_axis)].all()
+        grid_in = (full_in,) if pinned_in else tuple(range(8, full_in + 1, 8))
+        grid_out = (full_out,) if pinned_out else tuple(range(8, full_out + 1, 8))
+        tied = geometry.groups > 1
+        if tied:
+            seconds = np.array([1e-6 * up(w) for w in grid_out])
+        else:
+            seconds = np.array([[1e-8 * up(i) * up(o) for o in grid_out] for i in grid_in])
+        ops[name] = OpTable(name, graph.nodes[name].op_type, signature, full_in, full_out, tied,
+                            grid_out if tied else grid_in, grid_out, seconds, np.zeros_like(seconds))
+    total = sum(op.latency(op.in_width, op.out_width) for op in ops.values())
+    return LatencyTable("synthetic", "cpu", 2, 1, "test", "", total + overhead, 0.0, ops, source="synthetic")
+
+
+def test_a_staircase_makes_the_pruner_choose_widths_on_the_step():
+    from onnx_morph.rewrite.latency import LatencyModel, by_latency
+
+    graph = build_channel_graph(load_model(small_cnn(width=64, hidden=96)))
+    table = staircase_table(graph)
+    model = LatencyModel(graph, table)
+    for ratio in (0.8, 0.65, 0.55):
+        target = ratio * table.model_seconds
+        alive = by_latency(graph, table, target, min_keep=0.1)
+        widths = [int(alive[g.classes].sum()) for g in graph.groups if g.prunable]
+        assert all(w % 16 == 0 for w in widths), (ratio, widths)
+        assert model.predict(alive) <= target
+        assert min(widths) < max(g.size for g in graph.groups if g.prunable)
+
+
+def test_a_latency_target_prune_meets_its_prediction(folder):
+    from onnx_morph.rewrite import prune
+
+    path = folder / "wider.onnx"
+    onnx.save(small_cnn(width=64, hidden=128, size=32), path)
+    table = profile(path, timing=FAST, max_points=3, cache=folder / "cache", progress=None)
+    result = prune(path, target_latency=0.6, latency_table=table)
+    check = result.latency
+    assert check.target_s == pytest.approx(0.6 * table.model_seconds)
+    assert check.predicted_before == pytest.approx(table.model_seconds)
+    assert check.predicted_after <= check.target_s
+    assert check.measured_before > 0 and check.measured_after > 0
+    assert result.after.flops < result.before.flops
+    assert result.masked_deviation.max_rel < 1e-4
+    fixed = prune(path, target_latency=f"{1e3 * 0.6 * table.model_seconds:.6f}ms", latency_table=table, measure=False)
+    assert fixed.latency.measured_after is None
+    np.testing.assert_array_equal(fixed.alive, result.alive)
+
+
+def test_latency_table_errors_in_prune(folder, model_path, table_path):
+    out = folder / "out.onnx"
+    assert_user_error(run("prune", model_path, "-o", out, "--target-latency", "0.5"), "--latency-table")
+    assert_user_error(run("prune", model_path, "-o", out, "--target-latency", "0.5", "--latency-table", table_path,
+                          "--provider", "cuda"), "provider 'cpu'", "not 'cuda'")
+    assert_user_error(run("prune", model_path, "-o", out, "--target-latency", "2", "--latency-table", table_path),
+                      "at most 1")
+    assert_user_error(run("prune", model_path, "-o", out, "--target-latency", "1e-9ms", "--latency-table", table_path),
+                      "below")
+    other = folder / "other2.onnx"
+    onnx.save(small_cnn(width=24), other)
+    assert_user_error(run("prune", other, "-o", out, "--ratio", "0.5", "--latency-table", table_path), "does not fit")
+    assert not out.exists()

@@ -4,10 +4,15 @@
 model, and interpolated. An op's latency at (A_in, A_out) is bilinear in the grid cell around it
 (exact at grid points, clamped outside the grid); ops whose input and output channels are tied (a
 depthwise or grouped conv, whose group count follows its channels) have a one-dimensional grid
-over their output width. The model's latency is the sum over the table's ops plus the measured
-fixed overhead: the whole model's measured latency minus that sum at full width (it holds the ops
-the table does not time, reorders and the session's own cost, and may be negative where timing an
-op alone adds layout conversions the whole model does not have).
+over their output width.
+
+An op timed alone, again and again, runs with its weights and input in cache and without its
+neighbours; in the whole model the same ops take longer (1.6x the sum on ResNet-50 on 2 cores), and
+other ops (pooling, reorders, the session) add a fixed time. So the whole model's latency is
+predicted as `scale * sum of the ops' latencies + overhead`, with the two numbers fitted to two
+measurements of the whole model made in turns: at full width and with every prunable group halved.
+Both are then predicted exactly. Where the fit is degenerate (no prunable group, or a scale outside
+[0.5, 4]), the scale is 1 and the overhead is the difference at full width.
 """
 
 from __future__ import annotations
@@ -95,6 +100,8 @@ class LatencyTable:
     ops: dict[str, OpTable]
     source: str = ""
     notes: list[str] = field(default_factory=list)
+    scale: float = 1.0
+    half_seconds: float | None = None  # the whole model measured with every prunable group halved
 
     @property
     def name(self) -> str:
@@ -111,11 +118,20 @@ class LatencyTable:
 
     @property
     def overhead_seconds(self) -> float:
-        return self.model_seconds - self.ops_seconds
+        return self.model_seconds - self.scale * self.ops_seconds
 
     def op_latency(self, node: str, a_in: float, a_out: float) -> float:
+        """The op's predicted share of the whole model: its interpolated latency alone, times the scale."""
         op = self.ops.get(node)
-        return 0.0 if op is None else op.latency(a_in, a_out)
+        return 0.0 if op is None else self.scale * op.latency(a_in, a_out)
+
+    def calibrate(self, half_widths: dict[str, tuple[int, int]], half_seconds: float) -> None:
+        """Fit the scale to the whole model measured at the ops' `half_widths` (see the module's docstring)."""
+        self.half_seconds = half_seconds
+        ops_half = sum(op.latency(*half_widths[name]) for name, op in self.ops.items())
+        span = self.ops_seconds - ops_half
+        scale = (self.model_seconds - half_seconds) / span if span > 0.05 * self.ops_seconds else 1.0
+        self.scale = scale if 0.5 <= scale <= 4.0 else 1.0
 
     def check(self, graph, provider: str | None = None) -> None:
         """OptionError unless the table was profiled from this model (same ops, same signatures) and,
@@ -138,7 +154,8 @@ class LatencyTable:
                 "threads": self.threads, "batch": self.batch, "device": self.device, "runtime": self.runtime,
                 "unit": "ms", "model_ms": round(self.model_seconds * 1e3, 6),
                 "model_mad_ms": round(self.model_noise * 1e3, 6), "ops_ms": round(self.ops_seconds * 1e3, 6),
-                "overhead_ms": round(self.overhead_seconds * 1e3, 6), "notes": self.notes,
+                "half_ms": None if self.half_seconds is None else round(self.half_seconds * 1e3, 6),
+                "scale": self.scale, "overhead_ms": round(self.overhead_seconds * 1e3, 6), "notes": self.notes,
                 "ops": {name: op.to_json() for name, op in self.ops.items()}}
 
 
@@ -187,7 +204,8 @@ def table_from_json(document: dict, label: str = "") -> LatencyTable:
         model=str(document["model"]), provider=str(document["provider"]), threads=int(document["threads"]),
         batch=int(document["batch"]), device=str(document["device"]), runtime=str(document.get("runtime", "")),
         model_seconds=model_seconds, model_noise=float(document.get("model_mad_ms", 0.0)) / 1e3,
-        ops=ops, source=label, notes=list(document.get("notes", [])))
+        ops=ops, source=label, notes=list(document.get("notes", [])), scale=_positive(document["scale"], "scale"),
+        half_seconds=None if document.get("half_ms") is None else float(document["half_ms"]) / 1e3)
 
 
 def op_from_json(name: str, entry: dict) -> OpTable:

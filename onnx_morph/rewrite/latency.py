@@ -54,7 +54,7 @@ class LatencyModel:
         return self.table.op_latency(op.name, *self.widths(op, alive))
 
     def op_noise(self, op: _Op, alive: np.ndarray) -> float:
-        return self.table.ops[op.name].noise_at(*self.widths(op, alive))
+        return self.table.scale * self.table.ops[op.name].noise_at(*self.widths(op, alive))
 
     def predict(self, alive: np.ndarray) -> float:
         """Predicted latency of the whole model: the ops' interpolated latencies plus the fixed overhead."""
