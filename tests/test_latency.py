@@ -237,3 +237,32 @@ def test_latency_table_errors_in_prune(folder, model_path, table_path):
     onnx.save(small_cnn(width=24), other)
     assert_user_error(run("prune", other, "-o", out, "--ratio", "0.5", "--latency-table", table_path), "does not fit")
     assert not out.exists()
+
+
+def test_regularizer_latency_slopes_are_finite_differences_of_the_table(model_path, table_path):
+    from onnx_morph.costs.terms import cost_terms
+    from onnx_morph.rewrite.regularizer import build_regularizer
+
+    graph = build_channel_graph(load_model(model_path))
+    table = load_table(table_path)
+    terms = cost_terms(graph, "latency", hardware=table)
+    assert terms.parts == 1 and terms.nodes == list(table.ops)
+    for row in terms.rows:
+        op = table.ops[row.node]
+        w_in, w_out = op.in_width, op.out_width
+        below = lambda grid, w: max(g for g in grid if g < w)  # noqa: E731
+        expected_out = table.scale * (op.latency(w_in, w_out) - op.latency(w_in, below(op.grid_out, w_out))) / (
+            w_out - below(op.grid_out, w_out)) if len(op.grid_out) > 1 else 0.0
+        expected_in = 0.0
+        if not op.tied and len(op.grid_in) > 1:
+            lower = below(op.grid_in, w_in)
+            expected_in = table.scale * (op.latency(w_in, w_out) - op.latency(lower, w_out)) / (w_in - lower)
+        assert row.in_linear[0] == pytest.approx(expected_in, abs=1e-15)
+        assert row.out_linear[0] == pytest.approx(expected_out, abs=1e-15)
+        assert row.bilinear[0] == 0.0
+    assert table.ops["pw"].grid_out[-2] == 40
+    alive = np.ones(graph.num_classes, dtype=bool)
+    cost, _ = terms.evaluate(alive, np.zeros(graph.num_classes))
+    assert cost == pytest.approx(table.model_seconds, rel=1e-9)  # exact at the current widths
+    regularizer = build_regularizer(graph, cost=f"latency:measured={table_path}")
+    assert regularizer.terms.parts == 1

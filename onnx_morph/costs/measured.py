@@ -11,8 +11,9 @@ neighbours; in the whole model the same ops take longer (1.6x the sum on ResNet-
 other ops (pooling, reorders, the session) add a fixed time. So the whole model's latency is
 predicted as `scale * sum of the ops' latencies + overhead`, with the two numbers fitted to two
 measurements of the whole model made in turns: at full width and with every prunable group halved.
-Both are then predicted exactly. Where the fit is degenerate (no prunable group, or a scale outside
-[0.5, 4]), the scale is 1 and the overhead is the difference at full width.
+Both are then predicted exactly. Where the fit is degenerate (no prunable group, a scale outside
+[0.5, 4], or a negative overhead), the overhead is 0 and the scale is the whole model's latency over
+the sum of the ops' at full width.
 """
 
 from __future__ import annotations
@@ -125,13 +126,31 @@ class LatencyTable:
         op = self.ops.get(node)
         return 0.0 if op is None else self.scale * op.latency(a_in, a_out)
 
+    def slopes(self, node: str, a_in: int, a_out: int) -> tuple[float, float]:
+        """(d latency / d A_in, d latency / d A_out) of the op's share at these widths: backward finite
+        differences to the next lower grid width of each axis (0 along an axis with no lower width)."""
+        op = self.ops[node]
+        value = op.latency(a_in, a_out)
+        slopes = []
+        for axis, grid in (("in", () if op.tied else op.grid_in), ("out", op.grid_out)):
+            width = a_in if axis == "in" else a_out
+            lower = [g for g in grid if g < width]
+            if not lower:
+                slopes.append(0.0)
+                continue
+            other = op.latency(lower[-1], a_out) if axis == "in" else op.latency(a_in, lower[-1])
+            slopes.append(self.scale * (value - other) / (width - lower[-1]))
+        return slopes[0], slopes[1]
+
     def calibrate(self, half_widths: dict[str, tuple[int, int]], half_seconds: float) -> None:
         """Fit the scale to the whole model measured at the ops' `half_widths` (see the module's docstring)."""
         self.half_seconds = half_seconds
         ops_half = sum(op.latency(*half_widths[name]) for name, op in self.ops.items())
         span = self.ops_seconds - ops_half
-        scale = (self.model_seconds - half_seconds) / span if span > 0.05 * self.ops_seconds else 1.0
-        self.scale = scale if 0.5 <= scale <= 4.0 else 1.0
+        scale = (self.model_seconds - half_seconds) / span if span > 0.05 * self.ops_seconds else 0.0
+        if not 0.5 <= scale <= 4.0 or self.model_seconds - scale * self.ops_seconds < 0:
+            scale = self.model_seconds / self.ops_seconds if self.ops_seconds > 0 else 1.0
+        self.scale = scale
 
     def check(self, graph, provider: str | None = None) -> None:
         """OptionError unless the table was profiled from this model (same ops, same signatures) and,
