@@ -34,7 +34,7 @@ from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.rewrite.verify import onnxruntime
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -198,6 +198,28 @@ class _Probe:
         return model, keep
 
 
+def monotone(seconds: np.ndarray) -> np.ndarray:
+    """The medians made non-decreasing in both widths: a narrower op is never slower, and a point out of
+    line (a busy moment, a kernel quirk the pruner should not bet on) is pooled with its neighbours
+    (isotonic regression along each axis, twice, then a running maximum to settle what is left)."""
+    values = np.array(seconds, dtype=np.float64)
+    for _ in range(2):
+        for axis in (1, 0):
+            values = np.apply_along_axis(_isotonic, axis, values)
+    return np.maximum.accumulate(np.maximum.accumulate(values, axis=1), axis=0)
+
+
+def _isotonic(values: np.ndarray) -> np.ndarray:
+    """Pool-adjacent-violators: the non-decreasing sequence closest to `values` in least squares."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            mean, count = blocks.pop()
+            blocks[-1] = [(blocks[-1][0] * blocks[-1][1] + mean * count) / (blocks[-1][1] + count), blocks[-1][1] + count]
+    return np.concatenate([np.full(int(c), m) for m, c in blocks])
+
+
 def _pinned(graph: ChannelGraph, tensor: str, axis: int) -> bool:
     """Whether no channel along this axis can ever be removed in the model (an input, an output): one width to time."""
     classes = graph.axis_classes(tensor, axis) if tensor in graph.tensors else None
@@ -246,9 +268,7 @@ def measure_op(graph: ChannelGraph, name: str, timing: Timing, max_points: int) 
     grid_in = tuple(int(w) for w in (widths[0, :, 0] if tied else widths[:, 0, 0]))
     grid_out = tuple(int(w) for w in widths[0, :, 1])
     full_in, full_out = probe.widths(np.ones(probe.graph.num_classes, dtype=bool))
-    # A narrower op is never slower: a dip below a narrower width's time is noise (or a kernel quirk the
-    # pruner should not bet on), so each entry is the largest median at or below its widths.
-    seconds = np.maximum.accumulate(np.maximum.accumulate(seconds, axis=1), axis=0)
+    seconds = monotone(seconds)
     return OpTable(name, graph.nodes[name].op_type, op_signature(graph, name), full_in, full_out, tied,
                    grid_in, grid_out, seconds[0] if tied else seconds, noise[0] if tied else noise)
 

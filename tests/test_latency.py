@@ -266,3 +266,12 @@ def test_regularizer_latency_slopes_are_finite_differences_of_the_table(model_pa
     assert cost == pytest.approx(table.model_seconds, rel=1e-9)  # exact at the current widths
     regularizer = build_regularizer(graph, cost=f"latency:measured={table_path}")
     assert regularizer.terms.parts == 1
+
+
+def test_monotone_keeps_a_staircase_and_pools_a_spike():
+    from onnx_morph.profile import monotone
+
+    stairs = np.array([[1.0, 1.0, 2.0, 2.0], [2.0, 2.0, 4.0, 4.0]])
+    np.testing.assert_array_equal(monotone(stairs), stairs)
+    spiked = monotone(np.array([[1.0, 9.0, 2.0, 3.0]]))
+    assert (np.diff(spiked, axis=1) >= 0).all() and spiked[0, -1] < 9.0
