@@ -34,7 +34,7 @@ from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.rewrite.verify import onnxruntime
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -239,8 +239,21 @@ def fixed_axes(graph: ChannelGraph, name: str) -> tuple[bool, bool]:
     return _pinned(graph, geometry.input, geometry.in_axis), _pinned(graph, geometry.output, geometry.out_axis)
 
 
-def measure_op(graph: ChannelGraph, name: str, timing: Timing, max_points: int) -> OpTable:
-    """Time one op alone at every width of its grid (one width along an axis that cannot shrink)."""
+def call_overhead(timing: Timing) -> float:
+    """Median seconds of running a session that does nothing (an Identity of one number): the cost of
+    a call, which an op timed alone pays once per run and the whole model once in all."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    model = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "empty", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    session = timing.session(model)
+    return Timing(warmup=5, repeats=50).time(session, {"x": np.zeros(1, np.float32)})[0]
+
+
+def measure_op(graph: ChannelGraph, name: str, timing: Timing, max_points: int, call: float = 0.0) -> OpTable:
+    """Time one op alone at every width of its grid (one width along an axis that cannot shrink), less
+    the cost of a call."""
     probe = _Probe.of(graph, name)
     geometry = graph.relations[name].geometry
     x_name = geometry.input
@@ -263,7 +276,8 @@ def measure_op(graph: ChannelGraph, name: str, timing: Timing, max_points: int) 
             alive = probe.alive(k_in_, k_out_)
             model, keep = probe.shrunk(alive)
             feeds = {x_name: np.ascontiguousarray(np.compress(keep, x_full, axis=geometry.in_axis))}
-            seconds[r, c], noise[r, c] = timing.time(timing.session(model), feeds)
+            median, noise[r, c] = timing.time(timing.session(model), feeds)
+            seconds[r, c] = max(median - call, 0.0)
             widths[r, c] = probe.widths(alive)
     grid_in = tuple(int(w) for w in (widths[0, :, 0] if tied else widths[:, 0, 0]))
     grid_out = tuple(int(w) for w in widths[0, :, 1])
@@ -349,12 +363,15 @@ def profile(
     by_signature: dict[str, OpTable] = {}
     names = list(timed_ops(graph))
     measured = 0
+    call = None
     for index, name in enumerate(names, 1):
         signature = op_signature(graph, name) + "/" + "".join("01"[f] for f in fixed_axes(graph, name))
         table = by_signature.get(signature) or _cached(folder, signature, env, name)
         if table is None:
             op_started = time.perf_counter()
-            table = measure_op(graph, name, timing, max_points)
+            if call is None:
+                call = call_overhead(timing)
+            table = measure_op(graph, name, timing, max_points, call)
             _store(folder, signature, env, table)
             measured += 1
             _say(progress, f"profile: [{index}/{len(names)}] {name} ({table.op_type}, {table.in_width} -> "

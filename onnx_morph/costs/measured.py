@@ -18,6 +18,7 @@ the sum of the ops' at full width.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import math
@@ -59,7 +60,8 @@ class OpTable:
     def _interpolate(self, s: np.ndarray, a_in: float, a_out: float) -> float:
         """Bilinear in the grid cell around (a_in, a_out), clamped to the grid; linear in a_out when tied."""
         if self.tied:
-            return float(np.interp(a_out, self.grid_out, s))
+            j, fj = _cell(self.grid_out, a_out)
+            return float(s[j] * (1 - fj) + s[min(j + 1, s.shape[0] - 1)] * fj)
         i, fi = _cell(self.grid_in, a_in)
         j, fj = _cell(self.grid_out, a_out)
         i2, j2 = min(i + 1, s.shape[0] - 1), min(j + 1, s.shape[1] - 1)
@@ -82,7 +84,7 @@ def _cell(grid: tuple[int, ...], value: float) -> tuple[int, float]:
     if len(grid) == 1:
         return 0, 0.0
     value = min(max(value, grid[0]), grid[-1])
-    i = min(int(np.searchsorted(grid, value, side="right")) - 1, len(grid) - 2)
+    i = min(bisect.bisect_right(grid, value) - 1, len(grid) - 2)
     return i, (value - grid[i]) / (grid[i + 1] - grid[i])
 
 

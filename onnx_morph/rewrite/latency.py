@@ -2,10 +2,11 @@
 second saved, and moves each group's width from one step edge of its ops' staircases to the next.
 
 Widths are chosen among the table's grid points seen from each group (the widths at which some op
-touching the group sits on a grid point of its axis): from the current width, the group goes to the
-widest candidate whose predicted latency is lower by more than the table's noise, i.e. the widest
-width of the next lower step. Widths on a flat part of a step cost as much as the step's top and
-are never chosen.
+touching the group sits on a grid point of its axis), the multiples of 16 (where a thinned grid does
+not resolve the steps) and the group's floor: from the current width, the group goes to the widest
+candidate whose predicted latency is lower by more than the table's noise, i.e. the widest width of
+the next lower step. Widths on a flat part of a step cost as much as the step's top and are never
+chosen. The last removal is the step that overshoots the target least.
 """
 
 from __future__ import annotations
@@ -112,6 +113,8 @@ def by_latency(graph: ChannelGraph, table: LatencyTable, target: float, *, min_k
         if not candidates:
             break
         _, gid = min(candidates)
+        if steps[gid][1] >= current - target:  # the last step: the one that overshoots least
+            gid = min((s[1], g) for g, s in steps.items() if s is not None and s[1] >= current - target)[1]
         alive[steps[gid][2]] = False
         current = model.predict(alive)
         for other in neighbours[gid]:
@@ -129,10 +132,12 @@ def _weakest(classes: np.ndarray, alive: np.ndarray, strength: np.ndarray, count
     return live[np.argsort(strength[live], kind="stable")][:max(count, 0)]
 
 
-def _candidate_widths(model: LatencyModel, group, ops: list[_Op], alive: np.ndarray, width: int) -> list[int]:
-    """Group widths below `width` at which some op touching the group sits on a grid point of its axis."""
+def _candidate_widths(model: LatencyModel, group, ops: list[_Op], alive: np.ndarray, width: int,
+                      floor: int) -> list[int]:
+    """Group widths below `width` at which some op touching the group sits on a grid point of its axis,
+    the multiples of 16 and the floor, widest first."""
     members = set(group.classes.tolist())
-    widths = set()
+    widths = set(range(16, width, 16)) | {floor}
     for op in ops:
         a_in, a_out = model.widths(op, alive)
         table = model.table.ops[op.name]
@@ -148,7 +153,7 @@ def _next_step(model: LatencyModel, group, ops: list[_Op], alive: np.ndarray, st
     width = int(alive[group.classes].sum())
     before = sum(model.op_seconds(op, alive) for op in ops)
     tolerance = 2 * sum(model.op_noise(op, alive) for op in ops) + RELATIVE_TOLERANCE * before
-    for candidate in _candidate_widths(model, group, ops, alive, width):
+    for candidate in _candidate_widths(model, group, ops, alive, width, floor):
         if candidate < floor:
             break
         removed = _weakest(group.classes, alive, strength, width - candidate)

@@ -211,8 +211,13 @@ def _choose(graph: ChannelGraph, criteria: dict, round_to: int, min_keep: float,
         return select.round_widths(graph, alive, round_to, kind), notes
     everything = np.ones(graph.num_classes, dtype=bool)
     if criteria["target_latency"] is not None:
-        alive = by_latency(graph, table, parse_latency_target(criteria["target_latency"], table), min_keep=min_keep)
+        target = parse_latency_target(criteria["target_latency"], table)
+        alive = by_latency(graph, table, target, min_keep=min_keep)
         alive, _ = select.keep_minimum(graph, alive)
+        reached = LatencyModel(graph, table).predict(alive)
+        if reached > target:
+            notes.append(f"the latency target {1e3 * target:.4g} ms is out of reach: no further step saves time "
+                         f"(predicted {1e3 * reached:.4g} ms)")
         return select.round_widths(graph, alive, round_to), notes
     if criteria["ratio"] is not None:
         ratio = criteria["ratio"]
