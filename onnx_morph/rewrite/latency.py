@@ -93,7 +93,8 @@ def by_latency(graph: ChannelGraph, table: LatencyTable, target: float, *, min_k
     model = LatencyModel(graph, table)
     strength, _ = ranking_strength(graph)
     groups = [g for g in graph.groups if g.prunable]
-    floors = {g.id: _floor_width(g.size, 1, min_keep) for g in groups}
+    # Floors are multiples of 8 where a group is that wide: onnxruntime's blocked kernels pad to 8 or 16.
+    floors = {g.id: _floor_width(g.size, 8 if g.size >= 16 else 1, min_keep) for g in groups}
     touching = {g.id: model.ops_of(g.classes) for g in groups}
     alive = np.ones(graph.num_classes, dtype=bool)
     current = model.predict(alive)
