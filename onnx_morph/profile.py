@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 from onnx_morph.costs.measured import LatencyTable, OpTable, op_signature, timed_ops
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
-from onnx_morph.rewrite.verify import onnxruntime
+from onnx_morph.rewrite.verify import onnxruntime, random_feed
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 CACHE_VERSION = 4
@@ -311,11 +311,7 @@ def measure_models(models: list[onnx.ModelProto], input_shapes: dict[str, tuple[
                    timing: Timing, rounds: int = 5) -> list[tuple[float, float]]:
     """(median, MAD) seconds of each model on the same random inputs, timed in turns (a few runs of each
     per round) so that load changing over time hits them alike."""
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for name, shape in input_shapes.items():
-        dtype = helper.tensor_dtype_to_np_dtype(dtypes.get(name, onnx.TensorProto.FLOAT))
-        feeds[name] = rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype)
+    feeds = random_feed(input_shapes, dtypes, np.random.default_rng(0))
     sessions = [timing.session(m) for m in models]
     chunk = Timing(timing.provider, timing.threads, timing.batch, warmup=0, repeats=2, min_seconds=0.1)
     times: list[list[float]] = [[] for _ in models]

@@ -44,14 +44,16 @@ def onnxruntime():
 def random_inputs(graph: ChannelGraph, samples: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     _check_run_memory(graph)
     rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(samples):
-        feed = {}
-        for name, shape in graph.model.input_shapes.items():
-            dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.model.dtypes.get(name, onnx.TensorProto.FLOAT))
-            feed[name] = rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype)
-        feeds.append(feed)
-    return feeds
+    return [random_feed(graph.model.input_shapes, graph.model.dtypes, rng) for _ in range(samples)]
+
+
+def random_feed(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Standard normal values for float inputs, zeros for the others (indices, masks)."""
+    feed = {}
+    for name, shape in shapes.items():
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(dtypes.get(name, onnx.TensorProto.FLOAT))
+        feed[name] = rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype)
+    return feed
 
 
 def _check_run_memory(graph: ChannelGraph) -> None:
