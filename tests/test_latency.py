@@ -275,3 +275,39 @@ def test_monotone_keeps_a_staircase_and_pools_a_spike():
     np.testing.assert_array_equal(monotone(stairs), stairs)
     spiked = monotone(np.array([[1.0, 9.0, 2.0, 3.0]]))
     assert (np.diff(spiked, axis=1) >= 0).all() and spiked[0, -1] < 9.0
+
+
+def test_profile_command_writes_the_table_and_reads_the_cache_second(folder, model_path):
+    import os
+
+    env = {**os.environ, "ONNX_MORPH_CACHE": str(folder / "cli_cache")}
+    out = folder / "cli.json"
+    first = run("profile", model_path, "-o", out, "--max-points", "2", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "profile: [1/4] conv1" in first.stderr and "(4 measured" in first.stderr
+    assert first.stdout.startswith(f"wrote {out}: 4 ops")
+    document = json.loads(out.read_text())
+    assert document["format"] == "onnx-morph-latency" and document["provider"] == "cpu"
+    assert {"threads", "batch", "device", "model_ms", "scale", "overhead_ms"} <= set(document)
+    second = run("profile", model_path, "-o", out, "--max-points", "2", env=env)
+    assert "(0 measured, 4 repeated or cached)" in second.stderr
+    assert json.loads(out.read_text())["ops"] == document["ops"]
+    assert (folder / "cli_cache" / "latency").is_dir()
+
+
+def test_profile_refuses_a_missing_provider_and_bad_numbers(folder, model_path):
+    import onnxruntime as ort
+
+    out = folder / "never.json"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert_user_error(run("profile", model_path, "-o", out, "--provider", "cuda"), "provider 'cuda' is not available")
+    assert_user_error(run("profile", model_path, "-o", out, "--threads", "0"), "at least 1")
+    assert not out.exists()
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+                    reason="no CUDAExecutionProvider in this onnxruntime")
+def test_profile_on_cuda(folder, model_path):
+    table = profile(model_path, timing=Timing(provider="cuda", warmup=1, repeats=3, min_seconds=0.0), max_points=2,
+                    cache=folder / "cuda_cache", progress=None)
+    assert table.provider == "cuda" and table.model_seconds > 0 and set(table.ops) == {"conv1", "dw", "pw", "fc"}
