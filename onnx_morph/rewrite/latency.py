@@ -154,12 +154,11 @@ def _next_step(model: LatencyModel, group, ops: list[_Op], alive: np.ndarray, st
     width = int(alive[group.classes].sum())
     before = sum(model.op_seconds(op, alive) for op in ops)
     tolerance = 2 * sum(model.op_noise(op, alive) for op in ops) + RELATIVE_TOLERANCE * before
+    order = _weakest(group.classes, alive, strength, width)
     for candidate in _candidate_widths(model, group, ops, alive, width, floor):
-        if candidate < floor:
+        if candidate < floor or order.size < width - candidate:
             break
-        removed = _weakest(group.classes, alive, strength, width - candidate)
-        if removed.size < width - candidate:
-            break
+        removed = order[:width - candidate]
         trial = alive.copy()
         trial[removed] = False
         saving = before - sum(model.op_seconds(op, trial) for op in ops)
