@@ -301,16 +301,20 @@ def load_at_batch(model, input_shapes: dict[str, tuple[int, ...]] | None, batch:
     return loaded
 
 
-def measure_model(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]], dtypes: dict[str, int],
-                  timing: Timing) -> tuple[float, float]:
-    """(median, MAD) seconds of the whole model on random inputs of these shapes."""
-    return measure_models([model], input_shapes, dtypes, timing)[0]
+@dataclass(frozen=True)
+class Measurement:
+    """Seconds per run of a whole model: median, median absolute deviation, and the fastest run (the least
+    disturbed by other processes on a busy machine)."""
+
+    median: float
+    mad: float
+    fastest: float
 
 
 def measure_models(models: list[onnx.ModelProto], input_shapes: dict[str, tuple[int, ...]], dtypes: dict[str, int],
-                   timing: Timing, rounds: int = 5) -> list[tuple[float, float]]:
-    """(median, MAD) seconds of each model on the same random inputs, timed in turns (a few runs of each
-    per round) so that load changing over time hits them alike."""
+                   timing: Timing, rounds: int = 5) -> list[Measurement]:
+    """Each model timed on the same random inputs, in turns (a few runs of each per round) so that load
+    changing over time hits them alike."""
     feeds = random_feed(input_shapes, dtypes, np.random.default_rng(0))
     sessions = [timing.session(m) for m in models]
     chunk = Timing(timing.provider, timing.threads, timing.batch, warmup=0, repeats=2, min_seconds=0.1)
@@ -323,7 +327,7 @@ def measure_models(models: list[onnx.ModelProto], input_shapes: dict[str, tuple[
     results = []
     for series in times:
         median = statistics.median(series)
-        results.append((median, statistics.median(abs(t - median) for t in series)))
+        results.append(Measurement(median, statistics.median(abs(t - median) for t in series), min(series)))
     return results
 
 
@@ -422,7 +426,7 @@ def _measure_whole(graph: ChannelGraph, half: np.ndarray, timing: Timing) -> tup
         models.append(remove_channels(graph, half, original).model)
     shapes = graph.model.input_shapes
     results = measure_models(models, shapes, graph.model.dtypes, timing)
-    return results[0][0], results[0][1], results[-1][0]
+    return results[0].median, results[0].mad, results[-1].median
 
 
 def _say(stream: TextIO | None, line: str) -> None:

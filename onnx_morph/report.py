@@ -138,7 +138,9 @@ def _latency_lines(check) -> list[str]:
              + (f", target {human(check.target_s, 's')}" if check.target_s is not None else "")]
     if check.measured_before is not None:
         lines.append(f"  measured  {human(check.measured_before, 's'):>9} -> {human(check.measured_after, 's'):>9}  "
-                     f"({ratio(check.measured_after, check.measured_before)}), both timed now in turns")
+                     f"({ratio(check.measured_after, check.measured_before)}), medians, both timed now in turns; "
+                     f"fastest runs {human(check.fastest_before, 's')} -> {human(check.fastest_after, 's')} "
+                     f"({ratio(check.fastest_after, check.fastest_before)})")
     return lines
 
 

@@ -217,6 +217,7 @@ def test_a_latency_target_prune_meets_its_prediction(folder):
     assert check.predicted_before == pytest.approx(table.model_seconds)
     assert check.predicted_after <= check.target_s
     assert check.measured_before > 0 and check.measured_after > 0
+    assert 0 < check.fastest_before <= check.measured_before and 0 < check.fastest_after <= check.measured_after
     assert result.after.flops < result.before.flops
     assert result.masked_deviation.max_rel < 1e-4
     fixed = prune(path, target_latency=f"{1e3 * 0.6 * table.model_seconds:.6f}ms", latency_table=table, measure=False)

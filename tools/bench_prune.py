@@ -350,11 +350,12 @@ def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:
                   f"CLI {t_cli:.3f} / {c_cli:.3f} (--no-verify {t_cli_nv:.3f} / {c_cli_nv:.3f})", flush=True)
             del result
 
-        lat = {}
+        lat, fast = {}, {}
         for batch in BATCHES:
             t0 = time.perf_counter()
             lat[batch], fastest = latencies({"orig": path, **{r: p for r, p in pruned_paths.items()}}, batch,
                                             args.warmup, runs[batch])
+            fast[batch] = fastest
             print(f"  latency batch {batch:2d} median (min): original {lat[batch]['orig'] * 1e3:.1f} "
                   f"({fastest['orig'] * 1e3:.1f}) ms; "
                   + ", ".join(f"r{r:g} {lat[batch][r] * 1e3:.1f} ({fastest[r] * 1e3:.1f}) ms" for r in args.ratios)
@@ -365,8 +366,9 @@ def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:
             for route, key in (("flops", ratio), ("latency", f"L{ratio:g}")):
                 i = info[key]
                 measured = {b: lat[b][key] / lat[b]["orig"] for b in BATCHES}
+                quickest = fast[1][key] / fast[1]["orig"]
                 latency_rows.append([name, f"{ratio:g}", route, f"{i['flops']:.3f}", f"{i['params']:.3f}",
-                                     f"{i['predicted']:.3f}", f"{measured[1]:.3f}", f"{measured[32]:.3f}",
+                                     f"{i['predicted']:.3f}", f"{measured[1]:.3f}", f"{quickest:.3f}", f"{measured[32]:.3f}",
                                      f"{measured[1] / ratio:.2f}", f"{i['predicted'] / measured[1]:.2f}"])
                 error = abs(i["predicted"] / measured[1] - 1)
                 targets.append([f"{name} R{ratio:g} {route} route: prediction within {PREDICTION_TARGET:.0%} of measured",
@@ -406,7 +408,8 @@ def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:
     if latency_rows:
         print("\nFLOP route (--ratio R) against the latency route (--target-latency R), batch 1; "
               "predicted = the table's latency ratio, measured = interleaved medians")
-        print(table(latency_rows, ["model", "R", "route", "FLOPs", "params", "predicted", "measured b1", "measured b32",
+        print(table(latency_rows, ["model", "R", "route", "FLOPs", "params", "predicted", "measured b1",
+                                   "fastest runs b1", "measured b32",
                                    "measured / R", "predicted / measured"]))
 
     for label, text in profiles:

@@ -54,8 +54,10 @@ class LatencyCheck:
     target_s: float | None
     predicted_before: float
     predicted_after: float
-    measured_before: float | None
+    measured_before: float | None  # medians
     measured_after: float | None
+    fastest_before: float | None = None  # fastest runs
+    fastest_after: float | None = None
 
 
 def prune(
@@ -174,14 +176,16 @@ def _latency_check(graph: ChannelGraph, table: LatencyTable, alive: np.ndarray, 
     from onnx_morph.profile import Timing, measure_models
 
     model = LatencyModel(graph, table)
-    measured: list[float | None] = [None, None]
+    medians: list[float | None] = [None, None]
+    fastest: list[float | None] = [None, None]
     if measure:
         shapes = {name: (table.batch, *shape[1:]) for name, shape in graph.model.input_shapes.items()}
         timing = Timing(table.provider, table.threads, table.batch)
-        measured = [m for m, _ in measure_models([original, pruned], shapes, graph.model.dtypes, timing)]
+        both = measure_models([original, pruned], shapes, graph.model.dtypes, timing)
+        medians, fastest = [m.median for m in both], [m.fastest for m in both]
     return LatencyCheck(table.source, table.description,
                         None if target is None else parse_latency_target(target, table),
-                        model.predict(np.ones_like(alive)), model.predict(alive), *measured)
+                        model.predict(np.ones_like(alive)), model.predict(alive), *medians, *fastest)
 
 
 def _shifts_batchnorm(model: onnx.ModelProto, original: Deviation | None) -> bool:
