@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TextIO
 
@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnx_morph.costs.measured import LatencyTable, OpTable, op_signature, timed_ops
+from onnx_morph.costs.measured import LatencyTable, OpTable, op_from_json, op_signature, timed_ops
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.rewrite.verify import onnxruntime, random_feed
@@ -359,26 +359,7 @@ def profile(
     folder = cache if cache is not None else cache_folder()
     device = device_name(timing.provider)
     env = _environment(timing, device, max_points)
-    ops: dict[str, OpTable] = {}
-    by_signature: dict[str, OpTable] = {}
-    names = list(timed_ops(graph))
-    measured = 0
-    call = None
-    for index, name in enumerate(names, 1):
-        signature = op_signature(graph, name) + "/" + "".join("01"[f] for f in fixed_axes(graph, name))
-        table = by_signature.get(signature) or _cached(folder, signature, env, name)
-        if table is None:
-            op_started = time.perf_counter()
-            if call is None:
-                call = call_overhead(timing)
-            table = measure_op(graph, name, timing, max_points, call)
-            _store(folder, signature, env, table)
-            measured += 1
-            _say(progress, f"profile: [{index}/{len(names)}] {name} ({table.op_type}, {table.in_width} -> "
-                           f"{table.out_width}, {table.seconds.size} widths) {time.perf_counter() - op_started:.1f} s")
-        by_signature[signature] = table
-        ops[name] = OpTable(name, *(getattr(table, f) for f in (
-            "op_type", "signature", "in_width", "out_width", "tied", "grid_in", "grid_out", "seconds", "noise")))
+    ops, measured = _op_tables(graph, timing, max_points, folder, env, progress)
     whole_key = _model_key(graph)
     whole = _cached_value(folder, whole_key, env)
     half = uniform_half(graph)
@@ -388,10 +369,34 @@ def profile(
     result = LatencyTable(loaded.source, timing.provider, timing.threads, timing.batch, device,
                           f"onnxruntime {onnxruntime().__version__}", float(whole[0]), float(whole[1]), ops)
     result.calibrate(_half_widths(graph, half, ops), float(whole[2]))
-    _say(progress, f"profile: {len(names)} ops ({measured} measured, {len(names) - measured} repeated or cached), "
+    _say(progress, f"profile: {len(ops)} ops ({measured} measured, {len(ops) - measured} repeated or cached), "
                    f"model {1e3 * result.model_seconds:.3f} ms, ops {1e3 * result.ops_seconds:.3f} ms, "
                    f"in {time.perf_counter() - started:.1f} s")
     return result
+
+
+def _op_tables(graph: ChannelGraph, timing: Timing, max_points: int, folder: Path, env: str,
+               progress: TextIO | None) -> tuple[dict[str, OpTable], int]:
+    """Every timed op's table, from this run (a repeated layer), the cache, or a measurement; and how
+    many were measured."""
+    ops: dict[str, OpTable] = {}
+    by_signature: dict[str, OpTable] = {}
+    names = list(timed_ops(graph))
+    call, measured = None, 0
+    for index, name in enumerate(names, 1):
+        signature = op_signature(graph, name) + "/" + "".join("01"[f] for f in fixed_axes(graph, name))
+        table = by_signature.get(signature) or _cached(folder, signature, env, name)
+        if table is None:
+            started = time.perf_counter()
+            call = call_overhead(timing) if call is None else call
+            table = measure_op(graph, name, timing, max_points, call)
+            _store(folder, signature, env, table)
+            measured += 1
+            _say(progress, f"profile: [{index}/{len(names)}] {name} ({table.op_type}, {table.in_width} -> "
+                           f"{table.out_width}, {table.seconds.size} widths) {time.perf_counter() - started:.1f} s")
+        by_signature[signature] = table
+        ops[name] = replace(table, node=name)
+    return ops, measured
 
 
 def uniform_half(graph: ChannelGraph) -> np.ndarray:
@@ -473,8 +478,6 @@ def _cached(folder: Path, signature: str, env: str, name: str) -> OpTable | None
     document = _read_json(folder / f"{_key('op', signature, env)}.json")
     if not isinstance(document, dict):
         return None
-    from onnx_morph.costs.measured import op_from_json
-
     try:
         return op_from_json(name, document)
     except (KeyError, TypeError, ValueError):
