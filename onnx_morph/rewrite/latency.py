@@ -20,6 +20,7 @@ import numpy as np
 from onnx_morph.costs.measured import LatencyTable
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph
+from onnx_morph.rewrite.select import floor_width, ranking_strength
 
 RELATIVE_TOLERANCE = 0.005  # a step must save this share of its ops' latency (besides twice their noise)
 
@@ -88,13 +89,11 @@ def parse_latency_target(target: float | str, table: LatencyTable) -> float:
 def by_latency(graph: ChannelGraph, table: LatencyTable, target: float, *, min_keep: float = 0.1) -> np.ndarray:
     """Alive classes whose predicted latency meets `target` seconds (within one step), removing the
     weakest channels per predicted second saved; every group keeps `min_keep` of its channels."""
-    from onnx_morph.rewrite.select import _floor_width, ranking_strength
-
     model = LatencyModel(graph, table)
     strength, _ = ranking_strength(graph)
     groups = [g for g in graph.groups if g.prunable]
     # Floors are multiples of 8 where a group is that wide: onnxruntime's blocked kernels pad to 8 or 16.
-    floors = {g.id: _floor_width(g.size, 8 if g.size >= 16 else 1, min_keep) for g in groups}
+    floors = {g.id: floor_width(g.size, 8 if g.size >= 16 else 1, min_keep) for g in groups}
     touching = {g.id: model.ops_of(g.classes) for g in groups}
     alive = np.ones(graph.num_classes, dtype=bool)
     current = model.predict(alive)
