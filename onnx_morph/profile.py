@@ -320,7 +320,7 @@ def measure_models(models: list[onnx.ModelProto], input_shapes: dict[str, tuple[
     chunk = Timing(timing.provider, timing.threads, timing.batch, warmup=0, repeats=2, min_seconds=0.1)
     times: list[list[float]] = [[] for _ in models]
     for session in sessions:
-        Timing(warmup=3, repeats=1, min_seconds=0.0).time(session, feeds)
+        Timing(warmup=3, repeats=3, min_seconds=0.3).runs(session, feeds)  # warm: allocations, caches, clocks
     for _ in range(rounds):
         for index, session in enumerate(sessions):
             times[index].extend(chunk.runs(session, feeds))
