@@ -143,6 +143,9 @@ def test_analyze_with_a_measured_table(model_path, table_path):
     assert dead.effective.latency_s < full.total.latency_s and graph is not None
     proc = run("analyze", model_path, "--cost", f"latency:measured={table_path}")
     assert proc.returncode == 0 and "latency table" in proc.stdout and "measured cpu" in proc.stdout
+    report = json.loads(run("analyze", model_path, "--json", "--cost", f"latency:measured={table_path}").stdout)
+    assert report["hardware"]["provider"] == "cpu" and report["hardware"]["table"] == str(table_path)
+    assert report["total"]["latency_s"] == pytest.approx(table.model_seconds, rel=1e-9)
 
 
 def test_bad_tables_are_one_line_errors(folder, model_path, table_path):
