@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from onnx_morph.costs import Hardware, OpCost, Totals, op_costs, parse_cost, totals_of
+from onnx_morph.costs.measured import LatencyTable
 from onnx_morph.graph import ChannelGraph, alive_classes, build_channel_graph, load_model
 
 COSTS = ("flops", "params", "activations", "memory", "latency")
@@ -41,7 +42,7 @@ class Analysis:
     notes: list[str]
     cost: str
     flop_unit: str
-    hardware: Hardware | None
+    hardware: Hardware | LatencyTable | None
     gamma_threshold: float | None
     weight_threshold: float | None
     total: Totals
@@ -67,7 +68,7 @@ class Analysis:
             "notes": self.notes,
             "cost": self.cost,
             "flop_unit": self.flop_unit,
-            "hardware": None if self.hardware is None else asdict(self.hardware),
+            "hardware": _hardware_json(self.hardware),
             "gamma_threshold": self.gamma_threshold,
             "weight_threshold": self.weight_threshold,
             "total": asdict(self.total),
@@ -98,6 +99,8 @@ def analyze(
     with _collector_paused():
         loaded = load_model(model, input_shapes)
         graph = build_channel_graph(loaded)
+        if isinstance(hardware, LatencyTable):
+            hardware.check(graph)
         alive = alive_classes(graph, gamma_threshold, weight_threshold)
         ops = op_costs(graph, alive, macs=macs, hardware=hardware)
         full = ops if alive.all() else op_costs(graph, np.ones_like(alive), macs=macs, hardware=hardware)
@@ -119,6 +122,14 @@ def analyze(
             graph=graph,
             alive=alive,
         )
+
+
+def _hardware_json(hardware: Hardware | LatencyTable | None) -> dict | None:
+    if isinstance(hardware, LatencyTable):
+        return {"name": hardware.name, "table": hardware.source, "provider": hardware.provider,
+                "threads": hardware.threads, "batch": hardware.batch, "device": hardware.device,
+                "measured_model_s": hardware.model_seconds, "overhead_s": hardware.overhead_seconds}
+    return None if hardware is None else asdict(hardware)
 
 
 @contextmanager

@@ -64,6 +64,13 @@ def _parser() -> argparse.ArgumentParser:
     criterion.add_argument("--target-flops", type=float, help="remove the weakest channels until FLOPs <= this")
     criterion.add_argument("--target-params", type=float, help="remove the weakest channels until params <= this")
     criterion.add_argument("--ratio", type=float, help="keep this fraction of the FLOPs (e.g. 0.5)")
+    criterion.add_argument("--target-latency", metavar="R|TIME",
+                           help="prune to this latency predicted by --latency-table: a fraction of the measured "
+                                "original (0.5) or a time (3.2ms)")
+    prune.add_argument("--latency-table", metavar="FILE",
+                       help="latency table written by `onnx-morph profile`: predicted and measured latency before and after")
+    prune.add_argument("--provider", choices=["cpu", "cuda"], help="refuse a latency table profiled on another provider")
+    prune.add_argument("--no-measure", action="store_true", help="with a latency table, skip timing the two models")
     prune.add_argument("--round-to", type=int, default=1, metavar="N", help="keep every width a multiple of N")
     prune.add_argument("--min-keep", type=float, default=0.1, metavar="F",
                        help="with a budget, keep at least this fraction of every group's channels")
@@ -73,6 +80,16 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--calibration-images", type=int, default=1280, metavar="N",
                        help="how many training images --calibrate uses")
     _normalization(prune)
+
+    profile = commands.add_parser("profile", help="time every weighted op in onnxruntime at a grid of widths")
+    profile.add_argument("model", help="path of an .onnx file")
+    profile.add_argument("-o", "--output", required=True, metavar="FILE", help="latency table (JSON)")
+    profile.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
+    profile.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
+    profile.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    profile.add_argument("--batch", type=int, default=1, help="batch size timed (default 1)")
+    profile.add_argument("--max-points", type=int, default=10, metavar="N",
+                         help="widths per axis of each op's grid, besides the full width and its top step (default 10)")
 
     expand = _model_to_model(commands, "expand", "scale a learned structure to a budget, freshly initialized",
                              "expanded")
@@ -234,8 +251,25 @@ def _prune(args: argparse.Namespace) -> None:
         min_keep=args.min_keep,
         verify=not args.no_verify,
         calibration=calibration,
+        target_latency=args.target_latency,
+        latency_table=args.latency_table,
+        provider=args.provider,
+        measure=not args.no_measure,
     )
     print(render_prune(result, args.output))
+
+
+def _profile(args: argparse.Namespace) -> None:
+    from onnx_morph.graph import parse_input_shapes
+    from onnx_morph.profile import Timing, profile
+    from onnx_morph.rewrite.save import write_text
+
+    table = profile(args.model, input_shapes=parse_input_shapes(args.input_shape), max_points=args.max_points,
+                    timing=Timing(provider=args.provider, threads=args.threads, batch=args.batch))
+    write_text(json.dumps(table.to_json(), indent=1) + "\n", args.output)
+    print(f"wrote {args.output}: {len(table.ops)} ops on {table.name}; model {1e3 * table.model_seconds:.3f} ms "
+          f""
+          f"= {table.scale:.3f} x ops {1e3 * table.ops_seconds:.3f} ms + overhead {1e3 * table.overhead_seconds:.3f} ms")
 
 
 def _expand(args: argparse.Namespace) -> None:
@@ -335,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         command.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        {"analyze": _analyze, "prune": _prune, "expand": _expand, "regularize": _regularize, "train": _train,
+        {"analyze": _analyze, "prune": _prune, "profile": _profile, "expand": _expand, "regularize": _regularize, "train": _train,
          "demo": _demo}[args.command](args)
     except OnnxMorphError as exc:
         print(f"onnx-morph: error: {_with_flags(str(exc), command)}", file=sys.stderr)

@@ -55,6 +55,12 @@ def render(analysis: Analysis, max_ops: int | None = None) -> str:
         which = (f"gamma threshold {a.gamma_threshold}" if a.gamma_threshold is not None
                  else f"weight threshold {a.weight_threshold}")
         out.append(_totals_line("effective", a.effective, a.flop_unit) + f"   ({which})")
+    measured = getattr(a.hardware, "model_seconds", None)
+    if measured is not None:
+        out.append(f"latency table {a.hardware.source} ({a.hardware.description}): "
+                   f": the whole model measured {human(measured, 's')}, of which "
+                   f"{human(a.hardware.overhead_seconds, 's')} fixed overhead; predicted here "
+                   f"{human(a.effective.latency_s, 's')}")
 
     total_cost = a.cost_of(a.effective) or 0.0
     modules = a.graph.module_paths
@@ -120,7 +126,24 @@ def render_prune(result, output: str) -> str:
         out.append(f"verification against the original with the removed channels masked ({m.samples} fresh random inputs): "
                    f"max abs {m.max_abs:.3g}, max rel {m.max_rel:.3g}")
         out.append(f"difference from the unpruned original: max abs {o.max_abs:.3g}, max rel {o.max_rel:.3g}")
+    if result.latency is not None:
+        out += ["", *_latency_lines(result.latency)]
     return "\n".join(out)
+
+
+def _latency_lines(check) -> list[str]:
+    """Predicted (by the table) and measured latency of the original and the pruned model."""
+    ratio = lambda new, old: f"{100 * new / old:.1f}%" if old else "-"  # noqa: E731
+    lines = [f"latency ({check.description}, table {check.table}):",
+             f"  predicted {human(check.predicted_before, 's'):>9} -> {human(check.predicted_after, 's'):>9}  "
+             f"({ratio(check.predicted_after, check.predicted_before)})"
+             + (f", target {human(check.target_s, 's')}" if check.target_s is not None else "")]
+    if check.measured_before is not None:
+        lines.append(f"  measured  {human(check.measured_before, 's'):>9} -> {human(check.measured_after, 's'):>9}  "
+                     f"({ratio(check.measured_after, check.measured_before)}), medians, both timed now in turns; "
+                     f"fastest runs {human(check.fastest_before, 's')} -> {human(check.fastest_after, 's')} "
+                     f"({ratio(check.fastest_after, check.fastest_before)})")
+    return lines
 
 
 def render_loop(result) -> str:

@@ -289,7 +289,7 @@ def test_errors(model, tmp_path):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    ([], "one of the arguments --gamma-threshold --weight-threshold --mask --target-flops --target-params --ratio "
+    ([], "one of the arguments --gamma-threshold --weight-threshold --mask --target-flops --target-params --ratio --target-latency "
          "is required"),
     (["--ratio", "0.5", "--gamma-threshold", "0.1"], "not allowed with argument"),
     (["--ratio", "half"], "argument --ratio: invalid float value: 'half'"),

@@ -6,7 +6,7 @@ benchmark itself cannot run.
 
     python tools/bench_prune.py [--workdir DIR] [--repeat N] [--runs N] [--quick] [--reuse]
                                 [--models resnet50 mobilenet_v2] [--ratios 0.75 0.5 0.3]
-                                [--profile] [--round-to N]
+                                [--profile] [--round-to N] [--latency]
 
 1. Exports torchvision ResNet-50 and MobileNetV2 (random init, ``weights=None``, nothing is
    downloaded) in a child process, so torch stays out of this process: every BatchNorm gets
@@ -26,6 +26,12 @@ benchmark itself cannot run.
 4. Prints one table (model, ratio, FLOP ratio, param ratio, latency ratios, latency ratio / FLOP
    ratio, prune times) and the targets: latency ratio within 1.15x of the FLOP ratio at each
    batch size; in-process prune of ResNet-50 under 3 s.
+
+--latency: also profiles each model (`onnx_morph.profile.profile`, batch 1, 2 threads, cached in
+ONNX_MORPH_CACHE) and prunes it with ``prune(path, target_latency=R, latency_table=table)``; those
+models join the interleaved timing, and a second table compares the FLOP route and the latency
+route at each R: FLOPs and params kept, the table's predicted latency ratio, the measured one.
+Targets: latency route measured ratio <= 1.10 R at batch 1; predictions within 10% of measurements.
 
 --quick: ResNet-50 only, ratio 0.5, repeat 1, fewer latency runs.
 --profile (implied when ResNet-50's in-process prune misses its target): cProfile of one
@@ -59,6 +65,8 @@ RATIOS = (0.75, 0.5, 0.3)
 INPUT_SHAPE = (1, 3, 224, 224)
 BATCHES = (1, 32)
 LATENCY_TARGET = 1.15  # latency ratio / FLOP ratio
+LATENCY_ROUTE_TARGET = 1.10  # measured latency ratio / R with --target-latency R
+PREDICTION_TARGET = 0.10  # |predicted / measured - 1| of the latency ratio
 PRUNE_TIME_TARGET = 3.0  # seconds, in-process prune of ResNet-50
 THREADS = 2
 
@@ -172,6 +180,32 @@ def profile_prune(path: pathlib.Path, ratio: float, round_to: int = 1, top: int 
     return f"(profiled wall {wall:.3f} s, {total:.3f} s of profiled CPU; profiler overhead included)\n{body}"
 
 
+def _latency_route(name: str, path: pathlib.Path, ratio: float, round_to: int, workdir: pathlib.Path,
+                   pruned_paths: dict, info: dict) -> None:
+    """Profile the model (cached), prune it to R of its measured latency, and the table's prediction for the
+    FLOP route's model of the same R; the latency route's model joins `pruned_paths` as 'L<R>'."""
+    from onnx_morph.profile import Timing, profile
+    from onnx_morph.rewrite import prune, save_model
+
+    t0 = time.perf_counter()
+    latency_table = profile(path, timing=Timing(threads=THREADS, batch=1), progress=None)
+    t_profile = time.perf_counter() - t0
+    flop_route = prune(str(path), ratio=ratio, round_to=round_to, latency_table=latency_table, measure=False)
+    info[ratio]["predicted"] = flop_route.latency.predicted_after / flop_route.latency.predicted_before
+    t0 = time.perf_counter()
+    result = prune(str(path), target_latency=ratio, latency_table=latency_table, measure=False)
+    t_prune = time.perf_counter() - t0
+    out = workdir / f"{name}.lat{ratio:g}.onnx"
+    save_model(result.model, out, source=path)
+    key = f"L{ratio:g}"
+    pruned_paths[key] = out
+    info[key] = dict(flops=result.after.flops / result.before.flops, params=result.after.params / result.before.params,
+                     predicted=result.latency.predicted_after / result.latency.predicted_before)
+    print(f"  latency route R {ratio:g}: profile {t_profile:.1f} s, prune {t_prune:.1f} s; FLOPs {info[key]['flops']:.3f}, "
+          f"params {info[key]['params']:.3f}, predicted latency {info[key]['predicted']:.3f} "
+          f"(FLOP route's model: predicted {info[ratio]['predicted']:.3f})", flush=True)
+
+
 # --------------------------------------------------------------------------- #
 # onnxruntime latency
 # --------------------------------------------------------------------------- #
@@ -244,6 +278,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ratios", type=float, nargs="+", help="FLOP fractions to keep (default 0.75 0.5 0.3; 0.5 with --quick)")
     ap.add_argument("--reuse", action="store_true", help="reuse exported models already in --workdir")
     ap.add_argument("--profile", action="store_true", help="always cProfile the in-process prune of ResNet-50")
+    ap.add_argument("--latency", action="store_true", help="add the latency route (profile, prune --target-latency R)")
     ap.add_argument("--round-to", type=int, default=1, metavar="N",
                     help="pass round_to=N / --round-to N to prune (default 1, the library default)")
     args = ap.parse_args(argv)
@@ -282,7 +317,7 @@ def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:
 
     prune(str(models[min(models, key=lambda k: models[k].stat().st_size)]), ratio=0.9)
 
-    rows, targets, profiles = [], [], []
+    rows, targets, profiles, latency_rows = [], [], [], []
     for name, path in models.items():
         print(f"\n== {name} ({path.stat().st_size / 2**20:.1f} MiB)", flush=True)
         pruned_paths, info = {}, {}
@@ -306,6 +341,8 @@ def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:
                 dev=(dev.max_rel if dev else float("nan")),
             )
             pruned_paths[ratio] = out
+            if args.latency:
+                _latency_route(name, path, ratio, rt, workdir, pruned_paths, info)
             print(f"  ratio {ratio:g}: FLOPs {result.after.flops / 1e9:.3f}/{result.before.flops / 1e9:.3f} G, "
                   f"params {result.after.params / 1e6:.2f}/{result.before.params / 1e6:.2f} M, "
                   f"{result.removed_channels} channel classes removed, masked deviation max_rel {info[ratio]['dev']:.2e}\n"
@@ -313,17 +350,33 @@ def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:
                   f"CLI {t_cli:.3f} / {c_cli:.3f} (--no-verify {t_cli_nv:.3f} / {c_cli_nv:.3f})", flush=True)
             del result
 
-        lat = {}
+        lat, fast = {}, {}
         for batch in BATCHES:
             t0 = time.perf_counter()
             lat[batch], fastest = latencies({"orig": path, **{r: p for r, p in pruned_paths.items()}}, batch,
                                             args.warmup, runs[batch])
+            fast[batch] = fastest
             print(f"  latency batch {batch:2d} median (min): original {lat[batch]['orig'] * 1e3:.1f} "
                   f"({fastest['orig'] * 1e3:.1f}) ms; "
                   + ", ".join(f"r{r:g} {lat[batch][r] * 1e3:.1f} ({fastest[r] * 1e3:.1f}) ms" for r in args.ratios)
                   + "; ratio of mins " + ", ".join(f"r{r:g} {fastest[r] / fastest['orig']:.3f}" for r in args.ratios)
                   + f"  ({time.perf_counter() - t0:.0f} s, load {load_average()})", flush=True)
 
+        for ratio in args.ratios if args.latency else ():
+            for route, key in (("flops", ratio), ("latency", f"L{ratio:g}")):
+                i = info[key]
+                measured = {b: lat[b][key] / lat[b]["orig"] for b in BATCHES}
+                quickest = fast[1][key] / fast[1]["orig"]
+                latency_rows.append([name, f"{ratio:g}", route, f"{i['flops']:.3f}", f"{i['params']:.3f}",
+                                     f"{i['predicted']:.3f}", f"{measured[1]:.3f}", f"{quickest:.3f}", f"{measured[32]:.3f}",
+                                     f"{measured[1] / ratio:.2f}", f"{i['predicted'] / measured[1]:.2f}"])
+                error = abs(i["predicted"] / measured[1] - 1)
+                targets.append([f"{name} R{ratio:g} {route} route: prediction within {PREDICTION_TARGET:.0%} of measured",
+                                f"{i['predicted']:.3f} vs {measured[1]:.3f}", "PASS" if error <= PREDICTION_TARGET else "FAIL"])
+                if route == "latency":
+                    q = measured[1] / ratio
+                    targets.append([f"{name} --target-latency {ratio:g}: measured ratio <= {LATENCY_ROUTE_TARGET}x R",
+                                    f"{measured[1]:.3f} = {q:.2f}x R", "PASS" if q <= LATENCY_ROUTE_TARGET else "FAIL"])
         for ratio in args.ratios:
             i = info[ratio]
             lr = {b: lat[b][ratio] / lat[b]["orig"] for b in BATCHES}
@@ -351,6 +404,13 @@ def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:
           " CLI = whole-process `onnx-morph prune`; -nv = --no-verify;\n"
           "  wall seconds, CPU seconds (all threads) in parentheses; masked dev = masked_deviation.max_rel"
           + (f"; round_to={args.round_to}" if args.round_to != 1 else ""))
+
+    if latency_rows:
+        print("\nFLOP route (--ratio R) against the latency route (--target-latency R), batch 1; "
+              "predicted = the table's latency ratio, measured = interleaved medians")
+        print(table(latency_rows, ["model", "R", "route", "FLOPs", "params", "predicted", "measured b1",
+                                   "fastest runs b1", "measured b32",
+                                   "measured / R", "predicted / measured"]))
 
     for label, text in profiles:
         print(f"\ncProfile of in-process prune, {label} (top 15 cumulative in onnx_morph):")

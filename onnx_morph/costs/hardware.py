@@ -50,15 +50,21 @@ def parse_hardware(spec: str) -> Hardware:
     return Hardware(f"custom({peak:g} GFLOP/s, {bandwidth:g} GB/s)", peak, bandwidth)
 
 
-def parse_cost(cost: str, allowed: tuple[str, ...]) -> tuple[str, Hardware | None]:
-    """'flops', 'params', ... or 'latency:HW' into the resource name and its hardware."""
+def parse_cost(cost: str, allowed: tuple[str, ...]):
+    """'flops', 'params', ... or 'latency:HW' into the resource name and its hardware; 'latency:measured=FILE'
+    gives a measured LatencyTable (check it against the model with its `check`)."""
     name, _, spec = cost.partition(":")
     if name not in allowed:
         listed = ", ".join("latency:HW" if c == "latency" else c for c in allowed)
         raise OptionError(f"unknown cost '{cost}': use one of {listed}")
     if name == "latency":
         if not spec:
-            raise OptionError("the latency cost needs hardware: latency:V100, or latency:PEAK_GFLOPS,BANDWIDTH_GBS")
+            raise OptionError("the latency cost needs hardware: latency:V100, latency:PEAK_GFLOPS,BANDWIDTH_GBS, "
+                              "or latency:measured=TABLE.json")
+        if spec.startswith("measured="):
+            from onnx_morph.costs.measured import load_table
+
+            return name, load_table(spec.partition("=")[2])
         return name, parse_hardware(spec)
     if spec:
         raise OptionError(f"cost '{name}' takes no ':{spec}'")

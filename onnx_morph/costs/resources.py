@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from onnx_morph.costs.hardware import Hardware
+from onnx_morph.costs.measured import LatencyTable
 from onnx_morph.graph.channel_graph import ChannelGraph
 from onnx_morph.handlers import OpGeometry
 
@@ -49,13 +50,19 @@ class Totals:
     latency_s: float | None
 
 
-def totals_of(ops: list[OpCost], hardware: Hardware | None = None) -> Totals:
+def totals_of(ops: list[OpCost], hardware: Hardware | LatencyTable | None = None) -> Totals:
+    """Sums over the ops; a measured table adds its fixed overhead to the latency."""
+    latency = None
+    if hardware is not None:
+        latency = float(sum(op.latency_s for op in ops))
+        if isinstance(hardware, LatencyTable):
+            latency += hardware.overhead_seconds
     return Totals(
         flops=float(sum(op.flops for op in ops)),
         params=float(sum(op.params for op in ops)),
         activations=int(sum(op.activations for op in ops)),
         memory_bytes=float(sum(op.memory_bytes for op in ops)),
-        latency_s=float(sum(op.latency_s for op in ops)) if hardware is not None else None,
+        latency_s=latency,
     )
 
 
@@ -91,9 +98,10 @@ def op_costs(
     alive: np.ndarray,
     *,
     macs: bool = False,
-    hardware: Hardware | None = None,
+    hardware: Hardware | LatencyTable | None = None,
 ) -> list[OpCost]:
-    """The cost of every non-static node, in graph order, under the given alive classes."""
+    """The cost of every non-static node, in graph order, under the given alive classes; latency is the
+    roofline of `hardware`, or interpolated from a measured table (0 for ops it does not time)."""
     costs = []
     for name, relation in graph.relations.items():
         node = graph.nodes[name]
@@ -118,7 +126,9 @@ def op_costs(
                 + _elements(graph, geometry.output) * _fraction(out_alive, out_total)
                 + read_weights
             )
-            if hardware is not None:
+            if isinstance(hardware, LatencyTable):
+                latency = hardware.op_latency(name, in_alive, out_alive)
+            elif hardware is not None:
                 full_flops = flops * (2 if macs else 1)
                 latency = max(full_flops / (hardware.peak_gflops * 1e9), memory / (hardware.bandwidth_gbs * 1e9))
         else:

@@ -17,12 +17,13 @@ as ONNX nodes by the training rewrite, and in torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
 
 from onnx_morph.costs.hardware import Hardware
+from onnx_morph.costs.measured import LatencyTable
 from onnx_morph.costs.resources import _elements, _is_parameter, _itemsize
 from onnx_morph.errors import OptionError
 from onnx_morph.graph.channel_graph import ChannelGraph
@@ -115,6 +116,9 @@ def cost_terms(
         raise OptionError(f"unknown cost '{resource}': use one of {', '.join(RESOURCES)}")
     if resource == "latency" and hardware is None:
         raise OptionError("the latency cost needs a hardware (a name, or PEAK_GFLOPS,BANDWIDTH_GBS)")
+    measured = resource == "latency" and isinstance(hardware, LatencyTable)
+    if measured:
+        hardware.check(graph)
     fixed = graph.num_classes
     rows: list[CostRow] = []
     for name, relation in graph.relations.items():
@@ -124,7 +128,10 @@ def cost_terms(
         if geometry is not None:
             c_in = _channel_classes(graph, geometry.input, geometry.in_axis, fixed)
             c_out = _channel_classes(graph, geometry.output, geometry.out_axis, fixed)
-            rows += _geometry_rows(graph, name, geometry, c_in, c_out, resource, macs, hardware)
+            if measured:
+                rows += _measured_rows(name, c_in, c_out, hardware)
+            else:
+                rows += _geometry_rows(graph, name, geometry, c_in, c_out, resource, macs, hardware)
         if resource == "params":
             for term in relation.params:
                 if not _is_parameter(graph, term.param):
@@ -134,7 +141,20 @@ def cost_terms(
                     rows.append(_row(name, (), (), k=float(term.size)))
                 else:
                     rows.append(_row(name, (), classes, lo=term.size / classes.size))
-    return CostTerms(resource, rows, fixed, 2 if resource == "latency" else 1)
+    if measured and rows:
+        rows[0] = replace(rows[0], constant=(rows[0].constant[0] + hardware.overhead_seconds,))
+    return CostTerms(resource, rows, fixed, 2 if resource == "latency" and not measured else 1)
+
+
+def _measured_rows(name: str, c_in: np.ndarray, c_out: np.ndarray, table: LatencyTable) -> list[CostRow]:
+    """MorphNet's linearization of a measured op: its latency at the current (full) widths, with the
+    table's slopes in alive input and output channels (a tied op: in its output channels only)."""
+    op = table.ops.get(name)
+    if op is None:
+        return []
+    s_in, s_out = table.slopes(name, op.in_width, op.out_width)
+    value = table.op_latency(name, op.in_width, op.out_width)
+    return [_row(name, c_in, c_out, li=s_in, lo=s_out, k=value - s_in * op.in_width - s_out * op.out_width)]
 
 
 def _channel_classes(graph: ChannelGraph, tensor: str, axis: int, fixed: int) -> np.ndarray:

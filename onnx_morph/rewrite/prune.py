@@ -10,12 +10,14 @@ import numpy as np
 import onnx
 
 from onnx_morph.costs import Totals, op_costs, total_cost, totals_of
+from onnx_morph.costs.measured import LatencyTable, load_table
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model, source_strength
 from onnx_morph.graph.dependence import input_dependence
 from onnx_morph.graph.load import PROTOBUF_LIMIT, serialized_size
 from onnx_morph.rewrite import select
 from onnx_morph.rewrite.calibrate import calibrated, has_batchnorm
+from onnx_morph.rewrite.latency import LatencyModel, by_latency, parse_latency_target
 from onnx_morph.rewrite.surgery import keep_masks, probed_tensors, remove_channels, removed_channel_values
 from onnx_morph.rewrite.verify import (Deviation, deviation, input_notes, masked_original, probe_inputs,
                                        random_inputs, run)
@@ -45,6 +47,22 @@ class PruneResult:
     original_deviation: Deviation | None
     notes: list[str] = field(default_factory=list)
     alive: np.ndarray | None = field(default=None, repr=False)
+    latency: LatencyCheck | None = None
+
+
+@dataclass(frozen=True)
+class LatencyCheck:
+    """The table's prediction for the original and the pruned model, and both measured now, in turns."""
+
+    table: str
+    description: str
+    target_s: float | None
+    predicted_before: float
+    predicted_after: float
+    measured_before: float | None  # medians
+    measured_after: float | None
+    fastest_before: float | None = None  # fastest runs
+    fastest_after: float | None = None
 
 
 def prune(
@@ -62,6 +80,10 @@ def prune(
     fold_constants: bool = True,
     verify: bool = True,
     calibration: Sequence[np.ndarray] | Callable[[tuple[int, ...]], Sequence[np.ndarray]] | None = None,
+    target_latency: float | str | None = None,
+    latency_table: str | os.PathLike | LatencyTable | None = None,
+    provider: str | None = None,
+    measure: bool = True,
 ) -> PruneResult:
     """Remove dead channels from every prunable group.
 
@@ -80,19 +102,31 @@ def prune(
     input shape that returns them, such as a dataset resized to fit) the pruned model's BatchNorm
     statistics are measured on them, which absorbs the shift (the deviations are the surgery's,
     before calibration).
+
+    `target_latency` (a fraction of the measured original, or a time such as '3.2ms') prunes to the
+    latency that `latency_table` (written by `onnx-morph profile`) predicts; with any criterion, a table
+    makes the result carry the predicted latency before and after and, with `measure`, both models
+    timed now on the table's provider, threads and batch (`provider`, when given, must be the table's).
     """
     criteria = {"gamma_threshold": gamma_threshold, "weight_threshold": weight_threshold, "masks": masks,
-                "target_flops": target_flops, "target_params": target_params, "ratio": ratio}
+                "target_flops": target_flops, "target_params": target_params, "ratio": ratio,
+                "target_latency": target_latency}
     given = [k for k, v in criteria.items() if v is not None]
     if len(given) != 1:
         raise OptionError("give exactly one of --gamma-threshold, --weight-threshold, --mask, --target-flops, "
-                          f"--target-params, --ratio (got {', '.join(given) or 'none'})")
+                          f"--target-params, --ratio, --target-latency (got {', '.join(given) or 'none'})")
+    if target_latency is not None and latency_table is None:
+        raise OptionError("--target-latency needs --latency-table (write one with `onnx-morph profile`)")
     if round_to < 1:
         raise OptionError(f"--round-to must be at least 1, not {round_to}")
     if not 0 <= min_keep <= 1:
         raise OptionError(f"--min-keep is a fraction of each group's channels, in [0, 1], not {min_keep}")
     graph = build_channel_graph(load_model(model, input_shapes))
-    alive, notes = _choose(graph, criteria, round_to, min_keep)
+    table = None
+    if latency_table is not None:
+        table = latency_table if isinstance(latency_table, LatencyTable) else load_table(latency_table)
+        table.check(graph, provider)
+    alive, notes = _choose(graph, criteria, round_to, min_keep, table)
     masks = keep_masks(graph, alive)
 
     original = graph.model.materialized()
@@ -124,6 +158,9 @@ def prune(
                      "fine-tune")
     everything = np.ones(graph.num_classes, dtype=bool)
     after = totals_of(op_costs(graph, alive))
+    latency = None
+    if table is not None:
+        latency = _latency_check(graph, table, alive, original, pruned, criteria["target_latency"], measure)
     return PruneResult(
         model=pruned,
         before=totals_of(op_costs(graph, everything)),
@@ -134,6 +171,7 @@ def prune(
         original_deviation=original_deviation,
         notes=notes,
         alive=alive,
+        latency=latency,
     )
 
 
@@ -166,11 +204,29 @@ def _probe_and_run(
     return removed_channel_values(graph, masks, samples(probed), proven), runs[len(probed):], fresh
 
 
+def _latency_check(graph: ChannelGraph, table: LatencyTable, alive: np.ndarray, original: onnx.ModelProto,
+                   pruned: onnx.ModelProto, target, measure: bool) -> LatencyCheck:
+    from onnx_morph.profile import Timing, measure_models
+
+    model = LatencyModel(graph, table)
+    medians: list[float | None] = [None, None]
+    fastest: list[float | None] = [None, None]
+    if measure:
+        shapes = {name: (table.batch, *shape[1:]) for name, shape in graph.model.input_shapes.items()}
+        timing = Timing(table.provider, table.threads, table.batch)
+        both = measure_models([original, pruned], shapes, graph.model.dtypes, timing)
+        medians, fastest = [m.median for m in both], [m.fastest for m in both]
+    return LatencyCheck(table.source, table.description,
+                        None if target is None else parse_latency_target(target, table),
+                        model.predict(np.ones_like(alive)), model.predict(alive), *medians, *fastest)
+
+
 def _shifts_batchnorm(model: onnx.ModelProto, original: Deviation | None) -> bool:
     return original is not None and original.max_rel > 1e-3 and has_batchnorm(model)
 
 
-def _choose(graph: ChannelGraph, criteria: dict, round_to: int, min_keep: float) -> tuple[np.ndarray, list[str]]:
+def _choose(graph: ChannelGraph, criteria: dict, round_to: int, min_keep: float,
+            table: LatencyTable | None = None) -> tuple[np.ndarray, list[str]]:
     notes: list[str] = []
     prunable = ~graph.class_pinned()
     if not prunable.any():
@@ -191,6 +247,15 @@ def _choose(graph: ChannelGraph, criteria: dict, round_to: int, min_keep: float)
             notes.append(f"{len(emptied)} groups would lose every channel; each keeps its strongest one")
         return select.round_widths(graph, alive, round_to, kind), notes
     everything = np.ones(graph.num_classes, dtype=bool)
+    if criteria["target_latency"] is not None:
+        target = parse_latency_target(criteria["target_latency"], table)
+        alive = by_latency(graph, table, target, min_keep=min_keep)
+        alive, _ = select.keep_minimum(graph, alive)
+        reached = LatencyModel(graph, table).predict(alive)
+        if reached > target:
+            notes.append(f"the latency target {1e3 * target:.4g} ms is out of reach: no further step saves time "
+                         f"(predicted {1e3 * reached:.4g} ms)")
+        return select.round_widths(graph, alive, round_to), notes
     if criteria["ratio"] is not None:
         ratio = criteria["ratio"]
         if not 0 < ratio <= 1:

@@ -47,7 +47,7 @@ def by_budget(graph: ChannelGraph, budget: Budget, *, multiple: int = 1, min_kee
     """
     strength, _ = ranking_strength(graph)
     groups = [g for g in graph.groups if g.prunable]
-    floors = {g.id: _floor_width(g.size, multiple, min_keep) for g in groups}
+    floors = {g.id: floor_width(g.size, multiple, min_keep) for g in groups}
     alive = np.ones(graph.num_classes, dtype=bool)
     current = total_cost(graph, alive, budget.resource)
     if budget.target >= current:
@@ -92,7 +92,8 @@ def budget_shortfall(graph: ChannelGraph, budget: Budget, alive: np.ndarray) -> 
             f"{full:.4g}) remain{why}")
 
 
-def _floor_width(size: int, multiple: int, min_keep: float) -> int:
+def floor_width(size: int, multiple: int, min_keep: float) -> int:
+    """The fewest channels a budget leaves a group of `size`: `min_keep` of it, a multiple of `multiple`."""
     wanted = max(multiple, math.ceil(min_keep * size / multiple) * multiple)
     return min(size, wanted)
 

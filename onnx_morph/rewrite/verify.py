@@ -93,6 +93,15 @@ def probe_inputs(graph: ChannelGraph, samples: int, seed: int) -> list[dict[str,
     return feeds
 
 
+def random_feed(shapes: dict[str, tuple[int, ...]], dtypes: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Standard normal values for float inputs, zeros for the others (indices, masks)."""
+    feed = {}
+    for name, shape in shapes.items():
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(dtypes.get(name, onnx.TensorProto.FLOAT))
+        feed[name] = rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype)
+    return feed
+
+
 def input_notes(graph: ChannelGraph) -> list[str]:
     """What the prune report says about integer inputs whose valid values the model does not bound."""
     return [f"integer input '{name}' is not read as indices into a table: verification fed it random 0/1 values"
