@@ -50,6 +50,9 @@ class Identity(Passthrough):
     def view_permutation(self, node, rank: int) -> tuple[int, ...]:
         return tuple(range(rank))
 
+    def source_axis(self, view: NodeView, axis: int) -> tuple[int, int]:
+        return 0, axis
+
 
 class SpatialPassthrough(Passthrough):
     """Pooling and resizing: NCHW, channels on axis 1, spatial dims may change."""
