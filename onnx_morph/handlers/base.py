@@ -177,6 +177,9 @@ class Editor(Protocol):
     def set_input(self, index: int, value: np.ndarray) -> None:
         """Replace (or add) constant input `index`."""
 
+    def current(self, index: int) -> np.ndarray:
+        """Constant input `index` as surgery has changed it so far."""
+
     def set_attr(self, name: str, value) -> None:
         """Set an attribute; None removes it."""
 

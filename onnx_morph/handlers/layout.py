@@ -68,9 +68,11 @@ class Reshape(BaseHandler):
         return None
 
     def resize_view(self, view: NodeView, edit, axis: int, count: int) -> None:
-        target = view.const(1)
-        if view.op_type == "Reshape" and target is not None and target[axis] > 0:
-            target = np.array(target, dtype=np.int64)
+        """An explicit extent in the target becomes `count` (a -1 or 0 follows by itself)."""
+        if view.op_type != "Reshape" or view.const(1) is None:
+            return
+        target = np.array(edit.current(1), dtype=np.int64)
+        if target[axis] > 0:
             target[axis] = count
             edit.set_input(1, target)
 

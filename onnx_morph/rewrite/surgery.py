@@ -49,8 +49,12 @@ class _NodeEditor:
 
     def slice_input(self, index: int, axis: int, copies: np.ndarray) -> None:
         if self._slice_view(self.node.input[index], axis, copies):
+            self.surgery.sliced_views.add((self.name, index))
             return
-        value = self.surgery.value(self.node.input[index])
+        if (self.name, index) in self.surgery.sliced_views:
+            raise ValueError(f"{self.node.op_type} node '{self.name}': input {index} was sliced at its initializer "
+                             f"along one axis and cannot be sliced along axis {axis} too")
+        value = self.current(index)
         if value.shape[axis] != copies.size:
             raise ValueError(
                 f"{self.node.op_type} node '{self.name}': input {index} has {value.shape[axis]} entries on axis {axis}, "
@@ -72,6 +76,9 @@ class _NodeEditor:
             view = node_view(graph, node_name)
             handler_for(view.node.op_type, view.node.domain).resize_view(view, editor, out_axis, int(copies.sum()))
         return True
+
+    def current(self, index: int) -> np.ndarray:
+        return self.surgery.value(self.node.input[index])
 
     def set_input(self, index: int, value: np.ndarray) -> None:
         while len(self.node.input) <= index:
@@ -95,6 +102,7 @@ class _Surgery:
         self.graph, self.copies, self.removed = graph, copies, removed
         self.folded: dict[tuple[str, str], np.ndarray] = {}
         self.nodes: dict[str, onnx.NodeProto] = {}  # the copy's nodes, by the graph's node names
+        self.sliced_views: set[tuple[str, int]] = set()  # (node, input) sliced at the initializer it views
         self.created: set[str] = set()
         self.added: dict[str, onnx.TensorProto] = {}
         self.values: dict[str, np.ndarray] = {}
