@@ -143,14 +143,7 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
         if not is_known(node.op_type, node.domain):
             unknown[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"].append(name)
         view = _view(model, name, node, tensors, static, aliases, views)
-        try:
-            relation = handler.relate(view)
-        except ModelLoadError as exc:  # the node contradicts itself (weights vs shapes)
-            raise ModelLoadError(f"{model.source}: {exc}") from None
-        # If/Loop/Scan bodies read outer tensors by name: what they do with those channels is unknown.
-        relation.pins += [Pin(t, f"{node.op_type} node '{name}' reads it inside a subgraph") for t in sorted(inner)
-                          if t in tensors]
-        relations[name] = relation
+        relations[name] = relation = _relate(model, view, handler, inner, tensors)
         for output, axes in zip(view.outputs, relation.output_axes):
             if output is not None:
                 tensors[output.name] = _checked(TensorInfo(output.name, output.shape, _valid_axes(axes, output.shape)), model)
@@ -209,6 +202,18 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
     )
     partial.groups = build_groups(partial)
     return partial
+
+
+def _relate(model: LoadedModel, view: NodeView, handler, inner: set[str], tensors: dict[str, TensorInfo]) -> Relation:
+    """The handler's relation for one node; activations its subgraphs read (If/Loop/Scan bodies read
+    outer tensors by name) are pinned, since what the body does with those channels is unknown."""
+    try:
+        relation = handler.relate(view)
+    except ModelLoadError as exc:  # the node contradicts itself (weights vs shapes)
+        raise ModelLoadError(f"{model.source}: {exc}") from None
+    relation.pins += [Pin(t, f"{view.op_type} node '{view.name}' reads it inside a subgraph") for t in sorted(inner)
+                      if t in tensors]
+    return relation
 
 
 def outer_references(node: onnx.NodeProto) -> set[str]:
