@@ -41,9 +41,10 @@ def _prunable(analysis) -> list:
     return [g for g in analysis.graph.groups if g.prunable]
 
 
-def _prune_and_compare(path: str, module: nn.Module, alive: np.ndarray, zero, example: torch.Tensor) -> onnx.ModelProto:
+def _prune_and_compare(path: str, module: nn.Module, alive: np.ndarray, zero, example: torch.Tensor,
+                       batch: int = 3) -> onnx.ModelProto:
     """Prune to `alive`, check the masked deviation, the predicted FLOPs, and the outputs against the
-    torch module after `zero(module)` on fresh inputs of another batch size."""
+    torch module after `zero(module)` on fresh inputs (of another batch size, by default)."""
     analysis = onnx_morph.analyze(path)
     result = prune(path, masks=mask_document(analysis.graph, alive))
     assert result.removed_channels == int((~alive).sum()) > 0
@@ -51,7 +52,7 @@ def _prune_and_compare(path: str, module: nn.Module, alive: np.ndarray, zero, ex
     onnx.checker.check_model(result.model, full_check=True)
     assert onnx_morph.analyze(result.model).total.flops == totals_of(op_costs(analysis.graph, alive)).flops
     zero(module)
-    inputs = torch.randn(3, *example.shape[1:], generator=torch.Generator().manual_seed(5))
+    inputs = torch.randn(batch, *example.shape[1:], generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = module.eval()(inputs).numpy()
     session = onnxruntime().InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -64,9 +65,9 @@ def _prune_and_compare(path: str, module: nn.Module, alive: np.ndarray, zero, ex
 class LinearToConv(nn.Module):
     """A generator stem: Linear -> view(N, C, H, W) -> (BatchNorm -> ReLU) -> Conv or ConvTranspose."""
 
-    def __init__(self, norm: bool, transposed: bool, channels: int = 6, side: int = 4):
+    def __init__(self, norm: bool, transposed: bool, channels: int = 6, side: int = 4, batched: bool = True):
         super().__init__()
-        self.channels, self.side = channels, side
+        self.channels, self.side, self.batched = channels, side, batched
         self.fc = nn.Linear(8, channels * side * side)
         self.norm = nn.BatchNorm2d(channels) if norm else nn.Identity()
         self.conv = (nn.ConvTranspose2d if transposed else nn.Conv2d)(channels, 5, 3, padding=1)
@@ -77,15 +78,20 @@ class LinearToConv(nn.Module):
                 self.norm.running_var.uniform_(0.5, 2.0)
 
     def forward(self, z):
-        return self.conv(torch.relu(self.norm(self.fc(z).view(-1, self.channels, self.side, self.side))))
+        if self.batched:
+            x = self.fc(z).view(-1, self.channels, self.side, self.side)
+        else:  # [C, H, W], batch 1
+            x = self.fc(z).view(self.channels, self.side, self.side).unsqueeze(0)
+        return self.conv(torch.relu(self.norm(x)))
 
 
-@pytest.mark.parametrize("norm", [False, True], ids=["plain", "batchnorm"])
-@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "convtranspose"])
-def test_linear_reshaped_to_nchw_prunes_conv_channels(norm, transposed, tmp_path):
+@pytest.mark.parametrize("norm, transposed, batched", [
+    (False, False, True), (True, False, True), (False, True, True), (True, True, True), (False, False, False)],
+    ids=["conv", "batchnorm-conv", "convtranspose", "batchnorm-convtranspose", "chw-conv"])
+def test_linear_reshaped_to_nchw_prunes_conv_channels(norm, transposed, batched, tmp_path):
     torch.manual_seed(0)
-    module = LinearToConv(norm, transposed)
-    example = torch.randn(2, 8)
+    module = LinearToConv(norm, transposed, batched=batched)
+    example = torch.randn(2 if batched else 1, 8)
     path = _export(module, example, tmp_path / "stem.onnx")
     graph = onnx_morph.analyze(path).graph
     (group,) = _prunable(onnx_morph.analyze(path))
@@ -105,13 +111,13 @@ def test_linear_reshaped_to_nchw_prunes_conv_channels(norm, transposed, tmp_path
                 m.fc.bias[c * block:(c + 1) * block] = 0
                 m.conv.weight[(slice(None), c) if not transposed else c] = 0  # the conv reads nothing from c
 
-    pruned = _prune_and_compare(path, module, alive, zero, example)
+    pruned = _prune_and_compare(path, module, alive, zero, example, batch=3 if batched else 1)
     shapes = [list(onnx.numpy_helper.to_array(t).shape) for t in pruned.graph.initializer]
     kept = module.channels - len(dead)
     assert [kept * block, 8] in shapes  # the Linear lost the two blocks of rows
     reshapes = [onnx.numpy_helper.to_array(t).tolist() for t in pruned.graph.initializer
-                if t.data_type == onnx.TensorProto.INT64 and len(t.dims) == 1 and t.dims[0] == 4]
-    assert [-1, kept, module.side, module.side] in reshapes
+                if t.data_type == onnx.TensorProto.INT64 and len(t.dims) == 1 and t.dims[0] == 3 + batched]
+    assert ([-1] if batched else []) + [kept, module.side, module.side] in reshapes
 
 
 class FusedGate(nn.Module):

@@ -507,3 +507,89 @@ def test_fused_qkv_heads_prune_whole(take, exporter, tmp_path):
     tokens = (TIMM["side"] // TIMM["patch"]) ** 2
     merges = [s[-1] for s in reshaped if len(s) == 3 and s[1] == tokens]  # (B, N, E'), not the patches' (B, E, N)
     assert merges == [k * head_dim for k in kept]  # and the head merges
+
+
+# Swin: (embed dim, heads, window, image side). The small model's relative position bias (N*N*H
+# values per block) is folded by the loader; the large one's (64*64*17 > 65536) is computed at run time.
+SWIN = {"folded": (16, [2, 4], 4, 32), "computed": (68, [17], 8, 64)}
+
+
+def _swin(config: str):
+    torchvision = import_torchvision()
+    dim, heads, window, _ = SWIN[config]
+    torch.manual_seed(0)
+    return torchvision.models.swin_transformer.SwinTransformer(
+        patch_size=[4, 4], embed_dim=dim, depths=[2] * len(heads), num_heads=heads, window_size=[window, window],
+        num_classes=5)
+
+
+@pytest.mark.parametrize("config", list(SWIN))
+def test_swin_heads_prune_with_their_bias_table_columns(config, tmp_path):
+    """Shifted-window attention (Roll, window masks broadcast over heads) with a relative position bias
+    gathered per head from a table by constant indices: heads are prunable, surgery slices the table's
+    head columns (no materialized bias), and the result equals the module with those heads' q, k and v
+    rows zeroed."""
+    dim, heads, window, side = SWIN[config]
+    path = _export(_swin(config), torch.randn(1, 3, side, side), tmp_path / "swin.onnx")
+    analysis = onnx_morph.analyze(path)
+    graph = analysis.graph
+    head_groups = [g for g in graph.groups if g.prunable and g.size in heads]
+    assert sorted(g.size for g in head_groups) == sorted(h for h in heads for _ in range(2))  # 2 blocks per stage
+    assert not any("computed at run time" in r for g in analysis.groups for r in g.pin_reasons)
+
+    alive = np.ones(graph.num_classes, dtype=bool)
+    dead = {}  # (stage, block) -> dead heads, in graph order
+    for index, group in enumerate(head_groups):
+        stage, block = index // 2, index % 2
+        dead[stage, block] = [0, group.size - 1] if group.size > 2 else [1]
+        qkv = next(t for t in group.tensors if t.endswith(f"features.{2 * stage + 1}.{block}/attn/MatMul_output_0")
+                   or t.endswith(f"features.{2 * stage + 1}.{block}/attn/Add_output_0"))
+        classes = graph.classes(qkv).reshape(3, group.size, -1)
+        alive[classes[0, dead[stage, block], 0]] = False
+    result = prune(path, masks=mask_document(graph, alive))
+    assert result.removed_channels == sum(map(len, dead.values()))
+    assert result.masked_deviation.max_rel < REL_TOL
+    onnx.checker.check_model(result.model, full_check=True)
+
+    tables = {t.name.split("::")[0]: tuple(t.dims) for t in result.model.graph.initializer if "bias_table" in t.name}
+    assert len(tables) == len(dead)
+    module = _swin(config)
+    with torch.no_grad():
+        for (stage, block), gone in dead.items():
+            attention = module.features[2 * stage + 1][block].attn
+            count = attention.num_heads
+            assert tables[f"features.{2 * stage + 1}.{block}.attn.relative_position_bias_table"] == (
+                (2 * window - 1) ** 2, count - len(gone))
+            rows = torch.arange(3 * dim * 2 ** stage).reshape(3, count, -1)[:, gone].reshape(-1)
+            attention.qkv.weight[rows] = 0
+            attention.qkv.bias[rows] = 0
+    assert not [t.name for t in result.model.graph.initializer if len(t.dims) == 4 and t.dims[-1] == window ** 2]
+    images = [np.random.default_rng(3).standard_normal((1, 3, side, side)).astype(np.float32)]
+    expected, actual = _torch_outputs(module, images)[0], _ort_outputs(result.model, images)[0]
+    assert np.abs(expected - actual).max() / np.abs(expected).max() < REL_TOL
+
+
+def test_a_computed_constant_that_is_no_view_of_one_parameter_pins_its_channels():
+    """A per-channel constant computed at run time from two parameters (too large to fold) cannot be
+    sliced at an initializer: its channels stay, with the op's name and why."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    tokens, width = 300, 256  # the sum has 76800 values, more than the loader folds
+
+    def init(name, *shape):
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "w1"], ["h"], name="up"),
+         helper.make_node("Add", ["a", "b"], ["offset"], name="offset_sum"),
+         helper.make_node("Add", ["h", "offset"], ["shifted"], name="shift"),
+         helper.make_node("MatMul", ["shifted", "w2"], ["output"], name="down")],
+        "computed", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, tokens, 8])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, tokens, 8])],
+        [init("w1", 8, width), init("a", tokens, width), init("b", tokens, width), init("w2", width, 8)])
+    analysis = onnx_morph.analyze(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    (hidden,) = [g for g in analysis.groups if g.size == width]
+    assert not hidden.prunable
+    assert hidden.pin_reasons == ["Add node 'shift' adds per-channel values computed at run time ('offset') that are "
+                                  "not one parameter's axis laid out again, so surgery cannot slice them"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -22,6 +22,8 @@ from onnx_morph.handlers import NodeView, Pin, Relation, TensorInfo, handler_for
 # Every channel of every activation is an element of the union-find arrays: bound their memory.
 MAX_CHANNELS = 2**24
 MAX_CHANNEL_ELEMENTS = 2**25
+# Constants re-laid out from an initializer are followed up to this size (position bias tables are small).
+_MAX_VIEW_ELEMENTS = 2**22
 
 
 @dataclass
@@ -44,6 +46,7 @@ class ChannelGraph:
     aliases: dict[str, tuple[str, tuple[int, ...] | None]]
     static: set[str] = field(default_factory=set)
     unknown_ops: dict[str, list[str]] = field(default_factory=dict)
+    views: dict[str, dict[int, tuple[str, int]]] = field(default_factory=dict)
 
     @cached_property
     def nx(self):
@@ -88,6 +91,36 @@ class ChannelGraph:
             value = self.model.computed_constant(name)
         return value
 
+    def view_chain(self, tensor: str, axis: int) -> list[tuple[str, int, int, int]] | None:
+        """How constant `tensor` is laid out from an initializer along `axis` (see _record_view): per
+        node from the initializer up, (node, its input index, that input's axis, its output axis).
+        None unless every tensor on the way feeds only the next node, so slicing them changes nothing else."""
+        if axis not in self.views.get(tensor, {}):
+            return None
+        chain = []
+        while self.model.initializer(tensor) is None:
+            producer = self._producers.get(tensor)
+            if producer is None or self._uses[tensor] != 1:
+                return None
+            found = handler_for(self.nodes[producer].op_type, self.nodes[producer].domain).source_axis(
+                node_view(self, producer), axis)
+            if found is None:
+                return None
+            chain.append((producer, found[0], found[1], axis))
+            tensor, axis = self.nodes[producer].input[found[0]], found[1]
+        return chain[::-1]
+
+    @cached_property
+    def _producers(self) -> dict[str, str]:
+        return {o: name for name, node in self.nodes.items() for o in node.output if o}
+
+    @cached_property
+    def _uses(self) -> Counter:
+        uses = Counter(o.name for o in self.model.graph.output)
+        for node in self.nodes.values():
+            uses.update({*(i for i in node.input if i), *outer_references(node)})
+        return uses
+
     def class_pinned(self) -> np.ndarray:
         pinned = np.zeros(self.num_classes, dtype=bool)
         pinned[list(self.class_pins)] = True
@@ -107,6 +140,7 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
 
     static = {t.name for t in graph.initializer} | set(model.folded)
     aliases: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+    views: dict[str, dict[int, tuple[str, int]]] = {}
     tensors: dict[str, TensorInfo] = {}
     for value in graph.input:
         if value.name not in static:
@@ -121,18 +155,12 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
         if getattr(handler, "static_output", False) or all(i in static for i in inputs):
             static.update(o for o in node.output if o)
             _record_alias(model, node, aliases)
+            _record_view(model, name, node, views, static)
             continue
         if not is_known(node.op_type, node.domain):
             unknown[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"].append(name)
-        view = _view(model, name, node, tensors, static, aliases)
-        try:
-            relation = handler.relate(view)
-        except ModelLoadError as exc:  # the node contradicts itself (weights vs shapes)
-            raise ModelLoadError(f"{model.source}: {exc}") from None
-        # If/Loop/Scan bodies read outer tensors by name: what they do with those channels is unknown.
-        relation.pins += [Pin(t, f"{node.op_type} node '{name}' reads it inside a subgraph") for t in sorted(inner)
-                          if t in tensors]
-        relations[name] = relation
+        view = _view(model, name, node, tensors, static, aliases, views)
+        relations[name] = relation = _relate(model, view, handler, inner, tensors)
         for output, axes in zip(view.outputs, relation.output_axes):
             if output is not None:
                 tensors[output.name] = _checked(TensorInfo(output.name, output.shape, _valid_axes(axes, output.shape)), model)
@@ -187,10 +215,22 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
 
     partial = ChannelGraph(
         model, names, nodes, tensors, relations, offsets, class_of.astype(np.int64),
-        dict(class_pins), [], aliases, static, dict(unknown),
+        dict(class_pins), [], aliases, static, dict(unknown), views,
     )
     partial.groups = build_groups(partial)
     return partial
+
+
+def _relate(model: LoadedModel, view: NodeView, handler, inner: set[str], tensors: dict[str, TensorInfo]) -> Relation:
+    """The handler's relation for one node; activations its subgraphs read (If/Loop/Scan bodies read
+    outer tensors by name) are pinned, since what the body does with those channels is unknown."""
+    try:
+        relation = handler.relate(view)
+    except ModelLoadError as exc:  # the node contradicts itself (weights vs shapes)
+        raise ModelLoadError(f"{model.source}: {exc}") from None
+    relation.pins += [Pin(t, f"{view.op_type} node '{view.name}' reads it inside a subgraph") for t in sorted(inner)
+                      if t in tensors]
+    return relation
 
 
 def outer_references(node: onnx.NodeProto) -> set[str]:
@@ -236,7 +276,7 @@ def module_path(node: onnx.NodeProto) -> str | None:
 
 def node_view(graph: ChannelGraph, name: str) -> NodeView:
     """The view a handler gets of a node of a built graph (surgery's): every constant's value is readable."""
-    view = _view(graph.model, name, graph.nodes[name], graph.tensors, graph.static, graph.aliases)
+    view = _view(graph.model, name, graph.nodes[name], graph.tensors, graph.static, graph.aliases, graph.views)
     view.constant_of = graph.constant
     return view
 
@@ -277,13 +317,15 @@ def _graph_input(model, name, consumers, nodes, tensors, static) -> TensorInfo:
 
 
 def _view(model: LoadedModel, name: str, node: onnx.NodeProto, tensors: dict[str, TensorInfo], static: set[str],
-          aliases: dict | None = None) -> NodeView:
+          aliases: dict | None = None, views: dict | None = None) -> NodeView:
     def info(tensor: str) -> TensorInfo | None:
         if not tensor:
             return None
         if tensor in static:
-            return TensorInfo(tensor, model.shapes.get(tensor), None, constant=True,
-                              computed=not model.is_constant(tensor) and tensor not in (aliases or {}))
+            computed = not model.is_constant(tensor) and tensor not in (aliases or {})
+            sliceable = tuple(sorted((views or {}).get(tensor, {}))) if computed else ()
+            return TensorInfo(tensor, model.shapes.get(tensor), None, constant=True, computed=computed,
+                              sliceable=sliceable)
         return tensors.get(tensor) or TensorInfo(tensor, model.shapes.get(tensor))
 
     outputs = [TensorInfo(o, model.shapes.get(o)) if o else None for o in node.output]
@@ -334,6 +376,34 @@ def _record_alias(model: LoadedModel, node: onnx.NodeProto, aliases) -> None:
     if root[1] is not None:
         perm = tuple(root[1][p] for p in perm)
     aliases[node.output[0]] = (root[0], None if perm == tuple(range(rank)) else perm)
+
+
+def _record_view(model: LoadedModel, name: str, node: onnx.NodeProto, views: dict, static: set[str]) -> None:
+    """A constant laid out again from an initializer (a relative position bias gathered from its table,
+    reshaped, transposed): which of its axes are which initializer axes, so surgery can slice the table."""
+    if not node.output or not node.output[0] or not any(model.initializer(i) is not None or i in views
+                                                        for i in node.input if i):
+        return
+    shape = model.shapes.get(node.output[0])
+    if shape is None or math.prod(shape) > _MAX_VIEW_ELEMENTS:
+        return
+    handler = handler_for(node.op_type, node.domain)
+    view = None
+    mapped = {}
+    for axis in range(len(shape)):
+        if shape[axis] <= 1:
+            continue
+        view = view or _view(model, name, node, {}, static)
+        found = handler.source_axis(view, axis)
+        if found is None or found[0] >= len(node.input):
+            continue
+        source, source_axis = node.input[found[0]], found[1]
+        if model.initializer(source) is not None:
+            mapped[axis] = (source, source_axis)
+        elif source_axis in views.get(source, {}):
+            mapped[axis] = views[source][source_axis]
+    if mapped:
+        views[node.output[0]] = mapped
 
 
 def connected_components(count: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -20,13 +20,15 @@ Axes = tuple[int, ...]
 @dataclass(frozen=True)
 class TensorInfo:
     """An input or output of a node: static shape, channel axes, and whether its value is constant
-    (`computed`: a constant computed by nodes at run time, which surgery cannot slice)."""
+    (`computed`: a constant computed by nodes at run time, which surgery cannot slice except along
+    `sliceable`, the axes it re-lays out from one initializer's axes)."""
 
     name: str
     shape: tuple[int, ...] | None
     axes: Axes | None = None
     constant: bool = False
     computed: bool = False
+    sliceable: Axes = ()  # axes of a computed constant that surgery slices at its initializer (a table's head axis)
 
     @property
     def rank(self) -> int | None:
@@ -178,6 +180,9 @@ class Editor(Protocol):
     def set_input(self, index: int, value: np.ndarray) -> None:
         """Replace (or add) constant input `index`."""
 
+    def current(self, index: int) -> np.ndarray:
+        """Constant input `index` as surgery has changed it so far."""
+
     def set_attr(self, name: str, value) -> None:
         """Set an attribute; None removes it."""
 
@@ -257,6 +262,16 @@ class BaseHandler:
 
     def index_bound(self, view: NodeView, index: int) -> int | None:
         return None
+
+    def source_axis(self, view: NodeView, axis: int) -> tuple[int, int] | None:
+        """If output axis `axis` is an axis of one input laid out again, entries in the same order (a
+        table gathered, reshaped, transposed): (that input's index, its axis). Slicing the input
+        there slices the output along `axis`."""
+        return None
+
+    def resize_view(self, view: NodeView, edit: Editor, axis: int, count: int) -> None:
+        """Its input was sliced so that output axis `axis` (see source_axis) now holds `count` entries:
+        update the shape constants that name that extent."""
 
 
 def varying_through_weight(inputs: list[np.ndarray | None], reads: np.ndarray) -> list[np.ndarray | bool] | None:

@@ -118,9 +118,12 @@ def _slice_grid_constants(view: NodeView, edit, y: TensorInfo, keep: np.ndarray)
 
 
 def _unsliceable_constants(view: NodeView, operands: list[TensorInfo], y: TensorInfo, out_axes) -> list[Pin]:
-    """A per-channel constant computed by nodes at run time (Swin's relative position bias, gathered
-    from its table per head) cannot lose channels in surgery: the channels it spans stay."""
+    """A per-channel constant computed by nodes at run time cannot lose channels in surgery unless its
+    channel axes are one initializer's axes laid out again (Swin's relative position bias, gathered per
+    head from its table: surgery slices the table): otherwise the channels it spans stay."""
     rank = len(y.shape)
-    return [Pin(y.name, f"{describe(view)} adds per-channel values computed at run time ('{t.name}')")
+    return [Pin(y.name, f"{describe(view)} adds per-channel values computed at run time ('{t.name}') that are "
+                        f"not one parameter's axis laid out again, so surgery cannot slice them")
             for t in operands
-            if t.constant and t.computed and any(_aligned(t, rank)[a] == y.shape[a] > 1 for a in out_axes)]
+            if t.constant and t.computed and any(_aligned(t, rank)[a] == y.shape[a] > 1
+                                                 and a - (rank - len(t.shape)) not in t.sliceable for a in out_axes)]

@@ -60,6 +60,26 @@ class Reshape(BaseHandler):
         return relation
 
 
+    def source_axis(self, view: NodeView, axis: int) -> tuple[int, int] | None:
+        x, y = view.input(0), view.outputs[0]
+        if x is None or x.shape is None or y.shape is None or math.prod(x.shape) > _MAX_RESHAPE_ELEMENTS:
+            return None
+        for a in range(len(x.shape)):
+            if x.shape[a] == y.shape[axis] > 1:
+                ids = np.broadcast_to(channel_ids(TensorInfo(x.name, x.shape, (a,))), x.shape).reshape(y.shape)
+                if all(_constant_along(ids, b) for b in range(len(y.shape)) if b != axis):
+                    return 0, a
+        return None
+
+    def resize_view(self, view: NodeView, edit, axis: int, count: int) -> None:
+        """An explicit extent in the target becomes `count` (a -1 or 0 follows by itself)."""
+        if view.op_type != "Reshape" or view.const(1) is None:
+            return
+        target = np.array(edit.current(1), dtype=np.int64)
+        if target[axis] > 0:
+            target[axis] = count
+            edit.set_input(1, target)
+
     def prune(self, view: NodeView, edit) -> None:
         """Reshape's target shape gets the new channel count; Flatten/Squeeze/Unsqueeze need nothing."""
         y = view.outputs[0]
@@ -131,6 +151,10 @@ class Transpose(BaseHandler):
     def view_permutation(self, node, rank: int) -> tuple[int, ...]:
         perm = next((tuple(a.ints) for a in node.attribute if a.name == "perm"), None)
         return perm if perm else tuple(reversed(range(rank)))
+
+    def source_axis(self, view: NodeView, axis: int) -> tuple[int, int] | None:
+        x = view.input(0)
+        return None if x is None or x.shape is None else (0, self.view_permutation(view.node, len(x.shape))[axis])
 
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
@@ -328,6 +352,18 @@ class Gather(BaseHandler):
         if index != 1 or data is None or data.shape is None or not data.shape:
             return None
         return int(data.shape[normalize_axis(view.attr("axis", 0), len(data.shape))])
+
+    def source_axis(self, view: NodeView, axis: int) -> tuple[int, int] | None:
+        """A table read at constant indices (Swin's relative position bias): the axes it keeps."""
+        data, indices = view.input(0), view.input(1)
+        if data is None or data.shape is None or indices is None or not indices.constant or indices.shape is None:
+            return None
+        gathered = normalize_axis(view.attr("axis", 0), len(data.shape))
+        if axis < gathered:
+            return 0, axis
+        if axis >= gathered + len(indices.shape):
+            return 0, axis - len(indices.shape) + 1
+        return None
 
     def relate(self, view: NodeView) -> Relation:
         data, indices, y = view.input(0), view.input(1), view.outputs[0]

@@ -1,5 +1,6 @@
 """Normalizations: BatchNorm and InstanceNorm scales are MorphNet's gammas; LayerNorm and
-GroupNorm compute statistics across channels, so their channels are pinned."""
+GroupNorm compute statistics across channels, so their channels are pinned. A BatchNorm after a
+Linear reshaped to [N, C, H, W] normalizes channel c over its block of H*W features."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ from onnx_morph.handlers.base import (
     collapse_tie,
     describe,
     normalize_axis,
-    spread_over_positions,
     param_dtype,
+    spread_over_positions,
 )
 from onnx_morph.handlers.passthrough import pass_through
 
@@ -63,7 +64,8 @@ class BatchNorm(BaseHandler):
         elif x is not None and spread_over_positions(x, 1) and relation.ties:
             relation.ties.append(collapse_tie(x, 1))  # Linear features reshaped to [N, C, H, W]
         elif x is not None and x.axes is not None and x.axes != NCHW:
-            relation.pins.append(Pin(x.name, f"{describe(view)} normalizes channels on axis 1, the input's are on {x.axes}"))
+            reason = f"{describe(view)} normalizes channels on axis 1, the input's are on {x.axes}"
+            relation.pins.append(Pin(x.name, reason))
         relation.params = _per_channel_params(view, (1, 2), y.name)
         return relation
 

@@ -59,6 +59,9 @@ class Identity(Passthrough):
     def view_permutation(self, node, rank: int) -> tuple[int, ...]:
         return tuple(range(rank))
 
+    def source_axis(self, view: NodeView, axis: int) -> tuple[int, int]:
+        return 0, axis
+
 
 class Cast(Passthrough):
     """Cast keeps the values (indices cast to int32 still index the same table)."""

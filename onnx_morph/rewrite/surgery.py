@@ -50,13 +50,37 @@ class _NodeEditor:
         self.surgery.folded[(self.name, tensor)] = self.surgery.removed[tensor]
 
     def slice_input(self, index: int, axis: int, copies: np.ndarray) -> None:
-        value = self.surgery.value(self.node.input[index])
+        if self._slice_view(self.node.input[index], axis, copies):
+            self.surgery.sliced_views.add((self.name, index))
+            return
+        if (self.name, index) in self.surgery.sliced_views:
+            raise ValueError(f"{self.node.op_type} node '{self.name}': input {index} was sliced at its initializer "
+                             f"along one axis and cannot be sliced along axis {axis} too")
+        value = self.current(index)
         if value.shape[axis] != copies.size:
             raise InvariantError(
                 f"{self.node.op_type} node '{self.name}': input {index} has {value.shape[axis]} entries on axis {axis}, "
                 f"the channel mask {copies.size}"
             )
         self.set_input(index, np.repeat(value, copies.astype(np.int64), axis=axis))
+
+    def _slice_view(self, name: str, axis: int, copies: np.ndarray) -> bool:
+        """A constant laid out from an initializer (Swin's relative position bias from its table) is
+        sliced at the initializer, the nodes on the way updating their shape constants."""
+        graph = self.surgery.graph
+        chain = None if graph.param_root(name) is not None else graph.view_chain(name, axis)
+        if chain is None:
+            return False
+        for step, (node_name, index, in_axis, out_axis) in enumerate(chain):
+            editor = _NodeEditor(self.surgery, node_name, self.surgery.nodes[node_name])
+            if step == 0:
+                editor.slice_input(index, in_axis, copies)
+            view = node_view(graph, node_name)
+            handler_for(view.node.op_type, view.node.domain).resize_view(view, editor, out_axis, int(copies.sum()))
+        return True
+
+    def current(self, index: int) -> np.ndarray:
+        return self.surgery.value(self.node.input[index])
 
     def set_input(self, index: int, value: np.ndarray) -> None:
         while len(self.node.input) <= index:
@@ -79,6 +103,8 @@ class _Surgery:
     def __init__(self, graph: ChannelGraph, copies: dict[str, np.ndarray], removed: dict[str, np.ndarray]):
         self.graph, self.copies, self.removed = graph, copies, removed
         self.folded: dict[tuple[str, str], np.ndarray] = {}
+        self.nodes: dict[str, onnx.NodeProto] = {}  # the copy's nodes, by the graph's node names
+        self.sliced_views: set[tuple[str, int]] = set()  # (node, input) sliced at the initializer it views
         self.created: set[str] = set()
         self.added: dict[str, onnx.TensorProto] = {}
         self.values: dict[str, np.ndarray] = {}
@@ -134,7 +160,7 @@ def resize_channels(
     pruned = onnx.ModelProto()
     pruned.CopyFrom(original)
     surgery = _Surgery(graph, copies_per_tensor(graph, copies), removed or {})
-    nodes = dict(zip(graph.order, pruned.graph.node))
+    nodes = surgery.nodes = dict(zip(graph.order, pruned.graph.node))
     for name in graph.relations:
         node = nodes[name]
         handler_for(node.op_type, node.domain).prune(node_view(graph, name), _NodeEditor(surgery, name, node))
