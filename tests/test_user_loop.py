@@ -318,7 +318,7 @@ def test_prefixes_are_not_options_and_errors_show_the_subcommand(tmp_path):
     assert "usage: onnx-morph prune" in proc.stderr and "unrecognized arguments: --round 8" in proc.stderr
 
 
-@pytest.mark.parametrize("command", ["analyze", "prune", "expand", "regularize", "train", "demo"])
+@pytest.mark.parametrize("command", ["analyze", "prune", "profile", "expand", "regularize", "train", "demo"])
 def test_every_option_has_help(command):
     from onnx_morph.cli import _parser
 
