@@ -1,6 +1,6 @@
 """onnx-morph: MorphNet resource-constrained structure learning for ONNX models."""
 
-from onnx_morph.errors import ModelLoadError, OnnxMorphError, OptionError
+from onnx_morph.errors import InvariantError, ModelLoadError, OnnxMorphError, OptionError, OutputError, TrainingError
 
 __version__ = "0.1.0"
 
@@ -12,4 +12,7 @@ def analyze(*args, **kwargs):
     return _analyze(*args, **kwargs)
 
 
-__all__ = ["analyze", "ModelLoadError", "OnnxMorphError", "OptionError", "__version__"]
+__all__ = [
+    "analyze", "InvariantError", "ModelLoadError", "OnnxMorphError", "OptionError", "OutputError", "TrainingError",
+    "__version__",
+]

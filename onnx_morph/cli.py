@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     criterion = prune.add_mutually_exclusive_group(required=True)
     criterion.add_argument("--gamma-threshold", type=float, help="remove channels with |BatchNorm scale| <= T")
     criterion.add_argument("--weight-threshold", type=float, help="remove channels with weight-slice RMS <= T")
-    criterion.add_argument("--mask", metavar="FILE", help="channel masks written by `analyze --structure`")
+    criterion.add_argument("--mask", dest="masks", metavar="FILE", help="channel masks written by `analyze --structure`")
     criterion.add_argument("--target-flops", type=float, help="remove the weakest channels until FLOPs <= this")
     criterion.add_argument("--target-params", type=float, help="remove the weakest channels until params <= this")
     criterion.add_argument("--ratio", type=float, help="keep this fraction of the FLOPs (e.g. 0.5)")
@@ -243,7 +243,7 @@ def _prune(args: argparse.Namespace) -> None:
         input_shapes=parse_input_shapes(args.input_shape),
         gamma_threshold=args.gamma_threshold,
         weight_threshold=args.weight_threshold,
-        masks=args.mask,
+        masks=args.masks,
         target_flops=args.target_flops,
         target_params=args.target_params,
         ratio=args.ratio,

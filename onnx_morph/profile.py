@@ -82,7 +82,7 @@ def check_timing(timing: Timing) -> None:
     if timing.provider not in PROVIDERS:
         raise OptionError(f"unknown provider '{timing.provider}': use one of {', '.join(PROVIDERS)}")
     if timing.threads < 1 or timing.batch < 1:
-        raise OptionError(f"--threads and --batch must be at least 1, not {timing.threads} and {timing.batch}")
+        raise OptionError(f"`threads` and `batch` must be at least 1, not {timing.threads} and {timing.batch}")
     ort = onnxruntime()
     if PROVIDERS[timing.provider] not in ort.get_available_providers():
         raise OptionError(f"provider '{timing.provider}' is not available in this onnxruntime "
@@ -352,7 +352,7 @@ def profile(
     """
     check_timing(timing)
     if max_points < 1:
-        raise OptionError(f"--max-points must be at least 1, not {max_points}")
+        raise OptionError(f"max_points must be at least 1, not {max_points}")
     started = time.perf_counter()
     loaded = load_at_batch(model, input_shapes, timing.batch)
     graph = build_channel_graph(loaded)

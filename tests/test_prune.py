@@ -31,7 +31,7 @@ import pytest
 import torch
 
 import onnx_morph
-from onnx_morph import ModelLoadError, OnnxMorphError, OptionError
+from onnx_morph import ModelLoadError, OnnxMorphError, OptionError, OutputError
 from onnx_morph.cli import main as cli_main
 from onnx_morph.costs import marginal_cost, total_cost
 from onnx_morph.graph import build_channel_graph, load_model
@@ -772,16 +772,16 @@ OPTION_ERRORS = [
     ({"weight_threshold": 1e9}, OptionError, "the threshold removes every prunable channel"),
     ({"gamma_threshold": -1.0}, OptionError, "must be a finite number >= 0"),
     ({"gamma_threshold": math.nan}, OptionError, "must be a finite number >= 0"),
-    ({"ratio": 0.0}, OptionError, "--ratio is the fraction of FLOPs to keep, in (0, 1], not 0.0"),
-    ({"ratio": 1.5}, OptionError, "--ratio is the fraction of FLOPs to keep, in (0, 1], not 1.5"),
-    ({"ratio": -0.5}, OptionError, "--ratio"),
-    ({"ratio": math.nan}, OptionError, "--ratio"),
-    ({"target_flops": -5.0}, OptionError, "--target-flops must be positive, not -5.0"),
-    ({"target_flops": 0.0}, OptionError, "--target-flops must be positive"),
-    ({"target_params": -1.0}, OptionError, "--target-params must be positive, not -1.0"),
+    ({"ratio": 0.0}, OptionError, "`ratio` is the fraction of FLOPs to keep, in (0, 1], not 0.0"),
+    ({"ratio": 1.5}, OptionError, "`ratio` is the fraction of FLOPs to keep, in (0, 1], not 1.5"),
+    ({"ratio": -0.5}, OptionError, "`ratio`"),
+    ({"ratio": math.nan}, OptionError, "`ratio`"),
+    ({"target_flops": -5.0}, OptionError, "target_flops must be positive, not -5.0"),
+    ({"target_flops": 0.0}, OptionError, "target_flops must be positive"),
+    ({"target_params": -1.0}, OptionError, "target_params must be positive, not -1.0"),
     ({"target_flops": 1.0}, OptionError, "the flops budget 1 is below"),
     ({"target_params": 1.0}, OptionError, "the params budget 1 is below"),
-    ({"ratio": 0.5, "round_to": 0}, OptionError, "--round-to must be at least 1, not 0"),
+    ({"ratio": 0.5, "round_to": 0}, OptionError, "round_to must be at least 1, not 0"),
 ]
 
 
@@ -897,7 +897,7 @@ def test_output_equal_to_input_is_refused(spelling, tmp_path):
 
 def test_output_folder_missing(small, tmp_path):
     out = tmp_path / "missing" / "out.onnx"
-    with pytest.raises(OptionError, match="does not exist"):
+    with pytest.raises(OutputError, match="does not exist"):
         prune_file(small, out, ratio=0.5)
     assert not out.parent.exists()
     assert listing(tmp_path) == []
@@ -906,7 +906,7 @@ def test_output_folder_missing(small, tmp_path):
 def test_output_path_is_a_folder(small, tmp_path):
     folder = tmp_path / "taken.onnx"
     folder.mkdir()
-    with pytest.raises(OptionError, match="cannot write"):
+    with pytest.raises(OutputError, match="cannot write"):
         prune_file(small, folder, ratio=0.5)
     assert listing(tmp_path) == ["taken.onnx"]
     assert listing(folder) == []
@@ -917,7 +917,7 @@ def test_failed_write_leaves_no_temp_file(small, tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(save_module.os, "replace", full_disk)
-    with pytest.raises(OptionError, match="cannot write: No space left on device"):
+    with pytest.raises(OutputError, match="cannot write: No space left on device"):
         prune_file(small, tmp_path / "out.onnx", ratio=0.5)
     monkeypatch.undo()
     assert listing(tmp_path) == []

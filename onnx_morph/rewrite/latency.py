@@ -77,11 +77,11 @@ def parse_latency_target(target: float | str, table: LatencyTable) -> float:
     except ValueError:
         value = math.nan
     if not math.isfinite(value) or value <= 0:
-        raise OptionError(f"--target-latency '{text}': give a fraction of the measured latency (0.5) or a time (3.2ms)")
+        raise OptionError(f"target_latency '{text}': give a fraction of the measured latency (0.5) or a time (3.2ms)")
     unit = match.group(2)
     if unit is None:
         if value > 1:
-            raise OptionError(f"--target-latency {text}: a fraction must be at most 1 (or give a time: {text}ms)")
+            raise OptionError(f"target_latency {text}: a fraction must be at most 1 (or give a time: {text}ms)")
         return value * table.model_seconds
     return value * {"s": 1.0, "ms": 1e-3, "us": 1e-6}[unit]
 

@@ -113,14 +113,14 @@ def prune(
                 "target_latency": target_latency}
     given = [k for k, v in criteria.items() if v is not None]
     if len(given) != 1:
-        raise OptionError("give exactly one of --gamma-threshold, --weight-threshold, --mask, --target-flops, "
-                          f"--target-params, --ratio, --target-latency (got {', '.join(given) or 'none'})")
+        raise OptionError("give exactly one of gamma_threshold, weight_threshold, `masks`, target_flops, "
+                          f"target_params, `ratio`, target_latency (got {', '.join(given) or 'none'})")
     if target_latency is not None and latency_table is None:
-        raise OptionError("--target-latency needs --latency-table (write one with `onnx-morph profile`)")
+        raise OptionError("target_latency needs latency_table (write one with `onnx-morph profile`)")
     if round_to < 1:
-        raise OptionError(f"--round-to must be at least 1, not {round_to}")
+        raise OptionError(f"round_to must be at least 1, not {round_to}")
     if not 0 <= min_keep <= 1:
-        raise OptionError(f"--min-keep is a fraction of each group's channels, in [0, 1], not {min_keep}")
+        raise OptionError(f"min_keep is a fraction of each group's channels, in [0, 1], not {min_keep}")
     graph = build_channel_graph(load_model(model, input_shapes))
     table = None
     if latency_table is not None:
@@ -259,12 +259,12 @@ def _choose(graph: ChannelGraph, criteria: dict, round_to: int, min_keep: float,
     if criteria["ratio"] is not None:
         ratio = criteria["ratio"]
         if not 0 < ratio <= 1:
-            raise OptionError(f"--ratio is the fraction of FLOPs to keep, in (0, 1], not {ratio}")
+            raise OptionError(f"`ratio` is the fraction of FLOPs to keep, in (0, 1], not {ratio}")
         budget = select.Budget("flops", ratio * total_cost(graph, everything, "flops"))
     elif criteria["target_flops"] is not None:
-        budget = select.Budget("flops", _positive(criteria["target_flops"], "--target-flops"))
+        budget = select.Budget("flops", _positive(criteria["target_flops"], "target_flops"))
     else:
-        budget = select.Budget("params", _positive(criteria["target_params"], "--target-params"))
+        budget = select.Budget("params", _positive(criteria["target_params"], "target_params"))
     alive = select.by_budget(graph, budget, multiple=round_to, min_keep=min_keep)
     missed = select.budget_shortfall(graph, budget, alive)
     if missed:
