@@ -1066,7 +1066,7 @@ def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path, m
     factory, shape = zoo.ZOO["BasicBlock"]
     source = zoo.export_onnx(factory(), shape, tmp_path / "src.onnx")
     result = prune(source, ratio=0.6)
-    monkeypatch.setattr(save, "_PROTOBUF_LIMIT", 1000)
+    monkeypatch.setattr(save, "PROTOBUF_LIMIT", 1000)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     target = save.save_model(result.model, out_dir / "small.onnx", source=source)

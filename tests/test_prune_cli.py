@@ -406,7 +406,7 @@ def test_calibrate_remeasures_batchnorm_statistics(weak_channels, tmp_path):
 @pytest.mark.parametrize("args, fragments", [
     (["--calibrate", "digits", "--calibration-images", "0"], ["at least one image"]),
     (["--calibrate", "imagenet"], ["unknown data 'imagenet'"]),
-    (["--calibrate", "digits"], ["does not fit input", "[64, 1, 16, 16]"]),
+    (["--calibrate", "digits", "--mean", "0.5,0.5"], ["mean takes 1 or 3 values (one per input channel), not 2"]),
 ])
 def test_calibrate_errors(args, fragments, model, tmp_path):
     """BasicBlock takes 3-channel images; digits have one channel."""
