@@ -23,7 +23,7 @@ from functools import cached_property
 import numpy as np
 
 from onnx_morph.costs.hardware import Hardware
-from onnx_morph.costs.resources import _elements, _is_parameter, _itemsize
+from onnx_morph.costs.resources import _elements, _itemsize, param_uses
 from onnx_morph.errors import OptionError
 from onnx_morph.graph.channel_graph import ChannelGraph
 
@@ -117,6 +117,7 @@ def cost_terms(
         raise OptionError("the latency cost needs a hardware (a name, or PEAK_GFLOPS,BANDWIDTH_GBS)")
     fixed = graph.num_classes
     rows: list[CostRow] = []
+    uses = param_uses(graph)
     for name, relation in graph.relations.items():
         if nodes is not None and name not in nodes:
             continue
@@ -124,11 +125,9 @@ def cost_terms(
         if geometry is not None:
             c_in = _channel_classes(graph, geometry.input, geometry.in_axis, fixed)
             c_out = _channel_classes(graph, geometry.output, geometry.out_axis, fixed)
-            rows += _geometry_rows(graph, name, geometry, c_in, c_out, resource, macs, hardware)
+            rows += _geometry_rows(graph, name, geometry, c_in, c_out, resource, macs, hardware, uses[name].per_pair)
         if resource == "params":
-            for term in relation.params:
-                if not _is_parameter(graph, term.param):
-                    continue
+            for term in uses[name].terms:
                 classes = graph.classes(term.tensor) if term.tensor is not None else None
                 if classes is None or classes.size == 0:
                     rows.append(_row(name, (), (), k=float(term.size)))
@@ -146,14 +145,13 @@ def _channel_classes(graph: ChannelGraph, tensor: str, axis: int, fixed: int) ->
     return classes
 
 
-def _geometry_rows(graph, name, geometry, c_in, c_out, resource, macs, hardware) -> list[CostRow]:
+def _geometry_rows(graph, name, geometry, c_in, c_out, resource, macs, hardware, params_per_pair) -> list[CostRow]:
     groups = geometry.groups
     if groups <= 1 or c_in.size % groups or c_out.size % groups:
         groups = 1
-    weight_is_param = geometry.weight is not None and _is_parameter(graph, geometry.weight)
     per_pair = {
         "flops": (1 if macs else 2) * geometry.positions * geometry.kernel,
-        "params": geometry.kernel if weight_is_param else 0,
+        "params": params_per_pair,
         "activations": 0,
     }
     if resource == "activations":

@@ -20,6 +20,7 @@ from onnx_morph.handlers import NodeView, Pin, Relation, TensorInfo, handler_for
 # Every channel of every activation is an element of the union-find arrays: bound their memory.
 MAX_CHANNELS = 2**24
 MAX_CHANNEL_ELEMENTS = 2**25
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
 @dataclass
@@ -70,6 +71,46 @@ class ChannelGraph:
         if self.model.initializer(name) is not None:
             return name, None
         return self.aliases.get(name)
+
+    def trained_sources(self, tensor: str) -> tuple[str, ...]:
+        """The float initializers a constant tensor is read from: itself (or the weight it views through
+        Identity/Transpose), or those a constant subgraph computes it from through the nodes' parameter
+        inputs (a position table gathered by constant ids, an unsqueezed scale, a normalized weight)."""
+        if tensor not in self._sources:
+            self._sources[tensor] = self._find_sources(tensor)
+        return self._sources[tensor]
+
+    def _find_sources(self, tensor: str) -> tuple[str, ...]:
+        root = self.param_root(tensor)
+        if root is not None:
+            return (root[0],) if self.model.initializer(root[0]).data_type in FLOAT_TYPES else ()
+        found: dict[str, None] = {}
+        frontier, seen = [tensor], {tensor}
+        while frontier:
+            producer = self._producers.get(frontier.pop())
+            if producer is None:
+                continue
+            node = self.nodes[producer]
+            indices = handler_for(node.op_type, node.domain).parameter_inputs
+            for index, name in enumerate(node.input):
+                if not name or name in seen or (indices is not None and index not in indices):
+                    continue
+                seen.add(name)
+                initializer = self.model.initializer(name)
+                if initializer is None:
+                    frontier.append(name)
+                elif initializer.data_type in FLOAT_TYPES:
+                    found[name] = None
+        return tuple(found)
+
+    @cached_property
+    def _sources(self) -> dict[str, tuple[str, ...]]:
+        return {}
+
+    @cached_property
+    def _producers(self) -> dict[str, str]:
+        """The node computing each static tensor (constant subgraphs the channel graph skips)."""
+        return {o: name for name, node in self.nodes.items() for o in node.output if o in self.static}
 
     def class_pinned(self) -> np.ndarray:
         pinned = np.zeros(self.num_classes, dtype=bool)

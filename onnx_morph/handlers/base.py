@@ -206,6 +206,9 @@ class Handler(Protocol):
 
 class BaseHandler:
     static_output = False
+    # Inputs that may carry trained parameters when the node computes a constant (a weight normalized at
+    # load time, a gathered position table); None: all of them. Data and statistics inputs are left out.
+    parameter_inputs: tuple[int, ...] | None = None
 
     def preferred_axes(self, view: NodeView, index: int, rank: int) -> Axes | None:
         return None

@@ -43,6 +43,8 @@ class Reshape(BaseHandler):
     Flatten of [N, C, H, W] gives each channel c the block of H*W features c*HW .. c*HW+HW-1, and a
     split of C into (groups, C/groups) gives two channel axes."""
 
+    parameter_inputs = (0,)
+
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
         if x is None or x.axes is None or x.constant:
@@ -231,6 +233,8 @@ class Split(BaseHandler):
 
 
 class Slice(BaseHandler):
+    parameter_inputs = (0,)
+
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
         if x is None or x.axes is None or x.constant:
@@ -290,6 +294,8 @@ class Slice(BaseHandler):
 
 class Gather(BaseHandler):
     """Gather from an activation by constant indices, or an embedding lookup (constant table)."""
+
+    parameter_inputs = (0,)
 
     def relate(self, view: NodeView) -> Relation:
         data, indices, y = view.input(0), view.input(1), view.outputs[0]
@@ -376,6 +382,8 @@ def _renumber_grid_slice(view: NodeView, edit, data: TensorInfo, keep: np.ndarra
 
 class Expand(BaseHandler):
     """Broadcast to a larger shape: channels pass when the channel dims are already full size."""
+
+    parameter_inputs = (0,)
 
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]

@@ -44,6 +44,8 @@ def _per_channel_params(view: NodeView, indices: tuple[int, ...], tensor: str | 
 class BatchNorm(BaseHandler):
     """Per-channel affine normalization with running statistics (not parameters: buffers)."""
 
+    parameter_inputs = (0, 1, 2)
+
     def preferred_axes(self, view: NodeView, index: int, rank: int):
         return NCHW if index == 0 else None
 

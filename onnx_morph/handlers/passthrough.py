@@ -42,6 +42,8 @@ def pass_through(view: NodeView, pin_reason: str | None = None) -> Relation:
 class Passthrough(BaseHandler):
     """Per-element or per-channel ops that never mix channels."""
 
+    parameter_inputs = (0,)  # Clip bounds, Dropout ratios, Resize scales are settings
+
     def relate(self, view: NodeView) -> Relation:
         return pass_through(view)
 
@@ -77,6 +79,8 @@ class Softmax(BaseHandler):
 class Pad(BaseHandler):
     """Zero padding keeps channels unless it pads the channel axis itself."""
 
+    parameter_inputs = (0,)
+
     def relate(self, view: NodeView) -> Relation:
         x = view.input(0)
         if x is None or x.axes is None:
@@ -99,6 +103,8 @@ class Pad(BaseHandler):
 
 class Reduce(BaseHandler):
     """Reductions keep channels only when they do not reduce over the channel axes."""
+
+    parameter_inputs = (0,)
 
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
