@@ -155,7 +155,8 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
         relations[name] = relation
         for output, axes in zip(view.outputs, relation.output_axes):
             if output is not None:
-                tensors[output.name] = _checked(TensorInfo(output.name, output.shape, _valid_axes(axes, output.shape)), model)
+                tensors[output.name] = _checked(TensorInfo(output.name, output.shape, _valid_axes(axes, output.shape),
+                                                           copies=output.name in relation.copies), model)
 
     offsets, total = {}, 0
     for name, info in tensors.items():

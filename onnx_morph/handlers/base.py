@@ -20,13 +20,16 @@ Axes = tuple[int, ...]
 @dataclass(frozen=True)
 class TensorInfo:
     """An input or output of a node: static shape, channel axes, and whether its value is constant
-    (`computed`: a constant computed by nodes at run time, which surgery cannot slice)."""
+    (`computed`: a constant computed by nodes at run time, which surgery cannot slice). `copies`:
+    its channels are copies of one value (a norm broadcast back over the channels), so zeroing a
+    removed one is not what removing it means (x / ||x|| would divide by zero)."""
 
     name: str
     shape: tuple[int, ...] | None
     axes: Axes | None = None
     constant: bool = False
     computed: bool = False
+    copies: bool = False
 
     @property
     def rank(self) -> int | None:
@@ -160,6 +163,7 @@ class Relation:
     geometry: OpGeometry | None = None
     params: list[ParamTerm] = field(default_factory=list)
     grids: list[Grid] = field(default_factory=list)
+    copies: list[str] = field(default_factory=list)  # outputs whose channels are copies of one value
 
 
 class Editor(Protocol):

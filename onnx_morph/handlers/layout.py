@@ -381,15 +381,22 @@ def _renumber_grid_slice(view: NodeView, edit, data: TensorInfo, keep: np.ndarra
 
 
 class Expand(BaseHandler):
-    """Broadcast to a larger shape: channels pass when the channel dims are already full size."""
+    """Broadcast to a larger shape: channels pass when the channel dims are already full size; a
+    tensor without channels (a norm over the channels) broadcast along one axis gets new channels
+    there, copies of one value, which its consumer ties (x / ||x||.expand_as(x))."""
 
     parameter_inputs = (0,)
 
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
-        if x is None or x.axes is None or x.constant or y.shape is None:
+        if x is None or x.constant or y.shape is None or x.shape is None:
             return Relation([None])
         shift = len(y.shape) - len(x.shape)
+        if x.axes is None:
+            spread = [a for a in range(1, len(y.shape)) if a < shift or (x.shape[a - shift] == 1 and y.shape[a] > 1)]
+            if len(spread) != 1:
+                return Relation([None])
+            return Relation([tuple(spread)], copies=[y.name])
         axes = tuple(a + shift for a in x.axes)
         if all(x.shape[a] == y.shape[a + shift] for a in x.axes):
             relation = Relation([axes], ties=[identity_tie(x, TensorInfo(y.name, y.shape, axes))])
@@ -399,7 +406,9 @@ class Expand(BaseHandler):
         return Relation([None], pins=[Pin(x.name, f"{describe(view)} broadcasts along the channel axis")])
 
     def prune(self, view: NodeView, edit) -> None:
-        y = view.outputs[0]
+        """The target's channel extent shrinks; extents the input already has become 1 (broadcast
+        gives them back), so a batch size folded into the target at load time is not frozen."""
+        x, y = view.input(0), view.outputs[0]
         keep = edit.keep(y.name)
         shape = view.const(1)
         if keep is None or shape is None:
@@ -409,4 +418,8 @@ class Expand(BaseHandler):
         offset = len(y.shape) - target.size
         if axis - offset >= 0 and target[axis - offset] > 1:
             target[axis - offset] = int(keep.sum())
-            edit.set_input(1, target)
+        shift = target.size - len(x.shape)
+        for a in range(max(shift, 0), target.size):
+            if a != axis - offset and target[a] == x.shape[a - shift]:
+                target[a] = 1
+        edit.set_input(1, target)

@@ -101,8 +101,23 @@ class Pad(BaseHandler):
         return pass_through(view)
 
 
+# Reductions to which a zero channel contributes exactly nothing: pruning a channel they sum over
+# computes what the original computes with that channel zeroed (an L2 normalization x / ||x||).
+ZERO_NEUTRAL = {"ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum"}
+_WHY_PINNED = {
+    "ReduceMean": " (a removed channel would still count in the mean's divisor)",
+    "ReduceMax": " (a zero channel can be the maximum)",
+    "ReduceMin": " (a zero channel can be the minimum)",
+    "ReduceProd": " (a zero channel zeroes the product)",
+    "ReduceLogSumExp": " (a zero channel adds exp(0) = 1)",
+    "ArgMax": " (a zero channel can be the maximum)",
+    "ArgMin": " (a zero channel can be the minimum)",
+}
+
+
 class Reduce(BaseHandler):
-    """Reductions keep channels only when they do not reduce over the channel axes."""
+    """Reductions keep channels when they do not reduce over the channel axes; over them, sums
+    consume the channels (prunable) and the others pin them."""
 
     parameter_inputs = (0,)
 
@@ -115,7 +130,10 @@ class Reduce(BaseHandler):
         if reduced is None:
             return pass_through(view, f"{describe(view)} takes its axes at run time")
         if set(reduced) & set(x.axes):
-            return Relation([None], pins=[Pin(x.name, f"{describe(view)} reduces over the channel axis")])
+            if view.op_type in ZERO_NEUTRAL and set(x.axes) <= set(reduced):
+                return Relation([None])  # a removed (zero) channel adds exactly 0: the channels are consumed
+            return Relation([None], pins=[Pin(x.name, f"{describe(view)} reduces over the channel axis"
+                                                      f"{_WHY_PINNED.get(view.op_type, '')}")])
         keepdims = bool(view.attr("keepdims", 1))
         out_axes = x.axes if keepdims else tuple(a - sum(r < a for r in reduced) for a in x.axes)
         out = TensorInfo(y.name, y.shape, out_axes)

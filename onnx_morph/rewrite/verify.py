@@ -130,14 +130,15 @@ def masked_original(
     folded: dict[tuple[str, str], np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """The original model with every removed channel multiplied by zero wherever it appears, except
-    where a consumer folded the channel's constant into its bias: there the constant is kept."""
+    where a consumer folded the channel's constant into its bias: there the constant is kept.
+    Channels that are copies of one value (a broadcast norm) stay: their removal changes nothing else."""
     model = onnx.ModelProto()
     model.CopyFrom(original)
     renamed: dict = {}
     extra_nodes, extra_inits = [], []
     for tensor, keep in masks.items():
         info = graph.tensors[tensor]
-        if info.axes is None:
+        if info.axes is None or info.copies:
             continue
         keep = keep[channel_ids(info)]
         shape = list(keep.shape)
