@@ -110,30 +110,68 @@ def test_mean_and_max_over_channels_stay_pinned(tmp_path):
     assert "ReduceMax node" in reasons and "maximum" in reasons
 
 
+def conv_model(path: Path, middle: list, hidden: int, head_in: int, shape=IMAGE, out_side: int | None = None,
+               opset: int = 13) -> Path:
+    """input -> Conv(3 -> hidden, 3x3, padded) named h -> `middle` nodes ending in 'mid' -> 1x1 Conv(head_in -> 4)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), name)
+             for name, s in (("w", (hidden, 3, 3, 3)), ("b", (hidden,)), ("head", (4, head_in, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["input", "w", "b"], ["h"], pads=[1, 1, 1, 1]), *middle,
+             helper.make_node("Conv", ["mid", "head"], ["output"])]
+    side = out_side or shape[2]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, (1, 4, side, side))], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]), str(path))
+    return path
+
+
 def test_every_zero_neutral_reduction_is_prunable(tmp_path):
     """ReduceSumSquare, ReduceL1 and ReduceLogSum (which torch does not emit) over the channels of a
     conv, each scaling the conv's output on its way to the head."""
-    rng = np.random.default_rng(0)
-    weight = lambda *shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
-    inits = [weight(8, 3, 3, 3), weight(8), weight(4, 8, 1, 1)]
-    for init, name in zip(inits, ("w", "b", "head")):
-        init.name = name
-    nodes = [helper.make_node("Conv", ["input", "w", "b"], ["h"], pads=[1, 1, 1, 1])]
-    scaled = "h"
+    nodes, scaled = [helper.make_node("Abs", ["h"], ["h_abs"])], "h"
     for op in ("ReduceSumSquare", "ReduceL1", "ReduceLogSum"):
-        source = "h" if op != "ReduceLogSum" else "h_abs"
-        if op == "ReduceLogSum":
-            nodes.append(helper.make_node("Abs", ["h"], ["h_abs"]))
-        nodes += [helper.make_node(op, [source], [f"{op}_out"], axes=[1], keepdims=1),
+        nodes += [helper.make_node(op, ["h" if op != "ReduceLogSum" else "h_abs"], [f"{op}_out"], axes=[1], keepdims=1),
                   helper.make_node("Mul", [scaled, f"{op}_out"], [f"{op}_scaled"])]
         scaled = f"{op}_scaled"
-    nodes.append(helper.make_node("Conv", [scaled, "head"], ["output"]))
-    graph = helper.make_graph(nodes, "sums", [helper.make_tensor_value_info("input", TensorProto.FLOAT, IMAGE)],
-                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, (1, 4, 10, 10))], inits)
-    path = tmp_path / "sums.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    path = conv_model(tmp_path / "sums.onnx", [*nodes, helper.make_node("Identity", [scaled], ["mid"])], 8, 8)
 
     hidden = next(g for g in onnx_morph.analyze(path).groups if g.size == 8)
     assert hidden.prunable, hidden.pin_reasons
     row = sweep_models.check_architecture("sums", path, sweep_models.Row("sums"))
     assert row.removed_channels == 2 and row.max_rel < 1e-4
+
+
+# --------------------------------------------------------------------------- #
+# Pixel shuffle
+# --------------------------------------------------------------------------- #
+
+
+class PixelShuffle(nn.Module):
+    """torch's PixelShuffle exports as DepthToSpace in CRD mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.shuffle, self.head = conv_bn(3, 16), nn.PixelShuffle(2), nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(self.shuffle(self.body(x)))
+
+
+def test_torch_pixel_shuffle_prunes_whole_blocks(tmp_path):
+    analysis, row = checked(PixelShuffle(), IMAGE, tmp_path, "PixelShuffle")
+    group = next(g for g in analysis.groups if g.size == 4 and g.prunable)
+    assert group.tensors[next(t for t in group.tensors if "body.0" in t)] == 16  # 4 channels of 4 sub-pixels
+    assert row.removed_channels == 1 and row.max_rel < 1e-4
+
+
+@pytest.mark.parametrize("op, mode", [("DepthToSpace", "DCR"), ("DepthToSpace", "CRD"), ("SpaceToDepth", None)])
+def test_depth_to_space_and_back_prune_in_blocks(op, mode, tmp_path):
+    attrs = {"blocksize": 2, **({"mode": mode} if mode else {})}
+    if op == "DepthToSpace":  # 16 channels of 10x10 -> 4 channels of 20x20
+        path = conv_model(tmp_path / "d2s.onnx", [helper.make_node(op, ["h"], ["mid"], **attrs)], 16, 4, out_side=20)
+    else:  # 4 channels of 10x10 -> 16 channels of 5x5
+        path = conv_model(tmp_path / "s2d.onnx", [helper.make_node(op, ["h"], ["mid"], **attrs)], 4, 16, out_side=5)
+    groups = [g for g in onnx_morph.analyze(path).groups if g.prunable]
+    assert [g.size for g in groups] == [4]
+    row = sweep_models.check_architecture(op, path, sweep_models.Row(op))
+    assert row.removed_channels == 1 and row.max_rel < 1e-4

@@ -423,3 +423,29 @@ class Expand(BaseHandler):
             if a != axis - offset and target[a] == x.shape[a - shift]:
                 target[a] = 1
         edit.set_input(1, target)
+
+
+class DepthToSpace(BaseHandler):
+    """Pixel shuffle: blocks of blocksize^2 input channels become one output channel's sub-pixels.
+
+    DCR mode reads input channel (i * b + j) * C + c into output channel c, CRD mode c * b^2 + i * b + j;
+    SpaceToDepth writes input channel c into output channel (i * b + j) * C + c. Each such set of
+    b^2 channels is one channel, and the kept channels keep that layout: no attribute changes."""
+
+    def preferred_axes(self, view: NodeView, index: int, rank: int):
+        return (1,) if index == 0 else None
+
+    def relate(self, view: NodeView) -> Relation:
+        x, y = view.input(0), view.outputs[0]
+        if x is None or x.axes is None or x.constant:
+            return Relation([None])
+        if x.axes != (1,) or x.shape is None or y.shape is None or len(x.shape) != 4:
+            return Relation([None], pins=[Pin(x.name, f"{describe(view)} needs NCHW channels on axis 1")])
+        if view.op_type == "SpaceToDepth":
+            out = np.arange(y.shape[1], dtype=np.int64)
+            return Relation([(1,)], ties=[Tie(y.name, out, x.name, out % x.shape[1])])
+        channels = np.arange(x.shape[1], dtype=np.int64)
+        mode = view.attr("mode", b"DCR")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        out = channels // int(view.attr("blocksize")) ** 2 if mode == "CRD" else channels % y.shape[1]
+        return Relation([(1,)], ties=[Tie(x.name, channels, y.name, out)])
