@@ -9,6 +9,7 @@ predicted, and match the original with those channels zeroed, in onnxruntime on 
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_morph
+import onnx_morph.rewrite.select
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import sweep_models  # noqa: E402
@@ -175,3 +177,168 @@ def test_depth_to_space_and_back_prune_in_blocks(op, mode, tmp_path):
     assert [g.size for g in groups] == [4]
     row = sweep_models.check_architecture(op, path, sweep_models.Row(op))
     assert row.removed_channels == 1 and row.max_rel < 1e-4
+
+
+# --------------------------------------------------------------------------- #
+# GroupNorm
+# --------------------------------------------------------------------------- #
+
+
+class GroupNormNet(nn.Module):
+    """torch's GroupNorm exports as Reshape [N, G, -1] -> InstanceNormalization -> Reshape -> Mul -> Add."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.norm, self.head = nn.Conv2d(3, 12, 3, padding=1), nn.GroupNorm(4, 12), nn.Conv2d(12, 4, 1)
+        with torch.no_grad():
+            self.norm.weight.normal_()
+            self.norm.bias.normal_()
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.body(x))))
+
+
+def test_exported_group_norm_prunes_whole_groups(tmp_path):
+    analysis, row = checked(GroupNormNet(), IMAGE, tmp_path, "GroupNormNet")
+    group = next(g for g in analysis.groups if g.prunable)
+    assert group.size == 4 and group.tensors["/body/Conv_output_0"] == 12  # 4 groups of 3 channels
+    assert row.removed_channels == 1 and row.max_rel < 1e-4
+
+
+@pytest.mark.parametrize("opset", [18, 21])
+def test_group_normalization_op_prunes_whole_groups(opset, tmp_path):
+    """The GroupNormalization op: scale and shift per group at opset 18, per channel at 21."""
+    rng = np.random.default_rng(1)
+    size = 4 if opset == 18 else 12
+    scale = [numpy_helper.from_array(rng.standard_normal(size).astype(np.float32), n) for n in ("gn_scale", "gn_bias")]
+    middle = [helper.make_node("GroupNormalization", ["h", "gn_scale", "gn_bias"], ["mid"], num_groups=4)]
+    path = conv_model(tmp_path / "gn.onnx", middle, 12, 12, opset=opset)
+    model = onnx.load(str(path))
+    model.graph.initializer.extend(scale)
+    onnx.save(model, str(path))
+
+    analysis = onnx_morph.analyze(path)
+    assert [g.size for g in analysis.groups if g.prunable] == [4]
+    row = sweep_models.check_architecture("gn", path, sweep_models.Row("gn"))
+    assert row.removed_channels == 1 and row.max_rel < 1e-4
+    pruned = onnx_morph.rewrite.prune(path, masks=onnx_morph.rewrite.select.mask_document(
+        analysis.graph, sweep_models.random_kill(analysis.graph, 0))).model
+    node = next(n for n in pruned.graph.node if n.op_type == "GroupNormalization")
+    assert helper.get_attribute_value(node.attribute[0]) == 3
+
+
+def test_instance_norm_over_channel_positions_is_pinned(tmp_path):
+    """InstanceNormalization of [N, 4, 2, H*W] made from [N, 8, H, W]: axis 2 holds channels it normalizes over."""
+    shape = numpy_helper.from_array(np.array([1, 4, 2, 100], dtype=np.int64), "split")
+    back = numpy_helper.from_array(np.array([1, 8, 10, 10], dtype=np.int64), "back")
+    ones = numpy_helper.from_array(np.ones(4, dtype=np.float32), "ones")
+    zeros = numpy_helper.from_array(np.zeros(4, dtype=np.float32), "zeros")
+    middle = [helper.make_node("Reshape", ["h", "split"], ["grid"]),
+              helper.make_node("InstanceNormalization", ["grid", "ones", "zeros"], ["normed"]),
+              helper.make_node("Reshape", ["normed", "back"], ["mid"])]
+    path = conv_model(tmp_path / "in.onnx", middle, 8, 8)
+    model = onnx.load(str(path))
+    model.graph.initializer.extend([shape, back, ones, zeros])
+    onnx.save(model, str(path))
+    hidden = next(g for g in onnx_morph.analyze(path).groups if g.size == 8)
+    assert not hidden.prunable
+    assert any("InstanceNormalization node" in r and "normalizes over channels on axes [2]" in r for r in hidden.pin_reasons)
+
+
+# --------------------------------------------------------------------------- #
+# LSTM, GRU, RNN
+# --------------------------------------------------------------------------- #
+
+
+class Recurrent(nn.Module):
+    """Linear -> ReLU -> recurrent layer (batch first) -> Linear: the Linear's width is the input features."""
+
+    def __init__(self, cell: type, features: int = 8, hidden: int = 5):
+        super().__init__()
+        self.lin, self.rnn, self.out = nn.Linear(6, features), cell(features, hidden, batch_first=True), nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        return self.out(self.rnn(torch.relu(self.lin(x)))[0])
+
+
+def export_folded(module: nn.Module, shape, path: Path, fold: bool) -> Path:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (torch.randn(*shape),), str(path), dynamo=False, do_constant_folding=fold)
+    return path
+
+
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda c: c.__name__)
+def test_recurrent_input_features_are_prunable(cell, tmp_path):
+    torch.manual_seed(0)
+    module = Recurrent(cell, features=16, hidden=12)
+    path = export_folded(module, (1, 7, 6), tmp_path / "rnn.onnx", fold=True)
+    analysis = onnx_morph.analyze(path)
+    assert [g.size for g in analysis.groups if g.prunable] == [16]
+    hidden = [g for g in analysis.groups if g.size == 12]
+    assert hidden and all(any(f"{cell.__name__} node" in r and "hidden size" in r for r in g.pin_reasons) for g in hidden)
+    assert analysis.total.params == sum(p.numel() for p in module.parameters())
+    gates = {nn.LSTM: 4, nn.GRU: 3, nn.RNN: 1}[cell]
+    assert analysis.total.flops == 2 * 7 * (6 * 16 + gates * 16 * 12 + gates * 12 * 12 + 12 * 3)
+    row = sweep_models.check_architecture(cell.__name__, path, sweep_models.Row(cell.__name__))
+    assert row.removed_channels == 5 and row.max_rel < 1e-4
+
+
+def test_recurrent_weight_computed_at_run_time_is_pinned(tmp_path):
+    """Without constant folding torch computes W from weight_ih (gate reordering): surgery cannot slice it."""
+    torch.manual_seed(0)
+    module = Recurrent(nn.LSTM, features=48, hidden=32)
+    analysis = onnx_morph.analyze(export_folded(module, (1, 7, 6), tmp_path / "lstm.onnx", fold=False))
+    features = next(g for g in analysis.groups if g.size == 48)
+    assert any("computed at run time" in r and "do_constant_folding=True" in r for r in features.pin_reasons)
+    assert analysis.total.params == sum(p.numel() for p in module.parameters())
+
+
+# --------------------------------------------------------------------------- #
+# Attention across branches
+# --------------------------------------------------------------------------- #
+
+
+class SelectiveKernel(nn.Module):
+    """timm's SelectiveKernel: conv paths stacked to [B, paths, C, H, W], their sum pooled, and a
+    softmax over the paths of a [B, paths, C] attention weighting each path before summing them."""
+
+    def __init__(self, channels=8, paths=2, attention=4):
+        super().__init__()
+        self.stem = conv_bn(3, channels)
+        self.paths = nn.ModuleList([nn.Sequential(nn.Conv2d(channels, channels, 3, padding=d, dilation=d),
+                                                  nn.BatchNorm2d(channels), nn.ReLU()) for d in range(1, paths + 1)])
+        self.reduce = nn.Sequential(nn.Conv2d(channels, attention, 1), nn.BatchNorm2d(attention), nn.ReLU())
+        self.select, self.head = nn.Conv2d(attention, channels * paths, 1), nn.Conv2d(channels, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        stacked = torch.stack([path(x) for path in self.paths], 1)
+        b, p, c = stacked.shape[:3]
+        attention = self.select(self.reduce(stacked.sum(1).mean((2, 3), keepdim=True)))
+        return self.head((stacked * attention.view(b, p, c, 1, 1).softmax(1)).sum(1))
+
+
+def test_selective_kernel_prunes_the_branch_width(tmp_path):
+    analysis, row = checked(SelectiveKernel(), IMAGE, tmp_path, "SelectiveKernel")
+    branch = next(g for g in analysis.groups if "/select/Conv_output_0" in g.tensors)
+    assert branch.prunable and branch.size == 8
+    assert branch.tensors["/select/Conv_output_0"] == 16  # channel c of both paths' attention
+    assert sum(t.startswith("/paths.") for t in branch.tensors) == 6  # both paths' conv, BN, ReLU
+    assert row.max_rel < 1e-4 and row.removed_channels == 2 + 2 + 1
+
+
+def test_softmax_over_all_channels_stays_pinned(tmp_path):
+    torch.manual_seed(0)
+
+    class ChannelSoftmax(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = conv_bn(3, 8), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            return self.head(self.body(x).softmax(1))
+
+    path = zoo.export_onnx(ChannelSoftmax(), IMAGE, tmp_path / "softmax.onnx")
+    hidden = next(g for g in onnx_morph.analyze(path).groups if g.size == 8)
+    assert not hidden.prunable and any("Softmax node" in r for r in hidden.pin_reasons)

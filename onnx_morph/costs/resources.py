@@ -148,7 +148,8 @@ def bilinear_count(a_in: np.ndarray, a_out: np.ndarray, groups: int) -> int:
 
 
 def flop_cost(geometry: OpGeometry, a_in: np.ndarray, a_out: np.ndarray, macs: bool = False) -> float:
-    return (1 if macs else 2) * geometry.positions * geometry.kernel * bilinear_count(a_in, a_out, geometry.groups)
+    pairs = bilinear_count(a_in, a_out, geometry.groups)
+    return (1 if macs else 2) * (geometry.positions * geometry.kernel * pairs + geometry.fixed_macs)
 
 
 def op_costs(

@@ -164,11 +164,14 @@ def _geometry_rows(graph, name, geometry, c_in, c_out, resource, macs, hardware,
         second = itemsize * _elements(graph, geometry.second_input) / bandwidth if geometry.second_input else 0.0
         per_in = itemsize * _elements(graph, geometry.input) / max(c_in.size, 1) / bandwidth
         per_out = itemsize * _elements(graph, geometry.output) / max(c_out.size, 1) / bandwidth
+        fixed = 2 * geometry.fixed_macs / (hardware.peak_gflops * 1e9)
         return [_row(name, i, o, b=(compute, weight_bytes), li=(0.0, per_in), lo=(0.0, per_out),
-                     k=(0.0, second * share), depthwise=dw)
+                     k=(fixed * share, second * share), depthwise=dw)
                 for i, o, share, dw in _split_groups(c_in, c_out, groups)]
     coefficient = float(per_pair[resource])
-    return [_row(name, i, o, b=coefficient, depthwise=dw) for i, o, _, dw in _split_groups(c_in, c_out, groups)]
+    fixed = (1 if macs else 2) * geometry.fixed_macs if resource == "flops" else 0.0
+    return [_row(name, i, o, b=coefficient, k=fixed * share, depthwise=dw)
+            for i, o, share, dw in _split_groups(c_in, c_out, groups)]
 
 
 def _split_groups(c_in: np.ndarray, c_out: np.ndarray, groups: int):

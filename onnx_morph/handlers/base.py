@@ -129,7 +129,8 @@ class Source:
 class OpGeometry:
     """The bilinear shape of an op whose cost grows with alive input times alive output channels.
 
-    FLOPs = 2 * positions * kernel * sum over groups of (alive inputs * alive outputs).
+    FLOPs = 2 * (positions * kernel * sum over groups of (alive inputs * alive outputs) + fixed_macs),
+    fixed_macs being work on channels that never shrink (an LSTM's recurrent products).
     """
 
     input: str
@@ -141,6 +142,7 @@ class OpGeometry:
     groups: int = 1
     weight: str | None = None
     second_input: str | None = None  # the right operand of a product of two activations
+    fixed_macs: int = 0
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,18 @@ def identity_tie(a: TensorInfo, b: TensorInfo) -> Tie:
     count = a.channels
     index = np.arange(count, dtype=np.int64)
     return Tie(a.name, index, b.name, index)
+
+
+def grid_index(info: TensorInfo) -> np.ndarray:
+    """Each channel element's index, laid out over the channel axes in the order they are listed."""
+    return np.arange(info.channels, dtype=np.int64).reshape([info.shape[a] for a in info.axes])
+
+
+def sub_grid_index(info: TensorInfo, axes: Axes) -> np.ndarray:
+    """For each channel element of `info` (grid_index layout), its element in a tensor whose channel
+    axes are the subset `axes` of info's (same extents): the element it projects to."""
+    coords = np.indices([info.shape[a] for a in info.axes])
+    return np.ravel_multi_index([coords[info.axes.index(a)] for a in axes], [info.shape[a] for a in axes])
 
 
 def pin_all(view: NodeView, reason: str) -> list[Pin]:

@@ -62,6 +62,10 @@ class Reshape(BaseHandler):
         if not np.array_equal(np.broadcast_to(small, y.shape), ids):
             return Relation([None], pins=[Pin(x.name, f"{describe(view)} mixes channels with other axes")])
         out_elements = small.reshape(-1)
+        if len(varying) > 1 and np.unique(out_elements).size < out_elements.size:
+            blocks = _whole_channel_slices(small, varying[0], x.channels)
+            if blocks is not None:
+                return Relation([(varying[0],)], ties=[Tie(y.name, blocks, x.name, np.arange(x.channels, dtype=np.int64))])
         relation = Relation([varying], ties=[Tie(y.name, np.arange(out_elements.size, dtype=np.int64), x.name, out_elements)])
         if len(varying) > 1:
             relation.grids.append(Grid(y.name, f"{describe(view)} splits the channels over axes {list(varying)}"))
@@ -80,6 +84,21 @@ class Reshape(BaseHandler):
             if target[axis] > 0:
                 target[axis] = extent
         edit.set_input(1, _leading_dims_copied(view, target, axes))
+
+
+def _whole_channel_slices(ids: np.ndarray, axis: int, channels: int) -> np.ndarray | None:
+    """For a reshape that folds part of the channels into non-channel positions (GroupNorm's
+    [N, C, H, W] -> [N, G, C/G * H * W]), the slice along `axis` holding each input channel, when
+    every slice holds whole, contiguous, equally many channels: the slices are the channels then,
+    and removing one removes its channels' block, which keeps the reshape exact. None otherwise."""
+    extent = ids.shape[axis]
+    if channels % extent:
+        return None
+    per_slice = channels // extent
+    for g in range(extent):
+        if not np.array_equal(np.unique(np.take(ids, g, axis=axis)), np.arange(g * per_slice, (g + 1) * per_slice)):
+            return None
+    return np.arange(channels, dtype=np.int64) // per_slice
 
 
 def _leading_dims_copied(view: NodeView, target: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:

@@ -8,9 +8,12 @@ from onnx_morph.handlers.base import (
     Pin,
     Relation,
     TensorInfo,
+    Tie,
     describe,
+    grid_index,
     identity_tie,
     normalize_axis,
+    sub_grid_index,
 )
 
 
@@ -72,6 +75,13 @@ class Softmax(BaseHandler):
         # Before opset 13 the input was flattened from `axis` on into one normalized row.
         normalized = {axis} if view.opset >= 13 else set(range(axis, rank))
         if normalized & set(x.axes):
+            if view.opset >= 13 and len(x.axes) > 1:
+                # Over one axis of a channel grid (attention across branches, [B, paths, C]): each
+                # normalized row is one channel, which lives or dies whole.
+                relation = pass_through(view)
+                relation.ties.append(Tie(x.name, grid_index(x).ravel(), x.name, sub_grid_index(
+                    x, tuple(a for a in x.axes if a != axis)).ravel()))
+                return relation
             return pass_through(view, f"{describe(view)} normalizes over the channel axis")
         return pass_through(view)
 
@@ -129,12 +139,14 @@ class Reduce(BaseHandler):
         reduced = self._reduced_axes(view, rank)
         if reduced is None:
             return pass_through(view, f"{describe(view)} takes its axes at run time")
+        keepdims = bool(view.attr("keepdims", 1))
+        if set(reduced) & set(x.axes) and not set(x.axes) <= set(reduced):
+            return _partial_reduction(x, y, reduced, keepdims)
         if set(reduced) & set(x.axes):
-            if view.op_type in ZERO_NEUTRAL and set(x.axes) <= set(reduced):
+            if view.op_type in ZERO_NEUTRAL:
                 return Relation([None])  # a removed (zero) channel adds exactly 0: the channels are consumed
             return Relation([None], pins=[Pin(x.name, f"{describe(view)} reduces over the channel axis"
                                                       f"{_WHY_PINNED.get(view.op_type, '')}")])
-        keepdims = bool(view.attr("keepdims", 1))
         out_axes = x.axes if keepdims else tuple(a - sum(r < a for r in reduced) for a in x.axes)
         out = TensorInfo(y.name, y.shape, out_axes)
         return Relation([out_axes], ties=[identity_tie(x, out)])
@@ -152,3 +164,11 @@ class Reduce(BaseHandler):
         if not axes:
             return [] if view.attr("noop_with_empty_axes", 0) else list(range(rank))
         return [normalize_axis(int(a), rank) for a in axes]
+
+
+def _partial_reduction(x: TensorInfo, y: TensorInfo, reduced: list[int], keepdims: bool) -> Relation:
+    """A reduction over some axes of a channel grid ([B, paths, C] summed over paths): each output
+    channel is the elements reduced into it, which live or die together."""
+    kept = tuple(a for a in x.axes if a not in reduced)
+    out_axes = kept if keepdims else tuple(a - sum(r < a for r in reduced) for a in kept)
+    return Relation([out_axes], ties=[Tie(x.name, grid_index(x).ravel(), y.name, sub_grid_index(x, kept).ravel())])

@@ -9,6 +9,7 @@ from onnx_morph.handlers.layout import Concat, DepthToSpace, Expand, Gather, Res
 from onnx_morph.handlers.linear import Gemm, MatMul
 from onnx_morph.handlers.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
 from onnx_morph.handlers.passthrough import Identity, Pad, Passthrough, Reduce, Softmax, SpatialPassthrough
+from onnx_morph.handlers.recurrent import Recurrent
 
 
 class ShapeOnly(BaseHandler):
@@ -73,6 +74,7 @@ _REGISTRY: dict[str, BaseHandler] = {
     "Expand": Expand(),
     "DepthToSpace": DepthToSpace(),
     "SpaceToDepth": DepthToSpace(),
+    **{op: Recurrent() for op in ("LSTM", "GRU", "RNN")},
 }
 _UNKNOWN = Unknown()
 
