@@ -342,3 +342,24 @@ def test_softmax_over_all_channels_stays_pinned(tmp_path):
     path = zoo.export_onnx(ChannelSoftmax(), IMAGE, tmp_path / "softmax.onnx")
     hidden = next(g for g in onnx_morph.analyze(path).groups if g.size == 8)
     assert not hidden.prunable and any("Softmax node" in r for r in hidden.pin_reasons)
+
+
+def test_broadcast_norm_read_by_a_conv_is_pinned(tmp_path):
+    """The norm broadcast back over the channels is copies of one value: dividing by it prunes, a conv
+    summing it over channels does not (removing a copy drops its contribution, zeroing x does not)."""
+
+    class NormToConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head, self.side = conv_bn(3, 8), nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            h = self.body(x)
+            norm = h.norm(dim=1, keepdim=True).expand_as(h)
+            return self.head(h / norm) + self.side(norm)
+
+    torch.manual_seed(0)
+    path = zoo.export_onnx(NormToConv(), IMAGE, tmp_path / "norm_conv.onnx")
+    hidden = next(g for g in onnx_morph.analyze(path).groups if g.size == 8)
+    assert not hidden.prunable
+    assert any("Conv node" in r and "copies of one value" in r for r in hidden.pin_reasons)

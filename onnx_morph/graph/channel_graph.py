@@ -184,6 +184,8 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
         pin(Pin(value.name, f"graph input '{value.name}'"))
     for value in graph.output:
         pin(Pin(value.name, f"graph output '{value.name}'"))
+    for p in _consumed_copies(nodes, tensors, relations):
+        pin(p)
     for name, relation in relations.items():
         for p in relation.pins:
             pin(p)
@@ -212,6 +214,24 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
     )
     partial.groups = build_groups(partial)
     return partial
+
+
+def _consumed_copies(nodes, tensors: dict[str, TensorInfo], relations: dict[str, Relation]) -> list[Pin]:
+    """Channels that are copies of one value may go only where each stays a channel of the reader's
+    output (x / ||x||): there the removed channel's output is removed too. A reader that sums them
+    (a conv) would lose their contribution, which zeroing the channel in the original does not."""
+    pins = []
+    for name, node in nodes.items():
+        relation = relations.get(name)
+        for tensor in set(node.input):
+            info = tensors.get(tensor)
+            if info is None or not info.copies or relation is None:
+                continue
+            outputs = set(node.output)
+            if not any({tie.a, tie.b} & outputs and tensor in (tie.a, tie.b) for tie in relation.ties):
+                pins.append(Pin(tensor, f"{node.op_type} node '{name}' consumes '{tensor}', whose channels are "
+                                        "copies of one value"))
+    return pins
 
 
 def _reasons_by_class(class_of, elements, reason_ids, reasons: list[str]) -> dict[int, list[str]]:
