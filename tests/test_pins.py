@@ -202,6 +202,7 @@ def test_exported_group_norm_prunes_whole_groups(tmp_path):
     analysis, row = checked(GroupNormNet(), IMAGE, tmp_path, "GroupNormNet")
     group = next(g for g in analysis.groups if g.prunable)
     assert group.size == 4 and group.tensors["/body/Conv_output_0"] == 12  # 4 groups of 3 channels
+    assert group.sources == ["weight:body.weight"]  # InstanceNormalization's Constant ones are no gamma
     assert row.removed_channels == 1 and row.max_rel < 1e-4
 
 

@@ -293,8 +293,10 @@ def _view(model: LoadedModel, name: str, node: onnx.NodeProto, tensors: dict[str
         if not tensor:
             return None
         if tensor in static:
+            alias = tensor in (aliases or {})
             return TensorInfo(tensor, model.shapes.get(tensor), None, constant=True,
-                              computed=not model.is_constant(tensor) and tensor not in (aliases or {}))
+                              computed=not model.is_constant(tensor) and not alias,
+                              stored=alias or model.initializer(tensor) is not None)
         return tensors.get(tensor) or TensorInfo(tensor, model.shapes.get(tensor))
 
     outputs = [TensorInfo(o, model.shapes.get(o)) if o else None for o in node.output]

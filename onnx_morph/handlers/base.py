@@ -20,7 +20,8 @@ Axes = tuple[int, ...]
 @dataclass(frozen=True)
 class TensorInfo:
     """An input or output of a node: static shape, channel axes, and whether its value is constant
-    (`computed`: a constant computed by nodes at run time, which surgery cannot slice). `copies`:
+    (`computed`: a constant computed by nodes at run time, which surgery cannot slice; `stored`: an
+    initializer or a view of one, which training can change, unlike a Constant node). `copies`:
     its channels are copies of one value (a norm broadcast back over the channels), so zeroing a
     removed one is not what removing it means (x / ||x|| would divide by zero)."""
 
@@ -29,6 +30,7 @@ class TensorInfo:
     axes: Axes | None = None
     constant: bool = False
     computed: bool = False
+    stored: bool = False
     copies: bool = False
 
     @property

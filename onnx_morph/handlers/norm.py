@@ -75,7 +75,8 @@ class BatchNorm(BaseHandler):
 
 class InstanceNorm(BatchNorm):
     """Statistics per sample and channel: channels stay independent, unless the channels also lie
-    on the normalized axes (2 and on): then each one's statistics mix several."""
+    on the normalized axes (2 and on): then each one's statistics mix several. A scale held in a
+    Constant node (torch's GroupNorm, InstanceNorm without affine parameters) is no gamma."""
 
     def relate(self, view: NodeView) -> Relation:
         x = view.input(0)
@@ -83,7 +84,11 @@ class InstanceNorm(BatchNorm):
             relation = pass_through(view, f"{describe(view)} normalizes over channels on axes {[a for a in x.axes if a >= 2]}")
             relation.params = _per_channel_params(view, (1, 2), None)
             return relation
-        return super().relate(view)
+        relation = super().relate(view)
+        scale = view.input(1)
+        if scale is not None and not scale.stored:
+            relation.sources = []
+        return relation
 
 
 class LayerNorm(BaseHandler):
