@@ -29,7 +29,10 @@ class Recurrent(BaseHandler):
             t = view.input(index)
             if t is not None and t.constant and t.shape is not None:
                 relation.params.append(ParamTerm(t.name, math.prod(t.shape)))
-        if x is None or x.axes is None or x.shape is None or w is None or w.shape is None or not w.constant:
+        if x is None or x.axes is None or x.constant:
+            return relation
+        if x.shape is None or w is None or w.shape is None or not w.constant:
+            relation.pins.append(Pin(x.name, f"{describe(view)} has a weight of unknown shape or computed from activations"))
             return relation
         if x.axes != FEATURES:
             relation.pins.append(Pin(x.name, f"{describe(view)} reads features on axis 2, the input's are on {x.axes}"))
