@@ -220,6 +220,33 @@ def _child(name: str, workdir: pathlib.Path, timeout: float) -> Row:
     return Row(**json.loads(line[4:]))
 
 
+# Patterns once pinned that prune exactly (tests/test_pins.py): before, after, and the deviation of the
+# pruned model from the original with the removed channels zeroed, on fresh inputs (the sweep's check).
+PATTERNS = [
+    ("L2 normalization over C (`x / x.norm(dim=1)`, `F.normalize`)",
+     "pinned: ReduceL2 node reduces over the channel axis", "prunable: a zero channel adds 0", "0.0"),
+    ("ReduceSum, ReduceSumSquare, ReduceL1, ReduceLogSum over C", "pinned: reduces over the channel axis",
+     "prunable", "0.0"),
+    ("ReduceMean, ReduceMax, ReduceMin, ReduceProd, ReduceLogSumExp over C (CBAM)",
+     "pinned: reduces over the channel axis", "pinned, saying why (the mean's divisor, a zero maximum, ...)", ""),
+    ("DepthToSpace DCR and CRD (`nn.PixelShuffle`), SpaceToDepth", "pinned: unknown op",
+     "prunable in units of blocksize^2 channels", "0.0 (DCR, CRD), 9.9e-08 (SpaceToDepth)"),
+    ("GroupNorm as torch exports it (Reshape, InstanceNormalization, Reshape, Mul, Add)",
+     "pinned: Conv reads channels on axis 1, the input's are on (1, 2, 3)", "prunable in whole groups", "0.0"),
+    ("GroupNormalization op, opset 18 (per-group scale) and 21 (per-channel)",
+     "pinned: GroupNormalization changes the channel dimension (onnx infers no output shape)",
+     "prunable in whole groups; `num_groups` shrinks", "1.2e-07 (18), 1.1e-07 (21)"),
+    ("LSTM, GRU, RNN input features", "pinned: unknown op", "prunable (columns of W); hidden size pinned, "
+     "named; W computed at run time (unfolded export, > 1024 elements) pinned, named", "0.0"),
+    ("Selective kernel: softmax over paths of a `[B, paths, C]` attention (SKNet)",
+     "pinned: Mul combines operands whose channel layouts differ; Softmax normalizes over the channel axis",
+     "prunable: branch width in every path and the attention conv", "0.0"),
+    ("Split attention (ResNeSt): radix softmax after a conv with one group per radix path",
+     "one unit (grouped conv)", "unchanged: the grouped conv makes the block's width one unit", ""),
+    ("Softmax over all channels", "pinned: Softmax normalizes over the channel axis", "unchanged", ""),
+]
+
+
 def render(rows: list[Row], total_seconds: float) -> str:
     passed = [r for r in rows if r.status == "pass"]
     unverified = [r for r in rows if r.status == "unverified"]
@@ -254,6 +281,11 @@ def render(rows: list[Row], total_seconds: float) -> str:
               "| reason | models (pinned groups) |", "|---|---|"]
     for reason, models in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
         lines.append(f"| {reason.replace('|', '/')} | {', '.join(models)} |")
+    lines += ["", "## Patterns", "",
+              "Small models built in tests/test_pins.py, checked like the sweep (30% of each prunable group removed,",
+              "compared with the original with those channels zeroed, on fresh inputs).", "",
+              "| pattern | before | after | max rel dev |", "|---|---|---|---|"]
+    lines += [f"| {' | '.join(cells)} |" for cells in PATTERNS]
     return "\n".join(lines) + "\n"
 
 
@@ -278,6 +310,8 @@ def parse(text: str) -> tuple[list[Row], float]:
             section = "models"
         elif line.startswith("| reason |"):
             section = "reasons"
+        elif line.startswith("| pattern |"):
+            section = None  # PATTERNS, rewritten from the constant
         elif line.startswith("| ") and not line.startswith("|---") and section == "models":
             cells = [c.strip() for c in line.strip("|").split(" | ")]
             name, side, nodes, groups, pgroups, pchannels, removed, kept, dev, result = cells

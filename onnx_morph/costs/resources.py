@@ -1,11 +1,14 @@
 """Resource functions: the cost of every op as a function of its alive input and output channels.
 
 MorphNet's conventions: FLOPs count 2 per multiply-accumulate (MACs on request) and only for ops
-with a bilinear weight (Conv, ConvTranspose, Gemm, MatMul); parameters count every trained
-initializer at each use (weights, biases, norm scales and shifts; not BatchNorm running
-statistics);
-activations count alive output channels of those ops; memory counts the bytes they read and
-write; latency is their roofline time, max(FLOPs / peak, bytes / bandwidth), summed.
+with a bilinear weight (Conv, ConvTranspose, Gemm, MatMul) that run on activations: ops on
+constants only (a conv of a fixed position grid) are computed once, when a runtime folds the
+constant subgraph at load time, and cost no FLOPs. Parameters count every float initializer that
+the computation on activations reads (weights, biases, norm scales and shifts; not BatchNorm
+running statistics), directly at each use, or through a constant subgraph (a gathered position
+table, an unsqueezed scale, a normalized weight) once per computed tensor. Activations count
+alive output channels of the FLOP ops; memory counts the bytes they read and write; latency is
+their roofline time, max(FLOPs / peak, bytes / bandwidth), summed.
 """
 
 from __future__ import annotations
@@ -19,9 +22,7 @@ import onnx
 from onnx_morph.costs.hardware import Hardware
 from onnx_morph.costs.measured import LatencyTable
 from onnx_morph.graph.channel_graph import ChannelGraph
-from onnx_morph.handlers import OpGeometry
-
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+from onnx_morph.handlers import OpGeometry, ParamTerm, handler_for
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,70 @@ class Totals:
     activations: int
     memory_bytes: float
     latency_s: float | None
+
+
+@dataclass(frozen=True)
+class ParamUse:
+    """The trained elements one op reads: `per_pair` per (input, output) channel pair of its weight
+    (the kernel size for a weight initializer), and terms whose size is the trained elements behind
+    each other constant input, scaled by the alive fraction of the term's tensor when it has one."""
+
+    per_pair: float
+    terms: list[ParamTerm]
+
+
+def param_uses(graph: ChannelGraph) -> dict[str, ParamUse]:
+    """Every op's parameters. An initializer read directly counts at every use: exporters merge
+    equal-valued initializers (all BatchNorm scales of a fresh model are ones), and each use is a
+    parameter of its own layer. A constant computed from initializers counts them once, at its first
+    reader (a relative position bias computed once and added in every block is one table)."""
+    counted: set[str] = set()
+    uses = {}
+    for name, relation in graph.relations.items():
+        covered: set[str] = set()
+        per_pair = 0.0
+        geometry = relation.geometry
+        if geometry is not None and geometry.weight is not None:
+            covered.add(geometry.weight)
+            per_pair = _weight_per_pair(graph, geometry, _trained_elements(graph, geometry.weight, counted))
+        terms = []
+        for term in relation.params:
+            covered.add(term.param)
+            size = term.size if graph.param_root(term.param) is not None else _trained_elements(graph, term.param, counted)
+            if size and graph.trained_sources(term.param):
+                terms.append(ParamTerm(term.param, size, term.tensor))
+        node = graph.nodes[name]
+        indices = handler_for(node.op_type, node.domain).parameter_inputs
+        for index, tensor in enumerate(node.input):
+            if tensor in graph.static and tensor not in covered and graph.param_root(tensor) is None and (
+                    indices is None or index in indices):
+                size = _trained_elements(graph, tensor, counted)
+                if size:
+                    terms.append(ParamTerm(tensor, size))
+        uses[name] = ParamUse(per_pair, terms)
+    return uses
+
+
+def _trained_elements(graph: ChannelGraph, tensor: str, counted: set[str]) -> int:
+    """Elements of the float initializers behind a constant input; a computed constant counts once."""
+    if graph.param_root(tensor) is None:
+        if tensor in counted:
+            return 0
+        counted.add(tensor)
+    return sum(math.prod(graph.model.initializer(name).dims) for name in graph.trained_sources(tensor))
+
+
+def _weight_per_pair(graph: ChannelGraph, geometry: OpGeometry, elements: int) -> float:
+    """Parameters per channel pair: the kernel for a weight initializer; a weight computed from several
+    (weight norm's direction and gain) spreads them over the pairs."""
+    if not elements:
+        return 0.0
+    if graph.param_root(geometry.weight) is not None:
+        return float(geometry.kernel)
+    pairs = bilinear_count(alive_along(graph, np.ones(graph.num_classes, bool), geometry.input, geometry.in_axis),
+                           alive_along(graph, np.ones(graph.num_classes, bool), geometry.output, geometry.out_axis),
+                           geometry.groups)
+    return elements / pairs if pairs else 0.0
 
 
 def totals_of(ops: list[OpCost], hardware: Hardware | LatencyTable | None = None) -> Totals:
@@ -90,7 +155,8 @@ def bilinear_count(a_in: np.ndarray, a_out: np.ndarray, groups: int) -> int:
 
 
 def flop_cost(geometry: OpGeometry, a_in: np.ndarray, a_out: np.ndarray, macs: bool = False) -> float:
-    return (1 if macs else 2) * geometry.positions * geometry.kernel * bilinear_count(a_in, a_out, geometry.groups)
+    pairs = bilinear_count(a_in, a_out, geometry.groups)
+    return (1 if macs else 2) * (geometry.positions * geometry.kernel * pairs + geometry.fixed_macs)
 
 
 def op_costs(
@@ -103,8 +169,10 @@ def op_costs(
     """The cost of every non-static node, in graph order, under the given alive classes; latency is the
     roofline of `hardware`, or interpolated from a measured table (0 for ops it does not time)."""
     costs = []
+    uses = param_uses(graph)
     for name, relation in graph.relations.items():
         node = graph.nodes[name]
+        use = uses[name]
         geometry = relation.geometry
         params = 0.0
         flops = activations = 0
@@ -114,9 +182,9 @@ def op_costs(
             a_out = alive_along(graph, alive, geometry.output, geometry.out_axis)
             in_alive, in_total, out_alive, out_total = int(a_in.sum()), a_in.size, int(a_out.sum()), a_out.size
             flops = flop_cost(geometry, a_in, a_out, macs)
-            weights = geometry.kernel * bilinear_count(a_in, a_out, geometry.groups)
-            if geometry.weight is not None and _is_parameter(graph, geometry.weight):
-                params += weights
+            pairs = bilinear_count(a_in, a_out, geometry.groups)
+            weights = geometry.kernel * pairs
+            params += use.per_pair * pairs
             activations = out_alive
             read_weights = weights if geometry.weight is not None else 0
             if geometry.second_input is not None:
@@ -134,19 +202,11 @@ def op_costs(
         else:
             in_alive, in_total = _channel_counts(graph, alive, node.input[0] if node.input else "")
             out_alive, out_total = _channel_counts(graph, alive, node.output[0] if node.output else "")
-        for term in relation.params:
-            if _is_parameter(graph, term.param):
-                params += term.size * _tensor_fraction(graph, alive, term.tensor)
+        for term in use.terms:
+            params += term.size * _tensor_fraction(graph, alive, term.tensor)
         costs.append(OpCost(name, node.op_type, in_alive, in_total, out_alive, out_total,
                             flops, params, activations, memory, latency))
     return costs
-
-
-def _is_parameter(graph: ChannelGraph, name: str) -> bool:
-    """A float initializer, counted at every use: exporters merge equal-valued initializers (all
-    BatchNorm scales of a fresh model are ones), and each use is a parameter of its own layer."""
-    root = graph.param_root(name)
-    return root is not None and graph.model.initializer(root[0]).data_type in _FLOAT_TYPES
 
 
 def _channel_counts(graph: ChannelGraph, alive: np.ndarray, tensor: str) -> tuple[int, int]:
@@ -189,12 +249,11 @@ def total_cost(graph: ChannelGraph, alive: np.ndarray, resource: str) -> float:
 def marginal_cost(graph: ChannelGraph, alive: np.ndarray, resource: str) -> np.ndarray:
     """Per class, how much FLOPs or parameters removing it alone would save (at the current alive set)."""
     saving = np.zeros(graph.num_classes)
-    for relation in graph.relations.values():
+    uses = param_uses(graph)
+    for name, relation in graph.relations.items():
         geometry = relation.geometry
         if geometry is not None:
-            per_pair = geometry.kernel * (2 * geometry.positions if resource == "flops" else 1)
-            if resource == "params" and (geometry.weight is None or not _is_parameter(graph, geometry.weight)):
-                per_pair = 0
+            per_pair = 2 * geometry.positions * geometry.kernel if resource == "flops" else uses[name].per_pair
             a_in = alive_along(graph, alive, geometry.input, geometry.in_axis)
             a_out = alive_along(graph, alive, geometry.output, geometry.out_axis)
             groups = geometry.groups if a_in.size % max(geometry.groups, 1) == 0 and a_out.size % max(geometry.groups, 1) == 0 else 1
@@ -205,8 +264,8 @@ def marginal_cost(graph: ChannelGraph, alive: np.ndarray, resource: str) -> np.n
             _add(graph, saving, geometry.output, geometry.out_axis,
                  per_pair * np.repeat(in_per_group, a_out.size // groups))
         if resource == "params":
-            for term in relation.params:
-                if term.tensor is not None and _is_parameter(graph, term.param) and graph.classes(term.tensor) is not None:
+            for term in uses[name].terms:
+                if term.tensor is not None and graph.classes(term.tensor) is not None:
                     classes = graph.classes(term.tensor)
                     np.add.at(saving, classes, term.size / classes.size)
     return saving

@@ -24,7 +24,7 @@ import numpy as np
 
 from onnx_morph.costs.hardware import Hardware
 from onnx_morph.costs.measured import LatencyTable
-from onnx_morph.costs.resources import _elements, _is_parameter, _itemsize
+from onnx_morph.costs.resources import _elements, _itemsize, param_uses
 from onnx_morph.errors import OptionError
 from onnx_morph.graph.channel_graph import ChannelGraph
 
@@ -121,6 +121,7 @@ def cost_terms(
         hardware.check(graph)
     fixed = graph.num_classes
     rows: list[CostRow] = []
+    uses = param_uses(graph)
     for name, relation in graph.relations.items():
         if nodes is not None and name not in nodes:
             continue
@@ -131,11 +132,10 @@ def cost_terms(
             if measured:
                 rows += _measured_rows(name, c_in, c_out, hardware)
             else:
-                rows += _geometry_rows(graph, name, geometry, c_in, c_out, resource, macs, hardware)
+                rows += _geometry_rows(graph, name, geometry, c_in, c_out, resource, macs, hardware,
+                                       uses[name].per_pair)
         if resource == "params":
-            for term in relation.params:
-                if not _is_parameter(graph, term.param):
-                    continue
+            for term in uses[name].terms:
                 classes = graph.classes(term.tensor) if term.tensor is not None else None
                 if classes is None or classes.size == 0:
                     rows.append(_row(name, (), (), k=float(term.size)))
@@ -166,14 +166,13 @@ def _channel_classes(graph: ChannelGraph, tensor: str, axis: int, fixed: int) ->
     return classes
 
 
-def _geometry_rows(graph, name, geometry, c_in, c_out, resource, macs, hardware) -> list[CostRow]:
+def _geometry_rows(graph, name, geometry, c_in, c_out, resource, macs, hardware, params_per_pair) -> list[CostRow]:
     groups = geometry.groups
     if groups <= 1 or c_in.size % groups or c_out.size % groups:
         groups = 1
-    weight_is_param = geometry.weight is not None and _is_parameter(graph, geometry.weight)
     per_pair = {
         "flops": (1 if macs else 2) * geometry.positions * geometry.kernel,
-        "params": geometry.kernel if weight_is_param else 0,
+        "params": params_per_pair,
         "activations": 0,
     }
     if resource == "activations":
@@ -186,11 +185,14 @@ def _geometry_rows(graph, name, geometry, c_in, c_out, resource, macs, hardware)
         second = itemsize * _elements(graph, geometry.second_input) / bandwidth if geometry.second_input else 0.0
         per_in = itemsize * _elements(graph, geometry.input) / max(c_in.size, 1) / bandwidth
         per_out = itemsize * _elements(graph, geometry.output) / max(c_out.size, 1) / bandwidth
+        fixed = 2 * geometry.fixed_macs / (hardware.peak_gflops * 1e9)
         return [_row(name, i, o, b=(compute, weight_bytes), li=(0.0, per_in), lo=(0.0, per_out),
-                     k=(0.0, second * share), depthwise=dw)
+                     k=(fixed * share, second * share), depthwise=dw)
                 for i, o, share, dw in _split_groups(c_in, c_out, groups)]
     coefficient = float(per_pair[resource])
-    return [_row(name, i, o, b=coefficient, depthwise=dw) for i, o, _, dw in _split_groups(c_in, c_out, groups)]
+    fixed = (1 if macs else 2) * geometry.fixed_macs if resource == "flops" else 0.0
+    return [_row(name, i, o, b=coefficient, k=fixed * share, depthwise=dw)
+            for i, o, share, dw in _split_groups(c_in, c_out, groups)]
 
 
 def _split_groups(c_in: np.ndarray, c_out: np.ndarray, groups: int):

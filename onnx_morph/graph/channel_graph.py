@@ -24,6 +24,7 @@ MAX_CHANNELS = 2**24
 MAX_CHANNEL_ELEMENTS = 2**25
 # Constants re-laid out from an initializer are followed up to this size (position bias tables are small).
 _MAX_VIEW_ELEMENTS = 2**22
+FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 
 
 @dataclass
@@ -121,6 +122,46 @@ class ChannelGraph:
             uses.update({*(i for i in node.input if i), *outer_references(node)})
         return uses
 
+    def trained_sources(self, tensor: str) -> tuple[str, ...]:
+        """The float initializers a constant tensor is read from: itself (or the weight it views through
+        Identity/Transpose), or those a constant subgraph computes it from through the nodes' parameter
+        inputs (a position table gathered by constant ids, an unsqueezed scale, a normalized weight)."""
+        if tensor not in self._sources:
+            self._sources[tensor] = self._find_sources(tensor)
+        return self._sources[tensor]
+
+    def _find_sources(self, tensor: str) -> tuple[str, ...]:
+        root = self.param_root(tensor)
+        if root is not None:
+            return (root[0],) if self.model.initializer(root[0]).data_type in FLOAT_TYPES else ()
+        found: dict[str, None] = {}
+        frontier, seen = [tensor], {tensor}
+        while frontier:
+            producer = self._static_producers.get(frontier.pop())
+            if producer is None:
+                continue
+            node = self.nodes[producer]
+            indices = handler_for(node.op_type, node.domain).parameter_inputs
+            for index, name in enumerate(node.input):
+                if not name or name in seen or (indices is not None and index not in indices):
+                    continue
+                seen.add(name)
+                initializer = self.model.initializer(name)
+                if initializer is None:
+                    frontier.append(name)
+                elif initializer.data_type in FLOAT_TYPES:
+                    found[name] = None
+        return tuple(found)
+
+    @cached_property
+    def _sources(self) -> dict[str, tuple[str, ...]]:
+        return {}
+
+    @cached_property
+    def _static_producers(self) -> dict[str, str]:
+        """The node computing each static tensor (constant subgraphs the channel graph skips)."""
+        return {o: name for name, node in self.nodes.items() for o in node.output if o in self.static}
+
     def class_pinned(self) -> np.ndarray:
         pinned = np.zeros(self.num_classes, dtype=bool)
         pinned[list(self.class_pins)] = True
@@ -163,7 +204,8 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
         relations[name] = relation = _relate(model, view, handler, inner, tensors)
         for output, axes in zip(view.outputs, relation.output_axes):
             if output is not None:
-                tensors[output.name] = _checked(TensorInfo(output.name, output.shape, _valid_axes(axes, output.shape)), model)
+                tensors[output.name] = _checked(TensorInfo(output.name, output.shape, _valid_axes(axes, output.shape),
+                                                           copies=output.name in relation.copies), model)
 
     offsets, total = {}, 0
     for name, info in tensors.items():
@@ -191,6 +233,8 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
         pin(Pin(value.name, f"graph input '{value.name}'"))
     for value in graph.output:
         pin(Pin(value.name, f"graph output '{value.name}'"))
+    for p in _consumed_copies(nodes, tensors, relations):
+        pin(p)
     for name, relation in relations.items():
         for p in relation.pins:
             pin(p)
@@ -243,6 +287,24 @@ def outer_references(node: onnx.NodeProto) -> set[str]:
             for inner in sub.node:
                 names.update(i for i in (*inner.input, *outer_references(inner)) if i and i not in local)
     return names
+
+
+def _consumed_copies(nodes, tensors: dict[str, TensorInfo], relations: dict[str, Relation]) -> list[Pin]:
+    """Channels that are copies of one value may go only where each stays a channel of the reader's
+    output (x / ||x||): there the removed channel's output is removed too. A reader that sums them
+    (a conv) would lose their contribution, which zeroing the channel in the original does not."""
+    pins = []
+    for name, node in nodes.items():
+        relation = relations.get(name)
+        for tensor in set(node.input):
+            info = tensors.get(tensor)
+            if info is None or not info.copies or relation is None:
+                continue
+            outputs = set(node.output)
+            if not any({tie.a, tie.b} & outputs and tensor in (tie.a, tie.b) for tie in relation.ties):
+                pins.append(Pin(tensor, f"{node.op_type} node '{name}' consumes '{tensor}', whose channels are "
+                                        "copies of one value"))
+    return pins
 
 
 def _reasons_by_class(class_of, elements, reason_ids, reasons: list[str]) -> dict[int, list[str]]:
@@ -322,10 +384,11 @@ def _view(model: LoadedModel, name: str, node: onnx.NodeProto, tensors: dict[str
         if not tensor:
             return None
         if tensor in static:
-            computed = not model.is_constant(tensor) and tensor not in (aliases or {})
+            alias = tensor in (aliases or {})
+            computed = not model.is_constant(tensor) and not alias
             sliceable = tuple(sorted((views or {}).get(tensor, {}))) if computed else ()
             return TensorInfo(tensor, model.shapes.get(tensor), None, constant=True, computed=computed,
-                              sliceable=sliceable)
+                              sliceable=sliceable, stored=alias or model.initializer(tensor) is not None)
         return tensors.get(tensor) or TensorInfo(tensor, model.shapes.get(tensor))
 
     outputs = [TensorInfo(o, model.shapes.get(o)) if o else None for o in node.output]

@@ -481,6 +481,8 @@ def _infer_and_fold(view: onnx.ModelProto, label: str) -> tuple[onnx.ModelProto,
     while True:
         inferred = _infer_shapes(view, label)
         shapes, dtypes = _collect_types(inferred)
+        if _shape_function_ops(view, shapes, dtypes):
+            continue
         kept, new_values = [], {}
         for node in view.graph.node:
             values = _evaluate(node, known, shapes, dtypes, view.opset_import)
@@ -516,6 +518,43 @@ def _shapes_from_handlers(view: onnx.ModelProto, inferred: onnx.ModelProto) -> b
             if name in missing and shape is not None:
                 view.graph.value_info.append(onnx.helper.make_tensor_value_info(
                     name, dtypes.get(node.input[0], TensorProto.FLOAT), list(shape)))
+                added = True
+    return added
+
+
+def _shape_function_ops(view: onnx.ModelProto, shapes: dict[str, tuple[int, ...]], dtypes: dict[str, int]) -> bool:
+    """Output shapes of ops that onnx defines by a context-dependent function and its shape inference
+    skips (GroupNormalization in onnx 1.17): infer them on the expanded body, and declare them in the
+    view's value_info. True when any was added."""
+    added = False
+    declared_before = {v.name for v in view.graph.value_info}
+    opset = next((o.version for o in view.opset_import if o.domain in ("", "ai.onnx")), None)
+    for node in view.graph.node:
+        outputs = [o for o in node.output if o]
+        if node.domain not in ("", "ai.onnx") or not outputs or all(o in shapes for o in outputs):
+            continue
+        inputs = [i for i in node.input if i]
+        if any(i not in shapes or i not in dtypes for i in inputs):
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+            if not schema.has_context_dependent_function:
+                continue
+            types = [onnx.helper.make_tensor_type_proto(dtypes[i], shapes[i]) for i in inputs]
+            body = onnx.FunctionProto.FromString(schema.get_context_dependent_function(
+                node.SerializeToString(), [t.SerializeToString() for t in types]))
+            graph = onnx.helper.make_graph(list(body.node), "body", [onnx.helper.make_value_info(n, t) for n, t in zip(body.input, types)],
+                                           [onnx.helper.make_empty_tensor_value_info(o) for o in body.output])
+            model = onnx.helper.make_model(graph, opset_imports=list(body.opset_import))
+            declared = onnx.shape_inference.infer_shapes(model, data_prop=True).graph.output
+        except Exception:  # noqa: BLE001 - an op onnx cannot expand keeps its unknown shape
+            continue
+        for name, value in zip(node.output, declared):
+            dims = value.type.tensor_type.shape.dim
+            if name and name not in declared_before and value.type.tensor_type.HasField("shape") and all(
+                    d.HasField("dim_value") for d in dims):
+                view.graph.value_info.append(onnx.helper.make_tensor_value_info(
+                    name, value.type.tensor_type.elem_type, [d.dim_value for d in dims]))
                 added = True
     return added
 

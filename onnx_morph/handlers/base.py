@@ -21,7 +21,10 @@ Axes = tuple[int, ...]
 class TensorInfo:
     """An input or output of a node: static shape, channel axes, and whether its value is constant
     (`computed`: a constant computed by nodes at run time, which surgery cannot slice except along
-    `sliceable`, the axes it re-lays out from one initializer's axes)."""
+    `sliceable`, the axes it re-lays out from one initializer's axes; `stored`: an initializer or a
+    view of one, which training can change, unlike a Constant node). `copies`: its channels are
+    copies of one value (a norm broadcast back over the channels), so zeroing a removed one is not
+    what removing it means (x / ||x|| would divide by zero)."""
 
     name: str
     shape: tuple[int, ...] | None
@@ -29,6 +32,8 @@ class TensorInfo:
     constant: bool = False
     computed: bool = False
     sliceable: Axes = ()  # axes of a computed constant that surgery slices at its initializer (a table's head axis)
+    stored: bool = False
+    copies: bool = False
 
     @property
     def rank(self) -> int | None:
@@ -128,7 +133,8 @@ class Source:
 class OpGeometry:
     """The bilinear shape of an op whose cost grows with alive input times alive output channels.
 
-    FLOPs = 2 * positions * kernel * sum over groups of (alive inputs * alive outputs).
+    FLOPs = 2 * (positions * kernel * sum over groups of (alive inputs * alive outputs) + fixed_macs),
+    fixed_macs being work on channels that never shrink (an LSTM's recurrent products).
     """
 
     input: str
@@ -140,6 +146,7 @@ class OpGeometry:
     groups: int = 1
     weight: str | None = None
     second_input: str | None = None  # the right operand of a product of two activations
+    fixed_macs: int = 0
 
 
 @dataclass(frozen=True)
@@ -165,6 +172,7 @@ class Relation:
     # The output is a product of its tied inputs (Mul, attention's matrix products): a channel that
     # is zero in one operand is zero in the output, whatever the other operands hold.
     product: bool = False
+    copies: list[str] = field(default_factory=list)  # outputs whose channels are copies of one value
 
 
 class Editor(Protocol):
@@ -228,6 +236,9 @@ class BaseHandler:
     follows_ties = False
     # Output 0 holds input 0's values, reshaped or cast: an index bound read after it holds before it.
     preserves_values = False
+    # Inputs that may carry trained parameters when the node computes a constant (a weight normalized at
+    # load time, a gathered position table); None: all of them. Data and statistics inputs are left out.
+    parameter_inputs: tuple[int, ...] | None = None
 
     def preferred_axes(self, view: NodeView, index: int, rank: int) -> Axes | None:
         return None
@@ -312,6 +323,18 @@ def identity_tie(a: TensorInfo, b: TensorInfo) -> Tie:
     count = a.channels
     index = np.arange(count, dtype=np.int64)
     return Tie(a.name, index, b.name, index)
+
+
+def grid_index(info: TensorInfo) -> np.ndarray:
+    """Each channel element's index, laid out over the channel axes in the order they are listed."""
+    return np.arange(info.channels, dtype=np.int64).reshape([info.shape[a] for a in info.axes])
+
+
+def sub_grid_index(info: TensorInfo, axes: Axes) -> np.ndarray:
+    """For each channel element of `info` (grid_index layout), its element in a tensor whose channel
+    axes are the subset `axes` of info's (same extents): the element it projects to."""
+    coords = np.indices([info.shape[a] for a in info.axes])
+    return np.ravel_multi_index([coords[info.axes.index(a)] for a in axes], [info.shape[a] for a in axes])
 
 
 def pin_all(view: NodeView, reason: str) -> list[Pin]:

@@ -51,6 +51,7 @@ class Conv(BaseHandler):
     """Conv: W is [C_out, C_in / group, k...]; output channels are new."""
 
     transposed = False
+    parameter_inputs = (1, 2)  # a conv on a constant input (a position-encoding grid) reads it as data
 
     def preferred_axes(self, view: NodeView, index: int, rank: int):
         return NCHW if index == 0 else None

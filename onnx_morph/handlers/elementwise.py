@@ -18,8 +18,10 @@ from onnx_morph.handlers.base import (
     Pin,
     Relation,
     TensorInfo,
+    Tie,
     describe,
     identity_tie,
+    sub_grid_index,
 )
 
 
@@ -58,8 +60,14 @@ class Elementwise(BaseHandler):
             if all(shape[a] == 1 for a in out_axes):
                 continue
             shift = rank - len(t.shape)
-            if t.axes is not None and tuple(a + shift for a in t.axes) == out_axes:
+            axes = None if t.axes is None else tuple(a + shift for a in t.axes)
+            if axes == out_axes:
                 relation.ties.append(identity_tie(t, out))
+            elif axes is not None and set(axes) < set(out_axes) and all(shape[a] == y.shape[a] for a in axes):
+                # Its channels are a sub-grid of the output's (branch outputs [B, paths, C] times
+                # per-path attention [B, paths, C] with channel axes (1, 2)): each output element is its channel.
+                relation.ties.append(Tie(y.name, np.arange(out.channels, dtype=np.int64), t.name,
+                                         sub_grid_index(out, axes).ravel()))
             else:
                 relation.pins.append(Pin(y.name, reason))
                 if t.axes is not None:
@@ -84,14 +92,16 @@ class Elementwise(BaseHandler):
 
     @staticmethod
     def _output_axes(operands: list[TensorInfo], y: TensorInfo, rank: int) -> tuple[int, ...] | None:
+        """The channel axes of the operand with the most full-size ones (the others may be a sub-grid)."""
+        best = None
         for t in operands:
             if t.constant or t.axes is None:
                 continue
             shift = rank - len(t.shape)
             axes = tuple(a + shift for a in t.axes)
-            if all(_aligned(t, rank)[a] == y.shape[a] for a in axes):
-                return axes
-        return None
+            if all(_aligned(t, rank)[a] == y.shape[a] for a in axes) and (best is None or len(axes) > len(best)):
+                best = axes
+        return best
 
     @staticmethod
     def _params(operands: list[TensorInfo], y: TensorInfo, out_axes, rank: int) -> list[ParamTerm]:

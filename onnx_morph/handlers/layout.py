@@ -36,6 +36,7 @@ class Reshape(BaseHandler):
 
     follows_ties = True
     preserves_values = True
+    parameter_inputs = (0,)
 
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
@@ -54,6 +55,10 @@ class Reshape(BaseHandler):
         if not np.array_equal(np.broadcast_to(small, y.shape), ids):
             return Relation([None], pins=[Pin(x.name, f"{describe(view)} mixes channels with other axes")])
         out_elements = small.reshape(-1)
+        if len(varying) > 1 and np.unique(out_elements).size < out_elements.size:
+            blocks = _whole_channel_slices(small, varying[0], x.channels)
+            if blocks is not None:
+                return Relation([(varying[0],)], ties=[Tie(y.name, blocks, x.name, np.arange(x.channels, dtype=np.int64))])
         relation = Relation([varying], ties=[Tie(y.name, np.arange(out_elements.size, dtype=np.int64), x.name, out_elements)])
         if len(varying) > 1:
             relation.grids.append(Grid(y.name, f"{describe(view)} splits the channels over axes {list(varying)}"))
@@ -102,6 +107,21 @@ class Reshape(BaseHandler):
         target = np.array(target, dtype=np.int64)
         target[0] = 0
         return {1: target}
+
+
+def _whole_channel_slices(ids: np.ndarray, axis: int, channels: int) -> np.ndarray | None:
+    """For a reshape that folds part of the channels into non-channel positions (GroupNorm's
+    [N, C, H, W] -> [N, G, C/G * H * W]), the slice along `axis` holding each input channel, when
+    every slice holds whole, contiguous, equally many channels: the slices are the channels then,
+    and removing one removes its channels' block, which keeps the reshape exact. None otherwise."""
+    extent = ids.shape[axis]
+    if channels % extent:
+        return None
+    per_slice = channels // extent
+    for g in range(extent):
+        if not np.array_equal(np.unique(np.take(ids, g, axis=axis)), np.arange(g * per_slice, (g + 1) * per_slice)):
+            return None
+    return np.arange(channels, dtype=np.int64) // per_slice
 
 
 def _leading_dims_copied(view: NodeView, target: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
@@ -279,6 +299,7 @@ class Split(BaseHandler):
 
 class Slice(BaseHandler):
     follows_ties = True
+    parameter_inputs = (0,)
 
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
@@ -364,6 +385,7 @@ class Gather(BaseHandler):
         if axis >= gathered + len(indices.shape):
             return 0, axis - len(indices.shape) + 1
         return None
+    parameter_inputs = (0,)
 
     def relate(self, view: NodeView) -> Relation:
         data, indices, y = view.input(0), view.input(1), view.outputs[0]
@@ -449,16 +471,25 @@ def _renumber_grid_slice(view: NodeView, edit, data: TensorInfo, keep: np.ndarra
 
 
 class Expand(BaseHandler):
-    """Broadcast to a larger shape: channels pass when the channel dims are already full size."""
+    """Broadcast to a larger shape: channels pass when the channel dims are already full size; a
+    tensor without channels (a norm over the channels) broadcast along one axis gets new channels
+    there, copies of one value, which its consumer ties (x / ||x||.expand_as(x))."""
+
+    parameter_inputs = (0,)
 
     follows_ties = True
     preserves_values = True
 
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
-        if x is None or x.axes is None or x.constant or y.shape is None:
+        if x is None or x.constant or y.shape is None or x.shape is None:
             return Relation([None])
         shift = len(y.shape) - len(x.shape)
+        if x.axes is None:
+            spread = [a for a in range(1, len(y.shape)) if a < shift or (x.shape[a - shift] == 1 and y.shape[a] > 1)]
+            if len(spread) != 1:
+                return Relation([None])
+            return Relation([tuple(spread)], copies=[y.name])
         axes = tuple(a + shift for a in x.axes)
         if all(x.shape[a] == y.shape[a + shift] for a in x.axes):
             relation = Relation([axes], ties=[identity_tie(x, TensorInfo(y.name, y.shape, axes))])
@@ -468,7 +499,9 @@ class Expand(BaseHandler):
         return Relation([None], pins=[Pin(x.name, f"{describe(view)} broadcasts along the channel axis")])
 
     def prune(self, view: NodeView, edit) -> None:
-        y = view.outputs[0]
+        """The target's channel extent shrinks; extents the input already has become 1 (broadcast
+        gives them back), so a batch size folded into the target at load time is not frozen."""
+        x, y = view.input(0), view.outputs[0]
         keep = edit.keep(y.name)
         shape = view.const(1)
         if keep is None or shape is None:
@@ -478,4 +511,34 @@ class Expand(BaseHandler):
         offset = len(y.shape) - target.size
         if axis - offset >= 0 and target[axis - offset] > 1:
             target[axis - offset] = int(keep.sum())
-            edit.set_input(1, target)
+        shift = target.size - len(x.shape)
+        for a in range(max(shift, 0), target.size):
+            if a != axis - offset and target[a] == x.shape[a - shift]:
+                target[a] = 1
+        edit.set_input(1, target)
+
+
+class DepthToSpace(BaseHandler):
+    """Pixel shuffle: blocks of blocksize^2 input channels become one output channel's sub-pixels.
+
+    DCR mode reads input channel (i * b + j) * C + c into output channel c, CRD mode c * b^2 + i * b + j;
+    SpaceToDepth writes input channel c into output channel (i * b + j) * C + c. Each such set of
+    b^2 channels is one channel, and the kept channels keep that layout: no attribute changes."""
+
+    def preferred_axes(self, view: NodeView, index: int, rank: int):
+        return (1,) if index == 0 else None
+
+    def relate(self, view: NodeView) -> Relation:
+        x, y = view.input(0), view.outputs[0]
+        if x is None or x.axes is None or x.constant:
+            return Relation([None])
+        if x.axes != (1,) or x.shape is None or y.shape is None or len(x.shape) != 4:
+            return Relation([None], pins=[Pin(x.name, f"{describe(view)} needs NCHW channels on axis 1")])
+        if view.op_type == "SpaceToDepth":
+            out = np.arange(y.shape[1], dtype=np.int64)
+            return Relation([(1,)], ties=[Tie(y.name, out, x.name, out % x.shape[1])])
+        channels = np.arange(x.shape[1], dtype=np.int64)
+        mode = view.attr("mode", b"DCR")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        out = channels // int(view.attr("blocksize")) ** 2 if mode == "CRD" else channels % y.shape[1]
+        return Relation([(1,)], ties=[Tie(x.name, channels, y.name, out)])

@@ -33,6 +33,8 @@ def _last(rank: int) -> tuple[int, ...]:
 class Gemm(BaseHandler):
     """Y = A' B' + C with A' = A or A^T (transA), B' = B or B^T (transB)."""
 
+    parameter_inputs = (1, 2)
+
     def preferred_axes(self, view: NodeView, index: int, rank: int):
         if index == 0:
             return (0,) if view.attr("transA", 0) else (1,)
@@ -119,6 +121,8 @@ def _check_gemm(view: NodeView, a: TensorInfo, b: TensorInfo, y: TensorInfo, fea
 
 class MatMul(BaseHandler):
     """MatMul [.., M, K] x [.., K, N]; a constant 2-D right operand is a weight [in, out]."""
+
+    parameter_inputs = (1,)
 
     def preferred_axes(self, view: NodeView, index: int, rank: int):
         return _last(rank) if index == 0 else None

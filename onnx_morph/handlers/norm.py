@@ -1,6 +1,6 @@
-"""Normalizations: BatchNorm and InstanceNorm scales are MorphNet's gammas; LayerNorm and
-GroupNorm compute statistics across channels, so their channels are pinned. A BatchNorm after a
-Linear reshaped to [N, C, H, W] normalizes channel c over its block of H*W features."""
+"""Normalizations: BatchNorm and InstanceNorm scales are MorphNet's gammas; LayerNorm computes
+statistics across all channels, so they are pinned; GroupNorm across a group's, so whole groups go.
+A BatchNorm after a Linear reshaped to [N, C, H, W] normalizes channel c over its block of H*W features."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from onnx_morph.handlers.base import (
     Source,
     along_axis,
     collapse_tie,
+    Tie,
     describe,
     normalize_axis,
     param_dtype,
@@ -50,6 +51,7 @@ class BatchNorm(BaseHandler):
     """Per-channel affine normalization with running statistics (not parameters: buffers)."""
 
     follows_ties = True
+    parameter_inputs = (0, 1, 2)
 
     def preferred_axes(self, view: NodeView, index: int, rank: int):
         return NCHW if index == 0 else None
@@ -90,7 +92,21 @@ class BatchNorm(BaseHandler):
 
 
 class InstanceNorm(BatchNorm):
-    """Statistics per sample and channel: channels stay independent."""
+    """Statistics per sample and channel: channels stay independent, unless the channels also lie
+    on the normalized axes (2 and on): then each one's statistics mix several. A scale held in a
+    Constant node (torch's GroupNorm, InstanceNorm without affine parameters) is no gamma."""
+
+    def relate(self, view: NodeView) -> Relation:
+        x = view.input(0)
+        if x is not None and x.axes is not None and any(a >= 2 for a in x.axes):
+            relation = pass_through(view, f"{describe(view)} normalizes over channels on axes {[a for a in x.axes if a >= 2]}")
+            relation.params = _per_channel_params(view, (1, 2), None)
+            return relation
+        relation = super().relate(view)
+        scale = view.input(1)
+        if scale is not None and not scale.stored:
+            relation.sources = []
+        return relation
 
 
 class LayerNorm(BaseHandler):
@@ -115,15 +131,44 @@ class LayerNorm(BaseHandler):
 
 
 class GroupNorm(BaseHandler):
-    """Normalizes groups of channels together."""
+    """GroupNormalization: the statistics of a group mix its channels, so a whole group is the unit.
+    Its scale and shift are per group before opset 21, per channel from 21 on."""
 
     def preferred_axes(self, view: NodeView, index: int, rank: int):
         return NCHW if index == 0 else None
 
     def relate(self, view: NodeView) -> Relation:
-        relation = pass_through(view, f"{describe(view)} normalizes groups of channels together")
-        relation.params = _per_channel_params(view, (1, 2), view.outputs[0].name)
+        x, y = view.input(0), view.outputs[0]
+        groups = int(view.attr("num_groups", 1))
+        if x is not None and x.axes is not None and y.shape is None:
+            return Relation([None], pins=[Pin(x.name, f"{describe(view)} has no inferred output shape (onnx's shape "
+                                                      "inference gives none; exporters' value_info does)")])
+        if x is None or x.axes is None or x.constant or x.axes != NCHW or x.shape[1] % groups:
+            relation = pass_through(view, f"{describe(view)} normalizes groups of channels together")
+        else:
+            relation = pass_through(view)
+            channels = np.arange(x.shape[1], dtype=np.int64)
+            per_group = x.shape[1] // groups
+            relation.ties.append(Tie(x.name, channels, x.name, channels // per_group * per_group))
+            scale = view.input(1)
+            if scale is not None and scale.constant and scale.shape is not None and math.prod(scale.shape) == x.shape[1]:
+                relation.sources.append(Source("gamma", y.name, view.name, scale.name))
+        relation.params = _per_channel_params(view, (1, 2), y.name)
         return relation
+
+    def prune(self, view: NodeView, edit) -> None:
+        """num_groups counts the kept (or copied) groups; per-group or per-channel scale and shift follow."""
+        x = view.input(0)
+        keep = edit.keep(x.name)
+        if keep is None:
+            return
+        groups = int(view.attr("num_groups", 1))
+        per_group = keep.reshape(groups, -1)[:, 0]
+        edit.set_attr("num_groups", int(per_group.sum()))
+        for index in (1, 2):
+            info = view.input(index)
+            if info is not None and info.shape is not None:
+                edit.slice_input(index, 0, keep if info.shape[0] == keep.size else per_group)
 
     def initial_values(self, view: NodeView, rng: np.random.Generator) -> dict[int, np.ndarray]:
         return _fresh_affine(view, {1: 1.0, 2: 0.0})

@@ -10,9 +10,12 @@ from onnx_morph.handlers.base import (
     Pin,
     Relation,
     TensorInfo,
+    Tie,
     describe,
+    grid_index,
     identity_tie,
     normalize_axis,
+    sub_grid_index,
 )
 
 
@@ -45,6 +48,7 @@ class Passthrough(BaseHandler):
     """Per-element or per-channel ops that never mix channels."""
 
     follows_ties = True
+    parameter_inputs = (0,)  # Clip bounds, Dropout ratios, Resize scales are settings
 
     def relate(self, view: NodeView) -> Relation:
         return pass_through(view)
@@ -90,6 +94,13 @@ class Softmax(BaseHandler):
         # Before opset 13 the input was flattened from `axis` on into one normalized row.
         normalized = {axis} if view.opset >= 13 else set(range(axis, rank))
         if normalized & set(x.axes):
+            if view.opset >= 13 and len(x.axes) > 1:
+                # Over one axis of a channel grid (attention across branches, [B, paths, C]): each
+                # normalized row is one channel, which lives or dies whole.
+                relation = pass_through(view)
+                relation.ties.append(Tie(x.name, grid_index(x).ravel(), x.name, sub_grid_index(
+                    x, tuple(a for a in x.axes if a != axis)).ravel()))
+                return relation
             return pass_through(view, f"{describe(view)} normalizes over the channel axis")
         return pass_through(view)
 
@@ -98,6 +109,7 @@ class Pad(BaseHandler):
     """Zero padding keeps channels unless it pads the channel axis itself."""
 
     follows_ties = True
+    parameter_inputs = (0,)
 
     def relate(self, view: NodeView) -> Relation:
         x = view.input(0)
@@ -119,8 +131,25 @@ class Pad(BaseHandler):
         return pass_through(view)
 
 
+# Reductions to which a zero channel contributes exactly nothing: pruning a channel they sum over
+# computes what the original computes with that channel zeroed (an L2 normalization x / ||x||).
+ZERO_NEUTRAL = {"ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSum"}
+_WHY_PINNED = {
+    "ReduceMean": " (a removed channel would still count in the mean's divisor)",
+    "ReduceMax": " (a zero channel can be the maximum)",
+    "ReduceMin": " (a zero channel can be the minimum)",
+    "ReduceProd": " (a zero channel zeroes the product)",
+    "ReduceLogSumExp": " (a zero channel adds exp(0) = 1)",
+    "ArgMax": " (a zero channel can be the maximum)",
+    "ArgMin": " (a zero channel can be the minimum)",
+}
+
+
 class Reduce(BaseHandler):
-    """Reductions keep channels only when they do not reduce over the channel axes."""
+    """Reductions keep channels when they do not reduce over the channel axes; over them, sums
+    consume the channels (prunable) and the others pin them."""
+
+    parameter_inputs = (0,)
 
     follows_ties = True
 
@@ -132,9 +161,14 @@ class Reduce(BaseHandler):
         reduced = self._reduced_axes(view, rank)
         if reduced is None:
             return pass_through(view, f"{describe(view)} takes its axes at run time")
-        if set(reduced) & set(x.axes):
-            return Relation([None], pins=[Pin(x.name, f"{describe(view)} reduces over the channel axis")])
         keepdims = bool(view.attr("keepdims", 1))
+        if set(reduced) & set(x.axes) and not set(x.axes) <= set(reduced):
+            return _partial_reduction(x, y, reduced, keepdims)
+        if set(reduced) & set(x.axes):
+            if view.op_type in ZERO_NEUTRAL:
+                return Relation([None])  # a removed (zero) channel adds exactly 0: the channels are consumed
+            return Relation([None], pins=[Pin(x.name, f"{describe(view)} reduces over the channel axis"
+                                                      f"{_WHY_PINNED.get(view.op_type, '')}")])
         out_axes = x.axes if keepdims else tuple(a - sum(r < a for r in reduced) for a in x.axes)
         out = TensorInfo(y.name, y.shape, out_axes)
         return Relation([out_axes], ties=[identity_tie(x, out)])
@@ -152,3 +186,11 @@ class Reduce(BaseHandler):
         if not axes:
             return [] if view.attr("noop_with_empty_axes", 0) else list(range(rank))
         return [normalize_axis(int(a), rank) for a in axes]
+
+
+def _partial_reduction(x: TensorInfo, y: TensorInfo, reduced: list[int], keepdims: bool) -> Relation:
+    """A reduction over some axes of a channel grid ([B, paths, C] summed over paths): each output
+    channel is the elements reduced into it, which live or die together."""
+    kept = tuple(a for a in x.axes if a not in reduced)
+    out_axes = kept if keepdims else tuple(a - sum(r < a for r in reduced) for a in kept)
+    return Relation([out_axes], ties=[Tie(x.name, grid_index(x).ravel(), y.name, sub_grid_index(x, kept).ravel())])

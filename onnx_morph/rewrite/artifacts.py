@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from onnx_morph.costs.resources import param_uses
 from onnx_morph.errors import OptionError, OutputError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.rewrite.batch import flexible_batch
@@ -208,16 +209,16 @@ def native_stderr_silenced():
 
 def trained_parameters(graph: ChannelGraph, regularizer: Regularizer | None = None) -> set[str]:
     """Float initializers the cost model counts as parameters (weights, biases, norm scales and
-    shifts), seen through weight views; everything else (running statistics, shapes) stays frozen."""
+    shifts), seen through weight views and constant subgraphs (a gathered position table, a class
+    token, a weight-normalized weight); everything else (running statistics, shapes) stays frozen."""
     names = set()
-    for relation in graph.relations.values():
-        candidates = [t.param for t in relation.params]
-        if relation.geometry is not None and relation.geometry.weight is not None:
-            candidates.append(relation.geometry.weight)
+    for node, use in param_uses(graph).items():
+        candidates = [t.param for t in use.terms]
+        if use.per_pair:
+            candidates.append(graph.relations[node].geometry.weight)
         for name in candidates:
-            root = graph.param_root(name)
-            if root is not None and graph.model.initializer(root[0]).data_type == TensorProto.FLOAT:
-                names.add(root[0])
+            names.update(s for s in graph.trained_sources(name)
+                         if graph.model.initializer(s).data_type == TensorProto.FLOAT)
     if regularizer is not None:
         names |= {s.param for s in regularizer.sources}
     return names

@@ -203,7 +203,8 @@ def masked_original(
     where a consumer folded the channel's constant into its bias: there the channel holds the value
     it has in the unmasked original (computed by a copy of the original's nodes). Where the channel
     really is that constant, the pruned model computes exactly this; where it is not (a fold decided
-    from samples that happened to agree), the deviation shows it."""
+    from samples that happened to agree), the deviation shows it.
+    Channels that are copies of one value (a broadcast norm) stay: their removal changes nothing else."""
     model = onnx.ModelProto()
     model.CopyFrom(original)
     renamed: dict = {}
@@ -211,7 +212,7 @@ def masked_original(
     produced = {o for n in model.graph.node for o in n.output}
     for tensor, keep in masks.items():
         info = graph.tensors[tensor]
-        if info.axes is None:
+        if info.axes is None or info.copies:
             continue
         keep = keep[channel_ids(info)]
         shape = list(keep.shape)
