@@ -84,10 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     profile = commands.add_parser("profile", help="time every weighted op in onnxruntime at a grid of widths")
     profile.add_argument("model", help="path of an .onnx file")
     profile.add_argument("-o", "--output", required=True, metavar="FILE", help="latency table (JSON)")
-    profile.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...")
+    _input_shape(profile)
     profile.add_argument("--provider", default="cpu", choices=["cpu", "cuda"], help="onnxruntime execution provider")
-    profile.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
-    profile.add_argument("--batch", type=int, default=1, help="batch size timed (default 1)")
+    profile.add_argument("--threads", type=int, default=2, help="intra-op threads")
+    profile.add_argument("--batch", type=int, default=1, help="batch size timed")
     profile.add_argument("--max-points", type=int, default=10, metavar="N",
                          help="widths per axis of each op's grid, besides the full width and its top step (default 10)")
 
