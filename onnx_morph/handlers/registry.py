@@ -7,6 +7,7 @@ from onnx_morph.handlers.conv import Conv, ConvTranspose
 from onnx_morph.handlers.elementwise import Elementwise
 from onnx_morph.handlers.layout import Concat, Expand, Gather, Reshape, Slice, Split, Transpose
 from onnx_morph.handlers.linear import Gemm, MatMul
+from onnx_morph.handlers.microsoft import MICROSOFT
 from onnx_morph.handlers.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
 from onnx_morph.handlers.passthrough import Cast, Identity, Pad, Passthrough, Reduce, Softmax, SpatialPassthrough
 
@@ -78,7 +79,8 @@ _REGISTRY: dict[str, BaseHandler] = {
     "Expand": Expand(),
 }
 _UNKNOWN = Unknown()
-_DOMAINS: dict[str, dict[str, BaseHandler]] = {"": _REGISTRY}
+# onnxruntime's contrib ops, as its graph optimizations and transformer optimizer write them.
+_DOMAINS: dict[str, dict[str, BaseHandler]] = {"": _REGISTRY, "com.microsoft": dict(MICROSOFT)}
 
 
 def _domain(domain: str) -> str:
