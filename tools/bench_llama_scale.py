@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import resource
 import subprocess
@@ -30,7 +29,6 @@ import tempfile
 import time
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 BIN = pathlib.Path(sys.executable).parent

@@ -15,6 +15,7 @@ import onnx
 from onnx_morph.handlers.base import (
     BaseHandler,
     NodeView,
+    OpGeometry,
     ParamTerm,
     Pin,
     Relation,
@@ -60,19 +61,18 @@ def standard_output_shapes(node: onnx.NodeProto, op_type: str, inputs: list[Shap
 
 
 class FusedConv(Conv):
-    """Conv + bias + activation, optionally + Z (a residual summed before the activation): channels
-    as Conv's, Z's channel c is output channel c."""
+    """Conv + bias + activation: channels as Conv's. With a Z input (a shortcut summed before the
+    activation, which onnxruntime writes only at its NCHWc level) everything is pinned: onnxruntime
+    1.19 computes such chains differently with and without its NCHWc layout, so no pruned model of
+    them could be verified."""
 
     def relate(self, view: NodeView) -> Relation:
         relation = super().relate(view)
-        z, y = view.input(3), view.outputs[0]
-        if z is None or z.constant or y is None:
-            return relation
-        if z.axes == y.axes and z.shape == y.shape and y.axes is not None:
-            relation.ties.append(identity_tie(z, TensorInfo(y.name, y.shape, y.axes)))
-        else:
-            reason = f"{describe(view)} (com.microsoft) adds a Z input of another layout than its output"
-            relation.pins += [Pin(z.name, reason), Pin(y.name, reason)]
+        z = view.input(3)
+        if z is not None and not z.constant:
+            reason = (f"{describe(view)} (com.microsoft) adds a Z input, which onnxruntime computes differently "
+                      f"by optimization level")
+            relation.pins += pin_all(view, reason)
         return relation
 
     def output_shapes(self, node: onnx.NodeProto, inputs: list[Shape | None]) -> list | None:
@@ -216,7 +216,16 @@ class FusedAttention(BaseHandler):
         axes = [(t.rank - 1,) if t is not None and t.rank else None for t in view.outputs]
         reason = (f"{describe(view)} (com.microsoft) is a fused attention kernel whose heads onnx-morph does "
                   f"not prune; export without the transformer optimizer to prune heads")
-        return Relation(axes, pins=pin_all(view, reason))
+        relation = Relation(axes, pins=pin_all(view, reason))
+        x, weight, y = view.input(0), view.input(1), view.outputs[0]
+        if view.op_type == "Attention" and _shaped(x, 3) and _shaped(weight, 2) and weight.constant and _shaped(y, 3):
+            # The packed Q, K, V projection: kernel 3 counts its three output blocks per output feature.
+            relation.geometry = OpGeometry(x.name, 2, y.name, 2, kernel=weight.shape[1] // y.shape[2],
+                                           positions=x.shape[0] * x.shape[1], weight=weight.name)
+            bias = view.input(2)
+            if bias is not None and bias.constant and bias.shape is not None:
+                relation.params.append(ParamTerm(bias.name, math.prod(bias.shape)))
+        return relation
 
     def varying(self, view: NodeView, relation: Relation, inputs) -> list[bool]:
         return [any(bool(v.any()) for v in inputs if v is not None)] * len(view.outputs)
@@ -227,6 +236,10 @@ class FusedAttention(BaseHandler):
             return None if node.op_type != "RotaryEmbedding" or x is None else [x]
         view = NodeView(node, node.name, [], [], lambda _: None, 0)
         return [(*x[:2], _attention_width(view, x, inputs))]
+
+
+def _shaped(info: TensorInfo | None, rank: int) -> bool:
+    return info is not None and info.shape is not None and len(info.shape) == rank
 
 
 def _attention_width(view: NodeView, x: Shape, inputs: list[Shape | None]) -> int:

@@ -77,6 +77,7 @@ _REGISTRY: dict[str, BaseHandler] = {
     "Slice": Slice(),
     "Gather": Gather(),
     "Expand": Expand(),
+    "SimplifiedLayerNormalization": MICROSOFT["SimplifiedLayerNormalization"],  # onnxruntime's, in this domain
 }
 _UNKNOWN = Unknown()
 # onnxruntime's contrib ops, as its graph optimizations and transformer optimizer write them.
