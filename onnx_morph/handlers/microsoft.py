@@ -172,24 +172,21 @@ class SkipLayerNorm(BaseHandler):
 
     def relate(self, view: NodeView) -> Relation:
         x = view.input(0)
-        outputs = list(view.outputs) + [None] * (4 - len(view.outputs))
         if x is None or x.axes is None or x.shape is None:
-            return Relation([None] * len(view.outputs), pins=pin_all(view, f"{describe(view)} has an input of unknown layout"))
-        relation = Relation([x.axes if i in (0, 3) and t is not None else None for i, t in enumerate(outputs)]
-                            [:len(view.outputs)])
-        reason = f"{describe(view)} (com.microsoft) normalizes over these channels"
-        for t in (view.input(1), outputs[0], outputs[3]):
-            if t is None or (t.constant and t.shape is not None):
+            return Relation([None] * len(view.outputs),
+                            pins=pin_all(view, f"{describe(view)} has an input of unknown layout"))
+        streams = [y if index in (0, 3) else None for index, y in enumerate(view.outputs)]  # Y and the sum
+        relation = Relation([x.axes if y is not None else None for y in streams],
+                            pins=[Pin(x.name, f"{describe(view)} (com.microsoft) normalizes over these channels")])
+        for t in (view.input(1), *streams):
+            if t is None or t.constant:
                 continue
-            if t.shape != x.shape or (t.axes is not None and t.axes != x.axes):
-                relation.pins.append(Pin(t.name, f"{describe(view)} adds a skip of another layout"))
-                continue
-            relation.ties.append(identity_tie(x, TensorInfo(t.name, t.shape, x.axes)))
-        relation.pins.append(Pin(x.name, reason))
-        for index in (1, 2, 3, 4):
-            info = view.input(index)
-            if info is not None and info.constant and info.shape is not None:
-                relation.params.append(ParamTerm(info.name, math.prod(info.shape), None))
+            if t.shape != x.shape or t.axes not in (None, x.axes):
+                relation.pins.append(Pin(t.name, f"{describe(view)} adds a skip of another layout than its input"))
+            else:
+                relation.ties.append(identity_tie(x, TensorInfo(t.name, t.shape, x.axes)))
+        relation.params = [ParamTerm(t.name, math.prod(t.shape)) for t in view.inputs[1:]
+                           if t is not None and t.constant and t.shape is not None]
         return relation
 
     def output_shapes(self, node: onnx.NodeProto, inputs: list[Shape | None]) -> list | None:
