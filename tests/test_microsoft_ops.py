@@ -217,3 +217,27 @@ def test_fused_conv_with_a_shortcut_input_is_pinned(tmp_path):
     assert "FusedConv node 'conv2' (com.microsoft) adds a Z input, which onnxruntime computes differently by " \
            "optimization level" in reasons
     assert analysis.total.flops == 2 * (36 * 9 * 16 * 32 + 36 * 16 * 32 + 36 * 32 * 32 + 32 * 5)
+
+
+def test_scores_as_fused_matmul_with_transposed_keys_keep_heads(tmp_path):
+    """q @ k^T written as FusedMatMul(q, k, transB=1, alpha) on [B, H, T, D] keys: heads stay whole and prune."""
+    plain = tmp_path / "llama.onnx"
+    count = build_llama(plain, layers=1, hidden=32, intermediate=48, heads=4, vocab=20, tokens=6)
+    (tmp_path / "llama.onnx.data").write_bytes(
+        (np.random.default_rng(0).standard_normal(count) * 0.2).astype(np.float32).tobytes())
+    model = onnx.load(str(plain))
+    for node in model.graph.node:
+        if node.name.endswith("k_transpose"):
+            node.attribute[0].ints[:] = [0, 2, 1, 3]
+        if node.name.endswith("/scores"):
+            node.op_type, node.domain = "FusedMatMul", "com.microsoft"
+            node.attribute.extend([helper.make_attribute("transB", 1), helper.make_attribute("alpha", 0.5)])
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    path = tmp_path / "fused_scores.onnx"
+    onnx.save(model, str(path))
+
+    analysis, result = _prune_half(path)
+    assert sorted(g.size for g in analysis.groups if g.prunable) == [4, 48]
+    assert analysis.total.flops == onnx_morph.analyze(str(plain)).total.flops
+    sizes = {t.name.split("::")[0]: list(t.dims) for t in result.model.graph.initializer}
+    assert sizes["layers.0/self_attn/k_proj.weight"] == [32, 16]  # 2 of 4 heads of 8 dims
