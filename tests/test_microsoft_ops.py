@@ -162,6 +162,8 @@ def test_attention_kernel_is_pinned_with_its_name_and_gelu_units_prune(tmp_path)
     ("SkipLayerNormalization", [(1, 5, 8), (1, 5, 8), (8,)], {}, [(1, 5, 8), (1, 5, 1), (1, 5, 1), (1, 5, 8)]),
     ("GroupQueryAttention", [(1, 5, 64)], {"num_heads": 4, "kv_num_heads": 2}, [(1, 5, 32)]),
     ("Attention", [(1, 5, 16), (16, 48)], {"num_heads": 2}, [(1, 5, 16)]),
+    ("MultiHeadAttention", [(1, 5, 16), (1, 7, 16), (1, 7, 24)], {"num_heads": 2}, [(1, 5, 24)]),
+    ("RotaryEmbedding", [(1, 2, 5, 8), (5,), (16, 4), (16, 4)], {}, [(1, 2, 5, 8)]),
 ])
 def test_output_shapes_onnx_cannot_infer(op, inputs, attrs, expected):
     from onnx_morph.handlers import handler_for
