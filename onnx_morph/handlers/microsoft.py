@@ -156,7 +156,7 @@ class FusedMatMul(MatMul):
 
 
 class BiasActivation(Elementwise):
-    """BiasGelu, FastGelu (with its optional bias), BiasSoftmax-free GELU variants: act(X + bias)
+    """BiasGelu and FastGelu (whose bias is optional): act(X + bias)
     per feature, the bias a per-feature parameter sliced with its channels."""
 
     def output_shapes(self, node: onnx.NodeProto, inputs: list[Shape | None]) -> list | None:
