@@ -22,13 +22,16 @@ from onnx.external_data_helper import load_external_data_for_model
 from onnx_morph.errors import ModelLoadError, OptionError
 from onnx_morph.graph.normalize import normalized
 from onnx_morph.graph.wire import read_without_weights
-from onnx_morph.handlers import handler_for
+from onnx_morph.handlers import handler_for, is_known
 
 MIN_OPSET = 11
 MAX_OPSET = 21
 # Initializers at most this large stay in the weightless view: shape constants need their values.
 _SMALL_INITIALIZER = 1024
 PROTOBUF_LIMIT = 2**31 - 1
+# onnxruntime defines ops in the default domain that onnx does not (SimplifiedLayerNormalization, written
+# by its layer-norm fusion): onnx's checker and shape inference see them in this domain, which they skip.
+RUNTIME_DOMAIN = "onnx_morph.runtime_ops"
 # A tensor of more elements than this (4 TiB of float32) exists on no machine: its dims are hostile or wrong.
 MAX_ELEMENTS = 2**40
 
@@ -145,6 +148,7 @@ def load_model(
     opset = _check_opset(model, label)
     _check_initializers(model, label, base_dir)
     view, resolved_inputs, notes = _weightless_view(model, label, input_shapes or {})
+    _runtime_ops_aside(view)
     try:
         onnx.checker.check_model(view)
     except onnx.checker.ValidationError as exc:
@@ -153,6 +157,33 @@ def load_model(
     shapes, dtypes = _collect_types(inferred)
     _check_sizes(shapes, label)
     return LoadedModel(model, label, base_dir, opset, shapes, dtypes, resolved_inputs, notes, folded)
+
+
+def _runtime_op(node: onnx.NodeProto) -> bool:
+    """A default-domain op onnx does not define but a handler knows (an onnxruntime op)."""
+    return node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type) and is_known(node.op_type)
+
+
+def _runtime_ops_aside(model: onnx.ModelProto) -> bool:
+    """Move the model's runtime ops (see RUNTIME_DOMAIN) to that domain, in place; whether there were any."""
+    moved = False
+    for node in model.graph.node:
+        if _runtime_op(node):
+            node.domain = RUNTIME_DOMAIN
+            moved = True
+    if moved and all(o.domain != RUNTIME_DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(RUNTIME_DOMAIN, 1))
+    return moved
+
+
+def check_model(model: onnx.ModelProto) -> None:
+    """onnx.checker.check_model, which accepts the default-domain ops of onnxruntime a handler knows."""
+    if any(_runtime_op(n) for n in model.graph.node):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        _runtime_ops_aside(copy)
+        model = copy
+    onnx.checker.check_model(model)
 
 
 def _read(path: Path) -> onnx.ModelProto:
@@ -513,7 +544,8 @@ def _shapes_from_handlers(view: onnx.ModelProto, inferred: onnx.ModelProto) -> b
         missing = [o for o in node.output if o and o not in shapes]
         if not missing or not node.input:
             continue
-        result = handler_for(node.op_type, node.domain).output_shapes(node, [shapes.get(i) for i in node.input])
+        domain = "" if node.domain == RUNTIME_DOMAIN else node.domain
+        result = handler_for(node.op_type, domain).output_shapes(node, [shapes.get(i) for i in node.input])
         for name, shape in zip(node.output, result or ()):
             if name in missing and shape is not None:
                 view.graph.value_info.append(onnx.helper.make_tensor_value_info(

@@ -7,6 +7,7 @@ from onnx_morph.handlers.conv import Conv, ConvTranspose
 from onnx_morph.handlers.elementwise import Elementwise
 from onnx_morph.handlers.layout import Concat, DepthToSpace, Expand, Gather, Reshape, Slice, Split, Transpose
 from onnx_morph.handlers.linear import Gemm, MatMul
+from onnx_morph.handlers.microsoft import MICROSOFT
 from onnx_morph.handlers.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
 from onnx_morph.handlers.passthrough import Cast, Identity, Pad, Passthrough, Reduce, Softmax, SpatialPassthrough
 from onnx_morph.handlers.recurrent import Recurrent
@@ -80,9 +81,11 @@ _REGISTRY: dict[str, BaseHandler] = {
     "DepthToSpace": DepthToSpace(),
     "SpaceToDepth": DepthToSpace(),
     **{op: Recurrent() for op in ("LSTM", "GRU", "RNN")},
+    "SimplifiedLayerNormalization": MICROSOFT["SimplifiedLayerNormalization"],  # onnxruntime's, in this domain
 }
 _UNKNOWN = Unknown()
-_DOMAINS: dict[str, dict[str, BaseHandler]] = {"": _REGISTRY}
+# onnxruntime's contrib ops, as its graph optimizations and transformer optimizer write them.
+_DOMAINS: dict[str, dict[str, BaseHandler]] = {"": _REGISTRY, "com.microsoft": dict(MICROSOFT)}
 
 
 def _domain(domain: str) -> str:

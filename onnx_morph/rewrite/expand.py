@@ -15,6 +15,7 @@ from onnx_morph.costs import Totals, op_costs, total_cost, totals_of
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, ChannelGroup, build_channel_graph, load_model
 from onnx_morph.graph.channel_graph import node_view
+from onnx_morph.graph.load import check_model
 from onnx_morph.handlers import handler_for
 from onnx_morph.rewrite.prune import LayerWidth, layer_widths
 from onnx_morph.rewrite.select import Budget
@@ -132,7 +133,7 @@ def expand(
     resized = resize_channels(graph, copies, graph.model.materialized()).model
     expanded = build_channel_graph(load_model(resized, input_shapes))
     resized = fresh_parameters(resized, seed, expanded)  # same shapes: the graph still describes it
-    onnx.checker.check_model(resized)
+    check_model(resized)
     run(expanded, resized, random_inputs(expanded, samples=1))
     everything = np.ones(graph.num_classes, dtype=bool)
     after = totals_of(op_costs(expanded, np.ones(expanded.num_classes, dtype=bool)))

@@ -14,7 +14,7 @@ from onnx_morph.costs.measured import LatencyTable, load_table
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model, source_strength
 from onnx_morph.graph.dependence import input_dependence
-from onnx_morph.graph.load import PROTOBUF_LIMIT, serialized_size
+from onnx_morph.graph.load import PROTOBUF_LIMIT, check_model, serialized_size
 from onnx_morph.rewrite import select
 from onnx_morph.rewrite.calibrate import calibrated, has_batchnorm
 from onnx_morph.rewrite.latency import LatencyModel, by_latency, parse_latency_target
@@ -136,7 +136,7 @@ def prune(
     pruned = surgery.model
     masked_deviation = original_deviation = None
     if small:
-        onnx.checker.check_model(pruned)
+        check_model(pruned)
         if verify:
             notes.extend(input_notes(graph))
             pruned_runs = run(graph, pruned, fresh)
