@@ -82,6 +82,38 @@ class ChannelGraph:
             return name, None
         return self.aliases.get(name)
 
+    def stored_param(self, name: str) -> str | None:
+        """The initializer a constant input is stored as: itself or what it views (param_root), or the
+        integers an op dequantizes (a QDQ model's int8 weight behind DequantizeLinear)."""
+        root = self.param_root(name)
+        if root is not None:
+            return root[0]
+        node = self.nodes.get(self._producers.get(name, ""))
+        if node is None or not handler_for(node.op_type, node.domain).stored_as_input or not node.input:
+            return None
+        root = self.param_root(node.input[0])
+        return None if root is None else root[0]
+
+    def stored_dtype(self, tensor: str) -> int:
+        """The type a tensor's values are stored at: an activation dequantized from integers (QDQ) at
+        the integers' type, one that is only quantized at the quantized type."""
+        dtypes = self.model.dtypes
+        producer = self.nodes.get(self._producers.get(tensor, ""))
+        if producer is not None and handler_for(producer.op_type, producer.domain).stored_as_input:
+            return dtypes.get(producer.input[0], dtypes.get(tensor, onnx.TensorProto.FLOAT))
+        readers = self._readers.get(tensor, [])
+        if readers and all(handler_for(n.op_type, n.domain).stored_as_output for n in readers):
+            return dtypes.get(readers[0].output[0], dtypes.get(tensor, onnx.TensorProto.FLOAT))
+        return dtypes.get(tensor, onnx.TensorProto.FLOAT)
+
+    @cached_property
+    def _readers(self) -> dict[str, list[onnx.NodeProto]]:
+        readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.nodes.values():
+            for tensor in dict.fromkeys(i for i in node.input if i):
+                readers[tensor].append(node)
+        return readers
+
     def constant(self, name: str) -> np.ndarray | None:
         """The value of a constant input, also where the weightless load left it unevaluated: a view
         of an initializer (an exporter's Identity alias, a Transpose), or a weight computed from

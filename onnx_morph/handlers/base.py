@@ -228,6 +228,11 @@ class BaseHandler:
     follows_ties = False
     # Output 0 holds input 0's values, reshaped or cast: an index bound read after it holds before it.
     preserves_values = False
+    # Output 0 holds input 0's values at another precision (DequantizeLinear): memory is counted
+    # at input 0's type, and a weight behind it is a parameter stored at that type.
+    stored_as_input = False
+    # Input 0 is written out at output 0's precision (QuantizeLinear): its producer's write counts so.
+    stored_as_output = False
 
     def preferred_axes(self, view: NodeView, index: int, rank: int) -> Axes | None:
         return None
@@ -241,6 +246,11 @@ class BaseHandler:
     def output_shapes(self, node: onnx.NodeProto, inputs: list[tuple[int, ...] | None]) -> list | None:
         """Output shapes onnx's shape inference cannot give (ops of other domains), from the input
         shapes; None when the handler does not know them either."""
+        return None
+
+    def evaluate(self, node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> list[np.ndarray] | None:
+        """The outputs of the node on constant inputs, where the handler computes them itself; None
+        leaves it to onnx's reference runtime."""
         return None
 
     def batch_free(self, view: NodeView, batch: int) -> dict[int, np.ndarray]:
@@ -268,6 +278,11 @@ class BaseHandler:
         table gathered, reshaped, transposed): (that input's index, its axis). Slicing the input
         there slices the output along `axis`."""
         return None
+
+    def slice_source(self, view: NodeView, edit: Editor, index: int, axis: int, copies: np.ndarray) -> None:
+        """Surgery slices input `index` (an initializer this op lays out again, see source_axis) along
+        `axis`; an op with per-slice parameters of its own (a per-channel scale) slices them too."""
+        edit.slice_input(index, axis, copies)
 
     def resize_view(self, view: NodeView, edit: Editor, axis: int, count: int) -> None:
         """Its input was sliced so that output axis `axis` (see source_axis) now holds `count` entries:

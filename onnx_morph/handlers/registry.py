@@ -8,6 +8,7 @@ from onnx_morph.handlers.elementwise import Elementwise
 from onnx_morph.handlers.layout import Concat, Expand, Gather, Reshape, Slice, Split, Transpose
 from onnx_morph.handlers.linear import Gemm, MatMul
 from onnx_morph.handlers.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
+from onnx_morph.handlers.quant import DequantizeLinear, QuantizeLinear
 from onnx_morph.handlers.passthrough import Cast, Identity, Pad, Passthrough, Reduce, Softmax, SpatialPassthrough
 
 
@@ -76,6 +77,8 @@ _REGISTRY: dict[str, BaseHandler] = {
     "Slice": Slice(),
     "Gather": Gather(),
     "Expand": Expand(),
+    "QuantizeLinear": QuantizeLinear(),
+    "DequantizeLinear": DequantizeLinear(),
 }
 _UNKNOWN = Unknown()
 _DOMAINS: dict[str, dict[str, BaseHandler]] = {"": _REGISTRY}

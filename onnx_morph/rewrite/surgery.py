@@ -73,10 +73,11 @@ class _NodeEditor:
             return False
         for step, (node_name, index, in_axis, out_axis) in enumerate(chain):
             editor = _NodeEditor(self.surgery, node_name, self.surgery.nodes[node_name])
-            if step == 0:
-                editor.slice_input(index, in_axis, copies)
             view = node_view(graph, node_name)
-            handler_for(view.node.op_type, view.node.domain).resize_view(view, editor, out_axis, int(copies.sum()))
+            handler = handler_for(view.node.op_type, view.node.domain)
+            if step == 0:
+                handler.slice_source(view, editor, index, in_axis, copies)
+            handler.resize_view(view, editor, out_axis, int(copies.sum()))
         return True
 
     def current(self, index: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from onnx_morph.errors import ModelLoadError, OptionError
 from onnx_morph.graph import ChannelGraph
 from onnx_morph.graph.dependence import IndexRange, integer_input_ranges
 from onnx_morph.graph.load import check_fits
+from onnx_morph.handlers import handler_for
 from onnx_morph.handlers.base import channel_ids
 from onnx_morph.rewrite.editing import drop_unused
 
@@ -209,9 +210,10 @@ def masked_original(
     renamed: dict = {}
     extra_nodes, extra_inits = [], []
     produced = {o for n in model.graph.node for o in n.output}
+    dequantized = _dequantized_only(graph)
     for tensor, keep in masks.items():
         info = graph.tensors[tensor]
-        if info.axes is None:
+        if info.axes is None or tensor in dequantized:
             continue
         keep = keep[channel_ids(info)]
         shape = list(keep.shape)
@@ -238,6 +240,24 @@ def masked_original(
     del model.graph.value_info[:]
     drop_unused(model.graph)  # the copy's nodes that no folded channel needs
     return model
+
+
+def _dequantized_only(graph: ChannelGraph) -> set[str]:
+    """Integer tensors read only by ops that dequantize them (a QDQ model's quantized activations):
+    a zero is no zero there (it stands for the zero point), and the dequantized tensors, in the same
+    channel groups, are masked instead."""
+    readers: dict[str, list[bool]] = {}
+    for node in graph.nodes.values():
+        dequantizes = handler_for(node.op_type, node.domain).stored_as_input
+        for tensor in node.input:
+            readers.setdefault(tensor, []).append(dequantizes)
+    outputs = {o.name for o in graph.model.graph.output}
+    return {t for t, flags in readers.items() if all(flags) and t not in outputs
+            and graph.model.dtypes.get(t) in _INTEGER_TYPES}
+
+
+_INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+                  onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
 
 def _splice(graph: ChannelGraph, model: onnx.ModelProto, first: list[onnx.NodeProto],
