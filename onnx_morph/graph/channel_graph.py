@@ -326,23 +326,31 @@ def _unique_names(nodes) -> list[str]:
 
 def _graph_input(model, name, consumers, nodes, tensors, static) -> TensorInfo:
     """A graph input takes the channel axes read by the nearest consumer that has an opinion,
-    searching through rank-preserving ops (a decomposed LayerNorm starts with ReduceMean)."""
+    searching through rank-preserving ops (a decomposed LayerNorm starts with ReduceMean) and
+    transposes (a channels-last input, NHWC, transposed to NCHW ahead of a Conv)."""
     shape = model.shapes.get(name)
     axes = None
     if shape is not None:
-        frontier, seen = [name], set()
+        identity = tuple(range(len(shape)))
+        frontier, seen = [(name, identity)], set()
         while frontier and axes is None and len(seen) < 32:
-            tensor = frontier.pop(0)
+            tensor, perm = frontier.pop(0)  # tensor's axis k is the input's axis perm[k]
+            here = tuple(shape[p] for p in perm)
             for node_name, index in consumers.get(tensor, []):
                 if node_name in seen:
                     continue
                 seen.add(node_name)
                 node = nodes[node_name]
-                view = _view(model, node_name, node, {**tensors, tensor: TensorInfo(tensor, shape)}, static)
-                axes = handler_for(node.op_type, node.domain).preferred_axes(view, index, len(shape))
+                handler = handler_for(node.op_type, node.domain)
+                view = _view(model, node_name, node, {**tensors, tensor: TensorInfo(tensor, here)}, static)
+                axes = handler.preferred_axes(view, index, len(here))
                 if axes is not None:
+                    axes = tuple(perm[a] for a in axes if a < len(perm))
                     break
-                frontier.extend(o for o in node.output if o and model.shapes.get(o, ()) == shape)
+                moved = handler.view_permutation(node, len(here)) if index == 0 else None
+                if moved is not None and node.output and node.output[0] and len(moved) == len(perm):
+                    frontier.append((node.output[0], tuple(perm[m] for m in moved)))
+                frontier.extend((o, perm) for o in node.output if o and model.shapes.get(o, ()) == here)
         if axes is None and len(shape) >= 2:
             axes = (1,)
     return TensorInfo(name, shape, _valid_axes(axes, shape))
