@@ -22,6 +22,9 @@ from onnx_morph.graph.channel_graph import ChannelGraph
 from onnx_morph.handlers import OpGeometry
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+# Integer weights and int32 biases of quantized ops (QLinearConv, ConvInteger, ...): parameters too.
+_QUANTIZED_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+                    onnx.TensorProto.INT32}
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ def _is_parameter(graph: ChannelGraph, name: str) -> bool:
     ones), and each use is a parameter of its own layer."""
     root = graph.param_root(name)
     if root is not None:
-        return graph.model.initializer(root[0]).data_type in _FLOAT_TYPES
+        return graph.model.initializer(root[0]).data_type in _FLOAT_TYPES | _QUANTIZED_TYPES
     return graph.stored_param(name) is not None
 
 

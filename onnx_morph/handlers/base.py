@@ -248,6 +248,11 @@ class BaseHandler:
         shapes; None when the handler does not know them either."""
         return None
 
+    def zero_of(self, view: NodeView) -> str | None:
+        """For an op writing quantized integers, the constant input holding output 0's zero point (a
+        removed channel holds it where a float channel holds 0); None when zero is 0."""
+        return None
+
     def evaluate(self, node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> list[np.ndarray] | None:
         """The outputs of the node on constant inputs, where the handler computes them itself; None
         leaves it to onnx's reference runtime."""

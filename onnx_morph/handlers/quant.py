@@ -10,7 +10,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnx_morph.handlers.base import BaseHandler, NodeView, Relation, TensorInfo, describe, normalize_axis
+from onnx_morph.handlers.base import BaseHandler, NodeView, Relation, TensorInfo, describe, normalize_axis, pin_all
+from onnx_morph.handlers.conv import Conv
+from onnx_morph.handlers.elementwise import Elementwise
+from onnx_morph.handlers.linear import Gemm, MatMul
 from onnx_morph.handlers.passthrough import pass_through
 
 
@@ -47,6 +50,10 @@ class QuantizeLinear(BaseHandler):
         if any(t is not None and t.computed for t in view.inputs[1:]):
             return pass_through(view, f"{describe(view)} has per-channel scales computed at run time")
         return pass_through(view)
+
+    def zero_of(self, view: NodeView) -> str | None:
+        zero = view.input(2)
+        return None if zero is None or self.stored_as_input else zero.name
 
     def prune(self, view: NodeView, edit) -> None:
         x = view.input(0)
@@ -91,3 +98,171 @@ class DequantizeLinear(QuantizeLinear):
             shape[normalize_axis(int(attrs.get("axis", 1)), x.ndim)] = scale.size
         values = (x.astype(np.int64) - zero.astype(np.int64).reshape(shape or ())) * scale.reshape(shape or ())
         return [values.astype(scale.dtype)]
+
+
+class _Remapped:
+    """The editor a float handler (Conv, MatMul) gets for a quantized op: its inputs 0, 1, 2 (input,
+    weight, bias) are the op's inputs `indices`, a weight slice along `scaled_axis` also slices the
+    per-channel scales and zero points `scales`, and nothing is folded (a removed channel's constant
+    lives in the quantized domain)."""
+
+    def __init__(self, edit, indices: tuple[int | None, ...], scaled_axis: int, scales: tuple[int, ...]):
+        self.edit, self.indices, self.scaled_axis, self.scales = edit, indices, scaled_axis, scales
+
+    def keep(self, tensor: str):
+        return self.edit.keep(tensor)
+
+    def removed_values(self, tensor: str):
+        return None
+
+    def folded(self, tensor: str) -> None:
+        """Nothing is folded."""
+
+    def slice_input(self, index: int, axis: int, copies) -> None:
+        self.edit.slice_input(self.indices[index], axis, copies)
+        if index == 1 and axis == self.scaled_axis:
+            for scale in self.scales:
+                self.edit.slice_input(scale, 0, copies)
+
+    def current(self, index: int):
+        return self.edit.current(self.indices[index])
+
+    def set_input(self, index: int, value) -> None:
+        self.edit.set_input(self.indices[index], value)
+
+    def set_attr(self, name: str, value) -> None:
+        self.edit.set_attr(name, value)
+
+
+class _QuantizedWeighted(BaseHandler):
+    """An integer Conv or MatMul (QLinearConv, ConvInteger, QLinearMatMul, MatMulInteger): the float
+    op's channel relation and costs on the inputs `indices` (input, weight, bias); the weight's
+    per-channel scales and zero points (`scales`, along the weight's output axis) follow its channels.
+    Exact: pruned channels contribute nothing, and the other quantization parameters are per tensor."""
+
+    float_handler: BaseHandler
+    indices: tuple[int | None, ...] = (0, 1, 2)  # None: the op has no such input
+    scales: tuple[int, ...] = ()
+    output_zero: int | None = None  # the input holding the output's zero point
+
+    def _float_view(self, view: NodeView) -> NodeView:
+        inputs = [None if i is None else view.input(i) for i in self.indices]
+        return NodeView(view.node, view.name, inputs, view.outputs, view.constant_of, view.opset)
+
+    def _scaled(self, view: NodeView) -> tuple[int, ...]:
+        """The per-channel scale inputs (1-D, more than one entry)."""
+        return tuple(i for i in self.scales if (t := view.input(i)) is not None and t.shape is not None
+                     and len(t.shape) == 1 and t.shape[0] > 1)
+
+    def relate(self, view: NodeView) -> Relation:
+        relation = self.float_handler.relate(self._float_view(view))
+        if any(view.input(index).computed for index in self._scaled(view)):
+            relation.pins += pin_all(view, f"{describe(view)} has per-channel scales computed at run time")
+        return relation
+
+    def preferred_axes(self, view: NodeView, index: int, rank: int):
+        return self.float_handler.preferred_axes(self._float_view(view), index, rank) if index == 0 else None
+
+    def varying(self, view: NodeView, relation: Relation, inputs):
+        remapped = [inputs[i] if i is not None and i < len(inputs) else None for i in self.indices]
+        return self.float_handler.varying(self._float_view(view), relation, remapped)
+
+    def prune(self, view: NodeView, edit) -> None:
+        remapped = _Remapped(edit, self.indices, self.weight_out_axis(view), self._scaled(view))
+        self.float_handler.prune(self._float_view(view), remapped)
+
+    def weight_out_axis(self, view: NodeView) -> int:
+        """The weight's output-channel axis, which the per-channel scales run along."""
+        return 0
+
+    def zero_of(self, view: NodeView) -> str | None:
+        """The input holding the output's zero point (what a removed channel holds in the masked original)."""
+        info = None if self.output_zero is None else view.input(self.output_zero)
+        return None if info is None else info.name
+
+
+class QLinearConv(_QuantizedWeighted):
+    """x, x_scale, x_zero_point, w, w_scale, w_zero_point, y_scale, y_zero_point, B (int32)."""
+
+    float_handler = Conv()
+    indices, scales, output_zero = (0, 3, 8), (4, 5), 7
+
+
+class ConvInteger(_QuantizedWeighted):
+    """x, w, x_zero_point, w_zero_point: an int32 sum; the zero point may be per output channel."""
+
+    float_handler = Conv()
+    indices, scales = (0, 1, None), (3,)
+
+
+class QLinearMatMul(_QuantizedWeighted):
+    """a, a_scale, a_zero_point, b, b_scale, b_zero_point, y_scale, y_zero_point; b's scales per column."""
+
+    float_handler = MatMul()
+    indices, scales, output_zero = (0, 3, None), (4, 5), 7
+
+    def weight_out_axis(self, view: NodeView) -> int:
+        return 1
+
+
+class MatMulInteger(QLinearMatMul):
+    """A, B, a_zero_point, b_zero_point: an int32 product; b's zero point may be per column."""
+
+    indices, scales, output_zero = (0, 1, None), (3,), None
+
+
+class DynamicQuantizeLinear(BaseHandler):
+    """Quantizes with a scale computed from the values of every channel: removing one changes it."""
+
+    def relate(self, view: NodeView) -> Relation:
+        relation = pass_through(view, f"{describe(view)} computes its scale from all channels at run time")
+        relation.output_axes += [None] * (len(view.outputs) - len(relation.output_axes))
+        return relation
+
+
+class QGemm(_QuantizedWeighted):
+    """com.microsoft QGemm: A, a_scale, a_zero_point, B, b_scale, b_zero_point, C (int32), y_scale,
+    y_zero_point (without them the output is float); transA / transB as in Gemm."""
+
+    float_handler = Gemm()
+    indices, scales, output_zero = (0, 3, 6), (4, 5), 8
+
+    def weight_out_axis(self, view: NodeView) -> int:
+        return 0 if view.attr("transB", 0) else 1
+
+    def output_shapes(self, node, inputs: list[tuple[int, ...] | None]) -> list | None:
+        attrs = {a.name: a.i for a in node.attribute}
+        a, b = inputs[0], inputs[3] if len(inputs) > 3 else None
+        if a is None or b is None or len(a) != 2 or len(b) != 2:
+            return None
+        return [(a[1] if attrs.get("transA") else a[0], b[0] if attrs.get("transB") else b[1])]
+
+
+class QLinearAdd(BaseHandler):
+    """com.microsoft QLinearAdd (and QLinearMul): A, A_scale, A_zero_point, B, B_scale, B_zero_point,
+    C_scale, C_zero_point, per-tensor scales: the float op's relation on A and B."""
+
+    follows_ties = True
+    float_handler = Elementwise()
+
+    def _float_view(self, view: NodeView) -> NodeView:
+        return NodeView(view.node, view.name, [view.input(0), view.input(3)], view.outputs, view.constant_of, view.opset)
+
+    def relate(self, view: NodeView) -> Relation:
+        relation = self.float_handler.relate(self._float_view(view))
+        if any(t is not None and t.constant and t.shape and max(t.shape) > 1 for t in (view.input(0), view.input(3))):
+            relation.pins += pin_all(view, f"{describe(view)} adds a quantized per-channel constant")
+        return relation
+
+    def zero_of(self, view: NodeView) -> str | None:
+        zero = view.input(7)
+        return None if zero is None else zero.name
+
+    def output_shapes(self, node, inputs: list[tuple[int, ...] | None]) -> list | None:
+        a, b = inputs[0], inputs[3] if len(inputs) > 3 else None
+        if a is None or b is None:
+            return None
+        try:
+            return [tuple(np.broadcast_shapes(a, b))]
+        except ValueError:
+            return None

@@ -8,7 +8,10 @@ from onnx_morph.handlers.elementwise import Elementwise
 from onnx_morph.handlers.layout import Concat, Expand, Gather, Reshape, Slice, Split, Transpose
 from onnx_morph.handlers.linear import Gemm, MatMul
 from onnx_morph.handlers.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
-from onnx_morph.handlers.quant import DequantizeLinear, QuantizeLinear
+from onnx_morph.handlers.quant import (
+    ConvInteger, DequantizeLinear, DynamicQuantizeLinear, MatMulInteger, QGemm, QLinearAdd, QLinearConv, QLinearMatMul,
+    QuantizeLinear,
+)
 from onnx_morph.handlers.passthrough import Cast, Identity, Pad, Passthrough, Reduce, Softmax, SpatialPassthrough
 
 
@@ -79,9 +82,17 @@ _REGISTRY: dict[str, BaseHandler] = {
     "Expand": Expand(),
     "QuantizeLinear": QuantizeLinear(),
     "DequantizeLinear": DequantizeLinear(),
+    "DynamicQuantizeLinear": DynamicQuantizeLinear(),
+    "QLinearConv": QLinearConv(),
+    "ConvInteger": ConvInteger(),
+    "QLinearMatMul": QLinearMatMul(),
+    "MatMulInteger": MatMulInteger(),
 }
 _UNKNOWN = Unknown()
-_DOMAINS: dict[str, dict[str, BaseHandler]] = {"": _REGISTRY}
+_DOMAINS: dict[str, dict[str, BaseHandler]] = {
+    "": _REGISTRY,
+    "com.microsoft": {"QGemm": QGemm(), "QLinearAdd": QLinearAdd(), "QLinearMul": QLinearAdd()},
+}
 
 
 def _domain(domain: str) -> str:

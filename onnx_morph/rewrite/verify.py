@@ -14,6 +14,7 @@ from onnx import numpy_helper
 
 from onnx_morph.errors import ModelLoadError, OptionError
 from onnx_morph.graph import ChannelGraph
+from onnx_morph.graph.channel_graph import node_view
 from onnx_morph.graph.dependence import IndexRange, integer_input_ranges
 from onnx_morph.graph.load import check_fits
 from onnx_morph.handlers import handler_for
@@ -219,6 +220,12 @@ def masked_original(
         shape = list(keep.shape)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.model.dtypes.get(tensor, onnx.TensorProto.FLOAT))
         mask_name, out_name = f"{tensor}::mask", f"{tensor}::masked"
+        if dtype.kind in "iu":
+            inits, nodes = _integer_mask(graph, tensor, keep.reshape(shape), out_name)
+            extra_inits += inits
+            extra_nodes += [(tensor, node) for node in nodes]
+            renamed[tensor] = out_name
+            continue
         extra_inits.append(numpy_helper.from_array(keep.astype(dtype).reshape(shape), mask_name))
         extra_nodes.append((tensor, onnx.helper.make_node("Mul", [tensor, mask_name], [out_name], name=mask_name)))
         renamed[tensor] = out_name
@@ -240,6 +247,29 @@ def masked_original(
     del model.graph.value_info[:]
     drop_unused(model.graph)  # the copy's nodes that no folded channel needs
     return model
+
+
+def _integer_mask(graph: ChannelGraph, tensor: str, keep: np.ndarray, out_name: str):
+    """Removed channels of an integer tensor set to its zero: the zero point of a quantized tensor
+    (its producer's, see zero_of), else 0; computed in double, which holds every int32 exactly."""
+    zero = 0.0
+    producer = next((name for name, node in graph.nodes.items() if tensor in node.output), None)
+    if producer is not None:
+        node = graph.nodes[producer]
+        name = handler_for(node.op_type, node.domain).zero_of(node_view(graph, producer))
+        value = None if name is None else graph.constant(name)
+        if value is not None and value.size == 1:
+            zero = float(value.reshape(()))
+    mask, fill = f"{tensor}::mask", f"{tensor}::zero_fill"
+    dtype = graph.model.dtypes.get(tensor)
+    make = onnx.helper.make_node
+    inits = [numpy_helper.from_array(keep.astype(np.float64), mask),
+             numpy_helper.from_array((~keep.astype(bool)).astype(np.float64) * zero, fill)]
+    nodes = [make("Cast", [tensor], [f"{tensor}::double"], to=onnx.TensorProto.DOUBLE, name=f"{tensor}::double"),
+             make("Mul", [f"{tensor}::double", mask], [f"{tensor}::kept"], name=mask),
+             make("Add", [f"{tensor}::kept", fill], [f"{tensor}::filled"], name=fill),
+             make("Cast", [f"{tensor}::filled"], [out_name], to=dtype, name=out_name)]
+    return inits, nodes
 
 
 def _dequantized_only(graph: ChannelGraph) -> set[str]:
