@@ -158,6 +158,9 @@ class _QuantizedWeighted(BaseHandler):
         relation = self.float_handler.relate(self._float_view(view))
         if any(view.input(index).computed for index in self._scaled(view)):
             relation.pins += pin_all(view, f"{describe(view)} has per-channel scales computed at run time")
+        zero = view.const(self.scales[-1]) if self.scales else None
+        if zero is not None and np.any(zero != 0):
+            relation.sources = []  # a stored slice's norm means nothing when its zero is not 0
         return relation
 
     def preferred_axes(self, view: NodeView, index: int, rank: int):
