@@ -109,6 +109,13 @@ def test_qdq_prune_shrinks_int8_weights_and_per_channel_scales(tmp_path, per_cha
     assert shapes["fc.weight_quantized"] == [5, 9]
     weights = {t.name: t for t in result.model.graph.initializer}
     assert weights["c2.weight_quantized::pruned"].data_type == onnx.TensorProto.INT8
+    # the removed channels' constants went into c3's and fc's int32 biases: every Conv and Gemm still
+    # reads its weight and bias through DequantizeLinear, as the runtime's quantized kernels need
+    producers = {o: n.op_type for n in result.model.graph.node for o in n.output}
+    for node in result.model.graph.node:
+        if node.op_type in ("Conv", "Gemm"):
+            assert [producers.get(i) for i in node.input] == ["DequantizeLinear"] * 3
+    assert all(t.data_type == onnx.TensorProto.INT32 for name, t in weights.items() if "bias_quantized::" in name)
     if per_channel:
         assert shapes["c1.weight_scale"] == shapes["c1.weight_zero_point"] == [6]
         assert shapes["c2.weight_scale"] == [9] and shapes["c2.bias_quantized_scale"] == [9]

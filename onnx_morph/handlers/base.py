@@ -289,6 +289,11 @@ class BaseHandler:
         `axis`; an op with per-slice parameters of its own (a per-channel scale) slices them too."""
         edit.slice_input(index, axis, copies)
 
+    def store_value(self, view: NodeView, edit: Editor, value: np.ndarray) -> bool:
+        """Make output 0, a parameter laid out from input 0 (see source_axis), hold `value` by changing
+        input 0 (a dequantized bias: its integers); False when the op cannot."""
+        return False
+
     def resize_view(self, view: NodeView, edit: Editor, axis: int, count: int) -> None:
         """Its input was sliced so that output axis `axis` (see source_axis) now holds `count` entries:
         update the shape constants that name that extent."""

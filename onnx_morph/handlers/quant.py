@@ -85,6 +85,23 @@ class DequantizeLinear(QuantizeLinear):
     stored_as_input = True
     stored_as_output = False
 
+    def store_value(self, view: NodeView, edit, value: np.ndarray) -> bool:
+        """A new value for a dequantized parameter (a removed channel's constant folded into a bias),
+        rounded to its scale: the bias stays int32, and the conv in the runtime's quantized kernels."""
+        stored = edit.current(0)
+        if stored.dtype.kind not in "iu" or value.shape != stored.shape or int(view.attr("block_size", 0) or 0):
+            return False
+        scale = np.asarray(edit.current(1), dtype=np.float64)
+        zero = np.asarray(edit.current(2), dtype=np.float64) if view.input(2) is not None else np.zeros_like(scale)
+        if scale.ndim == 1 and scale.size > 1:
+            shape = [1] * stored.ndim
+            shape[normalize_axis(int(view.attr("axis", 1)), stored.ndim)] = scale.size
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        limits = np.iinfo(stored.dtype)
+        integers = np.clip(np.round(value / scale) + zero, limits.min, limits.max)
+        edit.set_input(0, integers.astype(stored.dtype))
+        return True
+
     def evaluate(self, node, inputs: list[np.ndarray | None]) -> list[np.ndarray] | None:
         """(x - zero_point) * scale, in numpy: onnx's reference runtime has no DequantizeLinear before
         opset 19, and weights are dequantized at load for the weight-slice sources."""
