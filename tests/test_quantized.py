@@ -309,3 +309,21 @@ def test_dynamic_quantization_pins_with_a_reason(tmp_path):
     assert not analysis.unknown_ops
     reasons = {r for g in analysis.groups for r in g.pin_reasons}
     assert any("DynamicQuantizeLinear" in r and "computes its scale from all channels" in r for r in reasons)
+
+
+def test_qoperator_folds_removed_constants_into_the_int32_bias(tmp_path):
+    """Dead channels (zero int8 weight slices) of c2 hold a constant uint8 value; the unpadded 1x1
+    QLinearConv c3 adds (q - x_zero) * (w - w_zero) of them to its int32 bias, exactly, and the masked
+    original holds them at that value for c3 (at the zero point elsewhere)."""
+    source = _float_model(tmp_path / "float.onnx", dead=True)
+    path = str(tmp_path / "qop_dead.onnx")
+    quantization.quantize_static(source, path, _Reader(), quant_format=quantization.QuantFormat.QOperator,
+                                 per_channel=True, weight_type=quantization.QuantType.QInt8)
+    result = prune(path, weight_threshold=1e-6)
+    assert [(w.before, w.after) for w in result.widths] == [(8, 6), (12, 9), (12, 9), (5, 5)]
+    assert result.masked_deviation.max_abs == 0
+    original = {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+    pruned = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    kept = np.setdiff1d(np.arange(12), [0, 5, 7])
+    bias = pruned["c3.bias_quantized::pruned"]
+    assert bias.dtype == np.int32 and not np.array_equal(bias, original["c3.bias_quantized"][kept])

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 
 from onnx_morph.handlers.base import BaseHandler, NodeView, Relation, TensorInfo, describe, normalize_axis, pin_all
-from onnx_morph.handlers.conv import Conv
+from onnx_morph.handlers.conv import Conv, unpadded
 from onnx_morph.handlers.elementwise import Elementwise
 from onnx_morph.handlers.linear import Gemm, MatMul
 from onnx_morph.handlers.passthrough import pass_through
@@ -206,6 +206,29 @@ class QLinearConv(_QuantizedWeighted):
 
     float_handler = Conv()
     indices, scales, output_zero = (0, 3, 8), (4, 5), 7
+
+    def prune(self, view: NodeView, edit) -> None:
+        self._fold(view, edit)
+        super().prune(view, edit)
+
+    def _fold(self, view: NodeView, edit) -> None:
+        """A removed input channel holding the integer q adds sum_k (q - x_zero) * (w[o, c, k] - w_zero[o])
+        to output o's int32 accumulator: exact, in the bias, for an unpadded conv without groups."""
+        x = view.input(0)
+        removed = edit.removed_values(x.name) if edit.keep(x.name) is not None else None
+        if removed is None or int(view.attr("group", 1)) != 1 or x.axes != (1,) or not unpadded(view):
+            return
+        w = np.asarray(edit.current(3), dtype=np.int64)
+        w_zero = np.asarray(edit.current(5), dtype=np.int64).reshape(-1, *([1] * (w.ndim - 1)))
+        x_zero = int(np.asarray(edit.current(2)).reshape(()))
+        shifted = np.where(removed != 0, np.round(removed) - x_zero, 0).astype(np.int64)
+        delta = ((w - w_zero).sum(axis=tuple(range(2, w.ndim))) @ shifted).astype(np.int64)
+        bias = np.asarray(edit.current(8), dtype=np.int64) if view.input(8) is not None else np.zeros(w.shape[0], np.int64)
+        limits = np.iinfo(np.int32)
+        if np.any(bias + delta < limits.min) or np.any(bias + delta > limits.max):
+            return
+        edit.set_input(8, (bias + delta).astype(np.int32))
+        edit.folded(x.name)
 
 
 class ConvInteger(_QuantizedWeighted):

@@ -221,10 +221,17 @@ def masked_original(
         dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.model.dtypes.get(tensor, onnx.TensorProto.FLOAT))
         mask_name, out_name = f"{tensor}::mask", f"{tensor}::masked"
         if dtype.kind in "iu":
-            inits, nodes = _integer_mask(graph, tensor, keep.reshape(shape), out_name)
-            extra_inits += inits
-            extra_nodes += [(tensor, node) for node in nodes]
-            renamed[tensor] = out_name
+            unmasked = tensor + _UNMASKED if tensor in produced else tensor
+            variants = {tensor: (np.zeros_like(keep, dtype=bool), out_name)}
+            for (node_name, folded_tensor), values in (folded or {}).items():
+                if folded_tensor == tensor:  # that consumer sees the folded channels' constants
+                    variants[(node_name, tensor)] = (~keep.astype(bool) & (values != 0)[channel_ids(info)],
+                                                     f"{out_name}::{node_name}")
+            for key, (constants, name) in variants.items():
+                inits, nodes = _integer_mask(graph, tensor, keep.reshape(shape), name, (unmasked, constants.reshape(shape)))
+                extra_inits += inits
+                extra_nodes += [(tensor, node) for node in nodes]
+                renamed[key] = name
             continue
         extra_inits.append(numpy_helper.from_array(keep.astype(dtype).reshape(shape), mask_name))
         extra_nodes.append((tensor, onnx.helper.make_node("Mul", [tensor, mask_name], [out_name], name=mask_name)))
@@ -249,9 +256,11 @@ def masked_original(
     return model
 
 
-def _integer_mask(graph: ChannelGraph, tensor: str, keep: np.ndarray, out_name: str):
+def _integer_mask(graph: ChannelGraph, tensor: str, keep: np.ndarray, out_name: str,
+                  constants: tuple[str, np.ndarray]):
     """Removed channels of an integer tensor set to its zero: the zero point of a quantized tensor
-    (its producer's, see zero_of), else 0; computed in double, which holds every int32 exactly."""
+    (its producer's, see zero_of), else 0, except those where `constants` says (the unmasked
+    original's tensor and where) a consumer folded them; computed in double, which holds every int32."""
     zero = 0.0
     producer = next((name for name, node in graph.nodes.items() if tensor in node.output), None)
     if producer is not None:
@@ -260,15 +269,26 @@ def _integer_mask(graph: ChannelGraph, tensor: str, keep: np.ndarray, out_name: 
         value = None if name is None else graph.constant(name)
         if value is not None and value.size == 1:
             zero = float(value.reshape(()))
-    mask, fill = f"{tensor}::mask", f"{tensor}::zero_fill"
+    mask, fill = f"{out_name}::mask", f"{out_name}::zero_fill"
     dtype = graph.model.dtypes.get(tensor)
     make = onnx.helper.make_node
+    unmasked, held = constants
+    keep = keep.astype(bool)
     inits = [numpy_helper.from_array(keep.astype(np.float64), mask),
-             numpy_helper.from_array((~keep.astype(bool)).astype(np.float64) * zero, fill)]
-    nodes = [make("Cast", [tensor], [f"{tensor}::double"], to=onnx.TensorProto.DOUBLE, name=f"{tensor}::double"),
-             make("Mul", [f"{tensor}::double", mask], [f"{tensor}::kept"], name=mask),
-             make("Add", [f"{tensor}::kept", fill], [f"{tensor}::filled"], name=fill),
-             make("Cast", [f"{tensor}::filled"], [out_name], to=dtype, name=out_name)]
+             numpy_helper.from_array((~keep & ~held).astype(np.float64) * zero, fill)]
+    nodes = [make("Cast", [tensor], [f"{out_name}::double"], to=onnx.TensorProto.DOUBLE, name=f"{out_name}::double"),
+             make("Mul", [f"{out_name}::double", mask], [f"{out_name}::kept"], name=mask),
+             make("Add", [f"{out_name}::kept", fill], [f"{out_name}::filled"], name=fill)]
+    last = f"{out_name}::filled"
+    if held.any():
+        inits.append(numpy_helper.from_array(held.astype(np.float64), f"{out_name}::held"))
+        nodes += [make("Cast", [unmasked], [f"{out_name}::original"], to=onnx.TensorProto.DOUBLE, name=f"{out_name}::original"),
+                  make("Mul", [f"{out_name}::original", f"{out_name}::held"], [f"{out_name}::constants"],
+                       name=f"{out_name}::held"),
+                  make("Add", [last, f"{out_name}::constants"], [f"{out_name}::with_constants"],
+                       name=f"{out_name}::with_constants")]
+        last = f"{out_name}::with_constants"
+    nodes.append(make("Cast", [last], [out_name], to=dtype, name=out_name))
     return inits, nodes
 
 
