@@ -222,13 +222,8 @@ def masked_original(
         mask_name, out_name = f"{tensor}::mask", f"{tensor}::masked"
         if dtype.kind in "iu":
             unmasked = tensor + _UNMASKED if tensor in produced else tensor
-            variants = {tensor: (np.zeros_like(keep, dtype=bool), out_name)}
-            for (node_name, folded_tensor), values in (folded or {}).items():
-                if folded_tensor == tensor:  # that consumer sees the folded channels' constants
-                    variants[(node_name, tensor)] = (~keep.astype(bool) & (values != 0)[channel_ids(info)],
-                                                     f"{out_name}::{node_name}")
-            for key, (constants, name) in variants.items():
-                inits, nodes = _integer_mask(graph, tensor, keep.reshape(shape), name, (unmasked, constants.reshape(shape)))
+            for key, (held, name) in _integer_variants(info, keep, out_name, folded).items():
+                inits, nodes = _integer_mask(graph, tensor, keep, name, (unmasked, held))
                 extra_inits += inits
                 extra_nodes += [(tensor, node) for node in nodes]
                 renamed[key] = name
@@ -254,6 +249,17 @@ def masked_original(
     del model.graph.value_info[:]
     drop_unused(model.graph)  # the copy's nodes that no folded channel needs
     return model
+
+
+def _integer_variants(info, keep: np.ndarray, out_name: str, folded: dict | None) -> dict:
+    """The masked versions of an integer tensor: one for every consumer, and one per consumer that
+    folded removed channels' constants, which holds those channels at their original value."""
+    variants = {info.name: (np.zeros_like(keep, dtype=bool), out_name)}
+    for (node_name, tensor), values in (folded or {}).items():
+        if tensor == info.name:
+            variants[(node_name, tensor)] = (~keep.astype(bool) & (values != 0)[channel_ids(info)],
+                                             f"{out_name}::{node_name}")
+    return variants
 
 
 def _integer_mask(graph: ChannelGraph, tensor: str, keep: np.ndarray, out_name: str,
