@@ -127,6 +127,20 @@ def test_qdq_prune_shrinks_int8_weights_and_per_channel_scales(tmp_path, per_cha
     assert pruned.total.memory_bytes == analysis.effective.memory_bytes
 
 
+def test_qdq_large_weights_stay_int8(tmp_path, monkeypatch):
+    """Weights over the size up to which other constants' layouts are followed (an LLM's) are still
+    sliced at their int8 initializers, not written out dequantized."""
+    import onnx_morph.graph.channel_graph as channel_graph
+
+    monkeypatch.setattr(channel_graph, "_MAX_VIEW_ELEMENTS", 16)
+    _, path = _qdq_model(tmp_path, per_channel=True, dead=True)
+    result = prune(path, weight_threshold=1e-6)
+    assert result.masked_deviation.max_abs <= 1e-6
+    assert not [t.name for t in result.model.graph.initializer
+                if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) > 1]  # no float weight appeared
+    assert _initializer_shapes(result.model)["c2.weight_quantized"] == [9, 6, 3, 3]
+
+
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_qdq_random_masks_equal_the_masked_original(tmp_path, per_channel):
     """Channels that are not dead: the pruned model equals the original with them zeroed."""

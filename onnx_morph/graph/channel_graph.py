@@ -425,9 +425,10 @@ def _record_view(model: LoadedModel, name: str, node: onnx.NodeProto, views: dic
                                                         for i in node.input if i):
         return
     shape = model.shapes.get(node.output[0])
-    if shape is None or math.prod(shape) > _MAX_VIEW_ELEMENTS:
-        return
     handler = handler_for(node.op_type, node.domain)
+    # A dequantized weight maps its axes one to one, at no cost: an LLM's int8 weights stay int8.
+    if shape is None or (math.prod(shape) > _MAX_VIEW_ELEMENTS and not handler.stored_as_input):
+        return
     view = None
     mapped = {}
     for axis in range(len(shape)):
