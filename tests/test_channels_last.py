@@ -4,7 +4,7 @@ Keras models reach ONNX with an NHWC graph input, a Transpose (perm 0,3,1,2) to 
 Conv (or one for the whole conv stack) and back (perm 0,2,3,1) after it, BatchNormalization folded
 into the conv weights and biases (so the weight slices are the only regularization source, group
 lasso / --weight-threshold), and a head of ReduceMean over H, W (or GlobalAveragePool before the
-transpose back) and MatMul + Add or Gemm. Graphs are built here with onnx.helper in that layout.
+transpose back, then Squeeze) and MatMul + Add or Gemm. Graphs are built here with onnx.helper in that layout.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def _weights(rng: np.random.Generator) -> list[onnx.TensorProto]:
 def _nodes(per_conv: bool, head: str) -> list[onnx.NodeProto]:
     """conv1 (padded) -> Relu -> conv2 (unpadded) -> Relu -> residual: + Relu(conv3 1x1) -> a per-channel
     Mul in NHWC (a Keras scale) -> pooled head. `per_conv`: tf2onnx's transposes around every Conv,
-    the activations NHWC between them; otherwise one Transpose in and one out."""
+    the activations NHWC between them; otherwise one Transpose in and one out. `head`: ReduceMean over
+    H, W then MatMul + Add ("matmul") or Gemm ("gemm"), or GlobalAveragePool, Transpose, Squeeze, MatMul
+    + Add ("gap")."""
     t = helper.make_node
     if per_conv:
         body = [
@@ -68,6 +70,13 @@ def _nodes(per_conv: bool, head: str) -> list[onnx.NodeProto]:
             t("Mul", ["sum_nhwc", "scale"], ["scaled"], name="model/scale/mul"),
         ]
         pooled = [t("ReduceMean", ["scaled", "axes"], ["gap"], keepdims=0, name="model/gap/Mean")]
+    if head == "gap":  # GlobalAveragePool in NCHW, then back to NHWC [N, 1, 1, C] and squeezed
+        body = [n for n in body if n.op_type != "Mul" and n.name != "add__20"]
+        pooled = [t("GlobalAveragePool", ["sum"], ["pool"], name="model/gap/Mean"),
+                  t("Transpose", ["pool"], ["pool_nhwc"], perm=[0, 2, 3, 1], name="gap__22"),
+                  t("Mul", ["pool_nhwc", "scale"], ["scaled"], name="model/scale/mul"),
+                  t("Squeeze", ["scaled", "axes"], ["gap"], name="model/gap/Squeeze")]
+        head = "matmul"
     if head == "gemm":
         return body + pooled + [t("Gemm", ["gap", "wfc", "bfc"], ["out"], name="model/dense/MatMul")]
     return body + pooled + [t("MatMul", ["gap", "wfc"], ["mm"], name="model/dense/MatMul"),
@@ -87,8 +96,10 @@ def _model(tmp_path, per_conv: bool, head: str) -> str:
     return path
 
 
-@pytest.mark.parametrize("per_conv", [True, False])
-@pytest.mark.parametrize("head", ["matmul", "gemm"])
+LAYOUTS = [(True, "matmul"), (True, "gemm"), (False, "matmul"), (False, "gemm"), (False, "gap")]
+
+
+@pytest.mark.parametrize(("per_conv", "head"), LAYOUTS)
 def test_channels_last_analyze_finds_conv_groups(tmp_path, per_conv, head):
     analysis = onnx_morph.analyze(_model(tmp_path, per_conv, head), weight_threshold=1e-6)
     groups = [(g.size, g.prunable, g.pin_reasons, sorted(s.split(":")[1] for s in g.sources)) for g in analysis.groups]
@@ -106,8 +117,7 @@ def test_channels_last_analyze_finds_conv_groups(tmp_path, per_conv, head):
     assert dead == [0, 2, 0, 0]  # a stream channel dies only when both its producers' slices are zero
 
 
-@pytest.mark.parametrize("per_conv", [True, False])
-@pytest.mark.parametrize("head", ["matmul", "gemm"])
+@pytest.mark.parametrize(("per_conv", "head"), LAYOUTS)
 def test_channels_last_prune_equals_masked_original(tmp_path, per_conv, head):
     path = _model(tmp_path, per_conv, head)
     analysis = onnx_morph.analyze(path)
