@@ -341,3 +341,35 @@ def test_qoperator_folds_removed_constants_into_the_int32_bias(tmp_path):
     kept = np.setdiff1d(np.arange(12), [0, 5, 7])
     bias = pruned["c3.bias_quantized::pruned"]
     assert bias.dtype == np.int32 and not np.array_equal(bias, original["c3.bias_quantized"][kept])
+
+
+def test_weight_quantized_at_run_time_slices_both_nodes_scales(tmp_path):
+    """A float weight -> QuantizeLinear -> DequantizeLinear (per-channel, axis 0) -> Conv: the float
+    initializer is sliced, and both nodes' scales and zero points with it."""
+    rng = np.random.default_rng(2)
+    values = {"w1": rng.standard_normal((6, 3, 3, 3)).astype(np.float32),
+              "s": (rng.random(6) * 0.02 + 0.01).astype(np.float32), "z": np.zeros(6, np.int8),
+              "w2": rng.standard_normal((4, 6, 1, 1)).astype(np.float32)}
+    make = onnx.helper.make_node
+    nodes = [make("QuantizeLinear", ["w1", "s", "z"], ["w1q"], axis=0, name="quant_w1"),
+             make("DequantizeLinear", ["w1q", "s", "z"], ["w1d"], axis=0, name="dequant_w1"),
+             make("Conv", ["x", "w1d"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+             make("Relu", ["c1"], ["r1"], name="relu1"),
+             make("Conv", ["r1", "w2"], ["y"], name="conv2")]
+    graph = onnx.helper.make_graph(
+        nodes, "runtime_quantized", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(v, name) for name, v in values.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = str(tmp_path / "runtime_quantized.onnx")
+    onnx.save(model, path)
+    analysis = onnx_morph.analyze(path)
+    alive = np.ones(analysis.graph.num_classes, dtype=bool)
+    alive[np.asarray(analysis.graph.groups[1].classes)[[0, 3]]] = False
+    result = prune(path, masks=mask_document(analysis.graph, alive))
+    assert result.masked_deviation.max_abs <= 1e-5
+    pruned = {n.name: n for n in result.model.graph.node}
+    shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}
+    assert [shapes[i] for i in pruned["quant_w1"].input] == [[4, 3, 3, 3], [4], [4]]
+    assert [shapes[i] for i in pruned["dequant_w1"].input[1:]] == [[4], [4]]

@@ -284,10 +284,11 @@ class BaseHandler:
         there slices the output along `axis`."""
         return None
 
-    def slice_source(self, view: NodeView, edit: Editor, index: int, axis: int, copies: np.ndarray) -> None:
-        """Surgery slices input `index` (an initializer this op lays out again, see source_axis) along
-        `axis`; an op with per-slice parameters of its own (a per-channel scale) slices them too."""
-        edit.slice_input(index, axis, copies)
+    def slice_view(self, view: NodeView, edit: Editor, axis: int, copies: np.ndarray) -> None:
+        """Surgery sliced the initializer this op's output is laid out from (see source_axis) so that
+        output axis `axis` keeps `copies`: update shape constants (resize_view) and per-slice
+        parameters of the op's own (a per-channel scale)."""
+        self.resize_view(view, edit, axis, int(copies.sum()))
 
     def store_value(self, view: NodeView, edit: Editor, value: np.ndarray) -> bool:
         """Make output 0, a parameter laid out from input 0 (see source_axis), hold `value` by changing

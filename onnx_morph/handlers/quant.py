@@ -67,9 +67,10 @@ class QuantizeLinear(BaseHandler):
         """A dequantized weight is its integer initializer laid out again, axis for axis."""
         return 0, axis
 
-    def slice_source(self, view: NodeView, edit, index: int, axis: int, copies) -> None:
-        edit.slice_input(index, axis, copies)
-        if index == 0 and per_channel_axis(view, view.input(0)) == axis:
+    def slice_view(self, view: NodeView, edit, axis: int, copies) -> None:
+        """The weight's integers (or floats, for a QuantizeLinear) were sliced along `axis`: so are
+        the scales and zero points when they run along it."""
+        if per_channel_axis(view, view.input(0)) == axis:
             self._slice_scales(view, edit, copies)
 
     @staticmethod

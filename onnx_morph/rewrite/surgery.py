@@ -76,8 +76,8 @@ class _NodeEditor:
             view = node_view(graph, node_name)
             handler = handler_for(view.node.op_type, view.node.domain)
             if step == 0:
-                handler.slice_source(view, editor, index, in_axis, copies)
-            handler.resize_view(view, editor, out_axis, int(copies.sum()))
+                editor.slice_input(index, in_axis, copies)
+            handler.slice_view(view, editor, out_axis, copies)
         return True
 
     def _store_at_source(self, name: str, value: np.ndarray) -> bool:
