@@ -189,10 +189,11 @@ def op_costs(
             read_weights = weights if geometry.weight is not None else 0
             if geometry.second_input is not None:
                 read_weights = _elements(graph, geometry.second_input)
-            memory = _itemsize(graph, geometry.output) * (
-                _elements(graph, geometry.input) * _fraction(in_alive, in_total)
-                + _elements(graph, geometry.output) * _fraction(out_alive, out_total)
-                + read_weights
+            weight_type = geometry.second_input or geometry.weight
+            memory = (
+                _itemsize(graph, geometry.input) * _elements(graph, geometry.input) * _fraction(in_alive, in_total)
+                + _itemsize(graph, geometry.output) * _elements(graph, geometry.output) * _fraction(out_alive, out_total)
+                + (_itemsize(graph, weight_type, geometry.output) * read_weights if read_weights else 0)
             )
             if isinstance(hardware, LatencyTable):
                 latency = hardware.op_latency(name, in_alive, out_alive)
@@ -232,8 +233,16 @@ def _elements(graph: ChannelGraph, tensor: str) -> int:
     return math.prod(shape) if shape is not None else 0
 
 
-def _itemsize(graph: ChannelGraph, tensor: str) -> int:
-    dtype = graph.model.dtypes.get(tensor, onnx.TensorProto.FLOAT)
+def _itemsize(graph: ChannelGraph, tensor: str | None, fallback: str | None = None) -> int:
+    """Bytes per element at the precision the tensor is stored at (an int8 weight behind
+    DequantizeLinear: 1); a weight of unknown storage counts at `fallback`'s (the output's)."""
+    stored = graph.stored_param(tensor) if tensor is not None else None
+    if stored is not None:
+        dtype = graph.model.initializer(stored).data_type
+    elif tensor is not None and (tensor in graph.tensors or fallback is None):
+        dtype = graph.stored_dtype(tensor)
+    else:
+        dtype = graph.stored_dtype(fallback)
     try:
         return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype)).itemsize
     except (KeyError, TypeError):

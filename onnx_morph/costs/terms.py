@@ -178,13 +178,13 @@ def _geometry_rows(graph, name, geometry, c_in, c_out, resource, macs, hardware,
     if resource == "activations":
         return [_row(name, c_in, c_out, lo=1.0)]
     if resource == "latency":
-        itemsize = _itemsize(graph, geometry.output)
         bandwidth = hardware.bandwidth_gbs * 1e9
         compute = 2 * geometry.positions * geometry.kernel / (hardware.peak_gflops * 1e9)
-        weight_bytes = itemsize * geometry.kernel / bandwidth if geometry.weight is not None else 0.0
-        second = itemsize * _elements(graph, geometry.second_input) / bandwidth if geometry.second_input else 0.0
-        per_in = itemsize * _elements(graph, geometry.input) / max(c_in.size, 1) / bandwidth
-        per_out = itemsize * _elements(graph, geometry.output) / max(c_out.size, 1) / bandwidth
+        weight_size = _itemsize(graph, geometry.second_input or geometry.weight, geometry.output)
+        weight_bytes = weight_size * geometry.kernel / bandwidth if geometry.weight is not None else 0.0
+        second = weight_size * _elements(graph, geometry.second_input) / bandwidth if geometry.second_input else 0.0
+        per_in = _itemsize(graph, geometry.input) * _elements(graph, geometry.input) / max(c_in.size, 1) / bandwidth
+        per_out = _itemsize(graph, geometry.output) * _elements(graph, geometry.output) / max(c_out.size, 1) / bandwidth
         fixed = 2 * geometry.fixed_macs / (hardware.peak_gflops * 1e9)
         return [_row(name, i, o, b=(compute, weight_bytes), li=(0.0, per_in), lo=(0.0, per_out),
                      k=(fixed * share, second * share), depthwise=dw)

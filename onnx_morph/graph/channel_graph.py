@@ -25,6 +25,9 @@ MAX_CHANNEL_ELEMENTS = 2**25
 # Constants re-laid out from an initializer are followed up to this size (position bias tables are small).
 _MAX_VIEW_ELEMENTS = 2**22
 FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+# Integer weights and int32 biases of quantized models (read by QLinearConv, or dequantized): parameters too.
+QUANTIZED_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4,
+                   onnx.TensorProto.INT32}
 
 
 @dataclass
@@ -83,6 +86,38 @@ class ChannelGraph:
             return name, None
         return self.aliases.get(name)
 
+    def stored_param(self, name: str) -> str | None:
+        """The initializer a constant input is stored as: itself or what it views (param_root), or the
+        integers an op dequantizes (a QDQ model's int8 weight behind DequantizeLinear)."""
+        root = self.param_root(name)
+        if root is not None:
+            return root[0]
+        node = self.nodes.get(self._producers.get(name, ""))
+        if node is None or not handler_for(node.op_type, node.domain).stored_as_input or not node.input:
+            return None
+        root = self.param_root(node.input[0])
+        return None if root is None else root[0]
+
+    def stored_dtype(self, tensor: str) -> int:
+        """The type a tensor's values are stored at: an activation dequantized from integers (QDQ) at
+        the integers' type, one that is only quantized at the quantized type."""
+        dtypes = self.model.dtypes
+        producer = self.nodes.get(self._producers.get(tensor, ""))
+        if producer is not None and handler_for(producer.op_type, producer.domain).stored_as_input:
+            return dtypes.get(producer.input[0], dtypes.get(tensor, onnx.TensorProto.FLOAT))
+        readers = self._readers.get(tensor, [])
+        if readers and all(handler_for(n.op_type, n.domain).stored_as_output for n in readers):
+            return dtypes.get(readers[0].output[0], dtypes.get(tensor, onnx.TensorProto.FLOAT))
+        return dtypes.get(tensor, onnx.TensorProto.FLOAT)
+
+    @cached_property
+    def _readers(self) -> dict[str, list[onnx.NodeProto]]:
+        readers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.nodes.values():
+            for tensor in dict.fromkeys(i for i in node.input if i):
+                readers[tensor].append(node)
+        return readers
+
     def constant(self, name: str) -> np.ndarray | None:
         """The value of a constant input, also where the weightless load left it unevaluated: a view
         of an initializer (an exporter's Identity alias, a Transpose), or a weight computed from
@@ -133,7 +168,7 @@ class ChannelGraph:
     def _find_sources(self, tensor: str) -> tuple[str, ...]:
         root = self.param_root(tensor)
         if root is not None:
-            return (root[0],) if self.model.initializer(root[0]).data_type in FLOAT_TYPES else ()
+            return (root[0],) if self.model.initializer(root[0]).data_type in FLOAT_TYPES | QUANTIZED_TYPES else ()
         found: dict[str, None] = {}
         frontier, seen = [tensor], {tensor}
         while frontier:
@@ -141,7 +176,8 @@ class ChannelGraph:
             if producer is None:
                 continue
             node = self.nodes[producer]
-            indices = handler_for(node.op_type, node.domain).parameter_inputs
+            handler = handler_for(node.op_type, node.domain)
+            indices = handler.parameter_inputs
             for index, name in enumerate(node.input):
                 if not name or name in seen or (indices is not None and index not in indices):
                     continue
@@ -149,7 +185,8 @@ class ChannelGraph:
                 initializer = self.model.initializer(name)
                 if initializer is None:
                     frontier.append(name)
-                elif initializer.data_type in FLOAT_TYPES:
+                elif initializer.data_type in FLOAT_TYPES or (
+                        index == 0 and handler.stored_as_input and initializer.data_type in QUANTIZED_TYPES):
                     found[name] = None
         return tuple(found)
 
@@ -356,23 +393,31 @@ def _unique_names(nodes) -> list[str]:
 
 def _graph_input(model, name, consumers, nodes, tensors, static) -> TensorInfo:
     """A graph input takes the channel axes read by the nearest consumer that has an opinion,
-    searching through rank-preserving ops (a decomposed LayerNorm starts with ReduceMean)."""
+    searching through rank-preserving ops (a decomposed LayerNorm starts with ReduceMean) and
+    transposes (a channels-last input, NHWC, transposed to NCHW ahead of a Conv)."""
     shape = model.shapes.get(name)
     axes = None
     if shape is not None:
-        frontier, seen = [name], set()
+        identity = tuple(range(len(shape)))
+        frontier, seen = [(name, identity)], set()
         while frontier and axes is None and len(seen) < 32:
-            tensor = frontier.pop(0)
+            tensor, perm = frontier.pop(0)  # tensor's axis k is the input's axis perm[k]
+            here = tuple(shape[p] for p in perm)
             for node_name, index in consumers.get(tensor, []):
                 if node_name in seen:
                     continue
                 seen.add(node_name)
                 node = nodes[node_name]
-                view = _view(model, node_name, node, {**tensors, tensor: TensorInfo(tensor, shape)}, static)
-                axes = handler_for(node.op_type, node.domain).preferred_axes(view, index, len(shape))
+                handler = handler_for(node.op_type, node.domain)
+                view = _view(model, node_name, node, {**tensors, tensor: TensorInfo(tensor, here)}, static)
+                axes = handler.preferred_axes(view, index, len(here))
                 if axes is not None:
+                    axes = tuple(perm[a] for a in axes if a < len(perm))
                     break
-                frontier.extend(o for o in node.output if o and model.shapes.get(o, ()) == shape)
+                moved = handler.view_permutation(node, len(here)) if index == 0 else None
+                if moved is not None and node.output and node.output[0] and len(moved) == len(perm):
+                    frontier.append((node.output[0], tuple(perm[m] for m in moved)))
+                frontier.extend((o, perm) for o in node.output if o and model.shapes.get(o, ()) == here)
         if axes is None and len(shape) >= 2:
             axes = (1,)
     return TensorInfo(name, shape, _valid_axes(axes, shape))
@@ -448,9 +493,10 @@ def _record_view(model: LoadedModel, name: str, node: onnx.NodeProto, views: dic
                                                         for i in node.input if i):
         return
     shape = model.shapes.get(node.output[0])
-    if shape is None or math.prod(shape) > _MAX_VIEW_ELEMENTS:
-        return
     handler = handler_for(node.op_type, node.domain)
+    # A dequantized weight maps its axes one to one, at no cost: an LLM's int8 weights stay int8.
+    if shape is None or (math.prod(shape) > _MAX_VIEW_ELEMENTS and not handler.stored_as_input):
+        return
     view = None
     mapped = {}
     for axis in range(len(shape)):

@@ -107,16 +107,12 @@ class LoadedModel:
                 stack.extend(node.input)
             else:
                 return None
-        graph = onnx.helper.make_graph(
-            [chosen[i] for i in sorted(chosen)], "constant",
-            [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-             for n, v in feeds.items()],
-            [onnx.helper.make_empty_tensor_value_info(name)])
-        from onnx.reference import ReferenceEvaluator
-
         try:
-            model = onnx.helper.make_model(graph, opset_imports=self.model.opset_import)
-            return np.asarray(ReferenceEvaluator(model).run(None, feeds)[0])
+            for index in sorted(chosen):
+                node = chosen[index]
+                values = _run_node(node, {i: feeds[i] for i in node.input if i}, self.model.opset_import)
+                feeds.update((o, np.asarray(v)) for o, v in zip(node.output, values) if o)
+            return feeds[name]
         except Exception:  # noqa: BLE001 - an op the reference runtime cannot run: the value stays unknown
             return None
 
@@ -626,8 +622,13 @@ def _evaluate(node: onnx.NodeProto, known: dict[str, np.ndarray], shapes: dict[s
 
 def _run_node(node: onnx.NodeProto, feeds: dict[str, np.ndarray], opsets) -> list[np.ndarray]:
     """Run one node with the reference runtime under the model's own opset (Unsqueeze-11 takes an
-    attribute where Unsqueeze-13 takes an input)."""
+    attribute where Unsqueeze-13 takes an input); an op's handler may compute it itself (the
+    reference runtime lacks some versions of some ops, such as DequantizeLinear before opset 19)."""
     from onnx.reference import ReferenceEvaluator
+
+    computed = handler_for(node.op_type, node.domain).evaluate(node, [feeds.get(i) if i else None for i in node.input])
+    if computed is not None:
+        return computed
 
     inputs = [
         onnx.helper.make_tensor_value_info(name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype), value.shape)

@@ -239,6 +239,11 @@ class BaseHandler:
     # Inputs that may carry trained parameters when the node computes a constant (a weight normalized at
     # load time, a gathered position table); None: all of them. Data and statistics inputs are left out.
     parameter_inputs: tuple[int, ...] | None = None
+    # Output 0 holds input 0's values at another precision (DequantizeLinear): memory is counted
+    # at input 0's type, and a weight behind it is a parameter stored at that type.
+    stored_as_input = False
+    # Input 0 is written out at output 0's precision (QuantizeLinear): its producer's write counts so.
+    stored_as_output = False
 
     def preferred_axes(self, view: NodeView, index: int, rank: int) -> Axes | None:
         return None
@@ -252,6 +257,16 @@ class BaseHandler:
     def output_shapes(self, node: onnx.NodeProto, inputs: list[tuple[int, ...] | None]) -> list | None:
         """Output shapes onnx's shape inference cannot give (ops of other domains), from the input
         shapes; None when the handler does not know them either."""
+        return None
+
+    def zero_of(self, view: NodeView) -> str | None:
+        """For an op writing quantized integers, the constant input holding output 0's zero point (a
+        removed channel holds it where a float channel holds 0); None when zero is 0."""
+        return None
+
+    def evaluate(self, node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> list[np.ndarray] | None:
+        """The outputs of the node on constant inputs, where the handler computes them itself; None
+        leaves it to onnx's reference runtime."""
         return None
 
     def batch_free(self, view: NodeView, batch: int) -> dict[int, np.ndarray]:
@@ -279,6 +294,17 @@ class BaseHandler:
         table gathered, reshaped, transposed): (that input's index, its axis). Slicing the input
         there slices the output along `axis`."""
         return None
+
+    def slice_view(self, view: NodeView, edit: Editor, axis: int, copies: np.ndarray) -> None:
+        """Surgery sliced the initializer this op's output is laid out from (see source_axis) so that
+        output axis `axis` keeps `copies`: update shape constants (resize_view) and per-slice
+        parameters of the op's own (a per-channel scale)."""
+        self.resize_view(view, edit, axis, int(copies.sum()))
+
+    def store_value(self, view: NodeView, edit: Editor, value: np.ndarray) -> bool:
+        """Make output 0, a parameter laid out from input 0 (see source_axis), hold `value` by changing
+        input 0 (a dequantized bias: its integers); False when the op cannot."""
+        return False
 
     def resize_view(self, view: NodeView, edit: Editor, axis: int, count: int) -> None:
         """Its input was sliced so that output axis `axis` (see source_axis) now holds `count` entries:

@@ -102,7 +102,7 @@ class Conv(BaseHandler):
         in_axis, out_axis = (0, 1) if self.transposed else (1, 0)
         groups = int(view.attr("group", 1))
         has_bias = view.input(2) is not None
-        if keep_in is not None and groups == 1 and not self.transposed and _unpadded(view) and x.axes == NCHW:
+        if keep_in is not None and groups == 1 and not self.transposed and unpadded(view) and x.axes == NCHW:
             removed = edit.removed_values(x.name)
             if removed is not None:
                 # A removed input channel holding the constant c adds c * sum(W[o, c]) to every output o.
@@ -153,7 +153,7 @@ def _check_weight(view: NodeView, x: TensorInfo, w: TensorInfo, y: TensorInfo, g
         raise ModelLoadError(f"{describe(view)} {problem}")
 
 
-def _unpadded(view: NodeView) -> bool:
+def unpadded(view: NodeView) -> bool:
     """Without padding a constant input channel is constant in every window, so folding it is exact."""
     auto_pad = view.attr("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad

@@ -9,6 +9,10 @@ from onnx_morph.handlers.layout import Concat, DepthToSpace, Expand, Gather, Res
 from onnx_morph.handlers.linear import Gemm, MatMul
 from onnx_morph.handlers.microsoft import MICROSOFT
 from onnx_morph.handlers.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
+from onnx_morph.handlers.quant import (
+    ConvInteger, DequantizeLinear, DynamicQuantizeLinear, MatMulInteger, QGemm, QLinearAdd, QLinearConv, QLinearMatMul,
+    QuantizeLinear,
+)
 from onnx_morph.handlers.passthrough import Cast, Identity, Pad, Passthrough, Reduce, Softmax, SpatialPassthrough
 from onnx_morph.handlers.recurrent import Recurrent
 
@@ -82,10 +86,20 @@ _REGISTRY: dict[str, BaseHandler] = {
     "SpaceToDepth": DepthToSpace(),
     **{op: Recurrent() for op in ("LSTM", "GRU", "RNN")},
     "SimplifiedLayerNormalization": MICROSOFT["SimplifiedLayerNormalization"],  # onnxruntime's, in this domain
+    "QuantizeLinear": QuantizeLinear(),
+    "DequantizeLinear": DequantizeLinear(),
+    "DynamicQuantizeLinear": DynamicQuantizeLinear(),
+    "QLinearConv": QLinearConv(),
+    "ConvInteger": ConvInteger(),
+    "QLinearMatMul": QLinearMatMul(),
+    "MatMulInteger": MatMulInteger(),
 }
 _UNKNOWN = Unknown()
-# onnxruntime's contrib ops, as its graph optimizations and transformer optimizer write them.
-_DOMAINS: dict[str, dict[str, BaseHandler]] = {"": _REGISTRY, "com.microsoft": dict(MICROSOFT)}
+# onnxruntime's contrib ops, as its graph optimizations, transformer optimizer and quantizer write them.
+_DOMAINS: dict[str, dict[str, BaseHandler]] = {
+    "": _REGISTRY,
+    "com.microsoft": {**MICROSOFT, "QGemm": QGemm(), "QLinearAdd": QLinearAdd(), "QLinearMul": QLinearAdd()},
+}
 
 
 def _domain(domain: str) -> str:

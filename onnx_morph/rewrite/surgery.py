@@ -73,16 +73,33 @@ class _NodeEditor:
             return False
         for step, (node_name, index, in_axis, out_axis) in enumerate(chain):
             editor = _NodeEditor(self.surgery, node_name, self.surgery.nodes[node_name])
+            view = node_view(graph, node_name)
+            handler = handler_for(view.node.op_type, view.node.domain)
             if step == 0:
                 editor.slice_input(index, in_axis, copies)
-            view = node_view(graph, node_name)
-            handler_for(view.node.op_type, view.node.domain).resize_view(view, editor, out_axis, int(copies.sum()))
+            handler.slice_view(view, editor, out_axis, copies)
         return True
+
+    def _store_at_source(self, name: str, value: np.ndarray) -> bool:
+        """A parameter an op lays out from integers (a QDQ model's int32 bias behind DequantizeLinear)
+        takes a new value in its stored form, so the node keeps reading quantized parameters."""
+        graph = self.surgery.graph
+        if not name or graph.param_root(name) is not None or graph.stored_param(name) is None:
+            return False
+        chain = next((c for axis in range(value.ndim) if (c := graph.view_chain(name, axis)) is not None), None)
+        if chain is None or len(chain) != 1:
+            return False
+        producer = chain[0][0]
+        view = node_view(graph, producer)
+        editor = _NodeEditor(self.surgery, producer, self.surgery.nodes[producer])
+        return handler_for(view.node.op_type, view.node.domain).store_value(view, editor, value)
 
     def current(self, index: int) -> np.ndarray:
         return self.surgery.value(self.node.input[index])
 
     def set_input(self, index: int, value: np.ndarray) -> None:
+        if index < len(self.node.input) and self._store_at_source(self.node.input[index], value):
+            return
         while len(self.node.input) <= index:
             self.node.input.append("")
         created = not self.node.input[index]

@@ -14,8 +14,10 @@ from onnx import numpy_helper
 
 from onnx_morph.errors import ModelLoadError, OptionError
 from onnx_morph.graph import ChannelGraph
+from onnx_morph.graph.channel_graph import node_view
 from onnx_morph.graph.dependence import IndexRange, integer_input_ranges
 from onnx_morph.graph.load import check_fits
+from onnx_morph.handlers import handler_for
 from onnx_morph.handlers.base import channel_ids
 from onnx_morph.rewrite.editing import drop_unused
 
@@ -210,14 +212,23 @@ def masked_original(
     renamed: dict = {}
     extra_nodes, extra_inits = [], []
     produced = {o for n in model.graph.node for o in n.output}
+    dequantized = _dequantized_only(graph)
     for tensor, keep in masks.items():
         info = graph.tensors[tensor]
-        if info.axes is None or info.copies:
+        if info.axes is None or info.copies or tensor in dequantized:
             continue
         keep = keep[channel_ids(info)]
         shape = list(keep.shape)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(graph.model.dtypes.get(tensor, onnx.TensorProto.FLOAT))
         mask_name, out_name = f"{tensor}::mask", f"{tensor}::masked"
+        if dtype.kind in "iu":
+            unmasked = tensor + _UNMASKED if tensor in produced else tensor
+            for key, (held, name) in _integer_variants(info, keep, out_name, folded).items():
+                inits, nodes = _integer_mask(graph, tensor, keep, name, (unmasked, held))
+                extra_inits += inits
+                extra_nodes += [(tensor, node) for node in nodes]
+                renamed[key] = name
+            continue
         extra_inits.append(numpy_helper.from_array(keep.astype(dtype).reshape(shape), mask_name))
         extra_nodes.append((tensor, onnx.helper.make_node("Mul", [tensor, mask_name], [out_name], name=mask_name)))
         renamed[tensor] = out_name
@@ -239,6 +250,71 @@ def masked_original(
     del model.graph.value_info[:]
     drop_unused(model.graph)  # the copy's nodes that no folded channel needs
     return model
+
+
+def _integer_variants(info, keep: np.ndarray, out_name: str, folded: dict | None) -> dict:
+    """The masked versions of an integer tensor: one for every consumer, and one per consumer that
+    folded removed channels' constants, which holds those channels at their original value."""
+    variants = {info.name: (np.zeros_like(keep, dtype=bool), out_name)}
+    for (node_name, tensor), values in (folded or {}).items():
+        if tensor == info.name:
+            variants[(node_name, tensor)] = (~keep.astype(bool) & (values != 0)[channel_ids(info)],
+                                             f"{out_name}::{node_name}")
+    return variants
+
+
+def _integer_mask(graph: ChannelGraph, tensor: str, keep: np.ndarray, out_name: str,
+                  constants: tuple[str, np.ndarray]):
+    """Removed channels of an integer tensor set to its zero: the zero point of a quantized tensor
+    (its producer's, see zero_of), else 0, except those where `constants` says (the unmasked
+    original's tensor and where) a consumer folded them; computed in double, which holds every int32."""
+    zero = 0.0
+    producer = next((name for name, node in graph.nodes.items() if tensor in node.output), None)
+    if producer is not None:
+        node = graph.nodes[producer]
+        name = handler_for(node.op_type, node.domain).zero_of(node_view(graph, producer))
+        value = None if name is None else graph.constant(name)
+        if value is not None and value.size == 1:
+            zero = float(value.reshape(()))
+    mask, fill = f"{out_name}::mask", f"{out_name}::zero_fill"
+    dtype = graph.model.dtypes.get(tensor)
+    make = onnx.helper.make_node
+    unmasked, held = constants
+    keep = keep.astype(bool)
+    inits = [numpy_helper.from_array(keep.astype(np.float64), mask),
+             numpy_helper.from_array((~keep & ~held).astype(np.float64) * zero, fill)]
+    nodes = [make("Cast", [tensor], [f"{out_name}::double"], to=onnx.TensorProto.DOUBLE, name=f"{out_name}::double"),
+             make("Mul", [f"{out_name}::double", mask], [f"{out_name}::kept"], name=mask),
+             make("Add", [f"{out_name}::kept", fill], [f"{out_name}::filled"], name=fill)]
+    last = f"{out_name}::filled"
+    if held.any():
+        inits.append(numpy_helper.from_array(held.astype(np.float64), f"{out_name}::held"))
+        nodes += [make("Cast", [unmasked], [f"{out_name}::original"], to=onnx.TensorProto.DOUBLE, name=f"{out_name}::original"),
+                  make("Mul", [f"{out_name}::original", f"{out_name}::held"], [f"{out_name}::constants"],
+                       name=f"{out_name}::held"),
+                  make("Add", [last, f"{out_name}::constants"], [f"{out_name}::with_constants"],
+                       name=f"{out_name}::with_constants")]
+        last = f"{out_name}::with_constants"
+    nodes.append(make("Cast", [last], [out_name], to=dtype, name=out_name))
+    return inits, nodes
+
+
+def _dequantized_only(graph: ChannelGraph) -> set[str]:
+    """Integer tensors read only by ops that dequantize them (a QDQ model's quantized activations):
+    a zero is no zero there (it stands for the zero point), and the dequantized tensors, in the same
+    channel groups, are masked instead."""
+    readers: dict[str, list[bool]] = {}
+    for node in graph.nodes.values():
+        dequantizes = handler_for(node.op_type, node.domain).stored_as_input
+        for tensor in node.input:
+            readers.setdefault(tensor, []).append(dequantizes)
+    outputs = {o.name for o in graph.model.graph.output}
+    return {t for t, flags in readers.items() if all(flags) and t not in outputs
+            and graph.model.dtypes.get(t) in _INTEGER_TYPES}
+
+
+_INTEGER_TYPES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
+                  onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
 
 
 def _splice(graph: ChannelGraph, model: onnx.ModelProto, first: list[onnx.NodeProto],
