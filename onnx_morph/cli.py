@@ -37,7 +37,17 @@ def _parser() -> argparse.ArgumentParser:
                                      allow_abbrev=False)
     parser.register("action", "parsers", _Commands)
     commands = parser.add_subparsers(dest="command", required=True)
+    _analyze_command(commands)
+    _prune_command(commands)
+    _profile_command(commands)
+    _expand_command(commands)
+    _regularize_command(commands)
+    _train_command(commands)
+    _demo_command(commands)
+    return parser
 
+
+def _analyze_command(commands) -> None:
     analyze = commands.add_parser("analyze", help="channel groups and per-op costs of a model")
     analyze.add_argument("model", help="path of an .onnx file")
     _input_shape(analyze)
@@ -56,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--graph", metavar="FILE.graphml",
                          help="write the channel graph for a graph viewer: ops, tensors, their channel groups")
 
+
+def _prune_command(commands) -> None:
     prune = _model_to_model(commands, "prune", "remove dead channels and write a smaller model", "pruned")
     criterion = prune.add_mutually_exclusive_group(required=True)
     criterion.add_argument("--gamma-threshold", type=float, help="remove channels with |BatchNorm scale| <= T")
@@ -81,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="how many training images --calibrate uses")
     _normalization(prune)
 
+
+def _profile_command(commands) -> None:
     profile = commands.add_parser("profile", help="time every weighted op in onnxruntime at a grid of widths")
     profile.add_argument("model", help="path of an .onnx file")
     profile.add_argument("-o", "--output", required=True, metavar="FILE", help="latency table (JSON)")
@@ -91,6 +105,8 @@ def _parser() -> argparse.ArgumentParser:
     profile.add_argument("--max-points", type=int, default=10, metavar="N",
                          help="widths per axis of each op's grid, besides the full width and its top step (default 10)")
 
+
+def _expand_command(commands) -> None:
     expand = _model_to_model(commands, "expand", "scale a learned structure to a budget, freshly initialized",
                              "expanded")
     target = expand.add_mutually_exclusive_group(required=True)
@@ -100,6 +116,8 @@ def _parser() -> argparse.ArgumentParser:
     expand.add_argument("--round-to", type=int, default=1, metavar="N", help="make every width a multiple of N")
     expand.add_argument("--seed", type=int, default=0, help="seed of the fresh weights")
 
+
+def _regularize_command(commands) -> None:
     regularize = commands.add_parser("regularize", help="write onnxruntime-training artifacts with MorphNet's regularizer")
     regularize.add_argument("model", help="path of an .onnx file (exported with BatchNorm kept for --regularizer gamma)")
     regularize.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the artifacts")
@@ -133,6 +151,8 @@ def _parser() -> argparse.ArgumentParser:
         regularize.add_argument(option, action="append", default=[], metavar="REGEX", help=text)
     regularize.add_argument("--force", action="store_true", help="replace a non-empty output folder")
 
+
+def _train_command(commands) -> None:
     train = commands.add_parser("train", help="train regularize's artifacts and export the trained model")
     train.add_argument("artifacts", metavar="DIR", help="folder written by `onnx-morph regularize`")
     train.add_argument("--data", required=True, help=DATA_HELP)
@@ -147,13 +167,14 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--limit", type=int, metavar="N", help="use only the first N training examples")
     train.add_argument("-o", "--output", metavar="FILE", help="trained model (default: DIR/trained.onnx)")
 
+
+def _demo_command(commands) -> None:
     demo = commands.add_parser("demo", help="MorphNet end to end on a built-in CNN: shrink, prune, fine-tune")
     demo.add_argument("-o", "--output", default="onnx-morph-demo", metavar="DIR", help="folder for models, logs, plot")
     demo.add_argument("--data", choices=["fashion-mnist", "digits"],
                       help="default: Fashion-MNIST where it is installed or downloads, else digits")
     demo.add_argument("--target-ratio", type=float, default=0.5, metavar="R", help="fraction of the FLOPs to keep")
     demo.add_argument("--quick", action="store_true", help="a small subset and few steps (under a minute)")
-    return parser
 
 
 def _input_shape(command: argparse.ArgumentParser) -> None:
