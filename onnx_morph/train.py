@@ -86,92 +86,110 @@ def train(
     """
     if not isinstance(artifacts, TrainingArtifacts):
         artifacts = load_artifacts(artifacts)
+    _check_options(artifacts, data, epochs, batch_size)
+    log_dir = Path(log_dir) if log_dir is not None else artifacts.directory
+    log_dir.mkdir(parents=True, exist_ok=True)
+    schedule = _schedule_for(artifacts, strength, target)
+    tracker = _StructureTracker(artifacts, target)
+    session = _Session(artifacts, learning_rate)
+    rng = np.random.default_rng(seed)
+    started = time.perf_counter()
+    history: list[dict] = []
+    calibration: list[np.ndarray] = []
+    with _Logs(log_dir) as logs:
+        for epoch in range(epochs):
+            batches = _batches(data, artifacts.batch_size, rng)
+            if not batches:
+                raise TrainingError(f"no batch of the data has {artifacts.batch_size} examples, the artifacts' "
+                                    "batch size")
+            bar = _Progress(progress, f"epoch {epoch + 1}/{epochs}", len(batches))
+            for x, y in batches:
+                calibration = (calibration + [x])[:CALIBRATION_BATCHES]
+                record = _record(len(history), epoch, session.step(x, y, schedule(len(history))), schedule)
+                if tracker.enabled and structure_every and record["step"] % structure_every == 0:
+                    record.update(tracker.record(session.state, log_dir, record["step"]))
+                logs.write(record)
+                history.append(record)
+                bar.update(record)
+            bar.close()
+        final = tracker.record(session.state, log_dir, len(history), final=True) if tracker.enabled else {}
+        if final:
+            logs.write({"step": len(history), "epoch": epochs, **final})
+    last = history[-1]
+    result = TrainResult(
+        steps=len(history), task_loss=last["task_loss"], regularization=last.get("regularization"),
+        effective_cost=final.get("effective_cost_after") if final else None,
+        structure=tracker.structure, alive_per_group=tracker.alive_per_group, vector=tracker.vector,
+        gate_logits={g.param: g.logits(session.state.parameters[g.param].data) for g in tracker.gates},
+        moved_to_target=tracker.moved, seconds=time.perf_counter() - started, history=history)
+    if export is not None:
+        trained = trained_model(artifacts, session.state, calibration, tracker.gates)
+        result.model_path = save_model(trained, export, source=artifacts.base_model)
+        if test_data is not None:
+            result.test_accuracy = accuracy(trained, test_data)
+    return result
+
+
+def _check_options(artifacts: TrainingArtifacts, data, epochs: int, batch_size: int | None) -> None:
     if epochs < 1:
         raise OptionError(f"epochs must be at least 1, not {epochs}")
     if batch_size is not None and batch_size != artifacts.batch_size:
         raise OptionError(f"the artifacts in {artifacts.directory} train with batches of {artifacts.batch_size}, "
                           f"not {batch_size}; regenerate them with batch_size {batch_size}")
-    batch_size = artifacts.batch_size
-    log_dir = Path(log_dir) if log_dir is not None else artifacts.directory
-    log_dir.mkdir(parents=True, exist_ok=True)
-    schedule = _schedule(strength if strength is not None else artifacts.strength)
-    if target is not None:
-        if artifacts.regularizer is None:
-            raise OptionError(f"the artifacts in {artifacts.directory} have no regularizer, so no cost to bring to a target")
-        schedule = StrengthController(schedule(0), target)
-    tracker = _StructureTracker(artifacts, target)
     if not isinstance(data, tuple) and epochs > 1 and iter(data) is data:
         raise OptionError("the data is a one-pass iterator and training takes several epochs: pass a list, a "
                           "DataLoader or (x, y) arrays")
 
-    onnxruntime().set_default_logger_severity(3)
-    api = onnxruntime_training().api
 
-    with native_stderr_silenced():
-        state = api.CheckpointState.load_checkpoint(str(artifacts.checkpoint))
-        module = api.Module(str(artifacts.training_model), state, str(artifacts.eval_model))
-        optimizer = api.Optimizer(str(artifacts.optimizer_model), module)
-    if learning_rate is not None:
-        optimizer.set_learning_rate(learning_rate)
-    names = module.input_names()
-    regularized = STRENGTH in names
-    label_type = np.int64 if artifacts.loss == "cross-entropy" else np.float32
-    rng = np.random.default_rng(seed)
-    started = time.perf_counter()
-    history: list[dict] = []
-    calibration: list[np.ndarray] = []
-    step = 0
-    with _Logs(log_dir) as logs:
-        module.train()
-        for epoch in range(epochs):
-            batches = _batches(data, batch_size, rng)
-            bar = _Progress(progress, f"epoch {epoch + 1}/{epochs}", len(batches))
-            for x, y in batches:
-                if len(calibration) < CALIBRATION_BATCHES:
-                    calibration.append(x)
-                feeds = {artifacts.inputs[0]: x.astype(np.float32), artifacts.labels: y.astype(label_type)}
-                if regularized:
-                    feeds[STRENGTH] = np.array(schedule(step), dtype=np.float32)
-                outputs = module(*[feeds[n] for n in names])
-                optimizer.step()
-                module.lazy_reset_grad()
-                outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-                loss = float(outputs[0])
-                record = {"step": step, "epoch": epoch, "loss": loss, "task_loss": loss}
-                if regularized:
-                    cost, reg = float(outputs[1]), float(outputs[2])
-                    record.update(task_loss=loss - schedule(step) * reg, regularization=reg,
-                                  effective_cost=cost, strength=schedule(step))
-                    if isinstance(schedule, StrengthController):
-                        schedule.update(cost)
-                if not math.isfinite(loss):
-                    raise TrainingError(f"training diverged at step {step} (loss {loss}); lower the learning rate "
-                                      "or the strength")
-                if tracker.enabled and structure_every and step % structure_every == 0:
-                    record.update(tracker.record(state, log_dir, step))
-                logs.write(record)
-                history.append(record)
-                bar.update(record)
-                step += 1
-            bar.close()
-            if not bar.done:
-                raise TrainingError(f"no batch of the data has {batch_size} examples, the artifacts' batch size")
-        final = tracker.record(state, log_dir, step, final=True) if tracker.enabled else {}
-        if final:
-            logs.write({"step": step, "epoch": epochs, **final})
-    last = history[-1]
-    result = TrainResult(
-        steps=step, task_loss=last["task_loss"], regularization=last.get("regularization"),
-        effective_cost=final.get("effective_cost_after") if final else None,
-        structure=tracker.structure, alive_per_group=tracker.alive_per_group, vector=tracker.vector,
-        gate_logits={g.param: g.logits(state.parameters[g.param].data) for g in tracker.gates},
-        moved_to_target=tracker.moved, seconds=time.perf_counter() - started, history=history)
-    if export is not None:
-        trained = trained_model(artifacts, state, calibration, tracker.gates)
-        result.model_path = save_model(trained, export, source=artifacts.base_model)
-        if test_data is not None:
-            result.test_accuracy = accuracy(trained, test_data)
-    return result
+def _schedule_for(artifacts: TrainingArtifacts, strength, target: float | None) -> Callable[[int], float]:
+    schedule = _schedule(strength if strength is not None else artifacts.strength)
+    if target is None:
+        return schedule
+    if artifacts.regularizer is None:
+        raise OptionError(f"the artifacts in {artifacts.directory} have no regularizer, so no cost to bring to a target")
+    return StrengthController(schedule(0), target)
+
+
+class _Session:
+    """The onnxruntime-training module, optimizer and checkpoint state of one run."""
+
+    def __init__(self, artifacts: TrainingArtifacts, learning_rate: float | None):
+        onnxruntime().set_default_logger_severity(3)
+        api = onnxruntime_training().api
+        with native_stderr_silenced():
+            self.state = api.CheckpointState.load_checkpoint(str(artifacts.checkpoint))
+            self.module = api.Module(str(artifacts.training_model), self.state, str(artifacts.eval_model))
+            self.optimizer = api.Optimizer(str(artifacts.optimizer_model), self.module)
+        if learning_rate is not None:
+            self.optimizer.set_learning_rate(learning_rate)
+        self.names = self.module.input_names()
+        self.input, self.labels = artifacts.inputs[0], artifacts.labels
+        self.label_type = np.int64 if artifacts.loss == "cross-entropy" else np.float32
+        self.module.train()
+
+    def step(self, x: np.ndarray, y: np.ndarray, strength: float) -> list[float]:
+        """One optimizer step; the outputs: loss, then (regularized) effective cost and regularization."""
+        feeds = {self.input: x.astype(np.float32), self.labels: y.astype(self.label_type),
+                 STRENGTH: np.array(strength, dtype=np.float32)}
+        outputs = self.module(*[feeds[n] for n in self.names])
+        self.optimizer.step()
+        self.module.lazy_reset_grad()
+        return [float(o) for o in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
+
+
+def _record(step: int, epoch: int, outputs: list[float], schedule) -> dict:
+    """The log row of one step; a strength controller learns the step's effective cost."""
+    loss = outputs[0]
+    if not math.isfinite(loss):
+        raise TrainingError(f"training diverged at step {step} (loss {loss}); lower the learning rate or the strength")
+    record = {"step": step, "epoch": epoch, "loss": loss, "task_loss": loss}
+    if len(outputs) >= 3:
+        cost, reg = outputs[1], outputs[2]
+        record.update(task_loss=loss - schedule(step) * reg, regularization=reg, effective_cost=cost,
+                      strength=schedule(step))
+        if isinstance(schedule, StrengthController):
+            schedule.update(cost)
+    return record
 
 
 def trained_model(artifacts: TrainingArtifacts, state, inputs: list[np.ndarray], gates=None) -> onnx.ModelProto:

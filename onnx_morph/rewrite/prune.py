@@ -111,16 +111,7 @@ def prune(
     criteria = {"gamma_threshold": gamma_threshold, "weight_threshold": weight_threshold, "masks": masks,
                 "target_flops": target_flops, "target_params": target_params, "ratio": ratio,
                 "target_latency": target_latency}
-    given = [k for k, v in criteria.items() if v is not None]
-    if len(given) != 1:
-        raise OptionError("give exactly one of gamma_threshold, weight_threshold, `masks`, target_flops, "
-                          f"target_params, `ratio`, target_latency (got {', '.join(given) or 'none'})")
-    if target_latency is not None and latency_table is None:
-        raise OptionError("target_latency needs latency_table (write one with `onnx-morph profile`)")
-    if round_to < 1:
-        raise OptionError(f"round_to must be at least 1, not {round_to}")
-    if not 0 <= min_keep <= 1:
-        raise OptionError(f"min_keep is a fraction of each group's channels, in [0, 1], not {min_keep}")
+    _check_options(criteria, latency_table, round_to, min_keep)
     graph = build_channel_graph(load_model(model, input_shapes))
     table = None
     if latency_table is not None:
@@ -145,17 +136,7 @@ def prune(
             original_deviation = deviation(original_runs, pruned_runs)
     else:
         notes.append("over 2 GB: the checker and onnxruntime verification were skipped")
-    if calibration is not None and not has_batchnorm(pruned):
-        notes.append("no BatchNorm to calibrate")
-    elif calibration is not None:
-        if callable(calibration):
-            calibration = calibration(next(iter(graph.model.input_shapes.values())))
-        pruned = calibrated(pruned, calibration)
-        notes.append(f"BatchNorm statistics measured on {sum(len(b) for b in calibration)} calibration inputs")
-    elif _shifts_batchnorm(pruned, original_deviation):
-        notes.append(f"the pruned model differs from the original (max relative {original_deviation.max_rel:.2g}) "
-                     "and its BatchNorm statistics are the original's: give calibration inputs (calibration=, --calibrate) or "
-                     "fine-tune")
+    pruned = _calibrated(graph, pruned, calibration, original_deviation, notes)
     everything = np.ones(graph.num_classes, dtype=bool)
     after = totals_of(op_costs(graph, alive))
     latency = None
@@ -173,6 +154,36 @@ def prune(
         alive=alive,
         latency=latency,
     )
+
+
+def _check_options(criteria: dict, latency_table, round_to: int, min_keep: float) -> None:
+    given = [k for k, v in criteria.items() if v is not None]
+    if len(given) != 1:
+        raise OptionError("give exactly one of gamma_threshold, weight_threshold, `masks`, target_flops, "
+                          f"target_params, `ratio`, target_latency (got {', '.join(given) or 'none'})")
+    if criteria["target_latency"] is not None and latency_table is None:
+        raise OptionError("target_latency needs latency_table (write one with `onnx-morph profile`)")
+    if round_to < 1:
+        raise OptionError(f"round_to must be at least 1, not {round_to}")
+    if not 0 <= min_keep <= 1:
+        raise OptionError(f"min_keep is a fraction of each group's channels, in [0, 1], not {min_keep}")
+
+
+def _calibrated(graph: ChannelGraph, pruned: onnx.ModelProto, calibration, original_deviation: Deviation | None,
+                notes: list[str]) -> onnx.ModelProto:
+    """The pruned model with BatchNorm statistics measured on `calibration`, or a note on why not."""
+    if calibration is not None and not has_batchnorm(pruned):
+        notes.append("no BatchNorm to calibrate")
+    elif calibration is not None:
+        if callable(calibration):
+            calibration = calibration(next(iter(graph.model.input_shapes.values())))
+        pruned = calibrated(pruned, calibration)
+        notes.append(f"BatchNorm statistics measured on {sum(len(b) for b in calibration)} calibration inputs")
+    elif _shifts_batchnorm(pruned, original_deviation):
+        notes.append(f"the pruned model differs from the original (max relative {original_deviation.max_rel:.2g}) "
+                     "and its BatchNorm statistics are the original's: give calibration inputs (calibration=, "
+                     "--calibrate) or fine-tune")
+    return pruned
 
 
 def _probe_and_run(
