@@ -132,43 +132,27 @@ def make_training_artifacts(
     value), which makes the regularization term start near 1. `regularizer=None` gives plain
     training artifacts (fine-tuning a pruned model).
     """
-    if batch_size < 1:
-        raise OptionError(f"the batch size must be at least 1, not {batch_size}")
-    if optimizer not in OPTIMIZERS:
-        raise OptionError(f"unknown optimizer '{optimizer}': use one of {', '.join(OPTIMIZERS)}")
-    if isinstance(loss, str) and loss not in LOSSES:
-        raise OptionError(f"unknown loss '{loss}': use one of {', '.join(LOSSES)}, or an onnxblock.Block")
-    if strength is not None and not (strength >= 0 and strength != float("inf")):
-        raise OptionError(f"the strength must be a finite number >= 0, not {strength}")
+    _check_options(loss, strength, optimizer, batch_size)
     out_dir = Path(out_dir)
     _check_target(out_dir, model, overwrite)
     onnxruntime_training()  # before any work: the one-line reason when it is missing
 
     loaded = load_model(model, input_shapes)
-    base = unshare_initializers(loaded.materialized())
-    graph = build_channel_graph(load_model(base, loaded.input_shapes))
-    _check_float(graph)
-    notes = []
-    flexible = flexible_batch(graph)
-    if flexible.model is not None:
-        base = flexible.model
-        graph = build_channel_graph(load_model(base, loaded.input_shapes))
-        notes.append(flexible.note)
+    base, graph, notes = _base_model(loaded)
     reg = regularizer.build(graph) if regularizer is not None else None
     params = trained_parameters(graph, reg)
     training = with_batch_size(trainable(base), batch_size)
+    total_cost = initial_cost = initial_reg = None
     if reg is not None:
         if reg.gates:
             training = add_gates(training, reg.gates, temperature=regularizer.gate_temperature,
                                  straight_through=regularizer.straight_through)
         training = add_regularizer(training, reg)
-        everything = np.ones(graph.num_classes, dtype=bool)
-        total_cost, _ = reg.terms.evaluate(everything, np.zeros(graph.num_classes))
+        total_cost, _ = reg.terms.evaluate(np.ones(graph.num_classes, dtype=bool), np.zeros(graph.num_classes))
         initial_cost, initial_reg = reg.evaluate(_values(graph, reg))
         if strength is None:
             strength = 1.0 / initial_reg if initial_reg > 0 else 1.0 / max(total_cost, 1.0)
     else:
-        total_cost = initial_cost = initial_reg = None
         strength = 0.0
     labels = LOSSES.get(loss, "labels") if isinstance(loss, str) else "labels"
     inputs = [i.name for i in base.graph.input if i.name not in {t.name for t in base.graph.initializer}]
@@ -190,6 +174,29 @@ def make_training_artifacts(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return artifacts
+
+
+def _check_options(loss, strength: float | None, optimizer: str, batch_size: int) -> None:
+    if batch_size < 1:
+        raise OptionError(f"the batch size must be at least 1, not {batch_size}")
+    if optimizer not in OPTIMIZERS:
+        raise OptionError(f"unknown optimizer '{optimizer}': use one of {', '.join(OPTIMIZERS)}")
+    if isinstance(loss, str) and loss not in LOSSES:
+        raise OptionError(f"unknown loss '{loss}': use one of {', '.join(LOSSES)}, or an onnxblock.Block")
+    if strength is not None and not (strength >= 0 and strength != float("inf")):
+        raise OptionError(f"the strength must be a finite number >= 0, not {strength}")
+
+
+def _base_model(loaded) -> tuple[onnx.ModelProto, ChannelGraph, list[str]]:
+    """The inference model the trained weights go back into: one initializer per use, float, and
+    batch-flexible (with a note when that changed it); and its channel graph."""
+    base = unshare_initializers(loaded.materialized())
+    graph = build_channel_graph(load_model(base, loaded.input_shapes))
+    _check_float(graph)
+    flexible = flexible_batch(graph)
+    if flexible.model is None:
+        return base, graph, []
+    return flexible.model, build_channel_graph(load_model(flexible.model, loaded.input_shapes)), [flexible.note]
 
 
 @contextmanager
