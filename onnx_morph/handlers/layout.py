@@ -180,9 +180,12 @@ class Concat(BaseHandler):
                                           for t in activations if t.axes is not None])
         axis = normalize_axis(view.attr("axis"), len(y.shape))
         layouts = {t.axes for t in activations}
+        widest = max(layouts, key=len)
         if len(layouts) != 1:
-            reason = f"{describe(view)} joins tensors whose channel layouts differ"
-            return Relation([None], pins=[Pin(t.name, reason) for t in activations])
+            if axis in widest or not all(set(layout) <= set(widest) for layout in layouts):
+                reason = f"{describe(view)} joins tensors whose channel layouts differ"
+                return Relation([None], pins=[Pin(t.name, reason) for t in activations])
+            return _grid_concat(view, parts, y, widest, axis)  # a KV cache (heads) joined to new keys (heads x dims)
         axes = layouts.pop()
         out = TensorInfo(y.name, y.shape, axes)
         if axis not in axes:
@@ -192,8 +195,10 @@ class Concat(BaseHandler):
                 relation.pins.append(Pin(y.name, f"{describe(view)} joins a constant to channels spread over axes {list(axes)}"))
             return relation
         if axes != (axis,):
-            return Relation([None], pins=[Pin(t.name, f"{describe(view)} concatenates along one of several channel axes")
-                                          for t in activations])
+            if any(t.constant for t in parts):
+                return Relation([None], pins=[Pin(t.name, f"{describe(view)} joins a constant along one of several "
+                                                          f"channel axes") for t in activations])
+            return _grid_concat(view, parts, y, axes, axis)  # rotary embedding's rotate_half: cat(-x2, x1) on D
         relation = Relation([axes])
         offset = 0
         for t in parts:
@@ -217,6 +222,24 @@ class Concat(BaseHandler):
         for index, t in enumerate(view.inputs):
             if t is not None and t.constant and t.shape[axes[0]] == keep.size:
                 edit.slice_input(index, axes[0], keep)
+
+
+def _grid_concat(view: NodeView, parts: list[TensorInfo], y: TensorInfo, axes: tuple[int, ...], axis: int) -> Relation:
+    """Activations joined into a channel grid over `axes`: along one of its axes (the halves of rotary
+    embedding's rotate_half, each a sub-grid of heads x D/2), or off them with some parts spanning fewer
+    of its axes (a KV cache whose heads are its only channel axis, joined to new keys' heads x dims: each
+    cache channel is then tied to the whole slice it lines up with). Parts are activations only."""
+    out_ids = channel_ids(TensorInfo(y.name, y.shape, axes))
+    relation, offset = Relation([axes]), 0
+    for t in parts:
+        mine = out_ids
+        if axis in axes:
+            mine = np.take(out_ids, np.arange(offset, offset + t.shape[axis]), axis=axis)
+            offset += t.shape[axis]
+        ours, theirs = np.broadcast_arrays(mine, channel_ids(t))
+        pairs = np.unique(np.stack([ours.reshape(-1), theirs.reshape(-1)]), axis=1)
+        relation.ties.append(Tie(y.name, pairs[0], t.name, pairs[1]))
+    return relation
 
 
 def _subset(view: NodeView, x: TensorInfo, outputs: list[tuple[TensorInfo, np.ndarray | None]], axis: int) -> Relation:
@@ -462,8 +485,9 @@ class Expand(BaseHandler):
         axes = tuple(a + shift for a in x.axes)
         if all(x.shape[a] == y.shape[a + shift] for a in x.axes):
             relation = Relation([axes], ties=[identity_tie(x, TensorInfo(y.name, y.shape, axes))])
-            if len(axes) > 1:
-                relation.pins.append(Pin(x.name, f"{describe(view)} broadcasts channels spread over axes {list(axes)}"))
+            if len(axes) > 1 and view.const(1) is None:
+                relation.pins.append(Pin(x.name, f"{describe(view)} broadcasts channels spread over axes {list(axes)} "
+                                                 f"to a shape computed at run time"))
             return relation
         return Relation([None], pins=[Pin(x.name, f"{describe(view)} broadcasts along the channel axis")])
 
@@ -473,9 +497,11 @@ class Expand(BaseHandler):
         shape = view.const(1)
         if keep is None or shape is None:
             return
-        (axis,) = self.relate(view).output_axes[0]
+        axes = self.relate(view).output_axes[0]
         target = np.array(shape, dtype=np.int64)
         offset = len(y.shape) - target.size
-        if axis - offset >= 0 and target[axis - offset] > 1:
-            target[axis - offset] = int(keep.sum())
-            edit.set_input(1, target)
+        # Grouped-query attention's repeat_kv: [B, KV, 1, T, D] expanded to [B, KV, H/KV, T, D] loses KV heads.
+        for axis, extent in kept_extents(TensorInfo(y.name, y.shape, axes), keep, describe(view)).items():
+            if axis - offset >= 0 and target[axis - offset] > 1:
+                target[axis - offset] = extent
+        edit.set_input(1, target)
