@@ -31,8 +31,11 @@ def rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def repeat_kv(x, repeats: int):
-    """Each KV head serves `repeats` query heads (transformers' repeat_kv: expand + reshape)."""
+def repeat_kv(x, repeats: int, interleave: bool = False):
+    """Each KV head serves `repeats` query heads: transformers' repeat_kv (expand + reshape), or
+    torch.repeat_interleave along the heads."""
+    if interleave:
+        return torch.repeat_interleave(x, repeats, dim=1)
     b, kv, t, d = x.shape
     return x[:, :, None, :, :].expand(b, kv, repeats, t, d).reshape(b, kv * repeats, t, d)
 
@@ -46,6 +49,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(e, self.kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(e, self.kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.heads * self.head_dim, e, bias=False)
+        self.interleave = c.get("interleave", False)
 
     def forward(self, x, cos, sin, mask, past=None):
         b, t, _ = x.shape
@@ -57,7 +61,7 @@ class Attention(nn.Module):
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         present = (k, v)
         repeats = self.heads // self.kv_heads
-        k, v = repeat_kv(k, repeats), repeat_kv(v, repeats)
+        k, v = repeat_kv(k, repeats, self.interleave), repeat_kv(v, repeats, self.interleave)
         scores = q @ k.transpose(2, 3) / math.sqrt(self.head_dim) + mask
         out = torch.softmax(scores, dim=-1) @ v
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim)), present

@@ -505,3 +505,21 @@ class Expand(BaseHandler):
             if axis - offset >= 0 and target[axis - offset] > 1:
                 target[axis - offset] = extent
         edit.set_input(1, target)
+
+
+class Tile(BaseHandler):
+    """Repeats the input along axes: channels pass when no channel axis is repeated (torch's
+    repeat_interleave of grouped-query attention's KV heads: [B, KV, 1, T, D] tiled to [B, KV, H/KV, T, D]).
+    The repeats are counts, not extents, so surgery leaves them."""
+
+    follows_ties = True
+
+    def relate(self, view: NodeView) -> Relation:
+        x, y, repeats = view.input(0), view.outputs[0], view.const(1)
+        if x is None or x.axes is None or x.constant or y.shape is None:
+            return Relation([None])
+        if repeats is None:
+            return Relation([None], pins=[Pin(x.name, f"{describe(view)} takes its repeats at run time")])
+        if any(int(repeats[a]) != 1 for a in x.axes):
+            return Relation([None], pins=[Pin(x.name, f"{describe(view)} repeats along the channel axis")])
+        return Relation([x.axes], ties=[identity_tie(x, TensorInfo(y.name, y.shape, x.axes))])

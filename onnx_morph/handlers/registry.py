@@ -5,7 +5,7 @@ from __future__ import annotations
 from onnx_morph.handlers.base import BaseHandler, NodeView, Relation, pin_all
 from onnx_morph.handlers.conv import Conv, ConvTranspose
 from onnx_morph.handlers.elementwise import Elementwise
-from onnx_morph.handlers.layout import Concat, Expand, Gather, Reshape, Slice, Split, Transpose
+from onnx_morph.handlers.layout import Concat, Expand, Gather, Reshape, Slice, Split, Tile, Transpose
 from onnx_morph.handlers.linear import Gemm, MatMul
 from onnx_morph.handlers.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
 from onnx_morph.handlers.passthrough import Cast, Identity, Pad, Passthrough, Reduce, Softmax, SpatialPassthrough
@@ -76,6 +76,7 @@ _REGISTRY: dict[str, BaseHandler] = {
     "Slice": Slice(),
     "Gather": Gather(),
     "Expand": Expand(),
+    "Tile": Tile(),
 }
 _UNKNOWN = Unknown()
 _DOMAINS: dict[str, dict[str, BaseHandler]] = {"": _REGISTRY}
