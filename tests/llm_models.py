@@ -168,7 +168,7 @@ class GPT2Block(nn.Module):
         return x + self.mlp_proj(gelu_new(self.c_fc(self.ln_2(x))))
 
 
-class GPT2(nn.Module):
+class GPT2Model(nn.Module):
     def __init__(self, c: dict = GPT2):
         super().__init__()
         self.wte, self.wpe = nn.Embedding(c["vocab"], c["hidden"]), nn.Embedding(c["positions"], c["hidden"])
