@@ -234,3 +234,37 @@ def test_gpt2_heads_prune_through_the_fused_c_attn_split(exporter, tmp_path):
             block.c_attn.weight[:, columns], block.c_attn.bias[columns] = 0, 0
     feeds = {"input_ids": np.random.default_rng(2).integers(0, GPT2["vocab"], (1, TOKENS)).astype(np.int64)}
     _close(_torch_run(module, feeds), _run(result.model, feeds))
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_multi_query_attention_prunes_value_dims_and_pins_queries_and_keys(exporter, tmp_path):
+    """One KV head: k and v have no head axis. q and k stay pinned, with reasons; v's D head dims are
+    channels (v_proj row d and o_proj column h*D + d of every query head h), pruned exactly."""
+    config = {**LLAMA, "kv_heads": 1}
+    tokens = _feeds(np.random.default_rng(0), cache=False)["input_ids"]
+    torch.manual_seed(0)
+    path = _export(Llama(config), (torch.from_numpy(tokens),), ["input_ids"], ["logits"], tmp_path / "mqa.onnx", exporter)
+    analysis = onnx_morph.analyze(path)
+    graph = analysis.graph
+    layers = LLAMA["layers"]
+    assert sorted(g.size for g in analysis.groups if g.prunable) == [D] * layers + [I] * layers
+    pinned = [g for g in analysis.groups if not any(r.startswith(("graph", "ReduceMean")) for r in g.pin_reasons)
+              and not g.prunable]  # q and k of each layer
+    assert len(pinned) == 2 * layers
+    assert all(any(r.startswith(("MatMul node", "Mul node")) for r in g.pin_reasons) for g in pinned)
+
+    alive = np.ones(graph.num_classes, dtype=bool)
+    values = [g for g in analysis.groups if g.prunable and g.size == D]
+    for group in values:
+        (v,) = _projections(graph, group)
+        alive[graph.classes(v)[[1, 6]]] = False
+    result = prune(path, masks=mask_document(graph, alive))
+    assert result.removed_channels == 2 * layers
+    assert result.masked_deviation.max_rel < REL_TOL
+    torch.manual_seed(0)
+    module = Llama(config)
+    with torch.no_grad():
+        for layer in module.layers:
+            layer.self_attn.v_proj.weight[[1, 6]], layer.self_attn.v_proj.bias[[1, 6]] = 0, 0
+    feeds = _feeds(np.random.default_rng(5), cache=False)
+    _close(_torch_run(module, feeds), _run(result.model, feeds))
