@@ -325,7 +325,7 @@ def _view(model: LoadedModel, name: str, node: onnx.NodeProto, tensors: dict[str
             computed = not model.is_constant(tensor) and tensor not in (aliases or {})
             sliceable = tuple(sorted((views or {}).get(tensor, {}))) if computed else ()
             return TensorInfo(tensor, model.shapes.get(tensor), None, constant=True, computed=computed,
-                              sliceable=sliceable)
+                              sliceable=sliceable, from_shape=tensor in model.shape_derived)
         return tensors.get(tensor) or TensorInfo(tensor, model.shapes.get(tensor))
 
     outputs = [TensorInfo(o, model.shapes.get(o)) if o else None for o in node.output]

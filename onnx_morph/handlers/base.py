@@ -29,6 +29,7 @@ class TensorInfo:
     constant: bool = False
     computed: bool = False
     sliceable: Axes = ()  # axes of a computed constant that surgery slices at its initializer (a table's head axis)
+    from_shape: bool = False  # a constant folded from activations' shapes (a reshape target built from x.size())
 
     @property
     def rank(self) -> int | None:

@@ -91,7 +91,15 @@ class Reshape(BaseHandler):
         for axis, extent in kept_extents(TensorInfo(y.name, y.shape, axes), keep, describe(view)).items():
             if target[axis] > 0:
                 target[axis] = extent
-        edit.set_input(1, _leading_dims_copied(view, target, axes))
+        copies = not view.attr("allowzero", 0)
+        if view.input(1) is not None and view.input(1).from_shape:
+            if not copies and not (target == 0).any():  # the dynamo exporter's view: 0 may copy again
+                edit.set_attr("allowzero", None)
+                copies = True
+            target = _one_dim_inferred(_leading_dims_copied(view, target, axes, copies), axes)
+        else:
+            target = _leading_dims_copied(view, target, axes, copies)
+        edit.set_input(1, target)
 
     def batch_free(self, view: NodeView, batch: int) -> dict[int, np.ndarray]:
         """A Reshape target whose first dim is the exported batch copies it from the input instead (0)."""
@@ -104,11 +112,24 @@ class Reshape(BaseHandler):
         return {1: target}
 
 
-def _leading_dims_copied(view: NodeView, target: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+def _one_dim_inferred(target: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """A target computed from the input's shape at run time (a dynamic sequence length), now written as a
+    constant: when exactly one of its dims is neither a channel axis nor copied from the input, it is
+    inferred (-1), so that the pruned model still takes other sizes there (repeat_kv's [B, H', T, D])."""
+    free = [i for i in range(target.size) if i not in axes and target[i] != 0]
+    if len(free) != 1 or (target == -1).any():
+        return target
+    target = target.copy()
+    target[free[0]] = -1
+    return target
+
+
+def _leading_dims_copied(view: NodeView, target: np.ndarray, axes: tuple[int, ...], copies: bool = True) -> np.ndarray:
     """The target with its leading dims (before any channel axis) copied from the input (0) where they
-    equal it: a target exported as x.size() chains was folded at batch 1, and must not freeze it."""
+    equal it: a target exported as x.size() chains was folded at batch 1, and must not freeze it.
+    `copies`: 0 copies the input's dim (allowzero is off)."""
     x = view.input(0)
-    if view.attr("allowzero", 0) or x.shape is None:
+    if not copies or x.shape is None:
         return target
     target = target.copy()
     first = min(min(axes), min(x.axes or axes), len(x.shape))
@@ -504,6 +525,12 @@ class Expand(BaseHandler):
         for axis, extent in kept_extents(TensorInfo(y.name, y.shape, axes), keep, describe(view)).items():
             if axis - offset >= 0 and target[axis - offset] > 1:
                 target[axis - offset] = extent
+        if view.input(1).from_shape:  # computed from x.size() at run time: 1 keeps the input's extent, whatever it is then
+            x = view.input(0)
+            shift = len(y.shape) - len(x.shape)
+            for axis in range(max(offset, shift), len(y.shape)):
+                if x.shape[axis - shift] == y.shape[axis]:
+                    target[axis - offset] = 1
         edit.set_input(1, target)
 
 
