@@ -268,3 +268,75 @@ def test_multi_query_attention_prunes_value_dims_and_pins_queries_and_keys(expor
             layer.self_attn.v_proj.weight[[1, 6]], layer.self_attn.v_proj.bias[[1, 6]] = 0, 0
     feeds = _feeds(np.random.default_rng(5), cache=False)
     _close(_torch_run(module, feeds), _run(result.model, feeds))
+
+
+def _export_dynamic(module: torch.nn.Module, tokens: np.ndarray, path, exporter: str):
+    """Batch and sequence length dynamic, as LLMs are exported."""
+    module.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            pytest.importorskip("onnxscript", reason="torch's dynamo exporter needs the onnxscript package")
+            dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", max=16)}
+            torch.onnx.export(module, (torch.from_numpy(tokens),), str(path), dynamo=True, optimize=False,
+                              input_names=["input_ids"], output_names=["logits"], dynamic_shapes=(dims,))
+        else:
+            axes = {"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}}
+            torch.onnx.export(module, (torch.from_numpy(tokens),), str(path), dynamo=False, do_constant_folding=False,
+                              opset_version=17, input_names=["input_ids"], output_names=["logits"], dynamic_axes=axes)
+    return path
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_pruned_llama_keeps_a_dynamic_batch_and_sequence_length(exporter, tmp_path):
+    """Analyzed and pruned at (1, 6) tokens, the pruned model runs at other batch sizes and sequence lengths:
+    the targets the export computes from x.size() (head split and merge views, repeat_kv's Expand and
+    Reshape) are written so that they still follow the input, and match the zeroed torch module there.
+    (GPT-2's Conv1D views [B*T, 3E'] back to [B, T, 3E']: that target keeps the analyzed B and T.)"""
+    tokens = np.random.default_rng(0).integers(0, 50, (1, TOKENS)).astype(np.int64)
+    path = _export_dynamic(_llama(), tokens, tmp_path / "llama.onnx", exporter)
+    shapes = {"input_ids": (1, TOKENS)}
+    graph = onnx_morph.analyze(path, input_shapes=shapes).graph
+    alive = np.ones(graph.num_classes, dtype=bool)
+    heads = [g for g in graph.groups if g.prunable and g.size == KV]
+    assert len(heads) == 2
+    for group in graph.groups:
+        if group.prunable:
+            alive[group.classes[:: 3 if group in heads else 4]] = False
+    result = prune(path, masks=mask_document(graph, alive), input_shapes=shapes)
+    assert result.masked_deviation.max_rel < REL_TOL
+
+    module = _llama()
+    _zero_by_masks(module, graph, alive)
+    for shape in [(1, TOKENS), (3, 9), (2, 1)]:
+        feeds = {"input_ids": np.random.default_rng(sum(shape)).integers(0, 50, shape).astype(np.int64)}
+        _close(_torch_run(module, feeds), _run(result.model, feeds))
+
+
+def _zero_by_masks(module: Llama, graph, alive: np.ndarray) -> None:
+    """Zero in torch what the masks remove: the rows (and bias entries) of every Linear's dead outputs."""
+    parameters = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, parameter in parameters.items():
+            prefix = name[: -len("weight")]
+            if name.endswith("weight") and parameter.ndim == 2:
+                for dead in _dead_features(graph, alive, name, parameter.shape[0]):
+                    parameter[dead] = 0
+                    if prefix + "bias" in parameters:
+                        parameters[prefix + "bias"][dead] = 0
+
+
+def _dead_features(graph, alive, weight: str, width: int) -> list[np.ndarray]:
+    """The dead output features of each product reading initializer `weight` (directly, or through a
+    Transpose) with `width` outputs."""
+    readers = {n for n, node in graph.nodes.items() if weight in node.input}
+    outputs = {o for r in readers for o in graph.nodes[r].output}
+    readers |= {n for n, node in graph.nodes.items() if any(i in outputs for i in node.input)}
+    found = []
+    for name in readers:
+        relation = graph.relations.get(name)
+        if relation is not None and relation.geometry is not None and relation.geometry.weight is not None:
+            out = relation.geometry.output
+            if graph.tensors[out].shape[-1] == width:
+                found.append(np.flatnonzero(~alive[graph.classes(out)]))
+    return found
