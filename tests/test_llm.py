@@ -288,17 +288,19 @@ def _export_dynamic(module: torch.nn.Module, tokens: np.ndarray, path, exporter:
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-def test_pruned_llama_keeps_a_dynamic_batch_and_sequence_length(exporter, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_pruned_decoders_keep_a_dynamic_batch_and_sequence_length(family, exporter, tmp_path):
     """Analyzed and pruned at (1, 6) tokens, the pruned model runs at other batch sizes and sequence lengths:
     the targets the export computes from x.size() (head split and merge views, repeat_kv's Expand and
-    Reshape) are written so that they still follow the input, and match the zeroed torch module there.
-    (GPT-2's Conv1D views [B*T, 3E'] back to [B, T, 3E']: that target keeps the analyzed B and T.)"""
+    Reshape, GPT-2's Conv1D view of [B*T, 3E] back to [B, T, 3E]) keep following the input, and the
+    model matches the zeroed torch module there."""
     tokens = np.random.default_rng(0).integers(0, 50, (1, TOKENS)).astype(np.int64)
-    path = _export_dynamic(_llama(), tokens, tmp_path / "llama.onnx", exporter)
+    build = _llama if family == "llama" else _gpt2
+    path = _export_dynamic(build(), tokens, tmp_path / f"{family}.onnx", exporter)
     shapes = {"input_ids": (1, TOKENS)}
     graph = onnx_morph.analyze(path, input_shapes=shapes).graph
     alive = np.ones(graph.num_classes, dtype=bool)
-    heads = [g for g in graph.groups if g.prunable and g.size == KV]
+    heads = [g for g in graph.groups if g.prunable and g.size == (KV if family == "llama" else GPT2["heads"])]
     assert len(heads) == 2
     for group in graph.groups:
         if group.prunable:
@@ -306,22 +308,26 @@ def test_pruned_llama_keeps_a_dynamic_batch_and_sequence_length(exporter, tmp_pa
     result = prune(path, masks=mask_document(graph, alive), input_shapes=shapes)
     assert result.masked_deviation.max_rel < REL_TOL
 
-    module = _llama()
-    _zero_by_masks(module, graph, alive)
+    module = build()
+    _zero_by_masks(module, graph, alive, columns=family == "gpt2")
     for shape in [(1, TOKENS), (3, 9), (2, 1)]:
         feeds = {"input_ids": np.random.default_rng(sum(shape)).integers(0, 50, shape).astype(np.int64)}
         _close(_torch_run(module, feeds), _run(result.model, feeds))
 
 
-def _zero_by_masks(module: Llama, graph, alive: np.ndarray) -> None:
-    """Zero in torch what the masks remove: the rows (and bias entries) of every Linear's dead outputs."""
+def _zero_by_masks(module: torch.nn.Module, graph, alive: np.ndarray, columns: bool = False) -> None:
+    """Zero in torch what the masks remove: the dead outputs' rows (Linear; columns of GPT-2's Conv1D,
+    stored [in, out]) and bias entries."""
     parameters = dict(module.named_parameters())
     with torch.no_grad():
         for name, parameter in parameters.items():
             prefix = name[: -len("weight")]
             if name.endswith("weight") and parameter.ndim == 2:
-                for dead in _dead_features(graph, alive, name, parameter.shape[0]):
-                    parameter[dead] = 0
+                for dead in _dead_features(graph, alive, name, parameter.shape[1 if columns else 0]):
+                    if columns:
+                        parameter[:, dead] = 0
+                    else:
+                        parameter[dead] = 0
                     if prefix + "bias" in parameters:
                         parameters[prefix + "bias"][dead] = 0
 

@@ -187,6 +187,11 @@ class Editor(Protocol):
     def set_attr(self, name: str, value) -> None:
         """Set an attribute; None removes it."""
 
+    def set_entries(self, index: int, values: dict[int, int]) -> bool:
+        """Set entries of a shape input computed at run time (x.size() pieces joined to constants) where
+        they come from, a constant piece, so that the rest still follows the input; False, changing
+        nothing, when some entry cannot be traced to a constant feeding only this input."""
+
     def removed_values(self, tensor: str) -> np.ndarray | None:
         """Per channel element, the constant a removed channel holds (0 where kept); None if all zero."""
 
@@ -268,6 +273,11 @@ class BaseHandler:
         """If output axis `axis` is an axis of one input laid out again, entries in the same order (a
         table gathered, reshaped, transposed): (that input's index, its axis). Slicing the input
         there slices the output along `axis`."""
+        return None
+
+    def entry_source(self, view: NodeView, position: int) -> tuple[int, int] | None:
+        """If entry `position` of the flattened output is an entry of one input, unchanged (a shape
+        computation's Concat, Unsqueeze, Cast): (that input's index, the entry's flat position)."""
         return None
 
     def resize_view(self, view: NodeView, edit: Editor, axis: int, count: int) -> None:

@@ -71,6 +71,9 @@ class Reshape(BaseHandler):
                     return 0, a
         return None
 
+    def entry_source(self, view: NodeView, position: int) -> tuple[int, int]:
+        return 0, position  # a reshape keeps the row-major order
+
     def resize_view(self, view: NodeView, edit, axis: int, count: int) -> None:
         """An explicit extent in the target becomes `count` (a -1 or 0 follows by itself)."""
         if view.op_type != "Reshape" or view.const(1) is None:
@@ -88,9 +91,12 @@ class Reshape(BaseHandler):
             return
         axes = self.relate(view).output_axes[0]
         target = np.array(view.const(1) if view.const(1) is not None else y.shape, dtype=np.int64)
+        changed = {}
         for axis, extent in kept_extents(TensorInfo(y.name, y.shape, axes), keep, describe(view)).items():
-            if target[axis] > 0:
-                target[axis] = extent
+            if target[axis] > 0 and target[axis] != extent:
+                target[axis] = changed[axis] = extent
+        if view.input(1) is not None and view.input(1).from_shape and edit.set_entries(1, changed):
+            return  # the constant pieces changed, the x.size() ones still follow the input
         copies = not view.attr("allowzero", 0)
         if view.input(1) is not None and view.input(1).from_shape:
             if not copies and not (target == 0).any():  # the dynamo exporter's view: 0 may copy again
@@ -232,6 +238,17 @@ class Concat(BaseHandler):
                 relation.ties.append(Tie(t.name, np.arange(count, dtype=np.int64), y.name, block))
             offset += count
         return relation
+
+    def entry_source(self, view: NodeView, position: int) -> tuple[int, int] | None:
+        """A 1-D concatenation (a shape assembled from x.size() pieces and constants)."""
+        offset = 0
+        for index, t in enumerate(view.inputs):
+            if t is None or t.shape is None or len(t.shape) != 1:
+                return None
+            if position < offset + t.shape[0]:
+                return index, position - offset
+            offset += t.shape[0]
+        return None
 
     def prune(self, view: NodeView, edit) -> None:
         """Constants joined off the channel axis (a class token) lose the removed channels."""
