@@ -209,7 +209,8 @@ class Concat(BaseHandler):
         layouts = {t.axes for t in activations}
         widest = max(layouts, key=len)
         if len(layouts) != 1:
-            if axis in widest or not all(set(layout) <= set(widest) for layout in layouts):
+            if axis in widest or any(t.constant for t in parts) or not all(set(layout) <= set(widest)
+                                                                            for layout in layouts):
                 reason = f"{describe(view)} joins tensors whose channel layouts differ"
                 return Relation([None], pins=[Pin(t.name, reason) for t in activations])
             return _grid_concat(view, parts, y, widest, axis)  # a KV cache (heads) joined to new keys (heads x dims)
