@@ -146,6 +146,25 @@ class ChannelGraph:
             tensor, axis = self.nodes[producer].input[found[0]], found[1]
         return chain[::-1]
 
+    def entry_origin(self, tensor: str, position: int) -> tuple[str, int, int] | None:
+        """Where entry `position` of a shape computed at run time comes from: (node, input index, flat
+        entry) where that input is a constant that no input's shape changes (an initializer, a Constant,
+        or a value folded from those), through nodes that pass the entry unchanged (handlers' entry_source), each tensor on the
+        way feeding only the next node. None otherwise (the entry is an x.size() piece, or shared)."""
+        while True:
+            producer = self._producers.get(tensor)
+            if producer is None or self._uses[tensor] != 1:
+                return None
+            node = self.nodes[producer]
+            found = handler_for(node.op_type, node.domain).entry_source(node_view(self, producer), position)
+            if found is None:
+                return None
+            index, position = found
+            source = node.input[index]
+            if source not in self.model.shape_derived and self.model.constant(source) is not None:
+                return producer, index, position
+            tensor = source
+
     @cached_property
     def _producers(self) -> dict[str, str]:
         return {o: name for name, node in self.nodes.items() for o in node.output if o}
@@ -433,7 +452,8 @@ def _view(model: LoadedModel, name: str, node: onnx.NodeProto, tensors: dict[str
             computed = not model.is_constant(tensor) and not alias
             sliceable = tuple(sorted((views or {}).get(tensor, {}))) if computed else ()
             return TensorInfo(tensor, model.shapes.get(tensor), None, constant=True, computed=computed,
-                              sliceable=sliceable, stored=alias or model.initializer(tensor) is not None)
+                              sliceable=sliceable, stored=alias or model.initializer(tensor) is not None,
+                              from_shape=tensor in model.shape_derived)
         return tensors.get(tensor) or TensorInfo(tensor, model.shapes.get(tensor))
 
     outputs = [TensorInfo(o, model.shapes.get(o)) if o else None for o in node.output]

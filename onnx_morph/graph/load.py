@@ -49,6 +49,9 @@ class LoadedModel:
     input_shapes: dict[str, tuple[int, ...]]
     notes: list[str] = field(default_factory=list)
     folded: dict[str, np.ndarray] = field(default_factory=dict)
+    # Folded values computed from activations' shapes (Shape -> Gather -> Concat): constants only at the
+    # analyzed input shapes, so surgery writes them in a form that still follows other shapes.
+    shape_derived: set[str] = field(default_factory=set)
 
     @property
     def graph(self) -> onnx.GraphProto:
@@ -152,7 +155,17 @@ def load_model(
     inferred, folded = _infer_and_fold(view, label)
     shapes, dtypes = _collect_types(inferred)
     _check_sizes(shapes, label)
-    return LoadedModel(model, label, base_dir, opset, shapes, dtypes, resolved_inputs, notes, folded)
+    return LoadedModel(model, label, base_dir, opset, shapes, dtypes, resolved_inputs, notes, folded,
+                       _shape_derived(model.graph, folded))
+
+
+def _shape_derived(graph: onnx.GraphProto, folded: dict[str, np.ndarray]) -> set[str]:
+    """The folded outputs of Shape and Size, and of every folded computation that reads one."""
+    derived: set[str] = set()
+    for node in graph.node:
+        if node.op_type in ("Shape", "Size") or any(name in derived for name in node.input):
+            derived.update(name for name in node.output if name in folded)
+    return derived
 
 
 def _runtime_op(node: onnx.NodeProto) -> bool:

@@ -34,6 +34,7 @@ class TensorInfo:
     sliceable: Axes = ()  # axes of a computed constant that surgery slices at its initializer (a table's head axis)
     stored: bool = False
     copies: bool = False
+    from_shape: bool = False  # a constant folded from activations' shapes (a reshape target built from x.size())
 
     @property
     def rank(self) -> int | None:
@@ -194,6 +195,11 @@ class Editor(Protocol):
     def set_attr(self, name: str, value) -> None:
         """Set an attribute; None removes it."""
 
+    def set_entries(self, index: int, values: dict[int, int]) -> bool:
+        """Set entries of a shape input computed at run time (x.size() pieces joined to constants) where
+        they come from, a constant piece, so that the rest still follows the input; False, changing
+        nothing, when some entry cannot be traced to a constant feeding only this input."""
+
     def removed_values(self, tensor: str) -> np.ndarray | None:
         """Per channel element, the constant a removed channel holds (0 where kept); None if all zero."""
 
@@ -305,6 +311,11 @@ class BaseHandler:
         """Make output 0, a parameter laid out from input 0 (see source_axis), hold `value` by changing
         input 0 (a dequantized bias: its integers); False when the op cannot."""
         return False
+
+    def entry_source(self, view: NodeView, position: int) -> tuple[int, int] | None:
+        """If entry `position` of the flattened output is an entry of one input, unchanged (a shape
+        computation's Concat, Unsqueeze, Cast): (that input's index, the entry's flat position)."""
+        return None
 
     def resize_view(self, view: NodeView, edit: Editor, axis: int, count: int) -> None:
         """Its input was sliced so that output axis `axis` (see source_axis) now holds `count` entries:

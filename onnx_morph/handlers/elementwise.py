@@ -52,7 +52,9 @@ class Elementwise(BaseHandler):
         out = TensorInfo(y.name, y.shape, out_axes)
         relation = Relation([out_axes], params=self._params(operands, y, out_axes, rank), product=view.op_type == "Mul")
         reason = f"{describe(view)} combines operands whose channel layouts differ"
-        relation.pins += _unsliceable_constants(view, operands, y, out_axes)
+        pins, ties = _unsliceable_constants(view, operands, out)
+        relation.pins += pins
+        relation.ties += ties
         for t in operands:
             if t.constant:
                 continue
@@ -127,13 +129,30 @@ def _slice_grid_constants(view: NodeView, edit, y: TensorInfo, keep: np.ndarray)
                 edit.slice_input(index, axis - (rank - len(t.shape)), along)
 
 
-def _unsliceable_constants(view: NodeView, operands: list[TensorInfo], y: TensorInfo, out_axes) -> list[Pin]:
+def _unsliceable_constants(view: NodeView, operands: list[TensorInfo], y: TensorInfo) -> tuple[list[Pin], list[Tie]]:
     """A per-channel constant computed by nodes at run time cannot lose channels in surgery unless its
     channel axes are one initializer's axes laid out again (Swin's relative position bias, gathered per
-    head from its table: surgery slices the table): otherwise the channels it spans stay."""
-    rank = len(y.shape)
-    return [Pin(y.name, f"{describe(view)} adds per-channel values computed at run time ('{t.name}') that are "
-                        f"not one parameter's axis laid out again, so surgery cannot slice them")
-            for t in operands
-            if t.constant and t.computed and any(_aligned(t, rank)[a] == y.shape[a] > 1
-                                                 and a - (rank - len(t.shape)) not in t.sliceable for a in out_axes)]
+    head from its table: surgery slices the table). Spanning every channel axis, it pins the channels;
+    spanning only some axes of a channel grid (rotary cos/sin tables over the head dims of heads x dims),
+    it ties the elements along those axes together, so that only whole slices along the others (heads)
+    can go and the constant is never sliced."""
+    rank, pins, ties = len(y.shape), [], []
+    verb = {"Add": "adds", "Mul": "multiplies by"}.get(view.op_type, "combines with")
+    for t in operands:
+        if not (t.constant and t.computed):
+            continue
+        spanned = [a for a in y.axes if _aligned(t, rank)[a] == y.shape[a] > 1 and a - (rank - len(t.shape)) not in t.sliceable]
+        if len(spanned) == len(y.axes):
+            pins.append(Pin(y.name, f"{describe(view)} {verb} per-channel values computed at run time ('{t.name}') that "
+                                    f"are not one parameter's axis laid out again, so surgery cannot slice them"))
+        elif spanned:
+            ties.append(_tie_along(y, spanned))
+    return pins, ties
+
+
+def _tie_along(y: TensorInfo, axes: list[int]) -> Tie:
+    """Each channel element of `y` tied to the one at index 0 of `axes` with its other coordinates."""
+    dims = [y.shape[a] for a in y.axes]
+    ids = np.arange(math.prod(dims), dtype=np.int64).reshape(dims)
+    first = ids[tuple(slice(0, 1) if a in axes else slice(None) for a in y.axes)]
+    return Tie(y.name, ids.reshape(-1), y.name, np.broadcast_to(first, ids.shape).reshape(-1))

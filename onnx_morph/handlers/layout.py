@@ -76,6 +76,9 @@ class Reshape(BaseHandler):
                     return 0, a
         return None
 
+    def entry_source(self, view: NodeView, position: int) -> tuple[int, int]:
+        return 0, position  # a reshape keeps the row-major order
+
     def resize_view(self, view: NodeView, edit, axis: int, count: int) -> None:
         """An explicit extent in the target becomes `count` (a -1 or 0 follows by itself)."""
         if view.op_type != "Reshape" or view.const(1) is None:
@@ -93,10 +96,21 @@ class Reshape(BaseHandler):
             return
         axes = self.relate(view).output_axes[0]
         target = np.array(view.const(1) if view.const(1) is not None else y.shape, dtype=np.int64)
+        changed = {}
         for axis, extent in kept_extents(TensorInfo(y.name, y.shape, axes), keep, describe(view)).items():
-            if target[axis] > 0:
-                target[axis] = extent
-        edit.set_input(1, _leading_dims_copied(view, target, axes))
+            if target[axis] > 0 and target[axis] != extent:
+                target[axis] = changed[axis] = extent
+        if view.input(1) is not None and view.input(1).from_shape and edit.set_entries(1, changed):
+            return  # the constant pieces changed, the x.size() ones still follow the input
+        copies = not view.attr("allowzero", 0)
+        if view.input(1) is not None and view.input(1).from_shape:
+            if not copies and not (target == 0).any():  # the dynamo exporter's view: 0 may copy again
+                edit.set_attr("allowzero", None)
+                copies = True
+            target = _one_dim_inferred(_leading_dims_copied(view, target, axes, copies), axes)
+        else:
+            target = _leading_dims_copied(view, target, axes, copies)
+        edit.set_input(1, target)
 
     def batch_free(self, view: NodeView, batch: int) -> dict[int, np.ndarray]:
         """A Reshape target whose first dim is the exported batch copies it from the input instead (0)."""
@@ -124,11 +138,24 @@ def _whole_channel_slices(ids: np.ndarray, axis: int, channels: int) -> np.ndarr
     return np.arange(channels, dtype=np.int64) // per_slice
 
 
-def _leading_dims_copied(view: NodeView, target: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+def _one_dim_inferred(target: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """A target computed from the input's shape at run time (a dynamic sequence length), now written as a
+    constant: when exactly one of its dims is neither a channel axis nor copied from the input, it is
+    inferred (-1), so that the pruned model still takes other sizes there (repeat_kv's [B, H', T, D])."""
+    free = [i for i in range(target.size) if i not in axes and target[i] != 0]
+    if len(free) != 1 or (target == -1).any():
+        return target
+    target = target.copy()
+    target[free[0]] = -1
+    return target
+
+
+def _leading_dims_copied(view: NodeView, target: np.ndarray, axes: tuple[int, ...], copies: bool = True) -> np.ndarray:
     """The target with its leading dims (before any channel axis) copied from the input (0) where they
-    equal it: a target exported as x.size() chains was folded at batch 1, and must not freeze it."""
+    equal it: a target exported as x.size() chains was folded at batch 1, and must not freeze it.
+    `copies`: 0 copies the input's dim (allowzero is off)."""
     x = view.input(0)
-    if view.attr("allowzero", 0) or x.shape is None:
+    if not copies or x.shape is None:
         return target
     target = target.copy()
     first = min(min(axes), min(x.axes or axes), len(x.shape))
@@ -200,9 +227,13 @@ class Concat(BaseHandler):
                                           for t in activations if t.axes is not None])
         axis = normalize_axis(view.attr("axis"), len(y.shape))
         layouts = {t.axes for t in activations}
+        widest = max(layouts, key=len)
         if len(layouts) != 1:
-            reason = f"{describe(view)} joins tensors whose channel layouts differ"
-            return Relation([None], pins=[Pin(t.name, reason) for t in activations])
+            if axis in widest or any(t.constant for t in parts) or not all(set(layout) <= set(widest)
+                                                                            for layout in layouts):
+                reason = f"{describe(view)} joins tensors whose channel layouts differ"
+                return Relation([None], pins=[Pin(t.name, reason) for t in activations])
+            return _grid_concat(view, parts, y, widest, axis)  # a KV cache (heads) joined to new keys (heads x dims)
         axes = layouts.pop()
         out = TensorInfo(y.name, y.shape, axes)
         if axis not in axes:
@@ -212,8 +243,10 @@ class Concat(BaseHandler):
                 relation.pins.append(Pin(y.name, f"{describe(view)} joins a constant to channels spread over axes {list(axes)}"))
             return relation
         if axes != (axis,):
-            return Relation([None], pins=[Pin(t.name, f"{describe(view)} concatenates along one of several channel axes")
-                                          for t in activations])
+            if any(t.constant for t in parts):
+                return Relation([None], pins=[Pin(t.name, f"{describe(view)} joins a constant along one of several "
+                                                          f"channel axes") for t in activations])
+            return _grid_concat(view, parts, y, axes, axis)  # rotary embedding's rotate_half: cat(-x2, x1) on D
         relation = Relation([axes])
         offset = 0
         for t in parts:
@@ -227,6 +260,17 @@ class Concat(BaseHandler):
             offset += count
         return relation
 
+    def entry_source(self, view: NodeView, position: int) -> tuple[int, int] | None:
+        """A 1-D concatenation (a shape assembled from x.size() pieces and constants)."""
+        offset = 0
+        for index, t in enumerate(view.inputs):
+            if t is None or t.shape is None or len(t.shape) != 1:
+                return None
+            if position < offset + t.shape[0]:
+                return index, position - offset
+            offset += t.shape[0]
+        return None
+
     def prune(self, view: NodeView, edit) -> None:
         """Constants joined off the channel axis (a class token) lose the removed channels."""
         y = view.outputs[0]
@@ -237,6 +281,24 @@ class Concat(BaseHandler):
         for index, t in enumerate(view.inputs):
             if t is not None and t.constant and t.shape[axes[0]] == keep.size:
                 edit.slice_input(index, axes[0], keep)
+
+
+def _grid_concat(view: NodeView, parts: list[TensorInfo], y: TensorInfo, axes: tuple[int, ...], axis: int) -> Relation:
+    """Activations joined into a channel grid over `axes`: along one of its axes (the halves of rotary
+    embedding's rotate_half, each a sub-grid of heads x D/2), or off them with some parts spanning fewer
+    of its axes (a KV cache whose heads are its only channel axis, joined to new keys' heads x dims: each
+    cache channel is then tied to the whole slice it lines up with). Parts are activations only."""
+    out_ids = channel_ids(TensorInfo(y.name, y.shape, axes))
+    relation, offset = Relation([axes]), 0
+    for t in parts:
+        mine = out_ids
+        if axis in axes:
+            mine = np.take(out_ids, np.arange(offset, offset + t.shape[axis]), axis=axis)
+            offset += t.shape[axis]
+        ours, theirs = np.broadcast_arrays(mine, channel_ids(t))
+        pairs = np.unique(np.stack([ours.reshape(-1), theirs.reshape(-1)]), axis=1)
+        relation.ties.append(Tie(y.name, pairs[0], t.name, pairs[1]))
+    return relation
 
 
 def _subset(view: NodeView, x: TensorInfo, outputs: list[tuple[TensorInfo, np.ndarray | None]], axis: int) -> Relation:
@@ -493,8 +555,9 @@ class Expand(BaseHandler):
         axes = tuple(a + shift for a in x.axes)
         if all(x.shape[a] == y.shape[a + shift] for a in x.axes):
             relation = Relation([axes], ties=[identity_tie(x, TensorInfo(y.name, y.shape, axes))])
-            if len(axes) > 1:
-                relation.pins.append(Pin(x.name, f"{describe(view)} broadcasts channels spread over axes {list(axes)}"))
+            if len(axes) > 1 and view.const(1) is None:
+                relation.pins.append(Pin(x.name, f"{describe(view)} broadcasts channels spread over axes {list(axes)} "
+                                                 f"to a shape computed at run time"))
             return relation
         return Relation([None], pins=[Pin(x.name, f"{describe(view)} broadcasts along the channel axis")])
 
@@ -506,15 +569,18 @@ class Expand(BaseHandler):
         shape = view.const(1)
         if keep is None or shape is None:
             return
-        (axis,) = self.relate(view).output_axes[0]
+        axes = self.relate(view).output_axes[0]
         target = np.array(shape, dtype=np.int64)
         offset = len(y.shape) - target.size
-        if axis - offset >= 0 and target[axis - offset] > 1:
-            target[axis - offset] = int(keep.sum())
-        shift = target.size - len(x.shape)
-        for a in range(max(shift, 0), target.size):
-            if a != axis - offset and target[a] == x.shape[a - shift]:
-                target[a] = 1
+        for axis, extent in kept_extents(TensorInfo(y.name, y.shape, axes), keep, describe(view)).items():
+            if axis - offset >= 0 and target[axis - offset] > 1:
+                target[axis - offset] = extent
+        # Extents the input already has become 1 (broadcast gives them back), so a size folded into the
+        # target at load time (a batch, a sequence length computed from x.size()) is not frozen.
+        shift = len(y.shape) - len(x.shape)
+        for axis in range(max(offset, shift), len(y.shape)):
+            if axis not in axes and x.shape[axis - shift] == y.shape[axis]:
+                target[axis - offset] = 1
         edit.set_input(1, target)
 
 
@@ -542,3 +608,21 @@ class DepthToSpace(BaseHandler):
         mode = mode.decode() if isinstance(mode, bytes) else mode
         out = channels // int(view.attr("blocksize")) ** 2 if mode == "CRD" else channels % y.shape[1]
         return Relation([(1,)], ties=[Tie(x.name, channels, y.name, out)])
+
+
+class Tile(BaseHandler):
+    """Repeats the input along axes: channels pass when no channel axis is repeated (torch's
+    repeat_interleave of grouped-query attention's KV heads: [B, KV, 1, T, D] tiled to [B, KV, H/KV, T, D]).
+    The repeats are counts, not extents, so surgery leaves them."""
+
+    follows_ties = True
+
+    def relate(self, view: NodeView) -> Relation:
+        x, y, repeats = view.input(0), view.outputs[0], view.const(1)
+        if x is None or x.axes is None or x.constant or y.shape is None:
+            return Relation([None])
+        if repeats is None:
+            return Relation([None], pins=[Pin(x.name, f"{describe(view)} takes its repeats at run time")])
+        if any(int(repeats[a]) != 1 for a in x.axes):
+            return Relation([None], pins=[Pin(x.name, f"{describe(view)} repeats along the channel axis")])
+        return Relation([x.axes], ties=[identity_tie(x, TensorInfo(y.name, y.shape, x.axes))])

@@ -66,11 +66,17 @@ class Identity(Passthrough):
     def source_axis(self, view: NodeView, axis: int) -> tuple[int, int]:
         return 0, axis
 
+    def entry_source(self, view: NodeView, position: int) -> tuple[int, int]:
+        return 0, position
+
 
 class Cast(Passthrough):
     """Cast keeps the values (indices cast to int32 still index the same table)."""
 
     preserves_values = True
+
+    def entry_source(self, view: NodeView, position: int) -> tuple[int, int]:
+        return 0, position
 
 
 class SpatialPassthrough(Passthrough):

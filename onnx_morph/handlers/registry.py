@@ -5,7 +5,7 @@ from __future__ import annotations
 from onnx_morph.handlers.base import BaseHandler, NodeView, Relation, pin_all
 from onnx_morph.handlers.conv import Conv, ConvTranspose
 from onnx_morph.handlers.elementwise import Elementwise
-from onnx_morph.handlers.layout import Concat, DepthToSpace, Expand, Gather, Reshape, Slice, Split, Transpose
+from onnx_morph.handlers.layout import Concat, DepthToSpace, Expand, Gather, Reshape, Slice, Split, Tile, Transpose
 from onnx_morph.handlers.linear import Gemm, MatMul
 from onnx_morph.handlers.microsoft import MICROSOFT
 from onnx_morph.handlers.norm import BatchNorm, GroupNorm, InstanceNorm, LayerNorm
@@ -93,6 +93,7 @@ _REGISTRY: dict[str, BaseHandler] = {
     "ConvInteger": ConvInteger(),
     "QLinearMatMul": QLinearMatMul(),
     "MatMulInteger": MatMulInteger(),
+    "Tile": Tile(),
 }
 _UNKNOWN = Unknown()
 # onnxruntime's contrib ops, as its graph optimizations, transformer optimizer and quantizer write them.

@@ -97,6 +97,18 @@ class _NodeEditor:
     def current(self, index: int) -> np.ndarray:
         return self.surgery.value(self.node.input[index])
 
+    def set_entries(self, index: int, values: dict[int, int]) -> bool:
+        graph = self.surgery.graph
+        origins = {position: graph.entry_origin(self.node.input[index], position) for position in values}
+        if not values or any(origin is None for origin in origins.values()):
+            return False
+        for position, (node_name, input_index, entry) in origins.items():
+            editor = _NodeEditor(self.surgery, node_name, self.surgery.nodes[node_name])
+            value = np.array(editor.current(input_index))
+            value.reshape(-1)[entry] = values[position]
+            editor.set_input(input_index, value)
+        return True
+
     def set_input(self, index: int, value: np.ndarray) -> None:
         if index < len(self.node.input) and self._store_at_source(self.node.input[index], value):
             return
