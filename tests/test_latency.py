@@ -225,7 +225,10 @@ def test_a_latency_target_prune_meets_its_prediction(folder):
     assert result.masked_deviation.max_rel < 1e-4
     fixed = prune(path, target_latency=f"{1e3 * 0.6 * table.model_seconds:.6f}ms", latency_table=table, measure=False)
     assert fixed.latency.measured_after is None
-    np.testing.assert_array_equal(fixed.alive, result.alive)
+    if any("chose again" in note for note in result.notes):  # the measured model missed: a lower predicted goal
+        assert fixed.alive.sum() >= result.alive.sum()
+    else:
+        np.testing.assert_array_equal(fixed.alive, result.alive)
 
 
 def test_latency_table_errors_in_prune(folder, model_path, table_path):

@@ -164,3 +164,29 @@ def _next_step(model: LatencyModel, group, ops: list[_Op], alive: np.ndarray, st
         if saving > tolerance:
             return float(strength[removed].sum()) / saving, saving, removed
     return None
+
+
+def measured_to_target(graph: ChannelGraph, table: LatencyTable, target: float, alive: np.ndarray, *,
+                       min_keep: float = 0.1, rounds: int = 2, tolerance: float = 0.03) -> tuple[np.ndarray, list[str]]:
+    """NetAdapt's check on the table's choice: the candidate is timed against the original now (in turns,
+    on the table's provider, threads and batch); while it keeps more than the target's share of the
+    original's latency (by over `tolerance`), the prediction's error is taken out of the target and the
+    channels are chosen again. Returns the alive set and what happened, for the report."""
+    from onnx_morph.profile import Timing, measure_models
+    from onnx_morph.rewrite.surgery import remove_channels
+
+    original = graph.model.materialized()
+    shapes = {name: (table.batch, *shape[1:]) for name, shape in graph.model.input_shapes.items()}
+    timing = Timing(table.provider, table.threads, table.batch)
+    wanted, goal, notes = target / table.model_seconds, target, []
+    for _ in range(rounds):
+        candidate = remove_channels(graph, alive, original, {}).model
+        full, pruned = (m.median for m in measure_models([original, candidate], shapes, graph.model.dtypes, timing))
+        kept = pruned / full
+        if kept <= wanted * (1 + tolerance):
+            break
+        goal *= wanted / kept
+        notes.append(f"measured {kept:.0%} of the original's latency for a target of {wanted:.0%}: chose again for a "
+                     f"predicted {1e3 * goal:.4g} ms")
+        alive = by_latency(graph, table, goal, min_keep=min_keep)
+    return alive, notes

@@ -17,7 +17,7 @@ from onnx_morph.graph.dependence import input_dependence
 from onnx_morph.graph.load import PROTOBUF_LIMIT, check_model, serialized_size
 from onnx_morph.rewrite import select
 from onnx_morph.rewrite.calibrate import calibrated, has_batchnorm
-from onnx_morph.rewrite.latency import LatencyModel, by_latency, parse_latency_target
+from onnx_morph.rewrite.latency import LatencyModel, by_latency, measured_to_target, parse_latency_target
 from onnx_morph.rewrite.surgery import keep_masks, probed_tensors, remove_channels, removed_channel_values
 from onnx_morph.rewrite.verify import (Deviation, deviation, input_notes, masked_original, probe_inputs,
                                        random_inputs, run)
@@ -117,7 +117,7 @@ def prune(
     if latency_table is not None:
         table = latency_table if isinstance(latency_table, LatencyTable) else load_table(latency_table)
         table.check(graph, provider)
-    alive, notes = _choose(graph, criteria, round_to, min_keep, table)
+    alive, notes = _choose(graph, criteria, round_to, min_keep, table, measure)
     masks = keep_masks(graph, alive)
 
     original = graph.model.materialized()
@@ -237,7 +237,7 @@ def _shifts_batchnorm(model: onnx.ModelProto, original: Deviation | None) -> boo
 
 
 def _choose(graph: ChannelGraph, criteria: dict, round_to: int, min_keep: float,
-            table: LatencyTable | None = None) -> tuple[np.ndarray, list[str]]:
+            table: LatencyTable | None = None, measure: bool = False) -> tuple[np.ndarray, list[str]]:
     notes: list[str] = []
     prunable = ~graph.class_pinned()
     if not prunable.any():
@@ -261,6 +261,9 @@ def _choose(graph: ChannelGraph, criteria: dict, round_to: int, min_keep: float,
     if criteria["target_latency"] is not None:
         target = parse_latency_target(criteria["target_latency"], table)
         alive = by_latency(graph, table, target, min_keep=min_keep)
+        if measure:
+            alive, retargeted = measured_to_target(graph, table, target, alive, min_keep=min_keep)
+            notes += retargeted
         alive, _ = select.keep_minimum(graph, alive)
         reached = LatencyModel(graph, table).predict(alive)
         if reached > target:
