@@ -8,7 +8,7 @@ import re
 import sys
 
 from onnx_morph.data import DATA_HELP
-from onnx_morph.errors import InvariantError, OnnxMorphError, OptionError, OutputError
+from onnx_morph.errors import InvariantError, OnnxMorphError, OptionError
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -235,10 +235,7 @@ def _analyze(args: argparse.Namespace) -> None:
     if args.graph:
         from onnx_morph.graph.graphml import write_graphml
 
-        try:
-            write_graphml(result.graph, args.graph)
-        except OSError as exc:
-            raise OutputError(f"{args.graph}: cannot write ({exc.strerror or exc})") from None
+        write_graphml(result.graph, args.graph)
     if args.json:
         json.dump(result.to_json(), sys.stdout, indent=1)
         sys.stdout.write("\n")

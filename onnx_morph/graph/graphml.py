@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from onnx_morph.errors import OutputError
 from onnx_morph.graph.channel_graph import ChannelGraph
 
 
@@ -39,11 +40,17 @@ def write_graphml(graph: ChannelGraph, path: str | os.PathLike) -> Path:
     import networkx as nx
 
     path = Path(path)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    try:
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     try:
         nx.write_graphml(graphml_graph(graph), temporary)
         os.replace(temporary, path)
+    except OSError as exc:
+        os.unlink(temporary)
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from None
     except BaseException:
         os.unlink(temporary)
         raise
