@@ -369,9 +369,14 @@ def _train(args: argparse.Namespace) -> None:
                   "the target")
         print("alive channels per group: " + ", ".join(f"{g}: {n}" for g, n in result.alive_per_group.items()))
     print(f"test accuracy {100 * result.test_accuracy:.2f}%; trained model: {result.model_path}")
+    if result.effective_cost is None:
+        print(f"logs: {artifacts.directory}/train_log.csv, tensorboard/")
+        return
     print(f"logs: {artifacts.directory}/train_log.csv, tensorboard/, learned_structure/, masks.json")
-    if result.effective_cost is not None:
-        print(f"prune it: onnx-morph prune {result.model_path} --mask {artifacts.directory / 'masks.json'} -o small.onnx")
+    # Channels removed while still alive shift the next BatchNorms: their statistics need measuring again.
+    calibrate = f" --calibrate {args.data}" if result.moved_to_target > 0 else ""
+    print(f"prune it: onnx-morph prune {result.model_path} --mask {artifacts.directory / 'masks.json'} -o small.onnx"
+          f"{calibrate}")
 
 
 def _demo(args: argparse.Namespace) -> None:
