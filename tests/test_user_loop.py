@@ -165,6 +165,11 @@ def test_static_batch_torchvision_trains_on_digits_from_the_cli(name, torchvisio
     proc = cli("train", tmp_path / "run", "--data", "digits", "--limit", "384", "--learning-rate", "0.01")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("24 steps") and "gray repeated to 3 channels" in proc.stdout
+    folder = _image_folder(tmp_path / "images", classes=3, per_class=30)
+    proc = cli("train", tmp_path / "run", "--data", folder, "--epochs", "3", "--mean", "0.5", "--std", "0.25")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("12 steps")  # 72 training images, batches of 16, 3 epochs
+    assert "resized" not in proc.stdout.splitlines()[0]  # read at the model's 32x32
     trained = onnx.load(str(tmp_path / "run" / "trained.onnx"))
     assert trained.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
     from onnx_morph.rewrite.verify import onnxruntime
@@ -187,6 +192,13 @@ def test_image_folder_trains_a_static_batch_model(tmp_path):
     proc = cli("train", tmp_path / "run", "--data", root, "--epochs", "2", "--mean", "0.5", "--std", "0.25")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("16 steps") and "images, gray repeated to 3 channels" in proc.stdout
+    x = np.zeros((8, 5, 16, 16), np.uint8)
+    np.savez(tmp_path / "five.npz", x_train=x, y_train=np.zeros(8), x_test=x, y_test=np.zeros(8))
+    assert_user_error(cli("train", tmp_path / "run", "--data", tmp_path / "five.npz"),
+                      "has 5 channels per image and the model's input takes 3")
+    lonely = _image_folder(tmp_path / "lonely", classes=1)
+    assert_user_error(cli("train", tmp_path / "run", "--data", lonely), "one subfolder per class (at least 2)")
+    assert_user_error(cli("train", tmp_path / "run", "--data", root, "--mean", "0.5,0.5"), "mean takes 1 or 3 values")
 
 
 def test_reshape_that_froze_the_batch_is_rewritten(tmp_path):
