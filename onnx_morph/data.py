@@ -14,7 +14,6 @@ import hashlib
 import os
 import shutil
 import tempfile
-import urllib.request
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -195,6 +194,8 @@ def _fashion_help(reason: str = "") -> str:
 def download_fashion_mnist(mirror: str | None = None, checksums: dict[str, str] | None = None,
                            timeout: float = 60.0) -> Path:
     """Fetch the four files into the cache, each checked against its published MD5 sum before it is kept."""
+    import urllib.request
+
     mirror = mirror or os.environ.get("ONNX_MORPH_FASHION_MNIST_URL") or FASHION_MNIST_MIRROR
     checksums = checksums or FASHION_MNIST_MD5
     folder = cache_dir() / "fashion-mnist"
