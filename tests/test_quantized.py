@@ -10,6 +10,7 @@ pruned model equals the zero-masked original in onnxruntime.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -273,6 +274,19 @@ def test_integer_ops_prune_with_their_scales_and_zero_points(tmp_path):
     assert shapes["w1z"] == shapes["ys"] == []  # per-tensor ones stay
 
 
+def _save_3_to_4(nodes, values: dict, path) -> str:
+    """A graph from a [1, 3, 8, 8] input x to a [1, 4, 8, 8] output y, opset 17, saved at `path`."""
+    graph = onnx.helper.make_graph(
+        nodes, Path(path).stem,
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
+        [numpy_helper.from_array(v, name) for name, v in values.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
 def _activation_qdq_model(path, axis: int) -> str:
     """Conv -> QuantizeLinear/DequantizeLinear with per-channel scales on `axis` -> Conv."""
     rng = np.random.default_rng(1)
@@ -285,14 +299,7 @@ def _activation_qdq_model(path, axis: int) -> str:
              make("QuantizeLinear", ["c1", "s", "z"], ["q"], axis=axis, name="quant"),
              make("DequantizeLinear", ["q", "s", "z"], ["d"], axis=axis, name="dequant"),
              make("Conv", ["d", "w2"], ["y"], name="conv2")]
-    graph = onnx.helper.make_graph(
-        nodes, "activation_qdq", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
-        [numpy_helper.from_array(v, name) for name, v in values.items()])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
-    return str(path)
+    return _save_3_to_4(nodes, values, path)
 
 
 def test_activation_qdq_per_channel_scales_follow_their_channels(tmp_path):
@@ -356,14 +363,7 @@ def test_weight_quantized_at_run_time_slices_both_nodes_scales(tmp_path):
              make("Conv", ["x", "w1d"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
              make("Relu", ["c1"], ["r1"], name="relu1"),
              make("Conv", ["r1", "w2"], ["y"], name="conv2")]
-    graph = onnx.helper.make_graph(
-        nodes, "runtime_quantized", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 8, 8])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 8, 8])],
-        [numpy_helper.from_array(v, name) for name, v in values.items()])
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    path = str(tmp_path / "runtime_quantized.onnx")
-    onnx.save(model, path)
+    path = _save_3_to_4(nodes, values, tmp_path / "runtime_quantized.onnx")
     analysis = onnx_morph.analyze(path)
     alive = np.ones(analysis.graph.num_classes, dtype=bool)
     alive[np.asarray(analysis.graph.groups[1].classes)[[0, 3]]] = False
