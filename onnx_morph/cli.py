@@ -228,7 +228,7 @@ def _analyze(args: argparse.Namespace) -> None:
         macs=args.macs,
     )
     if args.structure:
-        from onnx_morph.rewrite.select import write_mask_document
+        from onnx_morph.rewrite.surgery.select import write_mask_document
 
         write_mask_document(result.graph, result.alive, args.structure,
                             "weight" if args.weight_threshold is not None else "gamma")
@@ -280,7 +280,7 @@ def _prune(args: argparse.Namespace) -> None:
 def _profile(args: argparse.Namespace) -> None:
     from onnx_morph.graph import parse_input_shapes
     from onnx_morph.profile import Timing, profile
-    from onnx_morph.rewrite.save import write_text
+    from onnx_morph.rewrite.surgery.save import write_text
 
     table = profile(args.model, input_shapes=parse_input_shapes(args.input_shape), max_points=args.max_points,
                     timing=Timing(provider=args.provider, threads=args.threads, batch=args.batch))
@@ -293,7 +293,7 @@ def _profile(args: argparse.Namespace) -> None:
 def _expand(args: argparse.Namespace) -> None:
     from onnx_morph.graph import parse_input_shapes
     from onnx_morph.report import render_expand
-    from onnx_morph.rewrite.expand import expand_file
+    from onnx_morph.rewrite.surgery.expand import expand_file
 
     target_flops = args.target_flops
     if args.like:
@@ -308,8 +308,8 @@ def _expand(args: argparse.Namespace) -> None:
 
 def _regularize(args: argparse.Namespace) -> None:
     from onnx_morph.graph import parse_input_shapes
-    from onnx_morph.rewrite.artifacts import make_training_artifacts
-    from onnx_morph.rewrite.regularizer import GATE_LOGIT_SCALE, GATE_TEMPERATURE, RegularizerOptions
+    from onnx_morph.rewrite.training.artifacts import make_training_artifacts
+    from onnx_morph.rewrite.training.regularizer import GATE_LOGIT_SCALE, GATE_TEMPERATURE, RegularizerOptions
 
     options = None if args.regularizer == "none" else RegularizerOptions(
         kind=args.regularizer, cost=args.cost, threshold=args.threshold, l1_fraction=args.l1_fraction, macs=args.macs,
@@ -335,7 +335,7 @@ def _train(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from onnx_morph.data import load_dataset
-    from onnx_morph.rewrite.artifacts import load_artifacts
+    from onnx_morph.rewrite.training.artifacts import load_artifacts
     from onnx_morph.target import cost_target
     from onnx_morph.train import train
 

@@ -18,11 +18,11 @@ import onnx
 
 from onnx_morph.analysis import analyze
 from onnx_morph.data import Dataset
-from onnx_morph.rewrite.artifacts import make_training_artifacts
-from onnx_morph.rewrite.regularizer import RegularizerOptions
-from onnx_morph.rewrite.prune import LayerWidth, prune
-from onnx_morph.rewrite.save import save_model
-from onnx_morph.rewrite.verify import onnxruntime
+from onnx_morph.rewrite.training.artifacts import make_training_artifacts
+from onnx_morph.rewrite.training.regularizer import RegularizerOptions
+from onnx_morph.rewrite.surgery.prune import LayerWidth, prune
+from onnx_morph.rewrite.surgery.save import save_model
+from onnx_morph.rewrite.surgery.verify import onnxruntime
 from onnx_morph.target import cost_target
 from onnx_morph.train import CALIBRATION_BATCHES, accuracy, train
 

@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 from onnx_morph.costs.measured import LatencyTable, OpTable, op_from_json, op_signature, timed_ops
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
-from onnx_morph.rewrite.verify import onnxruntime, random_feed
+from onnx_morph.rewrite.surgery.verify import onnxruntime, random_feed
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 CACHE_VERSION = 4
@@ -188,7 +188,7 @@ class _Probe:
 
     def shrunk(self, alive: np.ndarray) -> tuple[onnx.ModelProto, np.ndarray]:
         """The model at these alive classes (the surgery of `prune`), and the input's keep mask."""
-        from onnx_morph.rewrite.surgery import remove_channels
+        from onnx_morph.rewrite.surgery.surgery import remove_channels
 
         geometry = self.graph.relations[self.name].geometry
         model = remove_channels(self.graph, alive, self.model).model
@@ -423,7 +423,7 @@ def _half_widths(graph: ChannelGraph, alive: np.ndarray, ops: dict[str, OpTable]
 
 def _measure_whole(graph: ChannelGraph, half: np.ndarray, timing: Timing) -> tuple[float, float, float]:
     """(median, MAD) of the whole model and the median with every group halved, timed in turns."""
-    from onnx_morph.rewrite.surgery import remove_channels
+    from onnx_morph.rewrite.surgery.surgery import remove_channels
 
     original = graph.model.materialized()
     models = [original]
@@ -465,7 +465,7 @@ def _read_json(path: Path):
 
 
 def _write_json(path: Path, value) -> None:
-    from onnx_morph.rewrite.save import write_text
+    from onnx_morph.rewrite.surgery.save import write_text
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

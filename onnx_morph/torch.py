@@ -1,14 +1,14 @@
 """MorphNet in a PyTorch training loop, driven by the same ONNX analysis as the rest of onnx-morph.
 
 `MorphNetRegularizer` exports the module once, builds the channel graph and the shared
-`Regularizer` (onnx_morph.rewrite.regularizer), maps every regularization source back to the
+`Regularizer` (onnx_morph.rewrite.training.regularizer), maps every regularization source back to the
 module's own parameters, and from then on evaluates MorphNet's term in torch on each call: the
 same formula the ONNX rewrite emits (per-source vectors, max over a class's sources, alive as a
 non-differentiable step, cost polynomials, latency's per-op roofline), with no re-export.
 Probabilistic gates are forward hooks on the modules that produce the gated tensors, with their
 logits held by the regularizer.
 `export_structure` writes the learned widths, and `prune_module` exports the trained module
-and removes the dead channels with `onnx_morph.rewrite.prune`.
+and removes the dead channels with `onnx_morph.rewrite.surgery.prune`.
 
 `import onnx_morph`, analyze, prune and expand never load torch; training does (onnxruntime-training
 imports it), and so do the demo and the data module where it resizes images.
@@ -34,9 +34,9 @@ from onnx import numpy_helper
 from onnx_morph.costs.terms import COEFFICIENTS
 from onnx_morph.errors import OnnxMorphError, OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
-from onnx_morph.rewrite.gates import gate_masks
-from onnx_morph.rewrite.regularizer import RMS_EPSILON, Gate, Regularizer, RegularizerOptions
-from onnx_morph.rewrite.training_graph import NOISE_EPSILON
+from onnx_morph.rewrite.training.gates import gate_masks
+from onnx_morph.rewrite.training.regularizer import RMS_EPSILON, Gate, Regularizer, RegularizerOptions
+from onnx_morph.rewrite.training.training_graph import NOISE_EPSILON
 
 __all__ = ["MorphNetRegularizer", "MorphNetOutput", "SourceBinding", "export_onnx", "export_structure",
            "prune_module", "unwrap"]
@@ -96,7 +96,7 @@ def export_onnx(module: torch.nn.Module, example_inputs: Any, path: str | os.Pat
         torch.onnx.export(module, args, buffer, **options)
     model = onnx.load_from_string(buffer.getvalue())
     if path is not None:
-        from onnx_morph.rewrite.save import save_model
+        from onnx_morph.rewrite.surgery.save import save_model
 
         save_model(model, path)
     return model
@@ -261,7 +261,7 @@ class MorphNetRegularizer:
     def alive_counts(self, alive: torch.Tensor | np.ndarray | None = None) -> dict[str, int]:
         """{producer node: alive output channels} for `alive` (by default the parameters' current
         state), as the regularizer sees it: a layer may be at 0 here, see `mask_document`."""
-        from onnx_morph.rewrite.select import mask_document
+        from onnx_morph.rewrite.surgery.select import mask_document
 
         alive = _numpy(self().alive if alive is None else alive).astype(bool)
         return mask_document(self.graph, alive)["structure"]
@@ -270,7 +270,7 @@ class MorphNetRegularizer:
         """The `analyze --structure` JSON (input of `prune --mask`) for `alive`, every group keeping
         at least its strongest channel as `prune` does (MorphNet's structure), plus `modules`: the
         structure keyed by module name."""
-        from onnx_morph.rewrite.select import mask_document
+        from onnx_morph.rewrite.surgery.select import mask_document
 
         document = mask_document(self.graph, self.kept(alive))
         document["model"] = type(self.module).__name__
@@ -523,7 +523,7 @@ def export_structure(regularizer: MorphNetRegularizer, path: str | os.PathLike |
 
     document = regularizer.mask_document()
     if path is not None:
-        from onnx_morph.rewrite.save import write_text
+        from onnx_morph.rewrite.surgery.save import write_text
 
         text = json.dumps(document, indent=1)
         text = re.sub(r"\[[\s01,]*\]", lambda m: "".join(m.group(0).split()).replace(",", ", "), text)
@@ -548,7 +548,7 @@ def prune_module(regularizer: MorphNetRegularizer, path: str | os.PathLike | Non
     to `prune` (round_to, fold_constants, verify).
     """
     from onnx_morph.rewrite import prune, save_model
-    from onnx_morph.rewrite.training_graph import unshare_initializers
+    from onnx_morph.rewrite.training.training_graph import unshare_initializers
 
     kept = regularizer.kept()
     document = regularizer.mask_document(kept)

@@ -26,12 +26,12 @@ from onnx import numpy_helper
 
 from onnx_morph.errors import OptionError, TrainingError
 from onnx_morph.graph import build_channel_graph, load_model
-from onnx_morph.rewrite.artifacts import STRENGTH, TrainingArtifacts, load_artifacts, native_stderr_silenced
-from onnx_morph.rewrite.calibrate import recalibrated_batchnorm
-from onnx_morph.rewrite.gates import fold_gates
-from onnx_morph.rewrite.save import save_model
-from onnx_morph.rewrite.select import mask_document
-from onnx_morph.rewrite.verify import onnxruntime, onnxruntime_training
+from onnx_morph.rewrite.training.artifacts import STRENGTH, TrainingArtifacts, load_artifacts, native_stderr_silenced
+from onnx_morph.rewrite.surgery.calibrate import recalibrated_batchnorm
+from onnx_morph.rewrite.training.gates import fold_gates
+from onnx_morph.rewrite.surgery.save import save_model
+from onnx_morph.rewrite.surgery.select import mask_document
+from onnx_morph.rewrite.surgery.verify import onnxruntime, onnxruntime_training
 from onnx_morph.target import StrengthController, structure_at
 
 Batch = tuple[np.ndarray, np.ndarray]

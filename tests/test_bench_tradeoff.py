@@ -65,9 +65,9 @@ def test_training_graph_gives_the_regularizers_exact_gradient(tmp_path):
 
     from onnx_morph.examples import export, small_resnet
     from onnx_morph.graph import build_channel_graph, load_model
-    from onnx_morph.rewrite.artifacts import STRENGTH, make_training_artifacts, native_stderr_silenced
-    from onnx_morph.rewrite.regularizer import RegularizerOptions
-    from onnx_morph.rewrite.verify import onnxruntime
+    from onnx_morph.rewrite.training.artifacts import STRENGTH, make_training_artifacts, native_stderr_silenced
+    from onnx_morph.rewrite.training.regularizer import RegularizerOptions
+    from onnx_morph.rewrite.surgery.verify import onnxruntime
 
     torch.manual_seed(0)
     module = small_resnet(width=4)

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_morph
 from onnx_morph.rewrite import prune
-from onnx_morph.rewrite.select import mask_document
+from onnx_morph.rewrite.surgery.select import mask_document
 
 DEAD = {"w1": [1, 4], "w2": [0, 5], "w3": [3]}
 

@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_morph
 from onnx_morph.graph import build_channel_graph, load_model
 from onnx_morph.rewrite import prune
-from onnx_morph.rewrite.select import mask_document
+from onnx_morph.rewrite.surgery.select import mask_document
 from test_prune import max_rel_difference, zero_masked_difference
 
 try:

@@ -64,7 +64,7 @@ print(json.dumps({{"codes": codes, "heavy": [m for m in {HEAVY!r} if m in sys.mo
     assert edges["input:x", "conv1"]["prunable"] is False and edges["fc", "output:y"]["prunable"] is False
     small = onnx.load(str(tmp_path / "small.onnx"))
     assert numpy_helper.to_array(next(t for t in small.graph.initializer if t.name.startswith("w1"))).shape[0] == 5
-    from onnx_morph.rewrite.verify import onnxruntime
+    from onnx_morph.rewrite.surgery.verify import onnxruntime
 
     x = np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)
     ort = onnxruntime()

@@ -8,7 +8,7 @@ import pytest
 
 import onnx_morph
 from onnx_morph.rewrite import prune
-from onnx_morph.rewrite.select import mask_document
+from onnx_morph.rewrite.surgery.select import mask_document
 
 pytest.importorskip("onnxscript", reason="torch's dynamo exporter needs the onnxscript package")
 

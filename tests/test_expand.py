@@ -27,8 +27,8 @@ from onnx_morph.errors import OptionError
 from onnx_morph.examples import export, small_resnet
 from onnx_morph.graph import build_channel_graph, load_model
 from onnx_morph.rewrite import prune, save_model
-from onnx_morph.rewrite.artifacts import make_training_artifacts
-from onnx_morph.rewrite.expand import expand, expand_file, width_copies
+from onnx_morph.rewrite.training.artifacts import make_training_artifacts
+from onnx_morph.rewrite.surgery.expand import expand, expand_file, width_copies
 from onnx_morph.train import train
 
 SCRIPT = Path(sys.executable).parent / "onnx-morph"

@@ -23,11 +23,11 @@ from onnx_morph.errors import OptionError
 from onnx_morph.examples import export
 from onnx_morph.graph import build_channel_graph, load_model
 from onnx_morph.rewrite import prune
-from onnx_morph.rewrite.artifacts import STRENGTH, load_artifacts, make_training_artifacts
-from onnx_morph.rewrite.gates import fold_gates
-from onnx_morph.rewrite.regularizer import GATE_LOGIT_SCALE, GATE_PREFIX, RegularizerOptions, build_regularizer
-from onnx_morph.rewrite.training_graph import PREFIX, add_gates, deterministic_gates
-from onnx_morph.rewrite.verify import onnxruntime
+from onnx_morph.rewrite.training.artifacts import STRENGTH, load_artifacts, make_training_artifacts
+from onnx_morph.rewrite.training.gates import fold_gates
+from onnx_morph.rewrite.training.regularizer import GATE_LOGIT_SCALE, GATE_PREFIX, RegularizerOptions, build_regularizer
+from onnx_morph.rewrite.training.training_graph import PREFIX, add_gates, deterministic_gates
+from onnx_morph.rewrite.surgery.verify import onnxruntime
 from onnx_morph.train import train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -194,7 +194,7 @@ def staircase_table(graph, step: int = 16, overhead: float = 1e-4) -> LatencyTab
 
 
 def test_a_staircase_makes_the_pruner_choose_widths_on_the_step():
-    from onnx_morph.rewrite.latency import LatencyModel, by_latency
+    from onnx_morph.rewrite.surgery.latency import LatencyModel, by_latency
 
     graph = build_channel_graph(load_model(small_cnn(width=64, hidden=96)))
     table = staircase_table(graph)
@@ -248,7 +248,7 @@ def test_latency_table_errors_in_prune(folder, model_path, table_path):
 
 def test_regularizer_latency_slopes_are_finite_differences_of_the_table(model_path, table_path):
     from onnx_morph.costs.terms import cost_terms
-    from onnx_morph.rewrite.regularizer import build_regularizer
+    from onnx_morph.rewrite.training.regularizer import build_regularizer
 
     graph = build_channel_graph(load_model(model_path))
     table = load_table(table_path)

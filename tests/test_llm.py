@@ -18,8 +18,8 @@ from llm_models import GPT2, LLAMA, GPT2Model, Llama
 import onnx_morph
 from onnx_morph.costs import op_costs, totals_of
 from onnx_morph.rewrite import prune
-from onnx_morph.rewrite.select import mask_document
-from onnx_morph.rewrite.verify import onnxruntime
+from onnx_morph.rewrite.surgery.select import mask_document
+from onnx_morph.rewrite.surgery.verify import onnxruntime
 
 REL_TOL = 1e-4
 TOKENS, PAST = 6, 5

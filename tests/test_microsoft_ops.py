@@ -17,8 +17,8 @@ from torch import nn
 
 import onnx_morph
 from onnx_morph.rewrite import prune
-from onnx_morph.rewrite.select import mask_document
-from onnx_morph.rewrite.verify import onnxruntime as _onnxruntime
+from onnx_morph.rewrite.surgery.select import mask_document
+from onnx_morph.rewrite.surgery.verify import onnxruntime as _onnxruntime
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from bench_llama_scale import build_llama  # noqa: E402

@@ -32,9 +32,9 @@ from hypothesis import strategies as st
 import onnx_morph
 from onnx_morph.costs import op_costs, totals_of
 from onnx_morph.rewrite import prune
-from onnx_morph.rewrite.select import mask_document
-from onnx_morph.rewrite.surgery import keep_masks
-from onnx_morph.rewrite.verify import deviation, masked_original, random_inputs, run
+from onnx_morph.rewrite.surgery.select import mask_document
+from onnx_morph.rewrite.surgery.surgery import keep_masks
+from onnx_morph.rewrite.surgery.verify import deviation, masked_original, random_inputs, run
 
 try:
     import zoo

@@ -36,8 +36,8 @@ from onnx_morph.cli import main as cli_main
 from onnx_morph.costs import marginal_cost, total_cost
 from onnx_morph.graph import build_channel_graph, load_model
 from onnx_morph.rewrite import prune, prune_file
-from onnx_morph.rewrite import save as save_module
-from onnx_morph.rewrite.select import MASK_FORMAT, mask_document, write_mask_document
+from onnx_morph.rewrite.surgery import save as save_module
+from onnx_morph.rewrite.surgery.select import MASK_FORMAT, mask_document, write_mask_document
 
 try:
     import zoo
@@ -354,7 +354,7 @@ def test_two_samples_that_agree_by_chance_are_not_a_constant(tmp_path):
     """After global pooling a channel has one value per sample. regnet_x_32gf (random init) gave
     0.48551723 and 0.4855175 on prune's two inputs for a channel that ranges over 0.48..0.51: equal to
     6e-7, not to the bit. A dead channel is input-independent, so bit-identical across samples."""
-    from onnx_morph.rewrite.surgery import removed_channel_values
+    from onnx_morph.rewrite.surgery.surgery import removed_channel_values
 
     factory, shape = zoo.ZOO["FlattenHead"]
     graph = build_channel_graph(load_model(zoo.export_onnx(factory(), shape, tmp_path / "flat.onnx")))
@@ -404,8 +404,8 @@ def export_token_net(module: TokenNet, path: Path) -> Path:
 
 def zero_masked_difference_on(path: Path, result, feeds: list[dict[str, np.ndarray]]) -> float:
     """Pruned model vs the original with every removed channel multiplied by zero, on `feeds`."""
-    from onnx_morph.rewrite.surgery import keep_masks
-    from onnx_morph.rewrite.verify import masked_original
+    from onnx_morph.rewrite.surgery.surgery import keep_masks
+    from onnx_morph.rewrite.surgery.verify import masked_original
 
     graph = build_channel_graph(load_model(path))
     reference = session(masked_original(graph, graph.model.materialized(), keep_masks(graph, result.alive)))
@@ -432,7 +432,7 @@ def test_token_ids_get_valid_random_values_and_live_channels_are_not_folded(tmp_
     gave a 100% deviation. Ids now take random values below the embedding table's length, the mask
     0/1 (with a note: nothing bounds it), and the pruned model equals the zero-masked original."""
     from onnx_morph.graph.dependence import integer_input_ranges
-    from onnx_morph.rewrite.verify import random_inputs
+    from onnx_morph.rewrite.surgery.verify import random_inputs
 
     path = export_token_net(TokenNet(), tmp_path / "tokens.onnx")
     graph, result = prune_inputs_of(path, "Gemm", [1, 5], which="output")
@@ -456,7 +456,7 @@ def test_a_channel_of_a_low_entropy_input_is_not_folded(tmp_path):
     half the time, and equal samples made them 'constant'. Probes now hold every integer input at
     both ends of its range (all 0, then all 1), so the kind channels vary and nothing is folded.
     (With two random valid probes and no proof, 8 of 20 seeds folded them: 0.27 to 0.42 deviation.)"""
-    from onnx_morph.rewrite.verify import probe_inputs
+    from onnx_morph.rewrite.surgery.verify import probe_inputs
 
     path = export_token_net(TokenNet(kinds=True), tmp_path / "kinds.onnx")
     graph, result = prune_inputs_of(path, "Gemm", [13, 14])
@@ -472,8 +472,8 @@ def test_a_channel_of_a_low_entropy_input_is_not_folded(tmp_path):
 def test_verification_sees_a_wrong_fold(tmp_path):
     """The verification reference keeps a folded channel's own value (not the folded constant): a
     channel folded as constant that is not (as sampled probes could decide) shows as a deviation."""
-    from onnx_morph.rewrite.surgery import keep_masks, remove_channels
-    from onnx_morph.rewrite.verify import deviation, masked_original, run
+    from onnx_morph.rewrite.surgery.surgery import keep_masks, remove_channels
+    from onnx_morph.rewrite.surgery.verify import deviation, masked_original, run
 
     path = export_token_net(TokenNet(kinds=True), tmp_path / "kinds.onnx")
     graph, result = prune_inputs_of(path, "Gemm", [13, 14])
@@ -510,8 +510,8 @@ def test_zeroed_channels_are_proven_constant(exports, tmp_path):
 
 def zero_masked_difference(path: Path, result, shape) -> float:
     """Pruned model vs the original with every removed channel multiplied by zero."""
-    from onnx_morph.rewrite.surgery import keep_masks
-    from onnx_morph.rewrite.verify import masked_original
+    from onnx_morph.rewrite.surgery.surgery import keep_masks
+    from onnx_morph.rewrite.surgery.verify import masked_original
 
     graph = build_channel_graph(load_model(path))
     return max_rel_difference(masked_original(graph, graph.model.materialized(), keep_masks(graph, result.alive)), result.model, shape)
@@ -970,7 +970,7 @@ ROUND_TRIP = ["ConvStack", "BasicBlock", "InvertedResidual", "DenseBlock", "ResN
 
 def _quantile_threshold(path: Path, q: float = 0.4) -> float:
     """A gamma threshold between two prunable classes' |gamma| that kills about a fraction q of them."""
-    from onnx_morph.rewrite.select import ranking_strength
+    from onnx_morph.rewrite.surgery.select import ranking_strength
 
     graph = build_channel_graph(load_model(path))
     strength, kind = ranking_strength(graph)
@@ -1009,7 +1009,7 @@ def test_structure_mask_round_trip(name, exports, tmp_path, capsys):
 def test_structure_round_trip_when_the_threshold_empties_a_group(exports, tmp_path, capsys):
     _, _, path = exports("ConvStack")
     graph = build_channel_graph(load_model(path))
-    from onnx_morph.rewrite.select import ranking_strength
+    from onnx_morph.rewrite.surgery.select import ranking_strength
 
     strength, _ = ranking_strength(graph)
     group_max = sorted(float(np.max(strength[g.classes])) for g in graph.groups
@@ -1061,7 +1061,7 @@ def test_write_mask_document_matches_mask_document(small, tmp_path):
 def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path, monkeypatch):
     """The >2 GB path, exercised by lowering the limit: weights go to NAME.data beside the model,
     the pair loads and runs like the in-memory model, and no temporary file is left behind."""
-    import onnx_morph.rewrite.save as save
+    import onnx_morph.rewrite.surgery.save as save
 
     factory, shape = zoo.ZOO["BasicBlock"]
     source = zoo.export_onnx(factory(), shape, tmp_path / "src.onnx")

@@ -155,7 +155,7 @@ def test_relative_paths_and_cwd(model, tmp_path):
 
 def test_note_when_the_threshold_would_empty_a_group(model, tmp_path):
     from onnx_morph.graph import build_channel_graph, load_model
-    from onnx_morph.rewrite.select import ranking_strength
+    from onnx_morph.rewrite.surgery.select import ranking_strength
 
     graph = build_channel_graph(load_model(model))
     strength, _ = ranking_strength(graph)
@@ -205,7 +205,7 @@ def test_structure_then_mask_equals_threshold(dense, tmp_path):
 
 def _mask(folder: Path, model: Path, edit) -> Path:
     from onnx_morph.graph import build_channel_graph, load_model
-    from onnx_morph.rewrite.select import mask_document
+    from onnx_morph.rewrite.surgery.select import mask_document
 
     graph = build_channel_graph(load_model(model))
     doc = mask_document(graph, np.ones(graph.num_classes, dtype=bool))
@@ -378,7 +378,7 @@ def weak_channels(workdir) -> Path:
 
 def test_calibrate_remeasures_batchnorm_statistics(weak_channels, tmp_path):
     from onnx_morph.data import load_dataset
-    from onnx_morph.rewrite.calibrate import recalibrated_batchnorm
+    from onnx_morph.rewrite.surgery.calibrate import recalibrated_batchnorm
 
     plain_out, calibrated_out = tmp_path / "plain.onnx", tmp_path / "calibrated.onnx"
     plain = run("prune", weak_channels, "-o", plain_out, "--gamma-threshold", "0.05")
@@ -430,7 +430,7 @@ def test_calibration_refuses_a_non_float_input():
     from onnx import TensorProto, helper
 
     from onnx_morph.errors import OptionError
-    from onnx_morph.rewrite.calibrate import calibrated
+    from onnx_morph.rewrite.surgery.calibrate import calibrated
 
     graph = helper.make_graph([helper.make_node("Identity", ["tokens"], ["y"])], "g",
                               [helper.make_tensor_value_info("tokens", TensorProto.INT64, [1, 4])],

@@ -21,7 +21,7 @@ from torch import nn
 
 import onnx_morph
 from onnx_morph.rewrite import prune
-from onnx_morph.rewrite.select import mask_document
+from onnx_morph.rewrite.surgery.select import mask_document
 
 quantization = pytest.importorskip("onnxruntime.quantization")
 

@@ -11,7 +11,7 @@ from onnx_morph.costs import op_costs
 from onnx_morph.errors import OptionError
 from onnx_morph.examples import export
 from onnx_morph.graph import build_channel_graph, load_model
-from onnx_morph.rewrite.regularizer import build_regularizer
+from onnx_morph.rewrite.training.regularizer import build_regularizer
 from test_train import CoupledNet
 
 

@@ -18,7 +18,7 @@ from onnx_morph.cli import main as cli_main
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import build_channel_graph, load_model
 from onnx_morph.rewrite import prune
-from onnx_morph.rewrite.regularizer import build_regularizer
+from onnx_morph.rewrite.training.regularizer import build_regularizer
 from onnx_morph.torch import MorphNetRegularizer
 from test_prune import max_rel_difference, zero_masked_difference
 from test_torch_regularizer import check_against_onnx, ort_reference

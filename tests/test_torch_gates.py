@@ -13,8 +13,8 @@ from torch import nn
 
 from onnx_morph.data import load_dataset
 from onnx_morph.errors import OptionError
-from onnx_morph.rewrite.regularizer import GATE_LOGIT, GATE_LOGIT_SCALE
-from onnx_morph.rewrite.verify import onnxruntime
+from onnx_morph.rewrite.training.regularizer import GATE_LOGIT, GATE_LOGIT_SCALE
+from onnx_morph.rewrite.surgery.verify import onnxruntime
 from onnx_morph.torch import MorphNetRegularizer, export_onnx, prune_module
 
 try:

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_morph.errors import OptionError
-from onnx_morph.rewrite.training_graph import EFFECTIVE_COST, PREFIX, REGULARIZATION, add_regularizer
-from onnx_morph.rewrite.verify import onnxruntime
+from onnx_morph.rewrite.training.training_graph import EFFECTIVE_COST, PREFIX, REGULARIZATION, add_regularizer
+from onnx_morph.rewrite.surgery.verify import onnxruntime
 from onnx_morph.torch import MorphNetRegularizer, export_onnx, export_structure, prune_module
 
 try:
@@ -290,7 +290,7 @@ def test_structure_and_prune_in_two_calls(tmp_path):
 def test_prune_module_calibrates_batchnorm_after_dropped_constants():
     """Dead channels with a non-zero beta hold relu(beta), which `prune` cannot fold into a padded
     conv; measured BatchNorm statistics absorb most of the shift."""
-    from onnx_morph.rewrite.calibrate import recalibrated_batchnorm
+    from onnx_morph.rewrite.surgery.calibrate import recalibrated_batchnorm
 
     torch.manual_seed(0)
     module = TinyResNet()
@@ -329,7 +329,7 @@ def test_batchnorm_calibration_measures_training_mode_statistics():
     """recalibrated_batchnorm (used by prune_module) measures what torch measures in training mode.
     (With onnxruntime's graph optimizations on, some training-mode BatchNorms were normalized by
     their running statistics; the pruned TinyResNet of the test above showed it, this model does not.)"""
-    from onnx_morph.rewrite.calibrate import recalibrated_batchnorm
+    from onnx_morph.rewrite.surgery.calibrate import recalibrated_batchnorm
 
     torch.manual_seed(0)
     module = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),

@@ -23,9 +23,9 @@ from onnx_morph.examples import export
 from onnx_morph.graph import build_channel_graph, load_model
 from onnx_morph.costs import op_costs
 from onnx_morph.rewrite import prune
-from onnx_morph.rewrite.select import by_mask_document
-from onnx_morph.rewrite.artifacts import load_artifacts, make_training_artifacts
-from onnx_morph.rewrite.regularizer import RegularizerOptions
+from onnx_morph.rewrite.surgery.select import by_mask_document
+from onnx_morph.rewrite.training.artifacts import load_artifacts, make_training_artifacts
+from onnx_morph.rewrite.training.regularizer import RegularizerOptions
 from onnx_morph.train import train
 
 SCRIPT = Path(sys.executable).parent / "onnx-morph"

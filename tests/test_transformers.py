@@ -24,10 +24,10 @@ import onnx_morph
 from onnx_morph.costs import op_costs, totals_of
 from onnx_morph.graph import load_model
 from onnx_morph.rewrite import prune
-from onnx_morph.rewrite.artifacts import make_training_artifacts
-from onnx_morph.rewrite.regularizer import RegularizerOptions
-from onnx_morph.rewrite.select import mask_document
-from onnx_morph.rewrite.verify import onnxruntime
+from onnx_morph.rewrite.training.artifacts import make_training_artifacts
+from onnx_morph.rewrite.training.regularizer import RegularizerOptions
+from onnx_morph.rewrite.surgery.select import mask_document
+from onnx_morph.rewrite.surgery.verify import onnxruntime
 
 REL_TOL = 1e-4
 
@@ -346,7 +346,7 @@ def test_a_head_split_without_attention_stays_pinned(tmp_path):
 @pytest.mark.parametrize("name", ["bert", "vit"])
 def test_expand_widens_mlps_and_keeps_the_heads(name, request):
     """MorphNet's expansion on a transformer: MLP widths follow the multiplier, the head count stays."""
-    from onnx_morph.rewrite.expand import expand
+    from onnx_morph.rewrite.surgery.expand import expand
 
     path = request.getfixturevalue(f"{name}_path")
     before = onnx_morph.analyze(path).total.flops

@@ -172,7 +172,7 @@ def test_static_batch_torchvision_trains_on_digits_from_the_cli(name, torchvisio
     assert "resized" not in proc.stdout.splitlines()[0]  # read at the model's 32x32
     trained = onnx.load(str(tmp_path / "run" / "trained.onnx"))
     assert trained.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    from onnx_morph.rewrite.verify import onnxruntime
+    from onnx_morph.rewrite.surgery.verify import onnxruntime
 
     session = onnxruntime().InferenceSession(trained.SerializeToString(), providers=["CPUExecutionProvider"])
     x = np.random.default_rng(1).standard_normal((3, 3, 32, 32)).astype(np.float32)
@@ -214,7 +214,7 @@ def test_reshape_that_froze_the_batch_is_rewritten(tmp_path):
     torch.onnx.export(Viewed().eval(), torch.randn(1, 1, 8, 8), str(path), dynamo=False, do_constant_folding=True,
                       input_names=["input"], output_names=["output"])
     from onnx_morph.graph import build_channel_graph, load_model
-    from onnx_morph.rewrite.batch import flexible_batch
+    from onnx_morph.rewrite.training.batch import flexible_batch
 
     flexible = flexible_batch(build_channel_graph(load_model(path)))
     assert "Reshape" in flexible.note and "input 'input'" in flexible.note
@@ -235,7 +235,7 @@ def test_batch_that_cannot_change_is_refused(tmp_path):
     path = tmp_path / "joined.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     from onnx_morph.graph import build_channel_graph, load_model
-    from onnx_morph.rewrite.batch import flexible_batch
+    from onnx_morph.rewrite.training.batch import flexible_batch
 
     with pytest.raises(ModelLoadError, match="cannot change it safely .* export with a dynamic batch"):
         flexible_batch(build_channel_graph(load_model(path)))
@@ -284,7 +284,7 @@ def test_structure_at_target_trims_and_restores():
 def test_train_to_a_flop_target_on_digits(tmp_path):
     """The strength adapts until the structure holds at the target; the final masks meet it within 5%."""
     from onnx_morph.examples import export, small_resnet
-    from onnx_morph.rewrite.artifacts import make_training_artifacts
+    from onnx_morph.rewrite.training.artifacts import make_training_artifacts
     from onnx_morph.target import cost_target
     from onnx_morph.train import train
 
@@ -307,7 +307,7 @@ def test_train_to_a_flop_target_on_digits(tmp_path):
 
 def test_train_takes_a_dataloader(tmp_path):
     from onnx_morph.examples import export, small_resnet
-    from onnx_morph.rewrite.artifacts import make_training_artifacts
+    from onnx_morph.rewrite.training.artifacts import make_training_artifacts
     from onnx_morph.train import train
 
     torch.manual_seed(0)
@@ -342,7 +342,7 @@ def test_every_option_has_help(command):
 
 def test_library_errors_name_options_and_the_cli_names_flags(tmp_path):
     from onnx_morph.examples import export, small_resnet
-    from onnx_morph.rewrite.expand import expand
+    from onnx_morph.rewrite.surgery.expand import expand
 
     path = export(small_resnet(4), (1, 1, 8, 8), tmp_path / "m.onnx")
     with pytest.raises(OptionError, match="^round_to must be at least 1, not 0$"):

@@ -26,7 +26,7 @@ shrink epochs + fine-tune epochs, with the same learning rates in the same two p
 
 (a) and (c) prune with the same rule: a global |gamma| threshold (the smallest that brings the
 effective FLOPs, analyze(..., gamma_threshold=t).effective.flops, to the budget or just under it,
-found by bisection over the model's |gamma| values), then onnx_morph.rewrite.prune at that
+found by bisection over the model's |gamma| values), then onnx_morph.rewrite.surgery.prune at that
 threshold. (d) bisects the same way over the gate probabilities (combined over a group's gates):
 the smallest threshold whose alive channels' FLOPs meet the budget, pruned with those channel
 masks. One regularized run per seed and method serves all budgets (or, with one strength per
@@ -38,9 +38,9 @@ the full test set.
 Two supplements follow MorphNet's paper recipe (they cost the shrink epochs on top of (b)'s, so
 they are not equal-epoch methods; both need morphnet in --methods):
   morphnet-scratch: the structure MorphNet pruned to for each budget, freshly initialized
-      (onnx_morph.rewrite.expand.fresh_parameters) and trained like (b);
+      (onnx_morph.rewrite.surgery.expand.fresh_parameters) and trained like (b);
   morphnet-expand: the structure MorphNet learned (pruned at the regularizer's own threshold,
-      |gamma| <= 0.01), scaled to each budget by onnx_morph.rewrite.expand.expand (one width
+      |gamma| <= 0.01), scaled to each budget by onnx_morph.rewrite.surgery.expand.expand (one width
       multiplier, fresh weights) and trained like (b).
 
 Writes DIR/table.md (markdown table and settings), DIR/tradeoff.png (accuracy vs FLOPs, error
@@ -264,10 +264,10 @@ class Bench:
 
     def _shrink_prune_finetune(self, method: str, seed: int, multiple: float, budgets: list[float]) -> None:
         from onnx_morph.analysis import analyze
-        from onnx_morph.rewrite.artifacts import make_training_artifacts
-        from onnx_morph.rewrite.regularizer import RegularizerOptions
-        from onnx_morph.rewrite.prune import prune
-        from onnx_morph.rewrite.save import save_model
+        from onnx_morph.rewrite.training.artifacts import make_training_artifacts
+        from onnx_morph.rewrite.training.regularizer import RegularizerOptions
+        from onnx_morph.rewrite.surgery.prune import prune
+        from onnx_morph.rewrite.surgery.save import save_model
         from onnx_morph.train import CALIBRATION_BATCHES, accuracy, train
 
         s = self.settings
@@ -335,8 +335,8 @@ class Bench:
         import onnx
 
         from onnx_morph.analysis import analyze
-        from onnx_morph.rewrite.expand import expand, fresh_parameters
-        from onnx_morph.rewrite.save import save_model
+        from onnx_morph.rewrite.surgery.expand import expand, fresh_parameters
+        from onnx_morph.rewrite.surgery.save import save_model
 
         if self.done(method, seed, budget):
             return
@@ -364,7 +364,7 @@ class Bench:
         """The two phases every method trains in, without a regularizer here: `first_epochs` (default:
         all shrink epochs) at the shrink learning rate, then fine-tune epochs at the fine-tune one,
         each with fresh AdamW state."""
-        from onnx_morph.rewrite.artifacts import make_training_artifacts
+        from onnx_morph.rewrite.training.artifacts import make_training_artifacts
         from onnx_morph.train import train
 
         s = self.settings
@@ -425,7 +425,7 @@ def prune_to_budget(path: Path, budget: float, calibration: list[np.ndarray] | N
     its BatchNorm statistics measured on `calibration`."""
     from onnx_morph.analysis import analyze
     from onnx_morph.graph import source_strength
-    from onnx_morph.rewrite.prune import prune
+    from onnx_morph.rewrite.surgery.prune import prune
 
     # Per channel, the largest |gamma| of the BatchNorms on it (the value analyze compares with the threshold).
     gammas = source_strength(analyze(path).graph, "gamma")
@@ -442,8 +442,8 @@ def prune_gates_to_budget(artifacts, shrunk, budget: float, calibration: list[np
     the budget). A run that closed more than the budget asks for ends under it."""
     from onnx_morph.costs import total_cost
     from onnx_morph.graph import build_channel_graph, load_model
-    from onnx_morph.rewrite.prune import prune
-    from onnx_morph.rewrite.select import mask_document
+    from onnx_morph.rewrite.surgery.prune import prune
+    from onnx_morph.rewrite.surgery.select import mask_document
 
     graph = build_channel_graph(load_model(artifacts.base_model))
     regularizer = artifacts.regularizer.build(graph)

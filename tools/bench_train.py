@@ -43,9 +43,9 @@ def main() -> None:
     import torch
 
     from onnx_morph.examples import export, small_resnet
-    from onnx_morph.rewrite.artifacts import make_training_artifacts
-    from onnx_morph.rewrite.regularizer import RegularizerOptions
-    from onnx_morph.rewrite.verify import onnxruntime
+    from onnx_morph.rewrite.training.artifacts import make_training_artifacts
+    from onnx_morph.rewrite.training.regularizer import RegularizerOptions
+    from onnx_morph.rewrite.surgery.verify import onnxruntime
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -92,9 +92,9 @@ def main() -> None:
 
 
 def _ort_stepper(api, artifacts, x, y, threads):
-    from onnx_morph.rewrite.artifacts import STRENGTH, native_stderr_silenced
+    from onnx_morph.rewrite.training.artifacts import STRENGTH, native_stderr_silenced
 
-    from onnx_morph.rewrite.verify import onnxruntime
+    from onnx_morph.rewrite.surgery.verify import onnxruntime
 
     options = onnxruntime().SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1

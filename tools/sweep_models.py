@@ -10,7 +10,7 @@ size of its default weights, or the model's own ``image_size``):
 1. export to ONNX through ``tests/zoo.py``'s ``export_onnx`` (TorchScript exporter, BatchNorm kept);
 2. ``onnx_morph.analyze``: every group is prunable or pinned with a reason;
 3. a seeded random 30% of the channel classes of each prunable group (each group keeps one) goes
-   into a mask document, ``onnx_morph.rewrite.prune(path, masks=...)`` removes them, the result must
+   into a mask document, ``onnx_morph.rewrite.surgery.prune(path, masks=...)`` removes them, the result must
    pass ``onnx.checker`` (full check) and, in onnxruntime on random inputs, match the original with
    the removed channels multiplied by zero (``rewrite.verify.masked_original``) to 1e-4 relative;
    ``analyze`` of the pruned model must cost what the masks said it would.
@@ -137,9 +137,9 @@ def check_architecture(name: str, path: pathlib.Path, row: Row) -> Row:
     import onnx_morph
     from onnx_morph.costs import op_costs, totals_of
     from onnx_morph.rewrite import prune
-    from onnx_morph.rewrite.select import mask_document
-    from onnx_morph.rewrite.surgery import keep_masks
-    from onnx_morph.rewrite.verify import deviation, masked_original, random_inputs, run
+    from onnx_morph.rewrite.surgery.select import mask_document
+    from onnx_morph.rewrite.surgery.surgery import keep_masks
+    from onnx_morph.rewrite.surgery.verify import deviation, masked_original, random_inputs, run
 
     analysis = onnx_morph.analyze(path)
     graph = analysis.graph
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = sorted([*(fresh.pop(r.model, r) for r in previous), *fresh.values()], key=lambda r: r.model)
         seconds += previous_seconds
     text = render(rows, seconds) + _hand_written(pathlib.Path(args.output))
-    from onnx_morph.rewrite.save import write_text
+    from onnx_morph.rewrite.surgery.save import write_text
 
     write_text(text, args.output)
     print(f"wrote {args.output}: {sum(r.status == 'pass' for r in rows)} of {len(rows)} pass")

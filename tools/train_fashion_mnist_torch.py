@@ -157,7 +157,7 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 def finish(model, regularizer: MorphNetRegularizer, args: argparse.Namespace, x_train, x_test, y_test) -> None:
     """The two calls after training: the structure, and the pruned ONNX model, checked on the test set."""
-    from onnx_morph.rewrite.verify import onnxruntime
+    from onnx_morph.rewrite.surgery.verify import onnxruntime
 
     args.out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), args.out / "trained.pt")

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_morph.costs.terms import COEFFICIENTS
 from onnx_morph.errors import OptionError
 from onnx_morph.rewrite.editing import Names, drop_unused
-from onnx_morph.rewrite.regularizer import RMS_EPSILON, Gate, Regularizer
+from onnx_morph.rewrite.training.regularizer import RMS_EPSILON, Gate, Regularizer
 
 REGULARIZATION = "morph_regularization"
 EFFECTIVE_COST = "morph_effective_cost"

@@ -20,7 +20,7 @@ import numpy as np
 from onnx_morph.costs.measured import LatencyTable
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph
-from onnx_morph.rewrite.select import floor_width, ranking_strength
+from onnx_morph.rewrite.surgery.select import floor_width, ranking_strength
 
 RELATIVE_TOLERANCE = 0.005  # a step must save this share of its ops' latency (besides twice their noise)
 
@@ -173,7 +173,7 @@ def measured_to_target(graph: ChannelGraph, table: LatencyTable, target: float, 
     original's latency (by over `tolerance`), the prediction's error is taken out of the target and the
     channels are chosen again. Returns the alive set and what happened, for the report."""
     from onnx_morph.profile import Timing, measure_models
-    from onnx_morph.rewrite.surgery import remove_channels
+    from onnx_morph.rewrite.surgery.surgery import remove_channels
 
     original = graph.model.materialized()
     shapes = {name: (table.batch, *shape[1:]) for name, shape in graph.model.input_shapes.items()}

@@ -179,7 +179,7 @@ def mask_document(graph: ChannelGraph, alive: np.ndarray) -> dict:
 
 def write_mask_document(graph: ChannelGraph, alive: np.ndarray, path: str | Path, kind: str | None = None) -> None:
     """Write the masks that `prune` would apply for this alive set (every group keeps a channel)."""
-    from onnx_morph.rewrite.save import write_text
+    from onnx_morph.rewrite.surgery.save import write_text
 
     alive, _ = keep_minimum(graph, alive, kind)
     text = json.dumps(mask_document(graph, alive), indent=1)

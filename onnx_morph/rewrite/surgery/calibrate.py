@@ -12,8 +12,8 @@ from onnx import numpy_helper
 
 from onnx_morph.errors import OptionError
 from onnx_morph.rewrite.editing import Names, drop_unused
-from onnx_morph.rewrite.training_graph import trainable
-from onnx_morph.rewrite.verify import onnxruntime
+from onnx_morph.rewrite.training.training_graph import trainable
+from onnx_morph.rewrite.surgery.verify import onnxruntime
 
 
 def has_batchnorm(model: onnx.ModelProto) -> bool:

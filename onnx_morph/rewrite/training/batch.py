@@ -20,7 +20,7 @@ from onnx_morph.errors import ModelLoadError
 from onnx_morph.graph import ChannelGraph
 from onnx_morph.graph.channel_graph import node_view
 from onnx_morph.handlers import handler_for
-from onnx_morph.rewrite.verify import onnxruntime, random_inputs, run, runtime_errors
+from onnx_morph.rewrite.surgery.verify import onnxruntime, random_inputs, run, runtime_errors
 
 BATCH = "batch"
 _TOLERANCE = 1e-4

@@ -17,10 +17,10 @@ from onnx_morph.graph import ChannelGraph, ChannelGroup, build_channel_graph, lo
 from onnx_morph.graph.channel_graph import node_view
 from onnx_morph.graph.load import check_model
 from onnx_morph.handlers import handler_for
-from onnx_morph.rewrite.prune import LayerWidth, layer_widths
-from onnx_morph.rewrite.select import Budget
-from onnx_morph.rewrite.surgery import resize_channels
-from onnx_morph.rewrite.verify import random_inputs, run
+from onnx_morph.rewrite.surgery.prune import LayerWidth, layer_widths
+from onnx_morph.rewrite.surgery.select import Budget
+from onnx_morph.rewrite.surgery.surgery import resize_channels
+from onnx_morph.rewrite.surgery.verify import random_inputs, run
 
 _LARGEST_MULTIPLIER = 64.0
 
@@ -156,7 +156,7 @@ def _head_notes(graph: ChannelGraph) -> list[str]:
 
 def expand_file(source: str | os.PathLike, output: str | os.PathLike, **options) -> ExpandResult:
     """expand() and an atomic save; the input file is never overwritten."""
-    from onnx_morph.rewrite.save import refuse_overwrite, save_model
+    from onnx_morph.rewrite.surgery.save import refuse_overwrite, save_model
 
     refuse_overwrite(output, source)
     result = expand(source, **options)

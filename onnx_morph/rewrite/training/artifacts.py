@@ -25,13 +25,13 @@ from onnx import TensorProto
 from onnx_morph.costs.resources import param_uses
 from onnx_morph.errors import OptionError, OutputError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
-from onnx_morph.rewrite.batch import flexible_batch
-from onnx_morph.rewrite.regularizer import Regularizer, RegularizerOptions
-from onnx_morph.rewrite.training_graph import (
+from onnx_morph.rewrite.training.batch import flexible_batch
+from onnx_morph.rewrite.training.regularizer import Regularizer, RegularizerOptions
+from onnx_morph.rewrite.training.training_graph import (
     EFFECTIVE_COST, REGULARIZATION, add_gates, add_regularizer, deterministic_gates, inference_batchnorm, trainable,
     unshare_initializers, with_batch_size,
 )
-from onnx_morph.rewrite.verify import onnxruntime, onnxruntime_training, runtime_errors
+from onnx_morph.rewrite.surgery.verify import onnxruntime, onnxruntime_training, runtime_errors
 
 STRENGTH = "morph_strength"
 CONFIG = "morph.json"

@@ -11,7 +11,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_morph.errors import OptionError
-from onnx_morph.rewrite.regularizer import Gate
+from onnx_morph.rewrite.training.regularizer import Gate
 
 
 def gate_masks(gates: tuple[Gate, ...] | list[Gate], params: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

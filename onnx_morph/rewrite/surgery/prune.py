@@ -15,11 +15,11 @@ from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model, source_strength
 from onnx_morph.graph.dependence import input_dependence
 from onnx_morph.graph.load import PROTOBUF_LIMIT, check_model, serialized_size
-from onnx_morph.rewrite import select
-from onnx_morph.rewrite.calibrate import calibrated, has_batchnorm
-from onnx_morph.rewrite.latency import LatencyModel, by_latency, measured_to_target, parse_latency_target
-from onnx_morph.rewrite.surgery import keep_masks, probed_tensors, remove_channels, removed_channel_values
-from onnx_morph.rewrite.verify import (Deviation, deviation, input_notes, masked_original, probe_inputs,
+from onnx_morph.rewrite.surgery import select
+from onnx_morph.rewrite.surgery.calibrate import calibrated, has_batchnorm
+from onnx_morph.rewrite.surgery.latency import LatencyModel, by_latency, measured_to_target, parse_latency_target
+from onnx_morph.rewrite.surgery.surgery import keep_masks, probed_tensors, remove_channels, removed_channel_values
+from onnx_morph.rewrite.surgery.verify import (Deviation, deviation, input_notes, masked_original, probe_inputs,
                                        random_inputs, run)
 
 # Removed channels' constants are measured on PROBE_SAMPLES probe inputs (of PROBE_SEED); the result
@@ -307,7 +307,7 @@ def layer_widths(graph: ChannelGraph, alive: np.ndarray) -> list[LayerWidth]:
 
 def prune_file(source: str | os.PathLike, output: str | os.PathLike, **options) -> PruneResult:
     """prune() and an atomic save; the input file is never overwritten."""
-    from onnx_morph.rewrite.save import refuse_overwrite, save_model
+    from onnx_morph.rewrite.surgery.save import refuse_overwrite, save_model
 
     refuse_overwrite(output, source)  # before the work, not only at the write
     result = prune(source, **options)
