@@ -14,7 +14,7 @@ benchmark itself cannot run.
    merge equal initializers and the |gamma| ranking means something; export through
    ``tests/zoo.py``'s ``export_onnx(module, (1, 3, 224, 224), path, dynamic_batch=True)``
    (TorchScript exporter, BatchNorm kept).
-2. For each model and ratio: times ``onnx_morph.rewrite.surgery.prune(path, ratio=R)`` in-process
+2. For each model and ratio: times ``onnx_morph.rewrite.prune(path, ratio=R)`` in-process
    (verify on, the default, and ``verify=False``), and whole-process
    ``onnx-morph prune MODEL -o OUT --ratio R`` with and without ``--no-verify``
    (median of --repeat runs each), and saves the pruned model.

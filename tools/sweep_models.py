@@ -10,7 +10,7 @@ size of its default weights, or the model's own ``image_size``):
 1. export to ONNX through ``tests/zoo.py``'s ``export_onnx`` (TorchScript exporter, BatchNorm kept);
 2. ``onnx_morph.analyze``: every group is prunable or pinned with a reason;
 3. a seeded random 30% of the channel classes of each prunable group (each group keeps one) goes
-   into a mask document, ``onnx_morph.rewrite.surgery.prune(path, masks=...)`` removes them, the result must
+   into a mask document, ``onnx_morph.rewrite.prune(path, masks=...)`` removes them, the result must
    pass ``onnx.checker`` (full check) and, in onnxruntime on random inputs, match the original with
    the removed channels multiplied by zero (``rewrite.verify.masked_original``) to 1e-4 relative;
    ``analyze`` of the pruned model must cost what the masks said it would.
