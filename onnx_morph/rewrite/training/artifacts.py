@@ -28,7 +28,7 @@ from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.rewrite.training.batch import flexible_batch
 from onnx_morph.rewrite.training.regularizer import Regularizer, RegularizerOptions
 from onnx_morph.rewrite.training.training_graph import (
-    EFFECTIVE_COST, REGULARIZATION, add_gates, add_regularizer, deterministic_gates, inference_batchnorm, trainable,
+    EFFECTIVE_COST, REGULARIZATION, add_gates, add_regularizer, deterministic_gates, eval_form, trainable,
     unshare_initializers, with_batch_size,
 )
 from onnx_morph.rewrite.surgery.verify import onnxruntime, onnxruntime_training, runtime_errors
@@ -315,7 +315,7 @@ def _generate(training: onnx.ModelProto, base: onnx.ModelProto, params: set[str]
         path = directory / name
         artifact = onnx.load(str(path))
         if name == "eval_model.onnx":
-            inference_batchnorm(artifact)
+            eval_form(artifact)
             if regularized and reg.gates:
                 deterministic_gates(artifact, reg.gates)
         artifact.ir_version = min(artifact.ir_version, MAX_IR_VERSION)
