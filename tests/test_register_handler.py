@@ -130,7 +130,7 @@ def test_custom_op_trains_through_its_to_training_hook(tmp_path):
 def test_custom_op_declared_without_gradient_is_refused(tmp_path):
     pytest.importorskip("onnxruntime.training")
     from onnx_morph.errors import OptionError
-    from onnx_morph.handlers.base import without_gradient
+    from onnx_morph.handlers import without_gradient
     from onnx_morph.rewrite.training.artifacts import make_training_artifacts
 
     _classifier(tmp_path / "m.onnx")

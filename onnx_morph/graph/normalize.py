@@ -12,8 +12,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnx_morph.handlers import handler_for
-from onnx_morph.handlers.base import Replacement
+from onnx_morph.handlers import Replacement, handler_for
 
 
 def normalized(model: onnx.ModelProto) -> onnx.ModelProto:
