@@ -91,43 +91,69 @@ def train(
     log_dir.mkdir(parents=True, exist_ok=True)
     schedule = _schedule_for(artifacts, strength, target)
     tracker = _StructureTracker(artifacts, target)
-    session = _Session(artifacts, learning_rate)
-    rng = np.random.default_rng(seed)
+    run = _Run(_Session(artifacts, learning_rate), schedule, tracker, log_dir, structure_every)
     started = time.perf_counter()
-    history: list[dict] = []
-    calibration: list[np.ndarray] = []
+    rng = np.random.default_rng(seed)
     with _Logs(log_dir) as logs:
         for epoch in range(epochs):
             batches = _batches(data, artifacts.batch_size, rng)
             if not batches:
                 raise TrainingError(f"no batch of the data has {artifacts.batch_size} examples, the artifacts' "
                                     "batch size")
-            bar = _Progress(progress, f"epoch {epoch + 1}/{epochs}", len(batches))
-            for x, y in batches:
-                calibration = (calibration + [x])[:CALIBRATION_BATCHES]
-                record = _record(len(history), epoch, session.step(x, y, schedule(len(history))), schedule)
-                if tracker.enabled and structure_every and record["step"] % structure_every == 0:
-                    record.update(tracker.record(session.state, log_dir, record["step"]))
-                logs.write(record)
-                history.append(record)
-                bar.update(record)
-            bar.close()
-        final = tracker.record(session.state, log_dir, len(history), final=True) if tracker.enabled else {}
-        if final:
-            logs.write({"step": len(history), "epoch": epochs, **final})
-    last = history[-1]
-    result = TrainResult(
-        steps=len(history), task_loss=last["task_loss"], regularization=last.get("regularization"),
-        effective_cost=final.get("effective_cost_after") if final else None,
-        structure=tracker.structure, alive_per_group=tracker.alive_per_group, vector=tracker.vector,
-        gate_logits={g.param: g.logits(session.state.parameters[g.param].data) for g in tracker.gates},
-        moved_to_target=tracker.moved, seconds=time.perf_counter() - started, history=history)
+            run.epoch(epoch, batches, logs, _Progress(progress, f"epoch {epoch + 1}/{epochs}", len(batches)))
+        final = run.final(logs, epochs)
+    result = run.result(final, time.perf_counter() - started)
     if export is not None:
-        trained = trained_model(artifacts, session.state, calibration, tracker.gates)
+        trained = trained_model(artifacts, run.session.state, run.calibration, run.tracker.gates)
         result.model_path = save_model(trained, export, source=artifacts.base_model)
         if test_data is not None:
             result.test_accuracy = accuracy(trained, test_data)
     return result
+
+
+@dataclass
+class _Run:
+    """One training run's state: the session, the strength schedule, the structure tracker, the log
+    rows and the last batches (for calibrating BatchNorm statistics)."""
+
+    session: _Session
+    schedule: Callable[[int], float]
+    tracker: _StructureTracker
+    log_dir: Path
+    structure_every: int
+    history: list[dict] = field(default_factory=list)
+    calibration: list[np.ndarray] = field(default_factory=list)
+
+    def epoch(self, epoch: int, batches: list[Batch], logs: _Logs, bar: _Progress) -> None:
+        """One optimizer step per batch, each logged (with the structure every `structure_every` steps)."""
+        for x, y in batches:
+            self.calibration = (self.calibration + [x])[:CALIBRATION_BATCHES]
+            record = _record(len(self.history), epoch, self.session.step(x, y, self.schedule(len(self.history))),
+                             self.schedule)
+            if self.tracker.enabled and self.structure_every and record["step"] % self.structure_every == 0:
+                record.update(self.tracker.record(self.session.state, self.log_dir, record["step"]))
+            logs.write(record)
+            self.history.append(record)
+            bar.update(record)
+        bar.close()
+
+    def final(self, logs: _Logs, epochs: int) -> dict:
+        """The final structure's record (masks.json written), logged; empty without a regularizer."""
+        if not self.tracker.enabled:
+            return {}
+        final = self.tracker.record(self.session.state, self.log_dir, len(self.history), final=True)
+        if final:
+            logs.write({"step": len(self.history), "epoch": epochs, **final})
+        return final
+
+    def result(self, final: dict, seconds: float) -> TrainResult:
+        last, tracker = self.history[-1], self.tracker
+        return TrainResult(
+            steps=len(self.history), task_loss=last["task_loss"], regularization=last.get("regularization"),
+            effective_cost=final.get("effective_cost_after") if final else None,
+            structure=tracker.structure, alive_per_group=tracker.alive_per_group, vector=tracker.vector,
+            gate_logits={g.param: g.logits(self.session.state.parameters[g.param].data) for g in tracker.gates},
+            moved_to_target=tracker.moved, seconds=seconds, history=self.history)
 
 
 def _check_options(artifacts: TrainingArtifacts, data, epochs: int, batch_size: int | None) -> None:

@@ -82,9 +82,7 @@ class ChannelGraph:
 
     def param_root(self, name: str) -> tuple[str, tuple[int, ...] | None] | None:
         """The initializer behind a constant input (seen through Identity/Transpose) and the permutation applied."""
-        if self.model.initializer(name) is not None:
-            return name, None
-        return self.aliases.get(name)
+        return param_root(self.model, self.aliases, name)
 
     def stored_param(self, name: str) -> str | None:
         """The initializer a constant input is stored as: itself or what it views (param_root), or the
@@ -226,43 +224,68 @@ class ChannelGraph:
 
 def build_channel_graph(model: LoadedModel) -> ChannelGraph:
     """Ask every node's handler how its channels relate, then unite the related channels."""
+    names = _unique_names(model.graph.node)
+    nodes = dict(zip(names, model.graph.node))
+    related = _relate_nodes(model, nodes)
+    offsets = _offsets(model, related.tensors)
+    class_of, class_pins = _unite(model, nodes, related, offsets)
+    classes = {t: class_of[start:start + related.tensors[t].channels] for t, start in offsets.items()}
+    groups = build_groups(classes, int(class_of.max()) + 1 if class_of.size else 0, class_pins, related.relations,
+                          nodes, lambda name: param_root(model, related.aliases, name))
+    return ChannelGraph(model, names, nodes, related.tensors, related.relations, offsets, class_of, class_pins, groups,
+                        related.aliases, related.static, related.unknown, related.views)
+
+
+@dataclass
+class _Related:
+    """What the handlers said about every node: activations' layouts, relations, and the constants
+    (static tensors, views of initializers) the relations skip."""
+
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    relations: dict[str, Relation] = field(default_factory=dict)
+    static: set[str] = field(default_factory=set)
+    aliases: dict[str, tuple[str, tuple[int, ...] | None]] = field(default_factory=dict)
+    views: dict[str, dict[int, tuple[str, int]]] = field(default_factory=dict)
+    unknown: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _relate_nodes(model: LoadedModel, nodes: dict[str, onnx.NodeProto]) -> _Related:
+    """Each node's relation in graph order; a node computing only constants records which initializer
+    its output views instead."""
     graph = model.graph
-    names = _unique_names(graph.node)
-    nodes = dict(zip(names, graph.node))
     consumers: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for name, node in nodes.items():
         for index, tensor in enumerate(node.input):
             if tensor:
                 consumers[tensor].append((name, index))
-
-    static = {t.name for t in graph.initializer} | set(model.folded)
-    aliases: dict[str, tuple[str, tuple[int, ...] | None]] = {}
-    views: dict[str, dict[int, tuple[str, int]]] = {}
-    tensors: dict[str, TensorInfo] = {}
+    related = _Related(static={t.name for t in graph.initializer} | set(model.folded))
+    tensors, static = related.tensors, related.static
     for value in graph.input:
         if value.name not in static:
             tensors[value.name] = _checked(_graph_input(model, value.name, consumers, nodes, tensors, static), model)
-
-    relations: dict[str, Relation] = {}
-    unknown: dict[str, list[str]] = defaultdict(list)
     for name, node in nodes.items():
         handler = handler_for(node.op_type, node.domain)
         inner = outer_references(node)
         inputs = [i for i in node.input if i] + sorted(inner)
         if getattr(handler, "static_output", False) or all(i in static for i in inputs):
             static.update(o for o in node.output if o)
-            _record_alias(model, node, aliases)
-            _record_view(model, name, node, views, static)
+            _record_alias(model, node, related.aliases)
+            _record_view(model, name, node, related.views, static)
             continue
         if not is_known(node.op_type, node.domain):
-            unknown[node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"].append(name)
-        view = _view(model, name, node, tensors, static, aliases, views)
-        relations[name] = relation = _relate(model, view, handler, inner, tensors)
+            label = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            related.unknown.setdefault(label, []).append(name)
+        view = _view(model, name, node, tensors, static, related.aliases, related.views)
+        related.relations[name] = relation = _relate(model, view, handler, inner, tensors)
         for output, axes in zip(view.outputs, relation.output_axes):
             if output is not None:
                 tensors[output.name] = _checked(TensorInfo(output.name, output.shape, _valid_axes(axes, output.shape),
                                                            copies=output.name in relation.copies), model)
+    return related
 
+
+def _offsets(model: LoadedModel, tensors: dict[str, TensorInfo]) -> dict[str, int]:
+    """Where each activation's channel elements start in the union-find arrays."""
     offsets, total = {}, 0
     for name, info in tensors.items():
         if info.channels:
@@ -271,54 +294,62 @@ def build_channel_graph(model: LoadedModel) -> ChannelGraph:
     if total > MAX_CHANNEL_ELEMENTS:
         raise ModelLoadError(f"{model.source}: {total} channels over all activations, more than the channel graph "
                              f"holds ({MAX_CHANNEL_ELEMENTS})")
-    edges_a: list[np.ndarray] = []
-    edges_b: list[np.ndarray] = []
-    pinned_elements: list[np.ndarray] = []
-    reasons: dict[str, int] = {}
-    pinned_reasons: list[np.ndarray] = []
+    return offsets
 
-    def pin(p: Pin) -> None:
-        if p.tensor not in offsets:
+
+class _Pins:
+    """Pinned channel elements and why, collected as relations are read."""
+
+    def __init__(self, offsets: dict[str, int], tensors: dict[str, TensorInfo]):
+        self.offsets, self.tensors = offsets, tensors
+        self.elements: list[np.ndarray] = []
+        self.reason_ids: list[np.ndarray] = []
+        self.reasons: dict[str, int] = {}
+
+    def add(self, pin: Pin) -> None:
+        if pin.tensor not in self.offsets:
             return
-        start = offsets[p.tensor]
-        index = np.arange(tensors[p.tensor].channels) if p.index is None else np.asarray(p.index)
-        pinned_elements.append(start + index)
-        pinned_reasons.append(np.full(index.size, reasons.setdefault(p.reason, len(reasons))))
+        index = np.arange(self.tensors[pin.tensor].channels) if pin.index is None else np.asarray(pin.index)
+        self.elements.append(self.offsets[pin.tensor] + index)
+        self.reason_ids.append(np.full(index.size, self.reasons.setdefault(pin.reason, len(self.reasons))))
 
-    for value in graph.input:
-        pin(Pin(value.name, f"graph input '{value.name}'"))
-    for value in graph.output:
-        pin(Pin(value.name, f"graph output '{value.name}'"))
-    for p in _consumed_copies(nodes, tensors, relations):
-        pin(p)
-    for name, relation in relations.items():
+    def by_class(self, class_of: np.ndarray) -> dict[int, list[str]]:
+        return _reasons_by_class(class_of, self.elements, self.reason_ids, list(self.reasons))
+
+
+def _unite(model: LoadedModel, nodes: dict[str, onnx.NodeProto], related: _Related,
+           offsets: dict[str, int]) -> tuple[np.ndarray, dict[int, list[str]]]:
+    """The channel class of every element (the components of the handlers' ties) and each pinned
+    class's reasons: graph inputs and outputs, the handlers' pins, ties whose layout is lost, and
+    channel grids that the ties leave without one axis of whole slices."""
+    pins = _Pins(offsets, related.tensors)
+    for value in model.graph.input:
+        pins.add(Pin(value.name, f"graph input '{value.name}'"))
+    for value in model.graph.output:
+        pins.add(Pin(value.name, f"graph output '{value.name}'"))
+    for p in _consumed_copies(nodes, related.tensors, related.relations):
+        pins.add(p)
+    edges_a, edges_b = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
+    for name, relation in related.relations.items():
         for p in relation.pins:
-            pin(p)
+            pins.add(p)
         for tie in relation.ties:
             if tie.a not in offsets or tie.b not in offsets:
                 lost = f"channel layout is lost at {nodes[name].op_type} node '{name}'"
                 for side in (tie.a, tie.b):
-                    pin(Pin(side, lost))
+                    pins.add(Pin(side, lost))
                 continue
             edges_a.append(offsets[tie.a] + tie.a_index)
             edges_b.append(offsets[tie.b] + tie.b_index)
-
-    roots = connected_components(total, np.concatenate(edges_a or [np.zeros(0, np.int64)]),
-                                 np.concatenate(edges_b or [np.zeros(0, np.int64)]))
-    _, class_of = np.unique(roots, return_inverse=True)
-    for relation in relations.values():
+    total = sum(related.tensors[t].channels for t in offsets)
+    _, class_of = np.unique(connected_components(total, np.concatenate(edges_a), np.concatenate(edges_b)),
+                            return_inverse=True)
+    for relation in related.relations.values():
         for grid in relation.grids:
-            info = tensors.get(grid.tensor)
+            info = related.tensors.get(grid.tensor)
             if grid.tensor in offsets and sliced_axis(info, class_of[offsets[grid.tensor]:][:info.channels]) is None:
-                pin(Pin(grid.tensor, grid.reason))
-    class_pins = _reasons_by_class(class_of, pinned_elements, pinned_reasons, list(reasons))
-
-    partial = ChannelGraph(
-        model, names, nodes, tensors, relations, offsets, class_of.astype(np.int64),
-        dict(class_pins), [], aliases, static, dict(unknown), views,
-    )
-    partial.groups = build_groups(partial)
-    return partial
+                pins.add(Pin(grid.tensor, grid.reason))
+    return class_of.astype(np.int64), pins.by_class(class_of)
 
 
 def _relate(model: LoadedModel, view: NodeView, handler, inner: set[str], tensors: dict[str, TensorInfo]) -> Relation:
@@ -459,6 +490,13 @@ def _view(model: LoadedModel, name: str, node: onnx.NodeProto, tensors: dict[str
     outputs = [TensorInfo(o, model.shapes.get(o)) if o else None for o in node.output]
     return NodeView(node, name, [info(i) for i in node.input], outputs,
                     lambda tensor: resolved_constant(model, aliases or {}, tensor), model.opset)
+
+
+def param_root(model: LoadedModel, aliases: dict, name: str) -> tuple[str, tuple[int, ...] | None] | None:
+    """The initializer behind a constant input (itself, or the one an alias views) and the permutation applied."""
+    if model.initializer(name) is not None:
+        return name, None
+    return aliases.get(name)
 
 
 def resolved_constant(model: LoadedModel, aliases: dict, name: str) -> np.ndarray | None:

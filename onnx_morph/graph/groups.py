@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import numpy as np
+import onnx
 
-if TYPE_CHECKING:
-    from onnx_morph.graph.channel_graph import ChannelGraph
+from onnx_morph.handlers import Relation
 
 
 @dataclass(frozen=True)
@@ -50,65 +50,77 @@ class ChannelGroup:
         return self.pinned_classes == 0
 
 
-def build_groups(graph: ChannelGraph) -> list[ChannelGroup]:
-    tensors = list(graph.offsets)
-    per_tensor = [graph.classes(t) for t in tensors]
-    if not tensors:
+def build_groups(classes: dict[str, np.ndarray], num_classes: int, class_pins: dict[int, list[str]],
+                 relations: dict[str, Relation], nodes: dict[str, onnx.NodeProto],
+                 param_root: Callable[[str], tuple[str, tuple[int, ...] | None] | None]) -> list[ChannelGroup]:
+    """The groups of the channel classes: `classes` holds each activation's class per channel element
+    (in graph order), `class_pins` the pinned classes' reasons; the relations give each group its
+    ops, producers, consumers and sources (parameters seen through `param_root`'s views)."""
+    if not classes:
         return []
-    # Every (class, tensor) pair once; a class's tensor set is summarized by a 64-bit signature.
-    unique_per_tensor = [np.unique(c) for c in per_tensor]
-    pair_class = np.concatenate(unique_per_tensor)
-    pair_tensor = np.repeat(np.arange(len(tensors)), [u.size for u in unique_per_tensor])
-    tensor_hash = np.random.default_rng(0).integers(1, 2**63, size=len(tensors), dtype=np.uint64)
-    signature = np.zeros(graph.num_classes, dtype=np.uint64)
-    np.add.at(signature, pair_class, tensor_hash[pair_tensor])
-    first_tensor = np.full(graph.num_classes, len(tensors), dtype=np.int64)
-    np.minimum.at(first_tensor, pair_class, pair_tensor)
-    _, group_of_class = np.unique(signature, return_inverse=True)
-    # Groups in graph order: by the first tensor of their first class.
-    rank = first_tensor * graph.num_classes + np.arange(graph.num_classes)
-    group_first = np.full(group_of_class.max() + 1, np.iinfo(np.int64).max)
-    np.minimum.at(group_first, group_of_class, rank)
-    renumber = np.empty_like(group_first)
-    renumber[np.argsort(group_first, kind="stable")] = np.arange(group_first.size)
-    group_of_class = renumber[group_of_class]
-
+    tensors, per_tensor = list(classes), list(classes.values())
+    group_of_class = _group_of_class(per_tensor, num_classes)
     members_of = np.split(np.argsort(group_of_class, kind="stable"),
                           np.flatnonzero(np.diff(np.sort(group_of_class))) + 1)
     groups = [ChannelGroup(g, members.astype(np.int64), {}) for g, members in enumerate(members_of)]
     groups_of_tensor: dict[str, list[ChannelGroup]] = defaultdict(list)
-    for name, classes in zip(tensors, per_tensor):
-        element_group = group_of_class[classes]
+    for name, tensor_classes in zip(tensors, per_tensor):
+        element_group = group_of_class[tensor_classes]
         order = np.argsort(element_group, kind="stable")
-        bounds = np.flatnonzero(np.diff(element_group[order])) + 1
-        for chunk in np.split(order, bounds):
+        for chunk in np.split(order, np.flatnonzero(np.diff(element_group[order])) + 1):
             group = groups[int(element_group[chunk[0]])]
             group.tensors[name] = chunk
             groups_of_tensor[name].append(group)
     for group in groups:
-        reasons = [graph.class_pins[c] for c in group.classes.tolist() if c in graph.class_pins]
+        reasons = [class_pins[c] for c in group.classes.tolist() if c in class_pins]
         group.pinned_classes = len(reasons)
         group.pin_reasons = list(dict.fromkeys(r for rs in reasons for r in rs))
-
-    for name, relation in graph.relations.items():
-        node = graph.nodes[name]
-        touched = {t for t in (*node.input, *node.output) if t in groups_of_tensor}
-        for t in touched:
-            for group in groups_of_tensor[t]:
-                if name not in group.ops:
-                    group.ops.append(name)
-        geometry = relation.geometry
-        if geometry is not None:
-            for group in groups_of_tensor.get(geometry.output, []):
-                group.producers.append(name)
-            for group in groups_of_tensor.get(geometry.input, []):
-                group.consumers.append(name)
-        for source in relation.sources:
-            root = graph.param_root(source.param)
-            param, axis = source.param, source.axis
-            if root is not None:
-                param, perm = root
-                axis = perm[axis] if perm is not None else axis
-            for group in groups_of_tensor.get(source.tensor, []):
-                group.sources.append(GroupSource(source.kind, name, param, axis, source.tensor, group.tensors[source.tensor]))
+    for name, relation in relations.items():
+        _attach(name, nodes[name], relation, groups_of_tensor, param_root)
     return groups
+
+
+def _group_of_class(per_tensor: list[np.ndarray], num_classes: int) -> np.ndarray:
+    """Each class's group: classes spanning the same tensors share one, numbered in graph order (by
+    the first tensor of their first class)."""
+    # Every (class, tensor) pair once; a class's tensor set is summarized by a 64-bit signature.
+    unique_per_tensor = [np.unique(c) for c in per_tensor]
+    pair_class = np.concatenate(unique_per_tensor)
+    pair_tensor = np.repeat(np.arange(len(per_tensor)), [u.size for u in unique_per_tensor])
+    tensor_hash = np.random.default_rng(0).integers(1, 2**63, size=len(per_tensor), dtype=np.uint64)
+    signature = np.zeros(num_classes, dtype=np.uint64)
+    np.add.at(signature, pair_class, tensor_hash[pair_tensor])
+    first_tensor = np.full(num_classes, len(per_tensor), dtype=np.int64)
+    np.minimum.at(first_tensor, pair_class, pair_tensor)
+    _, group_of_class = np.unique(signature, return_inverse=True)
+    rank = first_tensor * num_classes + np.arange(num_classes)
+    group_first = np.full(group_of_class.max() + 1, np.iinfo(np.int64).max)
+    np.minimum.at(group_first, group_of_class, rank)
+    renumber = np.empty_like(group_first)
+    renumber[np.argsort(group_first, kind="stable")] = np.arange(group_first.size)
+    return renumber[group_of_class]
+
+
+def _attach(name: str, node: onnx.NodeProto, relation: Relation, groups_of_tensor: dict[str, list[ChannelGroup]],
+            param_root: Callable[[str], tuple[str, tuple[int, ...] | None] | None]) -> None:
+    """Record node `name` in the groups of the tensors it touches: as an op, as the producer or consumer
+    of its geometry's channels, and its regularization sources."""
+    touched = {t for t in (*node.input, *node.output) if t in groups_of_tensor}
+    for t in touched:
+        for group in groups_of_tensor[t]:
+            if name not in group.ops:
+                group.ops.append(name)
+    geometry = relation.geometry
+    if geometry is not None:
+        for group in groups_of_tensor.get(geometry.output, []):
+            group.producers.append(name)
+        for group in groups_of_tensor.get(geometry.input, []):
+            group.consumers.append(name)
+    for source in relation.sources:
+        root = param_root(source.param)
+        param, axis = source.param, source.axis
+        if root is not None:
+            param, perm = root
+            axis = perm[axis] if perm is not None else axis
+        for group in groups_of_tensor.get(source.tensor, []):
+            group.sources.append(GroupSource(source.kind, name, param, axis, source.tensor, group.tensors[source.tensor]))

@@ -65,10 +65,9 @@ class LoadedModel:
         self._computed: dict[str, np.ndarray | None] = {}
         self._constants: dict[str, np.ndarray] = {}
         for node in self.model.graph.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                value = _constant_node_value(node)
-                if value is not None:
-                    self._constants[node.output[0]] = value
+            value = handler_for(node.op_type, node.domain).constant_output(node)
+            if value is not None:
+                self._constants[node.output[0]] = value
 
     def constant(self, name: str) -> np.ndarray | None:
         """The value of an initializer or Constant output, or None if `name` is computed at run time."""
@@ -163,7 +162,7 @@ def _shape_derived(graph: onnx.GraphProto, folded: dict[str, np.ndarray]) -> set
     """The folded outputs of Shape and Size, and of every folded computation that reads one."""
     derived: set[str] = set()
     for node in graph.node:
-        if node.op_type in ("Shape", "Size") or any(name in derived for name in node.input):
+        if handler_for(node.op_type, node.domain).reads_shape or any(name in derived for name in node.input):
             derived.update(name for name in node.output if name in folded)
     return derived
 
@@ -404,17 +403,6 @@ def _with_external_data(tensor: TensorProto, base_dir: Path | None, label: str) 
     return loaded
 
 
-def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
-    for attr in node.attribute:
-        if attr.name == "value":
-            return numpy_helper.to_array(attr.t)
-        if attr.name in ("value_float", "value_int"):
-            return np.array(onnx.helper.get_attribute_value(attr))
-        if attr.name in ("value_floats", "value_ints"):
-            return np.array(onnx.helper.get_attribute_value(attr))
-    return None
-
-
 def _weightless_view(
     model: onnx.ModelProto, label: str, requested: dict[str, tuple[int, ...]]
 ) -> tuple[onnx.ModelProto, dict[str, tuple[int, ...]], list[str]]:
@@ -507,7 +495,6 @@ def _infer_shapes(view: onnx.ModelProto, label: str) -> onnx.ModelProto:
 
 
 _MAX_FOLDED_ELEMENTS = 1 << 16
-_NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
 
 
 def _infer_and_fold(view: onnx.ModelProto, label: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
@@ -602,31 +589,21 @@ def _shape_function_ops(view: onnx.ModelProto, shapes: dict[str, tuple[int, ...]
 
 def _evaluate(node: onnx.NodeProto, known: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]],
               dtypes: dict[str, int], opsets) -> list[np.ndarray] | None:
-    if node.domain not in ("", "ai.onnx") or node.op_type in _NOT_FOLDABLE:
+    """The node's outputs where the handler folds them from what is known of the inputs (BaseHandler.fold),
+    or once every input is a constant; None where they are not constants (or too large to keep)."""
+    handler = handler_for(node.op_type, node.domain)
+    if node.domain not in ("", "ai.onnx") or not handler.foldable:
         return None
-    if node.op_type == "Constant":
-        value = _constant_node_value(node)
-        return None if value is None or value.size > _MAX_FOLDED_ELEMENTS else [value]
-    if node.op_type == "CastLike" and node.input[0] in known and node.input[1] in dtypes:
-        # Only the type of the second input matters: a constant cast like an activation is a constant.
-        return [known[node.input[0]].astype(onnx.helper.tensor_dtype_to_np_dtype(dtypes[node.input[1]]))]
-    if node.op_type in ("Shape", "Size"):
-        shape = shapes.get(node.input[0])
-        if shape is None:
+    outputs = handler.fold(node, [known.get(i) if i else None for i in node.input],
+                           [shapes.get(i) if i else None for i in node.input],
+                           [dtypes.get(i) if i else None for i in node.input])
+    if outputs is None:
+        if not node.input or any(name and name not in known for name in node.input):
             return None
-        if node.op_type == "Size":
-            return [np.array(int(np.prod(shape)), dtype=np.int64)]
-        attrs = {a.name: a.i for a in node.attribute}
-        start, end = attrs.get("start", 0), attrs.get("end", len(shape))
-        return [np.array(shape[start:end], dtype=np.int64)]
-    if not node.input or any(name and name not in known for name in node.input):
-        return None
-    if node.op_type == "Identity":
-        return [known[node.input[0]]]
-    try:
-        outputs = _run_node(node, {name: known[name] for name in node.input if name}, opsets)
-    except Exception:  # noqa: BLE001 - an op the reference runtime cannot run is simply not folded
-        return None
+        try:
+            outputs = _run_node(node, {name: known[name] for name in node.input if name}, opsets)
+        except Exception:  # noqa: BLE001 - an op the reference runtime cannot run is simply not folded
+            return None
     values = [np.asarray(v) for v in outputs]
     if any(v.size > _MAX_FOLDED_ELEMENTS for v in values):
         return None

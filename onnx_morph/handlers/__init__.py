@@ -1,7 +1,8 @@
 """Op handlers: the meaning of each ONNX op family for channels, costs and surgery."""
 
 from onnx_morph.handlers.base import (
-    BaseHandler, Grid, NodeView, OpGeometry, ParamTerm, Pin, Relation, Source, TensorInfo, Tie,
+    BaseHandler, Grid, NodeView, OpGeometry, ParamTerm, Pin, Relation, Replacement, Source, TensorInfo, Tie,
+    without_gradient,
 )
 from onnx_morph.handlers.elementwise import Elementwise
 from onnx_morph.handlers.passthrough import Passthrough
@@ -9,5 +10,5 @@ from onnx_morph.handlers.registry import handler_for, is_known, register_handler
 
 __all__ = [
     "BaseHandler", "Elementwise", "Grid", "NodeView", "OpGeometry", "ParamTerm", "Passthrough", "Pin", "Relation",
-    "Source", "TensorInfo", "Tie", "handler_for", "is_known", "register_handler",
+    "Replacement", "Source", "TensorInfo", "Tie", "handler_for", "is_known", "register_handler", "without_gradient",
 ]

@@ -7,6 +7,7 @@ these elements between a node's inputs and outputs; the channel graph unites the
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -235,7 +236,36 @@ class Handler(Protocol):
         ...
 
 
+@dataclass
+class Replacement:
+    """Nodes standing for one node in a form the handlers know, and the initializers they add."""
+
+    nodes: list[onnx.NodeProto]
+    initializers: list[onnx.TensorProto] = field(default_factory=list)
+
+
 class BaseHandler:
+    """The defaults of every hook: an op without parameters that mixes nothing and needs no rewriting.
+
+    Subclasses state the channel relation (`relate`) and, where the op has parameters or shape
+    constants, how surgery resizes them (`prune`). The other hooks are how the rest of the package
+    asks about an op instead of switching on its type:
+
+    - loading: `normalize` rewrites an exporter idiom into ops the handlers know, before anything
+      else reads the model (SequenceAt of a SplitToSequence becomes a Slice); `fold` computes outputs
+      from shapes or types alone (Shape, CastLike), `constant_output` reads a value held in attributes
+      (Constant), `evaluate` computes outputs the reference runtime cannot; `foldable = False` keeps
+      folding away from random draws; `reads_shape` marks values that are constants only at the
+      analyzed shapes; `output_shapes` gives shapes onnx cannot infer.
+    - training: `no_gradient` refuses a model holding an op onnxruntime-training cannot
+      differentiate, with a hint (see `without_gradient`); `to_training` rewrites a node into the form
+      the gradient builder accepts (BatchNorm on batch statistics, LayerNorm with all its outputs,
+      Sum as Adds) and `to_eval` turns the training form back for the eval graph;
+      `running_statistics` names the inputs that calibration re-measures on data.
+    - costs and surgery: `initial_values`, `batch_free`, `view_permutation`, `source_axis`,
+      `slice_view`, `store_value`, `entry_source`, `resize_view`, `zero_of`, `index_bound`, `varying`.
+    """
+
     static_output = False
     # Each output channel element is computed from the input elements tied to it (and from inputs
     # tied to nothing of that output, such as a broadcast operand): dependence follows the ties.
@@ -250,6 +280,17 @@ class BaseHandler:
     stored_as_input = False
     # Input 0 is written out at output 0's precision (QuantizeLinear): its producer's write counts so.
     stored_as_output = False
+    # onnxruntime-training has no gradient for the op: training refuses a model holding it, with this
+    # hint of what to export instead (see without_gradient). None: the op trains.
+    no_gradient: str | None = None
+    # The inputs holding running statistics (mean, variance) of input 0's channels on axis 1, which
+    # calibration re-measures on data (BatchNormalization: 3 and 4); None: the op keeps none.
+    running_statistics: tuple[int, int] | None = None
+    # Load-time folding may compute the outputs of constant inputs (False: the op draws random numbers).
+    foldable = True
+    # The outputs are computed from an input's shape alone (Shape, Size): constants only at the
+    # analyzed input shapes, so surgery writes them in a form that still follows other shapes.
+    reads_shape = False
 
     def preferred_axes(self, view: NodeView, index: int, rank: int) -> Axes | None:
         return None
@@ -274,6 +315,36 @@ class BaseHandler:
         """The outputs of the node on constant inputs, where the handler computes them itself; None
         leaves it to onnx's reference runtime."""
         return None
+
+    def fold(self, node: onnx.NodeProto, values: list[np.ndarray | None], shapes: list[tuple[int, ...] | None],
+             dtypes: list[int | None]) -> list[np.ndarray] | None:
+        """Outputs the loader computes from what it knows of the inputs (their constant values, static
+        shapes and element types, by input index; None where unknown) before every input is a
+        constant: a Shape from its input's shape. None leaves folding to `evaluate` and onnx's
+        reference runtime, once every input is a constant."""
+        return None
+
+    def constant_output(self, node: onnx.NodeProto) -> np.ndarray | None:
+        """Output 0's value when the node holds it in its attributes (Constant); None otherwise."""
+        return None
+
+    def normalize(self, node: onnx.NodeProto, producer: Callable[[str], onnx.NodeProto | None],
+                  constant: Callable[[str], np.ndarray | None]) -> Replacement | None:
+        """The node rewritten, as the model is loaded, into ops the handlers know (an exporter's idiom),
+        given the node producing a tensor and a tensor's constant value (None when computed at run
+        time); None keeps the node. Nodes whose outputs nothing reads after the rewrite are dropped."""
+        return None
+
+    def to_training(self, node: onnx.NodeProto, fresh: Callable[[str], str]) -> list[onnx.NodeProto]:
+        """The nodes computing `node` in the training graph, where onnxruntime-training's gradient builder
+        needs another form; `node` belongs to the training copy and may be changed, `fresh(name)` names
+        new tensors. Default: the node as it is."""
+        return [node]
+
+    def to_eval(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+        """The eval graph's form of a node that `to_training` changed (the eval model onnxruntime-training
+        derives from the training graph). Default: the node as it is."""
+        return [node]
 
     def batch_free(self, view: NodeView, batch: int) -> dict[int, np.ndarray]:
         """New values for constant inputs that froze the export's batch size `batch` (the batch is
@@ -320,6 +391,39 @@ class BaseHandler:
     def resize_view(self, view: NodeView, edit: Editor, axis: int, count: int) -> None:
         """Its input was sliced so that output axis `axis` (see source_axis) now holds `count` entries:
         update the shape constants that name that extent."""
+
+
+class Unknown(BaseHandler):
+    """No handler knows this op: nothing it touches may shrink, and its outputs' layout is guessed
+    as NCHW (axis 1) only so that the pin reaches the consumers' channels."""
+
+    def relate(self, view: NodeView) -> Relation:
+        axes = [(1,) if t is not None and t.rank is not None and t.rank >= 2 else None for t in view.outputs]
+        reason = f"unknown op {view.op_type} at node '{view.name}'"
+        if view.node.domain not in ("", "ai.onnx"):
+            reason = f"unknown op {view.node.domain}.{view.op_type} at node '{view.name}'"
+        return Relation(axes, pins=pin_all(view, reason))
+
+    def varying(self, view: NodeView, relation: Relation, inputs) -> list[bool]:
+        """An unknown op may draw random numbers: its outputs may change even on constant inputs."""
+        return [True] * len(view.outputs)
+
+
+def without_gradient(handler: BaseHandler, hint: str) -> BaseHandler:
+    """A copy of `handler` for an op that onnxruntime-training cannot differentiate (see
+    BaseHandler.no_gradient); `hint` says what to export instead."""
+    refused = copy.copy(handler)
+    refused.no_gradient = hint
+    return refused
+
+
+def set_attribute(node: onnx.NodeProto, name: str, value) -> None:
+    """Set (or replace) one attribute of a node, in place."""
+    for attribute in node.attribute:
+        if attribute.name == name:
+            node.attribute.remove(attribute)
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
 
 
 def varying_through_weight(inputs: list[np.ndarray | None], reads: np.ndarray) -> list[np.ndarray | bool] | None:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import math
 
+from typing import Callable
+
 import numpy as np
+import onnx
 
 from onnx_morph.errors import InvariantError
 from onnx_morph.handlers.base import (
@@ -127,6 +130,20 @@ def _slice_grid_constants(view: NodeView, edit, y: TensorInfo, keep: np.ndarray)
         for index, t in enumerate(view.inputs):
             if t is not None and t.constant and _aligned(t, rank)[axis] == along.size > 1:
                 edit.slice_input(index, axis - (rank - len(t.shape)), along)
+
+
+class Sum(Elementwise):
+    """Sum of any number of operands; onnxruntime-training differentiates it only as a chain of Adds."""
+
+    def to_training(self, node: onnx.NodeProto, fresh: Callable[[str], str]) -> list[onnx.NodeProto]:
+        if len(node.input) <= 2:
+            return [node]
+        chain, current = [], node.input[0]
+        for i, operand in enumerate(node.input[1:], start=1):
+            output = node.output[0] if i == len(node.input) - 1 else fresh(f"{node.name}/sum_{i}")
+            chain.append(onnx.helper.make_node("Add", [current, operand], [output], name=f"{node.name}/add_{i}"))
+            current = output
+        return chain
 
 
 def _unsliceable_constants(view: NodeView, operands: list[TensorInfo], y: TensorInfo) -> tuple[list[Pin], list[Tie]]:

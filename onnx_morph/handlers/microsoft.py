@@ -200,6 +200,8 @@ class SkipLayerNorm(BaseHandler):
 class SimplifiedLayerNorm(LayerNorm):
     """RMSNorm as one op (SimplifiedLayerNormalization, X * scale / rms over axes [axis, rank))."""
 
+    to_training = BaseHandler.to_training
+
     def output_shapes(self, node: onnx.NodeProto, inputs: list[Shape | None]) -> list | None:
         return [inputs[0]] if inputs and inputs[0] is not None else None
 

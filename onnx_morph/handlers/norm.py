@@ -5,8 +5,10 @@ A BatchNorm after a Linear reshaped to [N, C, H, W] normalizes channel c over it
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
+import onnx
 
 from onnx_morph.handlers.base import (
     BaseHandler,
@@ -21,6 +23,7 @@ from onnx_morph.handlers.base import (
     describe,
     normalize_axis,
     param_dtype,
+    set_attribute,
     spread_over_positions,
 )
 from onnx_morph.handlers.passthrough import pass_through
@@ -52,9 +55,24 @@ class BatchNorm(BaseHandler):
 
     follows_ties = True
     parameter_inputs = (0, 1, 2)
+    running_statistics = (3, 4)
 
     def preferred_axes(self, view: NodeView, index: int, rank: int):
         return NCHW if index == 0 else None
+
+    def to_training(self, node: onnx.NodeProto, fresh: Callable[[str], str]) -> list[onnx.NodeProto]:
+        """Batch statistics, as training normalizes; the running ones become outputs nothing reads,
+        so they stay frozen."""
+        set_attribute(node, "training_mode", 1)
+        del node.output[1:]
+        node.output.extend([fresh(f"{node.output[0]}/running_mean"), fresh(f"{node.output[0]}/running_var")])
+        return [node]
+
+    def to_eval(self, node: onnx.NodeProto) -> list[onnx.NodeProto]:
+        """The running statistics and one output (onnxruntime refuses extra outputs out of training mode)."""
+        set_attribute(node, "training_mode", 0)
+        del node.output[1:]
+        return [node]
 
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
@@ -96,6 +114,11 @@ class InstanceNorm(BatchNorm):
     on the normalized axes (2 and on): then each one's statistics mix several. A scale held in a
     Constant node (torch's GroupNorm, InstanceNorm without affine parameters) is no gamma."""
 
+    running_statistics = None
+    no_gradient = "use nn.GroupNorm or nn.BatchNorm2d"
+    to_training = BaseHandler.to_training
+    to_eval = BaseHandler.to_eval
+
     def relate(self, view: NodeView) -> Relation:
         x = view.input(0)
         if x is not None and x.axes is not None and any(a >= 2 for a in x.axes):
@@ -114,6 +137,11 @@ class LayerNorm(BaseHandler):
 
     def preferred_axes(self, view: NodeView, index: int, rank: int):
         return (normalize_axis(view.attr("axis", -1), rank),) if index == 0 else None
+
+    def to_training(self, node: onnx.NodeProto, fresh: Callable[[str], str]) -> list[onnx.NodeProto]:
+        """onnxruntime-training builds the gradient only when the node declares all three outputs."""
+        node.output.extend(fresh(f"{node.output[0]}/{extra}") for extra in ("mean", "inv_std")[len(node.output) - 1:])
+        return [node]
 
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]

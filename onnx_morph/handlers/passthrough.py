@@ -60,6 +60,9 @@ class Passthrough(BaseHandler):
 class Identity(Passthrough):
     preserves_values = True
 
+    def fold(self, node, values, shapes, dtypes) -> list | None:
+        return None if not values or values[0] is None else [values[0]]
+
     def view_permutation(self, node, rank: int) -> tuple[int, ...]:
         return tuple(range(rank))
 

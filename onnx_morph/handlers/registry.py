@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from onnx_morph.handlers.base import BaseHandler, NodeView, Relation, pin_all
+from onnx_morph.handlers.base import BaseHandler, Unknown, without_gradient
 from onnx_morph.handlers.conv import Conv, ConvTranspose
-from onnx_morph.handlers.elementwise import Elementwise
+from onnx_morph.handlers.elementwise import Elementwise, Sum
 from onnx_morph.handlers.layout import Concat, DepthToSpace, Expand, Gather, Reshape, Slice, Split, Tile, Transpose
 from onnx_morph.handlers.linear import Gemm, MatMul
 from onnx_morph.handlers.microsoft import MICROSOFT
@@ -15,42 +15,27 @@ from onnx_morph.handlers.quant import (
 )
 from onnx_morph.handlers.passthrough import Cast, Identity, Pad, Passthrough, Reduce, Softmax, SpatialPassthrough
 from onnx_morph.handlers.recurrent import Recurrent
+from onnx_morph.handlers.values import RANDOM, CastLike, Constant, Random, SequenceAt, ShapeOnly
 
 
-class ShapeOnly(BaseHandler):
-    """Shape and Size read only the static shape: their outputs are not activations."""
-
-    static_output = True
-
-    def relate(self, view: NodeView) -> Relation:
-        return Relation([None] * len(view.outputs))
-
-
-class Unknown(BaseHandler):
-    """No handler knows this op: nothing it touches may shrink, and its outputs' layout is guessed
-    as NCHW (axis 1) only so that the pin reaches the consumers' channels."""
-
-    def relate(self, view: NodeView) -> Relation:
-        axes = [(1,) if t is not None and t.rank is not None and t.rank >= 2 else None for t in view.outputs]
-        reason = f"unknown op {view.op_type} at node '{view.name}'"
-        if view.node.domain not in ("", "ai.onnx"):
-            reason = f"unknown op {view.node.domain}.{view.op_type} at node '{view.name}'"
-        return Relation(axes, pins=pin_all(view, reason))
-
-    def varying(self, view: NodeView, relation: Relation, inputs) -> list[bool]:
-        """An unknown op may draw random numbers: its outputs may change even on constant inputs."""
-        return [True] * len(view.outputs)
-
-
+# onnxruntime-training 1.19.2 has no gradient builder for these; the hint says what to export instead.
+NO_GRADIENT = {
+    "PRelu": "use nn.ReLU or nn.LeakyReLU",
+    "HardSigmoid": "use nn.Sigmoid",
+    "HardSwish": "use nn.SiLU (x * sigmoid(x))",
+    "Softplus": "use nn.ReLU or nn.SiLU",
+    "Elu": "use nn.ReLU or nn.LeakyReLU",
+    "Einsum": "write the contraction with torch.matmul",
+}
 UNARY = (
-    "Abs Acos Acosh Asin Asinh Atan Atanh BitwiseNot CastLike Ceil Celu Clip Cos Cosh Dropout Elu Erf Exp "
+    "Abs Acos Acosh Asin Asinh Atan Atanh BitwiseNot Ceil Celu Clip Cos Cosh Dropout Elu Erf Exp "
     "Floor Gelu HardSigmoid HardSwish IsInf IsNaN LeakyRelu Log Mish Neg Not Reciprocal Relu Round "
     "Selu Shrink Sigmoid Sign Sin Sinh Softplus Softsign Sqrt Tan Tanh ThresholdedRelu"
 ).split()
 SPATIAL = "AveragePool GlobalAveragePool GlobalLpPool GlobalMaxPool LpPool MaxPool Resize Upsample".split()
 BINARY = (
     "Add And BitwiseAnd BitwiseOr BitwiseXor Div Equal Greater GreaterOrEqual Less LessOrEqual Max Mean Min Mod "
-    "Mul Or Pow PRelu Sub Sum Where Xor"
+    "Mul Or Pow PRelu Sub Where Xor"
 ).split()
 REDUCE = (
     "ArgMax ArgMin ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd "
@@ -67,6 +52,11 @@ _REGISTRY: dict[str, BaseHandler] = {
     **{op: ShapeOnly() for op in ("Shape", "Size")},
     "Identity": Identity(),
     "Cast": Cast(),
+    "CastLike": CastLike(),
+    "Sum": Sum(),
+    "Constant": Constant(),
+    "SequenceAt": SequenceAt(),
+    **{op: Random() for op in RANDOM},
     "Conv": Conv(),
     "ConvTranspose": ConvTranspose(),
     "Gemm": Gemm(),
@@ -95,6 +85,7 @@ _REGISTRY: dict[str, BaseHandler] = {
     "MatMulInteger": MatMulInteger(),
     "Tile": Tile(),
 }
+_REGISTRY.update({op: without_gradient(_REGISTRY.get(op, Unknown()), hint) for op, hint in NO_GRADIENT.items()})
 _UNKNOWN = Unknown()
 # onnxruntime's contrib ops, as its graph optimizations, transformer optimizer and quantizer write them.
 _DOMAINS: dict[str, dict[str, BaseHandler]] = {
@@ -114,9 +105,11 @@ def handler_for(op_type: str, domain: str = "") -> BaseHandler:
 
 def register_handler(op_type: str, handler: BaseHandler | None, domain: str = "") -> BaseHandler | None:
     """Teach onnx-morph an op (a custom op, or another domain's): `handler` states its channel relation
-    (`relate`), and, where it has parameters or shape constants, how surgery resizes them (`prune`).
-    Subclass BaseHandler, whose other hooks default to "nothing to do". Replaces a built-in handler of the same op; None removes the registration. Returns the handler
-    that was registered before, if any, so that it can be restored."""
+    (`relate`), and, where it has parameters or shape constants, how surgery resizes them (`prune`);
+    training asks it too (`no_gradient`, `to_training`, `to_eval`: see BaseHandler). Subclass
+    BaseHandler, whose other hooks default to "nothing to do". Replaces a built-in handler of the same
+    op; None removes the registration. Returns the handler that was registered before, if any, so
+    that it can be restored."""
     if handler is not None and not isinstance(handler, BaseHandler):
         raise TypeError(f"a handler subclasses onnx_morph.handlers.BaseHandler (or Passthrough, Elementwise), "
                         f"and {type(handler).__name__} does not")
@@ -130,7 +123,8 @@ def register_handler(op_type: str, handler: BaseHandler | None, domain: str = ""
 
 
 def is_known(op_type: str, domain: str = "") -> bool:
-    return handler_for(op_type, domain) is not _UNKNOWN
+    """Whether a handler states the op's relation (the pinning one does not)."""
+    return not isinstance(handler_for(op_type, domain), Unknown)
 
 
 __all__ = ["handler_for", "is_known", "register_handler"]

@@ -11,19 +11,25 @@ import onnx
 from onnx import numpy_helper
 
 from onnx_morph.errors import OptionError
+from onnx_morph.handlers import handler_for
 from onnx_morph.rewrite.editing import Names, drop_unused
 from onnx_morph.rewrite.training.training_graph import trainable
 from onnx_morph.rewrite.surgery.verify import onnxruntime
 
 
+def _with_statistics(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The nodes keeping running statistics (BatchNorm: BaseHandler.running_statistics)."""
+    return [n for n in model.graph.node if handler_for(n.op_type, n.domain).running_statistics is not None]
+
+
 def has_batchnorm(model: onnx.ModelProto) -> bool:
-    return any(n.op_type == "BatchNormalization" for n in model.graph.node)
+    return bool(_with_statistics(model))
 
 
 def recalibrated_batchnorm(model: onnx.ModelProto, inputs: list[np.ndarray], input_name: str) -> onnx.ModelProto:
     """Set every BatchNorm's running mean and variance to its input's statistics over `inputs`,
     measured with every BatchNorm normalizing by batch statistics, as in training."""
-    norms = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    norms = _with_statistics(model)
     if not norms or not inputs:
         return model
     probe = trainable(model)
@@ -54,8 +60,9 @@ def recalibrated_batchnorm(model: onnx.ModelProto, inputs: list[np.ndarray], inp
         mean = total / count
         variance = np.maximum(squares / count - mean * mean, 0.0)
         # Exporters feed the statistics through Identity nodes of shared tensors: give each BN its own.
-        for slot, value in ((3, mean), (4, variance)):
-            name = names.fresh(f"{node.name or f'batchnorm_{index}'}/{'running_mean' if slot == 3 else 'running_var'}")
+        slots = handler_for(node.op_type, node.domain).running_statistics
+        for slot, label, value in zip(slots, ("running_mean", "running_var"), (mean, variance)):
+            name = names.fresh(f"{node.name or f'batchnorm_{index}'}/{label}")
             model.graph.initializer.append(numpy_helper.from_array(value.astype(np.float32), name))
             node.input[slot] = name
     drop_unused(model.graph)  # the Identity nodes and initializers that fed the replaced statistics

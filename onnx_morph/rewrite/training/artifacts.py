@@ -28,7 +28,7 @@ from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.rewrite.training.batch import flexible_batch
 from onnx_morph.rewrite.training.regularizer import Regularizer, RegularizerOptions
 from onnx_morph.rewrite.training.training_graph import (
-    EFFECTIVE_COST, REGULARIZATION, add_gates, add_regularizer, deterministic_gates, inference_batchnorm, trainable,
+    EFFECTIVE_COST, REGULARIZATION, add_gates, add_regularizer, deterministic_gates, eval_form, trainable,
     unshare_initializers, with_batch_size,
 )
 from onnx_morph.rewrite.surgery.verify import onnxruntime, onnxruntime_training, runtime_errors
@@ -142,16 +142,14 @@ def make_training_artifacts(
     reg = regularizer.build(graph) if regularizer is not None else None
     params = trained_parameters(graph, reg)
     training = with_batch_size(trainable(base), batch_size)
-    total_cost = initial_cost = initial_reg = None
+    costs = _Costs()
     if reg is not None:
         if reg.gates:
             training = add_gates(training, reg.gates, temperature=regularizer.gate_temperature,
                                  straight_through=regularizer.straight_through)
         training = add_regularizer(training, reg)
-        total_cost, _ = reg.terms.evaluate(np.ones(graph.num_classes, dtype=bool), np.zeros(graph.num_classes))
-        initial_cost, initial_reg = reg.evaluate(_values(graph, reg))
-        if strength is None:
-            strength = 1.0 / initial_reg if initial_reg > 0 else 1.0 / max(total_cost, 1.0)
+        costs = _initial_costs(graph, reg)
+        strength = costs.starting_strength() if strength is None else strength
     else:
         strength = 0.0
     labels = LOSSES.get(loss, "labels") if isinstance(loss, str) else "labels"
@@ -159,21 +157,49 @@ def make_training_artifacts(
     artifacts = TrainingArtifacts(
         directory=out_dir, inputs=inputs, labels=labels, loss=loss if isinstance(loss, str) else type(loss).__name__,
         strength=float(strength), regularizer=regularizer, trainable=sorted(params), batch_size=batch_size,
-        total_cost=total_cost, initial_cost=initial_cost, initial_regularization=initial_reg,
-        input_shapes={k: list(v) for k, v in loaded.input_shapes.items()}, notes=notes)
+        input_shapes={k: list(v) for k, v in loaded.input_shapes.items()}, notes=notes, **asdict(costs))
 
+    def write(staging: Path) -> None:
+        _generate(training, base, params, loss, reg, optimizer, staging)
+        onnx.save(base, str(staging / BASE_MODEL))
+        (staging / CONFIG).write_text(json.dumps(artifacts.to_json(), indent=1) + "\n")
+
+    _write_whole(out_dir, write)
+    return artifacts
+
+
+@dataclass
+class _Costs:
+    """The model's cost before training: all channels alive, and as the initial parameters leave them."""
+
+    total_cost: float | None = None
+    initial_cost: float | None = None
+    initial_regularization: float | None = None
+
+    def starting_strength(self) -> float:
+        """MorphNet's starting point, 1 / (initial regularization value): the term starts near 1."""
+        if self.initial_regularization > 0:
+            return 1.0 / self.initial_regularization
+        return 1.0 / max(self.total_cost, 1.0)
+
+
+def _initial_costs(graph: ChannelGraph, reg: Regularizer) -> _Costs:
+    total_cost, _ = reg.terms.evaluate(np.ones(graph.num_classes, dtype=bool), np.zeros(graph.num_classes))
+    initial_cost, initial_reg = reg.evaluate(_values(graph, reg))
+    return _Costs(total_cost, initial_cost, initial_reg)
+
+
+def _write_whole(out_dir: Path, write) -> None:
+    """`write(folder)` into a staging folder next to `out_dir`, which replaces `out_dir` only once complete."""
     for stale in out_dir.parent.glob(f".{out_dir.name}.{STAGING}*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{STAGING}", dir=out_dir.parent))
     try:
-        _generate(training, base, params, loss, reg, optimizer, staging)
-        onnx.save(base, str(staging / BASE_MODEL))
-        (staging / CONFIG).write_text(json.dumps(artifacts.to_json(), indent=1) + "\n")
+        write(staging)
         _replace_dir(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return artifacts
 
 
 def _check_options(loss, strength: float | None, optimizer: str, batch_size: int) -> None:
@@ -311,12 +337,18 @@ def _generate(training: onnx.ModelProto, base: onnx.ModelProto, params: set[str]
                               "that op (see README, Training)") from None
         first = " ".join(message.split())[:300]
         raise OptionError(f"onnxruntime-training cannot build the training graph of this model: {first}") from None
+    _finish(directory, reg)
+
+
+def _finish(directory: Path, reg: Regularizer | None) -> None:
+    """The generated models as onnxruntime loads them: the eval graph in its handlers' eval form with
+    deterministic gates, and every model at an IR version onnxruntime-training 1.19.2 reads."""
     for name in ("training_model.onnx", "eval_model.onnx", "optimizer_model.onnx"):
         path = directory / name
         artifact = onnx.load(str(path))
         if name == "eval_model.onnx":
-            inference_batchnorm(artifact)
-            if regularized and reg.gates:
+            eval_form(artifact)
+            if reg is not None and reg.gates:
                 deterministic_gates(artifact, reg.gates)
         artifact.ir_version = min(artifact.ir_version, MAX_IR_VERSION)
         onnx.save(artifact, str(path))

@@ -5,8 +5,9 @@ regularization value and the effective cost, computed from the model's own initi
 gradients reach the BatchNorm scales (or weights, or gate logits). `add_gates` inserts the
 probabilistic gates (a sampled logistic-sigmoid mask in training), and `deterministic_gates` turns
 them into the eval graph's 0/1 mask (logit > 0). `trainable` prepares a model for the gradient
-builder: BatchNorm in training mode, LayerNorm with all outputs, Sum as Add chains, and a clear
-refusal of ops onnxruntime-training cannot differentiate.
+builder, asking each node's handler (BaseHandler.to_training, to_eval, no_gradient): BatchNorm in
+training mode, LayerNorm with all outputs, Sum as Add chains, and a clear refusal of ops
+onnxruntime-training cannot differentiate.
 """
 
 from __future__ import annotations
@@ -19,22 +20,13 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_morph.costs.terms import COEFFICIENTS
 from onnx_morph.errors import OptionError
+from onnx_morph.handlers import handler_for
 from onnx_morph.rewrite.editing import Names, drop_unused
 from onnx_morph.rewrite.training.regularizer import RMS_EPSILON, Gate, Regularizer
 
 REGULARIZATION = "morph_regularization"
 EFFECTIVE_COST = "morph_effective_cost"
 PREFIX = "morph/"
-# onnxruntime-training 1.19.2 has no gradient builder for these; the hint says what to export instead.
-NO_GRADIENT = {
-    "PRelu": "use nn.ReLU or nn.LeakyReLU",
-    "HardSigmoid": "use nn.Sigmoid",
-    "HardSwish": "use nn.SiLU (x * sigmoid(x))",
-    "Softplus": "use nn.ReLU or nn.SiLU",
-    "Elu": "use nn.ReLU or nn.LeakyReLU",
-    "InstanceNormalization": "use nn.GroupNorm or nn.BatchNorm2d",
-    "Einsum": "write the contraction with torch.matmul",
-}
 MIN_TRAINING_OPSET = 15
 # Keeps the logistic noise log(u) - log(1 - u) finite.
 NOISE_EPSILON = 1e-6
@@ -67,28 +59,19 @@ def unshare_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def trainable(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy the gradient builder accepts: BatchNorm uses batch statistics (its running statistics
-    stay frozen), LayerNorm declares all outputs, Sum becomes Add chains."""
+    """A copy the gradient builder accepts: each node in its handler's training form (BatchNorm uses
+    batch statistics and its running statistics stay frozen, LayerNorm declares all outputs, Sum
+    becomes Add chains), and a clear refusal of ops onnxruntime-training cannot differentiate."""
     for node in model.graph.node:
-        if node.op_type in NO_GRADIENT and node.domain in ("", "ai.onnx"):
-            raise OptionError(
-                f"node '{node.name}' ({node.op_type}) has no gradient in onnxruntime-training 1.19.2: "
-                f"{NO_GRADIENT[node.op_type]} before exporting")
+        hint = handler_for(node.op_type, node.domain).no_gradient
+        if hint is not None:
+            raise OptionError(f"node '{node.name}' ({node.op_type}) has no gradient in onnxruntime-training 1.19.2: "
+                              f"{hint} before exporting")
     model = _copy(model)
     if _opset(model) < MIN_TRAINING_OPSET:
         model = onnx.version_converter.convert_version(model, MIN_TRAINING_OPSET)
-    nodes = []
-    for node in model.graph.node:
-        if node.op_type == "Sum" and len(node.input) > 2:
-            nodes += _add_chain(node)
-            continue
-        if node.op_type == "BatchNormalization":
-            _set_attribute(node, "training_mode", 1)
-            del node.output[1:]
-            node.output.extend([f"{PREFIX}{node.output[0]}/running_mean", f"{PREFIX}{node.output[0]}/running_var"])
-        elif node.op_type == "LayerNormalization":
-            node.output.extend(f"{PREFIX}{node.output[0]}/{extra}" for extra in ("mean", "inv_std")[len(node.output) - 1:])
-        nodes.append(node)
+    nodes = [new for node in model.graph.node
+             for new in handler_for(node.op_type, node.domain).to_training(node, lambda name: f"{PREFIX}{name}")]
     del model.graph.node[:]
     model.graph.node.extend(nodes)
     return model
@@ -108,12 +91,12 @@ def with_batch_size(model: onnx.ModelProto, batch_size: int) -> onnx.ModelProto:
     return model
 
 
-def inference_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The eval-graph form of `trainable`'s BatchNorm nodes: one output, running statistics."""
-    for node in model.graph.node:
-        if node.op_type == "BatchNormalization":
-            _set_attribute(node, "training_mode", 0)
-            del node.output[1:]
+def eval_form(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The eval graph of `trainable`'s nodes, in place: each in its handler's eval form (BatchNorm with
+    one output, normalizing by its running statistics)."""
+    nodes = [new for node in model.graph.node for new in handler_for(node.op_type, node.domain).to_eval(node)]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
     return model
 
 
@@ -332,23 +315,6 @@ def _place(graph: onnx.GraphProto, placements: list[tuple[int, int, bool]]) -> N
         ordered += near.get((index, True), []) + [node] + near.get((index, False), [])
     del graph.node[:]
     graph.node.extend(ordered)
-
-
-def _add_chain(node: onnx.NodeProto) -> list[onnx.NodeProto]:
-    chain, current = [], node.input[0]
-    for i, operand in enumerate(node.input[1:], start=1):
-        output = node.output[0] if i == len(node.input) - 1 else f"{PREFIX}{node.name}/sum_{i}"
-        chain.append(helper.make_node("Add", [current, operand], [output], name=f"{node.name}/add_{i}"))
-        current = output
-    return chain
-
-
-def _set_attribute(node: onnx.NodeProto, name: str, value) -> None:
-    for attribute in node.attribute:
-        if attribute.name == name:
-            node.attribute.remove(attribute)
-            break
-    node.attribute.append(helper.make_attribute(name, value))
 
 
 def _opset(model: onnx.ModelProto) -> int:
