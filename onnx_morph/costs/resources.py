@@ -14,7 +14,7 @@ import numpy as np
 from onnx_morph.costs.hardware import Hardware
 from onnx_morph.costs.measured import LatencyTable
 from onnx_morph.costs.polynomial import channel_classes
-from onnx_morph.costs.terms import cost_terms, resource_terms
+from onnx_morph.costs.terms import cost_terms
 from onnx_morph.graph.channel_graph import ChannelGraph
 
 
@@ -80,7 +80,7 @@ def op_costs(
     resources = {"flops": {"macs": macs}, "params": {}, "activations": {}, "memory": {}}
     if isinstance(hardware, Hardware):
         resources["latency"] = {"hardware": hardware}
-    values = {resource: resource_terms(graph, resource, **options).per_node(alive)
+    values = {resource: cost_terms(graph, resource, **options).per_node(alive)
               for resource, options in resources.items()}
     costs = []
     for name, relation in graph.relations.items():

@@ -30,7 +30,7 @@ from onnx_morph.handlers import OpGeometry, ParamTerm
 
 RESOURCES = ("flops", "params", "activations", "latency")
 
-__all__ = ["COEFFICIENTS", "RESOURCES", "CostRow", "CostTerms", "cost_terms", "resource_terms"]
+__all__ = ["COEFFICIENTS", "RESOURCES", "CostRow", "CostTerms", "cost_terms"]
 
 
 def cost_terms(
@@ -41,26 +41,15 @@ def cost_terms(
     hardware: Hardware | LatencyTable | None = None,
     nodes: set[str] | None = None,
 ) -> CostTerms:
-    """The rows of `resource` (one of RESOURCES) over the ops in `nodes` (all ops by default).
+    """The rows of `resource` over the ops in `nodes` (all ops by default): one of RESOURCES, or
+    'memory' (bytes read and written), which `op_costs` reports and the regularizer does not offer.
 
     Evaluated with every class alive, the cost equals `op_costs`' total for the same resource.
     """
-    if resource not in RESOURCES:
+    if resource not in RESOURCES and resource != "memory":
         raise OptionError(f"unknown cost '{resource}': use one of {', '.join(RESOURCES)}")
     if resource == "latency" and hardware is None:
         raise OptionError("the latency cost needs a hardware (a name, or PEAK_GFLOPS,BANDWIDTH_GBS)")
-    return resource_terms(graph, resource, macs=macs, hardware=hardware, nodes=nodes)
-
-
-def resource_terms(
-    graph: ChannelGraph,
-    resource: str,
-    *,
-    macs: bool = False,
-    hardware: Hardware | LatencyTable | None = None,
-    nodes: set[str] | None = None,
-) -> CostTerms:
-    """`cost_terms` without the option checks, and also for 'memory' (bytes read and written)."""
     measured = resource == "latency" and isinstance(hardware, LatencyTable)
     if measured:
         hardware.check(graph)
