@@ -1,103 +1,36 @@
-"""Resource functions in MorphNet's linearizable form: every cost as a polynomial of alive counts.
+"""Resource functions, each written once: every op's cost in a resource as a cost polynomial.
 
-A row is one op (or one group of a grouped conv). With A the alive counts and R the summed
-regularization vector over the row's input and output channels:
+MorphNet's conventions: FLOPs count 2 per multiply-accumulate (MACs on request) and only for ops
+with a bilinear weight (Conv, ConvTranspose, Gemm, MatMul) that run on activations: ops on
+constants only (a conv of a fixed position grid) are computed once, when a runtime folds the
+constant subgraph at load time, and cost no FLOPs. Parameters count every float initializer that
+the computation on activations reads (see `costs.params`). Activations count alive output channels
+of the FLOP ops; memory counts the bytes they read and write; latency is their roofline time,
+max(FLOPs / peak, bytes / bandwidth), or a measured table's linearization at full width.
 
-    cost = b * A_in * A_out + l_in * A_in + l_out * A_out + k
-    reg  = b * (A_in * R_out + A_out * R_in) + l_in * R_in + l_out * R_out + dw * R_in
-
-`dw` is non-zero only for depthwise convs, whose cost is linear in their tied channels and whose
-regularizer is MorphNet's depthwise form coeff * (R_in + R_out). Latency rows have two parts,
-compute and memory; an op costs the larger and is regularized through that one.
-
-Channels that cannot die (a non-channel axis, a fixed weight dimension) point at one extra class,
-`fixed`, that is always alive and never regularized. The same terms are evaluated in numpy here,
-as ONNX nodes by the training rewrite, and in torch.
+`op_costs`, `total_cost` and `marginal_cost` (costs.resources) evaluate these polynomials; the
+regularizer linearizes them (see costs.polynomial for the form).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from functools import cached_property
+import math
+from dataclasses import replace
 
 import numpy as np
+import onnx
 
 from onnx_morph.costs.hardware import Hardware
 from onnx_morph.costs.measured import LatencyTable
-from onnx_morph.costs.resources import _elements, _itemsize, param_uses
+from onnx_morph.costs.params import ParamUse, param_uses
+from onnx_morph.costs.polynomial import COEFFICIENTS, CostRow, CostTerms, Polynomial, channel_classes, split_rows
 from onnx_morph.errors import OptionError
 from onnx_morph.graph.channel_graph import ChannelGraph
+from onnx_morph.handlers import OpGeometry, ParamTerm
 
 RESOURCES = ("flops", "params", "activations", "latency")
-COEFFICIENTS = ("bilinear", "in_linear", "out_linear", "constant", "depthwise")
 
-
-@dataclass(frozen=True)
-class CostRow:
-    node: str
-    in_classes: np.ndarray
-    out_classes: np.ndarray
-    bilinear: tuple[float, ...]
-    in_linear: tuple[float, ...]
-    out_linear: tuple[float, ...]
-    constant: tuple[float, ...]
-    depthwise: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class CostTerms:
-    """The rows of one resource; classes index the channel graph's classes, plus `fixed`."""
-
-    resource: str
-    rows: list[CostRow]
-    num_classes: int
-    parts: int
-
-    @property
-    def fixed(self) -> int:
-        return self.num_classes
-
-    @property
-    def nodes(self) -> list[str]:
-        return list(dict.fromkeys(row.node for row in self.rows))
-
-    def counts(self, side: str) -> np.ndarray:
-        """(rows, classes + 1) matrix: how many of a row's input (or output) channels each class holds."""
-        return self._counts[side]
-
-    @cached_property
-    def _counts(self) -> dict[str, np.ndarray]:
-        counts = {side: np.zeros((len(self.rows), self.num_classes + 1)) for side in ("in", "out")}
-        for i, row in enumerate(self.rows):
-            np.add.at(counts["in"][i], row.in_classes, 1.0)
-            np.add.at(counts["out"][i], row.out_classes, 1.0)
-        return counts
-
-    def coefficients(self, name: str) -> np.ndarray:
-        """(parts, rows) array of one of COEFFICIENTS."""
-        return np.array([getattr(row, name) for row in self.rows], dtype=np.float64).reshape(len(self.rows), self.parts).T
-
-    def row_nodes(self) -> np.ndarray:
-        """(nodes, rows) 0/1 matrix summing rows into their op."""
-        index = {n: i for i, n in enumerate(self.nodes)}
-        matrix = np.zeros((len(index), len(self.rows)))
-        for i, row in enumerate(self.rows):
-            matrix[index[row.node], i] = 1.0
-        return matrix
-
-    def evaluate(self, alive: np.ndarray, vector: np.ndarray) -> tuple[float, float]:
-        """(cost, regularization) for per-class alive flags and regularization values."""
-        a = np.append(alive.astype(np.float64), 1.0)
-        r = np.append(vector.astype(np.float64), 0.0)
-        a_in, a_out = self.counts("in") @ a, self.counts("out") @ a
-        r_in, r_out = self.counts("in") @ r, self.counts("out") @ r
-        b, li, lo, k, dw = (self.coefficients(n) for n in COEFFICIENTS)
-        cost = self.row_nodes() @ (b * a_in * a_out + li * a_in + lo * a_out + k).T
-        reg = self.row_nodes() @ (b * (a_in * r_out + a_out * r_in) + li * r_in + lo * r_out + dw * r_in).T
-        if self.parts == 1:
-            return float(cost.sum()), float(reg.sum())
-        active = cost[:, 0] >= cost[:, 1]
-        return float(np.where(active, cost[:, 0], cost[:, 1]).sum()), float(np.where(active, reg[:, 0], reg[:, 1]).sum())
+__all__ = ["COEFFICIENTS", "RESOURCES", "CostRow", "CostTerms", "cost_terms"]
 
 
 def cost_terms(
@@ -105,45 +38,78 @@ def cost_terms(
     resource: str,
     *,
     macs: bool = False,
-    hardware: Hardware | None = None,
+    hardware: Hardware | LatencyTable | None = None,
     nodes: set[str] | None = None,
 ) -> CostTerms:
-    """The rows of `resource` over the ops in `nodes` (all ops by default).
+    """The rows of `resource` over the ops in `nodes` (all ops by default): one of RESOURCES, or
+    'memory' (bytes read and written), which `op_costs` reports and the regularizer does not offer.
 
     Evaluated with every class alive, the cost equals `op_costs`' total for the same resource.
     """
-    if resource not in RESOURCES:
+    if resource not in RESOURCES and resource != "memory":
         raise OptionError(f"unknown cost '{resource}': use one of {', '.join(RESOURCES)}")
     if resource == "latency" and hardware is None:
         raise OptionError("the latency cost needs a hardware (a name, or PEAK_GFLOPS,BANDWIDTH_GBS)")
     measured = resource == "latency" and isinstance(hardware, LatencyTable)
     if measured:
         hardware.check(graph)
-    fixed = graph.num_classes
+    uses = param_uses(graph) if resource == "params" else {}
     rows: list[CostRow] = []
-    uses = param_uses(graph)
     for name, relation in graph.relations.items():
         if nodes is not None and name not in nodes:
             continue
         geometry = relation.geometry
         if geometry is not None:
-            c_in = _channel_classes(graph, geometry.input, geometry.in_axis, fixed)
-            c_out = _channel_classes(graph, geometry.output, geometry.out_axis, fixed)
+            c_in = channel_classes(graph, geometry.input, geometry.in_axis)
+            c_out = channel_classes(graph, geometry.output, geometry.out_axis)
             if measured:
                 rows += _measured_rows(name, c_in, c_out, hardware)
             else:
-                rows += _geometry_rows(graph, name, geometry, c_in, c_out, resource, macs, hardware,
-                                       uses[name].per_pair)
-        if resource == "params":
-            for term in uses[name].terms:
-                classes = graph.classes(term.tensor) if term.tensor is not None else None
-                if classes is None or classes.size == 0:
-                    rows.append(_row(name, (), (), k=float(term.size)))
-                else:
-                    rows.append(_row(name, (), classes, lo=term.size / classes.size))
+                poly = _op_polynomial(graph, geometry, c_in, c_out, resource, macs, hardware, uses.get(name))
+                rows += split_rows(name, c_in, c_out, geometry.groups, poly)
+        for term in uses[name].terms if uses else ():
+            rows += _param_term_rows(graph, name, term)
     if measured and rows:
         rows[0] = replace(rows[0], constant=(rows[0].constant[0] + hardware.overhead_seconds,))
-    return CostTerms(resource, rows, fixed, 2 if resource == "latency" and not measured else 1)
+    return CostTerms(resource, rows, graph.num_classes, 2 if resource == "latency" and not measured else 1)
+
+
+def _op_polynomial(graph: ChannelGraph, geometry: OpGeometry, c_in: np.ndarray, c_out: np.ndarray, resource: str,
+                   macs: bool, hardware: Hardware | None, use: ParamUse | None) -> Polynomial:
+    """One op's cost in `resource`, before its split into groups."""
+    if resource == "flops":
+        per_mac = 1 if macs else 2
+        return Polynomial(bilinear=(per_mac * geometry.positions * geometry.kernel,), constant=(per_mac * geometry.fixed_macs,))
+    if resource == "params":
+        return Polynomial(bilinear=(float(use.per_pair),))
+    if resource == "activations":
+        return Polynomial(out_linear=(1.0,))
+    memory = _memory_polynomial(graph, geometry, c_in, c_out)
+    if resource == "memory":
+        return memory
+    compute = _op_polynomial(graph, geometry, c_in, c_out, "flops", False, None, None)
+    return compute.over(hardware.peak_gflops * 1e9).beside(memory.over(hardware.bandwidth_gbs * 1e9))
+
+
+def _memory_polynomial(graph: ChannelGraph, geometry: OpGeometry, c_in: np.ndarray, c_out: np.ndarray) -> Polynomial:
+    """Bytes an op reads and writes: its input and output (per alive channel, at their stored precision),
+    its weight (per channel pair), or the whole second operand of a product of two activations."""
+    weight_size = _itemsize(graph, geometry.second_input or geometry.weight, geometry.output)
+    return Polynomial(
+        bilinear=(weight_size * geometry.kernel if geometry.weight is not None else 0,),
+        in_linear=(_itemsize(graph, geometry.input) * _elements(graph, geometry.input) / max(c_in.size, 1),),
+        out_linear=(_itemsize(graph, geometry.output) * _elements(graph, geometry.output) / max(c_out.size, 1),),
+        constant=(weight_size * _elements(graph, geometry.second_input) if geometry.second_input else 0,),
+    )
+
+
+def _param_term_rows(graph: ChannelGraph, name: str, term: ParamTerm) -> list[CostRow]:
+    """A parameter's size, scaled by the alive fraction of its tensor when it has one."""
+    classes = graph.classes(term.tensor) if term.tensor is not None else None
+    none = np.zeros(0, dtype=np.int64)
+    if classes is None or classes.size == 0:
+        return split_rows(name, none, none, 1, Polynomial(constant=(float(term.size),)))
+    return split_rows(name, none, classes, 1, Polynomial(out_linear=(term.size / classes.size,)))
 
 
 def _measured_rows(name: str, c_in: np.ndarray, c_out: np.ndarray, table: LatencyTable) -> list[CostRow]:
@@ -154,65 +120,26 @@ def _measured_rows(name: str, c_in: np.ndarray, c_out: np.ndarray, table: Latenc
         return []
     s_in, s_out = table.slopes(name, op.in_width, op.out_width)
     value = table.op_latency(name, op.in_width, op.out_width)
-    return [_row(name, c_in, c_out, li=s_in, lo=s_out, k=value - s_in * op.in_width - s_out * op.out_width)]
+    poly = Polynomial(in_linear=(s_in,), out_linear=(s_out,), constant=(value - s_in * op.in_width - s_out * op.out_width,))
+    return split_rows(name, c_in, c_out, 1, poly)
 
 
-def _channel_classes(graph: ChannelGraph, tensor: str, axis: int, fixed: int) -> np.ndarray:
-    info = graph.tensors.get(tensor)
-    classes = graph.axis_classes(tensor, axis) if info is not None else None
-    if classes is None:
-        shape = info.shape if info is not None else graph.model.shapes.get(tensor)
-        return np.full(shape[axis] if shape is not None else 0, fixed, dtype=np.int64)
-    return classes
+def _elements(graph: ChannelGraph, tensor: str) -> int:
+    shape = graph.model.shapes.get(tensor)
+    return math.prod(shape) if shape is not None else 0
 
 
-def _geometry_rows(graph, name, geometry, c_in, c_out, resource, macs, hardware, params_per_pair) -> list[CostRow]:
-    groups = geometry.groups
-    if groups <= 1 or c_in.size % groups or c_out.size % groups:
-        groups = 1
-    per_pair = {
-        "flops": (1 if macs else 2) * geometry.positions * geometry.kernel,
-        "params": params_per_pair,
-        "activations": 0,
-    }
-    if resource == "activations":
-        return [_row(name, c_in, c_out, lo=1.0)]
-    if resource == "latency":
-        bandwidth = hardware.bandwidth_gbs * 1e9
-        compute = 2 * geometry.positions * geometry.kernel / (hardware.peak_gflops * 1e9)
-        weight_size = _itemsize(graph, geometry.second_input or geometry.weight, geometry.output)
-        weight_bytes = weight_size * geometry.kernel / bandwidth if geometry.weight is not None else 0.0
-        second = weight_size * _elements(graph, geometry.second_input) / bandwidth if geometry.second_input else 0.0
-        per_in = _itemsize(graph, geometry.input) * _elements(graph, geometry.input) / max(c_in.size, 1) / bandwidth
-        per_out = _itemsize(graph, geometry.output) * _elements(graph, geometry.output) / max(c_out.size, 1) / bandwidth
-        fixed = 2 * geometry.fixed_macs / (hardware.peak_gflops * 1e9)
-        return [_row(name, i, o, b=(compute, weight_bytes), li=(0.0, per_in), lo=(0.0, per_out),
-                     k=(fixed * share, second * share), depthwise=dw)
-                for i, o, share, dw in _split_groups(c_in, c_out, groups)]
-    coefficient = float(per_pair[resource])
-    fixed = (1 if macs else 2) * geometry.fixed_macs if resource == "flops" else 0.0
-    return [_row(name, i, o, b=coefficient, k=fixed * share, depthwise=dw)
-            for i, o, share, dw in _split_groups(c_in, c_out, groups)]
-
-
-def _split_groups(c_in: np.ndarray, c_out: np.ndarray, groups: int):
-    """(in classes, out classes, share of the op, depthwise flag) per row.
-
-    A depthwise conv (one input channel per group) is one row whose cost is linear in its
-    tied channels; other grouped convs get a row per group.
-    """
-    if groups > 1 and c_in.size == groups:
-        yield c_in, c_out, 1.0, 1.0
-        return
-    for i, o in zip(np.split(c_in, groups), np.split(c_out, groups)):
-        yield i, o, 1.0 / groups, 0.0
-
-
-def _row(node, in_classes, out_classes, *, b=0.0, li=0.0, lo=0.0, k=0.0, depthwise: float = 0.0) -> CostRow:
-    """A row; a depthwise row's bilinear coefficient becomes linear in its tied output channels."""
-    b, li, lo, k = np.broadcast_arrays(*(np.atleast_1d(np.asarray(v, dtype=np.float64)) for v in (b, li, lo, k)))
-    dw = depthwise * b
-    if depthwise:
-        lo, b = lo + b, np.zeros_like(b)
-    return CostRow(node, np.asarray(in_classes, dtype=np.int64), np.asarray(out_classes, dtype=np.int64),
-                   *(tuple(map(float, v)) for v in (b, li, lo, k, dw)))
+def _itemsize(graph: ChannelGraph, tensor: str | None, fallback: str | None = None) -> int:
+    """Bytes per element at the precision the tensor is stored at (an int8 weight behind
+    DequantizeLinear: 1); a weight of unknown storage counts at `fallback`'s (the output's)."""
+    stored = graph.stored_param(tensor) if tensor is not None else None
+    if stored is not None:
+        dtype = graph.model.initializer(stored).data_type
+    elif tensor is not None and (tensor in graph.tensors or fallback is None):
+        dtype = graph.stored_dtype(tensor)
+    else:
+        dtype = graph.stored_dtype(fallback)
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(dtype)).itemsize
+    except (KeyError, TypeError):
+        return 4

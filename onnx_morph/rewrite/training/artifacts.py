@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from onnx_morph.costs.resources import param_uses
+from onnx_morph.costs.params import param_uses
 from onnx_morph.errors import OptionError, OutputError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.rewrite.training.batch import flexible_batch
