@@ -336,7 +336,7 @@ class MorphNetRegularizer:
 
     def _inputs(self, backend: _TorchBackend) -> list[torch.Tensor]:
         """The source parameters in `spec.sources` order, in the backend's float type."""
-        return [p.to(backend.dtype) for p in self._parameters]
+        return [p if p.dtype == backend.dtype else p.to(backend.dtype) for p in self._parameters]
 
 
 class _TorchBackend:
@@ -355,19 +355,30 @@ class _TorchBackend:
         return self.cache[key]
 
     def gather(self, x: torch.Tensor, key: str, index: np.ndarray) -> torch.Tensor:
+        if np.ndim(index) == 0:
+            return x[int(index)]  # a view
         return x[self.constant(key, np.asarray(index, dtype=np.int64))]
 
     def row_sums(self, x: torch.Tensor, key: str, matrix: np.ndarray) -> torch.Tensor:
-        """A segment sum (index_add over the matrix's nonzero entries), not a dense product."""
+        """A segment sum (index_add over the matrix's nonzero entries, an integer count as that many
+        repeats), not a dense product; where every column has one 1, x itself is the source."""
         if key not in self.cache:
-            rows, cols = np.nonzero(matrix)
-            weights = matrix[rows, cols]
-            self.cache[key] = (self.constant(f"{key}/rows", rows), self.constant(f"{key}/cols", cols),
-                               None if (weights == 1).all() else self.constant(f"{key}/weights", weights),
-                               matrix.shape[0])
+            self.cache[key] = self._segments(key, matrix)
         rows, cols, weights, count = self.cache[key]
-        picked = x[..., cols] if weights is None else x[..., cols] * weights
+        picked = x if cols is None else x[..., cols] if weights is None else x[..., cols] * weights
         return torch.zeros(*x.shape[:-1], count, dtype=x.dtype, device=x.device).index_add_(x.dim() - 1, rows, picked)
+
+    def _segments(self, key: str, matrix: np.ndarray) -> tuple:
+        """(rows, columns or None, weights or None, row count) of `row_sums`."""
+        if ((matrix == 0) | (matrix == 1)).all() and (matrix.sum(axis=0) == 1).all():
+            return self.constant(f"{key}/rows", matrix.argmax(axis=0)), None, None, matrix.shape[0]
+        rows, cols = np.nonzero(matrix)
+        weights = matrix[rows, cols]
+        if np.array_equal(weights, np.round(weights)):
+            repeats = weights.astype(np.int64)
+            rows, cols, weights = np.repeat(rows, repeats), np.repeat(cols, repeats), None
+        return (self.constant(f"{key}/rows", rows), self.constant(f"{key}/cols", cols),
+                None if weights is None else self.constant(f"{key}/weights", weights), matrix.shape[0])
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return x + y
@@ -413,6 +424,9 @@ class _TorchBackend:
 
     def as_float(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.dtype)
+
+    def select(self, condition: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(condition, x, y)
 
     def total(self, x: torch.Tensor) -> torch.Tensor:
         return x.sum()

@@ -23,6 +23,7 @@ class Builder:
         self.graph, self.opset, self.tag = graph, opset, tag
         self.names = Names(graph)
         self.constants: dict[str, str] = {}
+        self.masks: dict[str, tuple[str, str]] = {}
 
     def name(self, hint: str) -> str:
         return self.names.fresh(f"{PREFIX}{self.tag}{hint}")
@@ -124,6 +125,14 @@ class Builder:
 
     def as_float(self, x: str) -> str:
         return self.node("Cast", [x], to=TensorProto.FLOAT)
+
+    def select(self, condition: str, x: str, y: str) -> str:
+        """x * c + y * (1 - c) with c = float(condition), once per condition."""
+        if condition not in self.masks:
+            chosen = self.as_float(condition)
+            self.masks[condition] = (chosen, self.sub(self.constant("one", np.array(1.0)), chosen))
+        chosen, other = self.masks[condition]
+        return self.add(self.mul(x, chosen), self.mul(y, other))
 
     def total(self, x: str) -> str:
         return self.reduce("ReduceSum", x, None)

@@ -85,6 +85,9 @@ class Backend(Protocol[T]):
 
     def as_float(self, x: T) -> T: ...
 
+    def select(self, condition: T, x: T, y: T) -> T:
+        """x where `condition` (bool) holds, else y."""
+
     def total(self, x: T) -> T:
         """The sum of all elements, rank 0."""
 
@@ -97,11 +100,13 @@ class Polynomial:
     coefficients: dict[str, np.ndarray]  # name -> (parts, rows)
     row_nodes: np.ndarray  # (nodes, rows)
     parts: int
+    present: frozenset[str]  # the coefficients that are not all zero
 
     @classmethod
     def of(cls, terms: CostTerms) -> Polynomial:
-        return cls({side: terms.counts(side) for side in SIDES},
-                   {name: terms.coefficients(name) for name in COEFFICIENTS}, terms.row_nodes(), terms.parts)
+        coefficients = {name: terms.coefficients(name) for name in COEFFICIENTS}
+        return cls({side: terms.counts(side) for side in SIDES}, coefficients, terms.row_nodes(), terms.parts,
+                   frozenset(name for name, values in coefficients.items() if values.any()))
 
 
 @dataclass(frozen=True)
@@ -122,12 +127,21 @@ def regularization_term(backend: Backend[T], spec: Regularizer, params: Sequence
     return Term(regularization, cost, vector, alive)
 
 
-def source_vector(backend: Backend[T], spec: Regularizer, source: SourceParam, x: T) -> T:
-    """Per-channel regularization values of one source parameter."""
-    if spec.kind == "gates":
-        return backend.sigmoid(backend.scale(x, spec.gate(source.param).logit_scale))
+def source_values(backend: Backend[T], spec: Regularizer, params: Sequence[T]) -> T:
+    """Every source's per-channel regularization values, laid end to end (in `spec.sources` order).
+
+    The elementwise kinds apply their function once to the concatenation (one op, not one per source).
+    """
     if spec.kind == "gamma":
-        return backend.abs(backend.flatten(x))
+        return backend.abs(backend.concat([backend.flatten(x) for x in params]))
+    if spec.kind == "gates":
+        logits = [backend.scale(x, spec.gate(s.param).logit_scale) for s, x in zip(spec.sources, params)]
+        return backend.sigmoid(backend.concat(logits))
+    return backend.concat([_group_lasso(backend, spec, s, x) for s, x in zip(spec.sources, params)])
+
+
+def _group_lasso(backend: Backend[T], spec: Regularizer, source: SourceParam, x: T) -> T:
+    """l1_fraction * mean|slice| + (1 - l1_fraction) * RMS(slice) per channel slice."""
     slices = backend.channel_slices(x, source.axis, source.channels)
     square_mean = backend.mean_rows(backend.mul(slices, slices))
     rms = backend.sqrt(backend.add(square_mean, backend.constant("epsilon", np.array(RMS_EPSILON))))
@@ -139,8 +153,7 @@ def source_vector(backend: Backend[T], spec: Regularizer, source: SourceParam, x
 
 def combined(backend: Backend[T], spec: Regularizer, params: Sequence[T]) -> T:
     """Per class (plus the fixed class), its sources combined: 1 - prod(1 - p) for gates, else max."""
-    vectors = [source_vector(backend, spec, s, x) for s, x in zip(spec.sources, params)]
-    values = backend.concat(vectors + [backend.constant("zero", np.zeros(1))])
+    values = backend.concat([source_values(backend, spec, params), backend.constant("zero", np.zeros(1))])
     rows = [backend.gather(values, f"gather_{j}", row) for j, row in enumerate(spec.gather)]
     if spec.kind != "gates":
         return backend.maximum(rows)
@@ -176,9 +189,9 @@ def _polynomial(backend: Backend[T], polynomial: Polynomial, monomials: list[tup
     shape (parts, rows)."""
     terms = []
     for name, factors in monomials:
-        values = polynomial.coefficients[name]
-        if values.any():
-            terms.append(reduce(backend.mul, factors, backend.constant(f"coefficient_{name}", values)))
+        if name in polynomial.present:
+            coefficient = backend.constant(f"coefficient_{name}", polynomial.coefficients[name])
+            terms.append(reduce(backend.mul, factors, coefficient))
     if not terms:
         return backend.constant("zeros", np.zeros_like(polynomial.coefficients["bilinear"]))
     return reduce(backend.add, terms)
@@ -188,10 +201,8 @@ def _roofline(backend: Backend[T], polynomial: Polynomial, cost: T, regularizati
     """Per op, the larger of compute and memory time, regularized through that one."""
     per_node = [backend.row_sums(x, "row_nodes", polynomial.row_nodes) for x in (cost, regularization)]
     parts = [[backend.gather(x, f"part_{p}", np.array(p)) for p in (0, 1)] for x in per_node]
-    compute_bound = backend.as_float(backend.at_least(*parts[0], inclusive=True))
-    memory_bound = backend.sub(backend.constant("one", np.array(1.0)), compute_bound)
-    return tuple(backend.total(backend.add(backend.mul(compute, compute_bound), backend.mul(memory, memory_bound)))
-                 for compute, memory in parts)
+    compute_bound = backend.at_least(*parts[0], inclusive=True)
+    return tuple(backend.total(backend.select(compute_bound, compute, memory)) for compute, memory in parts)
 
 
 class NumpyBackend:
@@ -251,6 +262,9 @@ class NumpyBackend:
 
     def as_float(self, x):
         return np.asarray(x, dtype=np.float64)
+
+    def select(self, condition, x, y):
+        return np.where(condition, x, y)
 
     def total(self, x):
         return np.sum(x)
