@@ -34,7 +34,7 @@ from onnx import numpy_helper
 from onnx_morph.errors import OnnxMorphError, OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.rewrite.training.gates import gate_masks
-from onnx_morph.rewrite.training.expression import combined, regularization_term
+from onnx_morph.rewrite.training.expression import OperatorBackend, combined, regularization_term
 from onnx_morph.rewrite.training.regularizer import Gate, Regularizer, RegularizerOptions
 from onnx_morph.rewrite.training.training_graph import NOISE_EPSILON
 
@@ -339,7 +339,7 @@ class MorphNetRegularizer:
         return [p if p.dtype == backend.dtype else p.to(backend.dtype) for p in self._parameters]
 
 
-class _TorchBackend:
+class _TorchBackend(OperatorBackend):
     """The regularization term's backend (rewrite.training.expression.Backend) in torch, on one device
     and float type; its constants stay there between steps."""
 
@@ -360,40 +360,23 @@ class _TorchBackend:
         return x[self.constant(key, np.asarray(index, dtype=np.int64))]
 
     def row_sums(self, x: torch.Tensor, key: str, matrix: np.ndarray) -> torch.Tensor:
-        """A segment sum (index_add over the matrix's nonzero entries, an integer count as that many
-        repeats), not a dense product; where every column has one 1, x itself is the source."""
+        """A segment sum (index_add, a count as that many repeats), not a dense product; where every
+        column is one 1 (each cost row in one op), x itself is the source."""
         if key not in self.cache:
             self.cache[key] = self._segments(key, matrix)
-        rows, cols, weights, count = self.cache[key]
-        picked = x if cols is None else x[..., cols] if weights is None else x[..., cols] * weights
-        return torch.zeros(*x.shape[:-1], count, dtype=x.dtype, device=x.device).index_add_(x.dim() - 1, rows, picked)
+        rows, cols = self.cache[key]
+        picked = x if cols is None else x[..., cols]
+        size = (*x.shape[:-1], matrix.shape[0])
+        return torch.zeros(size, dtype=x.dtype, device=x.device).index_add_(x.dim() - 1, rows, picked)
 
-    def _segments(self, key: str, matrix: np.ndarray) -> tuple:
-        """(rows, columns or None, weights or None, row count) of `row_sums`."""
+    def _segments(self, key: str, matrix: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(target row per summand, source column per summand or None) of `row_sums`."""
         if ((matrix == 0) | (matrix == 1)).all() and (matrix.sum(axis=0) == 1).all():
-            return self.constant(f"{key}/rows", matrix.argmax(axis=0)), None, None, matrix.shape[0]
+            return self.constant(f"{key}/rows", matrix.argmax(axis=0)), None
         rows, cols = np.nonzero(matrix)
-        weights = matrix[rows, cols]
-        if np.array_equal(weights, np.round(weights)):
-            repeats = weights.astype(np.int64)
-            rows, cols, weights = np.repeat(rows, repeats), np.repeat(cols, repeats), None
-        return (self.constant(f"{key}/rows", rows), self.constant(f"{key}/cols", cols),
-                None if weights is None else self.constant(f"{key}/weights", weights), matrix.shape[0])
-
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return x + y
-
-    def sub(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return x - y
-
-    def mul(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return x * y
-
-    def scale(self, x: torch.Tensor, factor: float) -> torch.Tensor:
-        return x * factor
-
-    def abs(self, x: torch.Tensor) -> torch.Tensor:
-        return x.abs()
+        repeats = matrix[rows, cols].astype(np.int64)
+        return (self.constant(f"{key}/rows", np.repeat(rows, repeats)),
+                self.constant(f"{key}/cols", np.repeat(cols, repeats)))
 
     def sqrt(self, x: torch.Tensor) -> torch.Tensor:
         return x.sqrt()
@@ -401,14 +384,8 @@ class _TorchBackend:
     def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(x)
 
-    def flatten(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1)
-
     def channel_slices(self, x: torch.Tensor, axis: int, channels: int) -> torch.Tensor:
         return x.movedim(axis, 0).reshape(channels, -1)
-
-    def mean_rows(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(1)
 
     def concat(self, xs: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat(xs)
@@ -416,20 +393,11 @@ class _TorchBackend:
     def maximum(self, xs: list[torch.Tensor]) -> torch.Tensor:
         return xs[0] if len(xs) == 1 else torch.stack(xs).amax(0)
 
-    def at_least(self, x: torch.Tensor, y: torch.Tensor, inclusive: bool) -> torch.Tensor:
-        return x >= y if inclusive else x > y
-
-    def either(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return x | y
-
     def as_float(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.dtype)
 
     def select(self, condition: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return torch.where(condition, x, y)
-
-    def total(self, x: torch.Tensor) -> torch.Tensor:
-        return x.sum()
 
 
 def _gate_hook(gate: Gate, parameter: torch.nn.Parameter, temperature: float, straight_through: bool):

@@ -48,7 +48,7 @@ class Backend(Protocol[T]):
         """x[index] along axis 0, `index` an int64 constant."""
 
     def row_sums(self, x: T, key: str, matrix: np.ndarray) -> T:
-        """x @ matrix.T over x's last axis: per row of `matrix`, a weighted segment sum."""
+        """x @ matrix.T over x's last axis, `matrix` holding counts: per row of it, a segment sum."""
 
     def add(self, x: T, y: T) -> T: ...
 
@@ -205,18 +205,8 @@ def _roofline(backend: Backend[T], polynomial: Polynomial, cost: T, regularizati
     return tuple(backend.total(backend.select(compute_bound, compute, memory)) for compute, memory in parts)
 
 
-class NumpyBackend:
-    """The float64 reference."""
-
-    def constant(self, key: str, value: np.ndarray) -> np.ndarray:
-        value = np.asarray(value)
-        return value.astype(np.float64) if value.dtype.kind == "f" else value
-
-    def gather(self, x: np.ndarray, key: str, index: np.ndarray) -> np.ndarray:
-        return x[index]
-
-    def row_sums(self, x: np.ndarray, key: str, matrix: np.ndarray) -> np.ndarray:
-        return x @ matrix.T
+class OperatorBackend:
+    """The operations numpy arrays and torch tensors spell alike (operators and shared methods)."""
 
     def add(self, x, y):
         return x + y
@@ -231,28 +221,13 @@ class NumpyBackend:
         return x * factor
 
     def abs(self, x):
-        return np.abs(x)
-
-    def sqrt(self, x):
-        return np.sqrt(x)
-
-    def sigmoid(self, x):
-        return 1.0 / (1.0 + np.exp(-x))
+        return abs(x)
 
     def flatten(self, x):
         return x.reshape(-1)
 
-    def channel_slices(self, x, axis: int, channels: int):
-        return np.moveaxis(x, axis, 0).reshape(channels, -1)
-
     def mean_rows(self, x):
-        return x.mean(axis=1)
-
-    def concat(self, xs):
-        return np.concatenate(xs)
-
-    def maximum(self, xs):
-        return reduce(np.maximum, xs)
+        return x.mean(1)
 
     def at_least(self, x, y, inclusive: bool):
         return x >= y if inclusive else x > y
@@ -260,11 +235,40 @@ class NumpyBackend:
     def either(self, x, y):
         return x | y
 
+    def total(self, x):
+        return x.sum()
+
+
+class NumpyBackend(OperatorBackend):
+    """The float64 reference."""
+
+    def constant(self, key: str, value: np.ndarray) -> np.ndarray:
+        value = np.asarray(value)
+        return value.astype(np.float64) if value.dtype.kind == "f" else value
+
+    def gather(self, x: np.ndarray, key: str, index: np.ndarray) -> np.ndarray:
+        return x[index]
+
+    def row_sums(self, x: np.ndarray, key: str, matrix: np.ndarray) -> np.ndarray:
+        return x @ matrix.T
+
+    def sqrt(self, x):
+        return np.sqrt(x)
+
+    def sigmoid(self, x):
+        return 1.0 / (1.0 + np.exp(-x))
+
+    def channel_slices(self, x, axis: int, channels: int):
+        return np.moveaxis(x, axis, 0).reshape(channels, -1)
+
+    def concat(self, xs):
+        return np.concatenate(xs)
+
+    def maximum(self, xs):
+        return reduce(np.maximum, xs)
+
     def as_float(self, x):
         return np.asarray(x, dtype=np.float64)
 
     def select(self, condition, x, y):
         return np.where(condition, x, y)
-
-    def total(self, x):
-        return np.sum(x)
