@@ -3,8 +3,8 @@
 `MorphNetRegularizer` exports the module once, builds the channel graph and the shared
 `Regularizer` (onnx_morph.rewrite.training.regularizer), maps every regularization source back to the
 module's own parameters, and from then on evaluates MorphNet's term in torch on each call: the
-same formula the ONNX rewrite emits (per-source vectors, max over a class's sources, alive as a
-non-differentiable step, cost polynomials, latency's per-op roofline), with no re-export.
+expression the ONNX rewrite emits (onnx_morph.rewrite.training.expression, here over a torch
+backend whose constants stay on the device), with no re-export.
 Probabilistic gates are forward hooks on the modules that produce the gated tensors, with their
 logits held by the regularizer.
 `export_structure` writes the learned widths, and `prune_module` exports the trained module

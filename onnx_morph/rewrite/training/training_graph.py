@@ -1,8 +1,9 @@
 """The regularizer as ONNX nodes, and the edits that make a model trainable in onnxruntime-training.
 
-`add_regularizer` appends MorphNet's term to an inference model: two rank-0 outputs, the
-regularization value and the effective cost, computed from the model's own initializers so that
-gradients reach the BatchNorm scales (or weights, or gate logits). `add_gates` inserts the
+`add_regularizer` appends MorphNet's term (`expression`, emitted through `builder.Builder`) to an
+inference model: two rank-0 outputs, the regularization value and the effective cost, computed
+from the model's own initializers so that gradients reach the BatchNorm scales (or weights, or
+gate logits). `add_gates` inserts the
 probabilistic gates (a sampled logistic-sigmoid mask in training), and `deterministic_gates` turns
 them into the eval graph's 0/1 mask (logit > 0). `trainable` prepares a model for the gradient
 builder: BatchNorm in training mode, LayerNorm with all outputs, Sum as Add chains, and a clear
