@@ -3,8 +3,8 @@
 `MorphNetRegularizer` exports the module once, builds the channel graph and the shared
 `Regularizer` (onnx_morph.rewrite.training.regularizer), maps every regularization source back to the
 module's own parameters, and from then on evaluates MorphNet's term in torch on each call: the
-same formula the ONNX rewrite emits (per-source vectors, max over a class's sources, alive as a
-non-differentiable step, cost polynomials, latency's per-op roofline), with no re-export.
+expression the ONNX rewrite emits (onnx_morph.rewrite.training.expression, here over a torch
+backend whose constants stay on the device), with no re-export.
 Probabilistic gates are forward hooks on the modules that produce the gated tensors, with their
 logits held by the regularizer.
 `export_structure` writes the learned widths, and `prune_module` exports the trained module
@@ -31,11 +31,11 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from onnx_morph.costs.terms import COEFFICIENTS
 from onnx_morph.errors import OnnxMorphError, OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.rewrite.training.gates import gate_masks
-from onnx_morph.rewrite.training.regularizer import RMS_EPSILON, Gate, Regularizer, RegularizerOptions
+from onnx_morph.rewrite.training.expression import OperatorBackend, combined, regularization_term
+from onnx_morph.rewrite.training.regularizer import Gate, Regularizer, RegularizerOptions
 from onnx_morph.rewrite.training.training_graph import NOISE_EPSILON
 
 __all__ = ["MorphNetRegularizer", "MorphNetOutput", "SourceBinding", "export_onnx", "export_structure",
@@ -185,8 +185,7 @@ class MorphNetRegularizer:
     def _finish(self) -> None:
         everything = np.ones(self.graph.num_classes, dtype=bool)
         self.total_cost: float = self.spec.terms.evaluate(everything, np.zeros(self.graph.num_classes))[0]
-        self._device: torch.device | None = None
-        self._constants: dict[str, Any] = {}
+        self._backend: _TorchBackend | None = None
 
     @property
     def kind(self) -> str:
@@ -240,23 +239,9 @@ class MorphNetRegularizer:
 
     def __call__(self) -> MorphNetOutput:
         """The regularization term, effective cost and alive classes for the parameters' current values."""
-        c = self._on(self._parameters[0].device)
-        r = self._combined(c)
-        with torch.no_grad():
-            above = r >= self.spec.threshold if self.spec.gates else r > self.spec.threshold
-            alive = (above | c["fixed"]).to(r.dtype)
-        a_in, a_out = (self._row_sums(alive, c[side]) for side in ("in", "out"))
-        r_in, r_out = (self._row_sums(r, c[side]) for side in ("in", "out"))
-        k = c["coefficients"]
-        cost = _polynomial([(k["bilinear"], a_in * a_out), (k["in_linear"], a_in), (k["out_linear"], a_out),
-                            (k["constant"], None)], c["zeros"])
-        reg = _polynomial([(k["bilinear"], a_in * r_out + a_out * r_in), (k["in_linear"], r_in),
-                           (k["out_linear"], r_out), (k["depthwise"], r_in)], c["zeros"])
-        if self.spec.terms.parts == 1:
-            total_cost, total_reg = cost.sum(), reg.sum()
-        else:
-            total_cost, total_reg = _roofline(cost, reg, c["row_node"], c["nodes"])
-        return MorphNetOutput(total_reg, total_cost.detach(), alive[:-1].detach().bool())
+        backend = self._backend_on_parameters()
+        term = regularization_term(backend, self.spec, self._inputs(backend))
+        return MorphNetOutput(term.regularization, term.cost.detach(), term.alive[:-1].detach().bool())
 
     def alive_counts(self, alive: torch.Tensor | np.ndarray | None = None) -> dict[str, int]:
         """{producer node: alive output channels} for `alive` (by default the parameters' current
@@ -338,58 +323,81 @@ class MorphNetRegularizer:
         """Per channel class, the regularization value (max over its sources, for gates the probability
         that one is open; 0 without one)."""
         with torch.no_grad():
-            return _numpy(self._combined(self._on(self._parameters[0].device))[:-1]).astype(np.float64)
+            backend = self._backend_on_parameters()
+            return _numpy(combined(backend, self.spec, self._inputs(backend))[:-1]).astype(np.float64)
 
-    def _combined(self, c: dict[str, Any]) -> torch.Tensor:
-        """Per class (plus the fixed class), its sources combined: 1 - prod(1 - p) for gates, else max."""
-        values = torch.cat(self._source_vectors(c["dtype"]) + [c["zero"]])
-        if self.spec.gates:
-            return 1 - (1 - values[c["gather"]]).prod(0)
-        if c["gather"].shape[0] == 1:
-            return values[c["gather"][0]]
-        return values[c["gather"]].amax(0)  # ties share the gradient, as in onnxruntime's Max and MorphNet's reduce_max
+    def _backend_on_parameters(self) -> _TorchBackend:
+        """The term's backend on the parameters' device and float type, rebuilt only when they move."""
+        first = self._parameters[0]
+        dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+        if self._backend is None or self._backend.device != first.device or self._backend.dtype != dtype:
+            self._backend = _TorchBackend(first.device, dtype)
+        return self._backend
 
-    def _source_vectors(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        if self.spec.gates:
-            return [torch.sigmoid(p.to(dtype) * g.logit_scale) for g, p in zip(self.spec.gates, self._parameters)]
-        if self.spec.kind == "gamma":
-            return [torch.cat([p.reshape(-1) for p in self._parameters]).to(dtype).abs()]
-        f = self.spec.l1_fraction
-        vectors = []
-        for p, b in zip(self._parameters, self.bindings):
-            slices = p.to(dtype).movedim(b.axis, 0).reshape(b.channels, -1)
-            rms = (slices * slices).mean(1).add(RMS_EPSILON).sqrt()
-            vectors.append(rms if f == 0 else f * slices.abs().mean(1) + (1 - f) * rms)
-        return vectors
+    def _inputs(self, backend: _TorchBackend) -> list[torch.Tensor]:
+        """The source parameters in `spec.sources` order, in the backend's float type."""
+        return [p if p.dtype == backend.dtype else p.to(backend.dtype) for p in self._parameters]
 
-    @staticmethod
-    def _row_sums(x: torch.Tensor, side: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
-        """Per row, the sum of x over the row's classes (the count matrix times x, as a segment sum)."""
-        classes, rows, count = side
-        return torch.zeros(count, dtype=x.dtype, device=x.device).index_add_(0, rows, x[classes])
 
-    def _on(self, device: torch.device) -> dict[str, Any]:
-        """The constant tensors on `device`, rebuilt only when the parameters move."""
-        dtype = torch.float64 if self._parameters[0].dtype == torch.float64 else torch.float32
-        if self._constants and self._device == device and self._constants["dtype"] == dtype:
-            return self._constants
-        terms, spec = self.spec.terms, self.spec
-        as_long = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64), device=device)  # noqa: E731
-        c: dict[str, Any] = {"dtype": dtype, "zero": torch.zeros(1, dtype=dtype, device=device),
-                             "gather": as_long(spec.gather),
-                             "fixed": torch.as_tensor(spec.fixed, device=device)}
-        for side in ("in", "out"):
-            per_row = [row.in_classes if side == "in" else row.out_classes for row in terms.rows]
-            classes = np.concatenate(per_row + [np.zeros(0, np.int64)])
-            rows = np.repeat(np.arange(len(per_row)), [len(p) for p in per_row])
-            c[side] = (as_long(classes), as_long(rows), len(per_row))
-        c["zeros"] = torch.zeros(terms.parts, len(terms.rows), dtype=dtype, device=device)
-        c["coefficients"] = {name: _nonzero(terms.coefficients(name), dtype, device) for name in COEFFICIENTS}
-        node_index = {n: i for i, n in enumerate(terms.nodes)}
-        c["row_node"] = as_long([node_index[row.node] for row in terms.rows])
-        c["nodes"] = len(node_index)
-        self._constants, self._device = c, device
-        return c
+class _TorchBackend(OperatorBackend):
+    """The regularization term's backend (rewrite.training.expression.Backend) in torch, on one device
+    and float type; its constants stay there between steps."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype) -> None:
+        self.device, self.dtype = device, dtype
+        self.cache: dict[str, Any] = {}
+
+    def constant(self, key: str, value: np.ndarray) -> torch.Tensor:
+        if key not in self.cache:
+            value = np.asarray(value)
+            dtype = {"f": self.dtype, "b": torch.bool}.get(value.dtype.kind, torch.int64)
+            self.cache[key] = torch.as_tensor(value, dtype=dtype, device=self.device)
+        return self.cache[key]
+
+    def gather(self, x: torch.Tensor, key: str, index: np.ndarray) -> torch.Tensor:
+        if np.ndim(index) == 0:
+            return x[int(index)]  # a view
+        return x[self.constant(key, np.asarray(index, dtype=np.int64))]
+
+    def row_sums(self, x: torch.Tensor, key: str, matrix: np.ndarray) -> torch.Tensor:
+        """A segment sum (index_add, a count as that many repeats), not a dense product; where every
+        column is one 1 (each cost row in one op), x itself is the source."""
+        if key not in self.cache:
+            self.cache[key] = self._segments(key, matrix)
+        rows, cols = self.cache[key]
+        picked = x if cols is None else x[..., cols]
+        size = (*x.shape[:-1], matrix.shape[0])
+        return torch.zeros(size, dtype=x.dtype, device=x.device).index_add_(x.dim() - 1, rows, picked)
+
+    def _segments(self, key: str, matrix: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(target row per summand, source column per summand or None) of `row_sums`."""
+        if ((matrix == 0) | (matrix == 1)).all() and (matrix.sum(axis=0) == 1).all():
+            return self.constant(f"{key}/rows", matrix.argmax(axis=0)), None
+        rows, cols = np.nonzero(matrix)
+        repeats = matrix[rows, cols].astype(np.int64)
+        return (self.constant(f"{key}/rows", np.repeat(rows, repeats)),
+                self.constant(f"{key}/cols", np.repeat(cols, repeats)))
+
+    def sqrt(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sqrt()
+
+    def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x)
+
+    def channel_slices(self, x: torch.Tensor, axis: int, channels: int) -> torch.Tensor:
+        return x.movedim(axis, 0).reshape(channels, -1)
+
+    def concat(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(xs)
+
+    def maximum(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        return xs[0] if len(xs) == 1 else torch.stack(xs).amax(0)
+
+    def as_float(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)
+
+    def select(self, condition: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.where(condition, x, y)
 
 
 def _gate_hook(gate: Gate, parameter: torch.nn.Parameter, temperature: float, straight_through: bool):
@@ -415,32 +423,6 @@ def _gate_hooks(module: torch.nn.Module) -> list[tuple[dict, int]]:
     """(hook dict, key) of every gate hook on `module` and its submodules."""
     return [(m._forward_hooks, key) for m in module.modules() for key, hook in m._forward_hooks.items()
             if hasattr(hook, "onnx_morph_gate")]
-
-
-def _polynomial(terms: list[tuple[torch.Tensor | None, torch.Tensor | None]], zeros: torch.Tensor) -> torch.Tensor:
-    """sum of coefficient * monomial over the terms whose coefficients are not all zero; (parts, rows)."""
-    total = None
-    for coefficient, monomial in terms:
-        if coefficient is None:
-            continue
-        term = coefficient if monomial is None else coefficient * monomial
-        total = term if total is None else total + term
-    return zeros if total is None else total
-
-
-def _roofline(cost: torch.Tensor, reg: torch.Tensor, row_node: torch.Tensor, nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per op, the larger of compute and memory time, regularized through that one."""
-    def per_node(x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(x.shape[0], nodes, dtype=x.dtype, device=x.device).index_add_(1, row_node, x)
-
-    cost_n, reg_n = per_node(cost), per_node(reg)
-    compute_bound = cost_n[0] >= cost_n[1]
-    return (torch.where(compute_bound, cost_n[0], cost_n[1]).sum(),
-            torch.where(compute_bound, reg_n[0], reg_n[1]).sum())
-
-
-def _nonzero(values: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    return torch.as_tensor(values, dtype=dtype, device=device) if values.any() else None
 
 
 def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -4,8 +4,8 @@ Layer 1 turns each source parameter into a per-channel vector (|gamma|, a weight
 lasso norm, or a gate's probability sigmoid(logit)). Layer 2 combines the sources of a channel
 class by max (alive = OR), as MorphNet groups them; probabilistic gates combine by
 1 - prod(1 - p), the probability that at least one gate is open. Layer 3 is `CostTerms`, the
-resource function. The same `Regularizer` is evaluated in numpy here, emitted as ONNX nodes for
-onnxruntime-training and (gamma, group-lasso) built in torch.
+resource function. The term itself is written once in `expression.py` and evaluated in numpy
+here, emitted as ONNX nodes for onnxruntime-training and computed in torch.
 
 Gates (FiGS, MorphNet's LogisticSigmoid regularizer) are sources that do not exist in the model:
 `Gate` says where the training rewrite inserts one and which producer parameters absorb it after
@@ -16,7 +16,8 @@ logit scale (`Gate.logits` turns the stored parameter back into logits, everywhe
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from onnx_morph.costs.terms import RESOURCES, CostTerms, cost_terms
 from onnx_morph.errors import OptionError
 from onnx_morph.graph.alive import covered_classes
 from onnx_morph.graph.channel_graph import ChannelGraph
+from onnx_morph.rewrite.training.expression import NumpyBackend, Polynomial, alive_mask, combined, regularization_term
 
 KINDS = {"gamma": "gamma", "group-lasso": "weight", "gates": "gate"}
 DEFAULT_THRESHOLD = 1e-2
@@ -44,8 +46,6 @@ GATE_LOGIT_SCALE = 10.0
 # everywhere zero, so only the regularizer would move the logits; 0.5 lets the task loss push back.
 GATE_TEMPERATURE = 0.5
 GATE_PREFIX = "morph/gate/"
-# Keeps the gradient of a weight slice's RMS finite when the whole slice is zero.
-RMS_EPSILON = 1e-12
 
 
 @dataclass(frozen=True)
@@ -119,29 +119,17 @@ class Regularizer:
     def zero_position(self) -> int:
         return sum(s.channels for s in self.sources)
 
-    def source_vector(self, param: SourceParam, value: np.ndarray) -> np.ndarray:
-        """Per-channel regularization values of one source parameter."""
-        value = np.asarray(value, dtype=np.float64)
-        if self.kind == "gates":
-            return 1.0 / (1.0 + np.exp(-self.gate(param.param).logits(value)))
-        if self.kind == "gamma":
-            return np.abs(value.reshape(-1))
-        slices = np.moveaxis(value, param.axis, 0).reshape(param.channels, -1)
-        l1 = np.mean(np.abs(slices), axis=1)
-        rms = np.sqrt(np.mean(slices * slices, axis=1) + RMS_EPSILON)
-        return self.l1_fraction * l1 + (1 - self.l1_fraction) * rms
+    @cached_property
+    def polynomial(self) -> Polynomial:
+        return Polynomial.of(self.terms)
 
     def vector(self, params: dict[str, np.ndarray]) -> np.ndarray:
         """Per class (plus the fixed class), the max over its sources; for gates, the probability
         that at least one is open."""
-        values = np.concatenate([self.source_vector(s, params[s.param]) for s in self.sources] + [np.zeros(1)])
-        if self.kind == "gates":
-            return 1.0 - np.prod(1.0 - values[self.gather], axis=0)
-        return values[self.gather].max(axis=0)
+        return combined(NumpyBackend(), self, self._inputs(params))
 
     def alive(self, vector: np.ndarray) -> np.ndarray:
-        above = vector >= self.threshold if self.kind == "gates" else vector > self.threshold
-        return above | self.fixed
+        return alive_mask(NumpyBackend(), self, vector)
 
     def kept(self, params: dict[str, np.ndarray]) -> np.ndarray:
         """Per class (plus the fixed class), whether a pruned model keeps it: alive, and for gates also
@@ -162,9 +150,11 @@ class Regularizer:
 
     def evaluate(self, params: dict[str, np.ndarray]) -> tuple[float, float]:
         """(effective cost, regularization value) for the given source parameters."""
-        vector = self.vector(params)
-        alive = self.alive(vector)
-        return self.terms.evaluate(alive[:-1], vector[:-1])
+        term = regularization_term(NumpyBackend(), self, self._inputs(params))
+        return float(term.cost), float(term.regularization)
+
+    def _inputs(self, params: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.asarray(params[s.param], dtype=np.float64) for s in self.sources]
 
 
 def build_regularizer(
@@ -194,6 +184,25 @@ def build_regularizer(
     regularized; blacklisted nodes' sources are ignored; the output channels of all nodes matching
     one force-group pattern are regularized as one group. A pattern that matches nothing is an error.
     """
+    threshold = _checked_options(kind, threshold, l1_fraction, gates_everywhere, gate_logit_scale)
+    if not (cost == "latency" and hardware is not None):
+        cost, hardware = parse_cost(cost, RESOURCES)
+    region = _region(graph, list(input_boundary), list(output_boundary))
+    ignored = _matching(graph, list(blacklist), "blacklist") | (set(graph.nodes) - region)
+    terms = cost_terms(graph, cost, macs=macs, hardware=hardware, nodes=region)
+    gates = _gates(graph, ignored, gates_everywhere, gate_logit_scale) if kind == "gates" else []
+    found = _gate_sources(graph, gates) if kind == "gates" else _group_sources(graph, KINDS[kind], ignored)
+    positions, unreachable = _class_positions(graph, found, list(force_group))
+    if not any(positions):
+        raise _no_source_error(graph, kind, gates_everywhere, unreachable)
+    gather, fixed = _gather_matrix(positions, zero=found.total)
+    return Regularizer(kind, terms, list(found.sources.values()), gather, fixed, float(threshold), float(l1_fraction),
+                       tuple(gates))
+
+
+def _checked_options(kind: str, threshold: float | None, l1_fraction: float, gates_everywhere: bool,
+                     gate_logit_scale: float) -> float:
+    """The threshold (the kind's default if None), after refusing options that do not fit."""
     if kind not in KINDS:
         raise OptionError(f"unknown regularizer '{kind}': use one of {', '.join(KINDS)}")
     if gates_everywhere and kind != "gates":
@@ -205,61 +214,84 @@ def build_regularizer(
         raise OptionError(f"the threshold must be a finite number >= 0, not {threshold}")
     if not 0 <= l1_fraction <= 1:
         raise OptionError(f"l1_fraction must be in [0, 1], not {l1_fraction}")
-    if not (cost == "latency" and hardware is not None):
-        cost, hardware = parse_cost(cost, RESOURCES)
-    region = _region(graph, list(input_boundary), list(output_boundary))
-    ignored = _matching(graph, list(blacklist), "blacklist") | (set(graph.nodes) - region)
-    terms = cost_terms(graph, cost, macs=macs, hardware=hardware, nodes=region)
+    return threshold
 
-    sources: dict[tuple[str, int], SourceParam] = {}
-    positions: list[list[int]] = [[] for _ in range(graph.num_classes + 1)]
-    offsets: dict[tuple[str, int], int] = {}
-    total = 0
-    gates = _gates(graph, ignored, gates_everywhere, gate_logit_scale) if kind == "gates" else []
-    covers: dict[str, list[np.ndarray]] = {}
+
+@dataclass
+class _Found:
+    """The source parameters found, laid end to end (`total` channels), per class the positions of its
+    sources in that concatenation, and per tensor the channels a source covers."""
+
+    positions: list[list[int]]
+    sources: dict[tuple[str, int], SourceParam] = field(default_factory=dict)
+    offsets: dict[tuple[str, int], int] = field(default_factory=dict)
+    covers: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    total: int = 0
+
+    def offset(self, param: str, axis: int, channels: int) -> int:
+        """Where the parameter's vector starts, appending it the first time."""
+        key = (param, axis)
+        if key not in self.sources:
+            self.sources[key] = SourceParam(param, axis, channels)
+            self.offsets[key] = self.total
+            self.total += channels
+        return self.offsets[key]
+
+    def add(self, offset: int, tensor: str, channels: np.ndarray, classes: np.ndarray) -> None:
+        for channel, cls in zip(channels.tolist(), classes.tolist()):
+            self.positions[cls].append(offset + channel)
+        self.covers.setdefault(tensor, []).append(channels)
+
+
+def _gate_sources(graph: ChannelGraph, gates: list[Gate]) -> _Found:
+    found = _Found([[] for _ in range(graph.num_classes + 1)])
     for gate in gates:
-        classes = graph.classes(gate.tensor)
-        for channel, cls in enumerate(classes.tolist()):
-            positions[cls].append(total + channel)
-        sources[(gate.param, 0)] = SourceParam(gate.param, 0, gate.channels)
-        covers.setdefault(gate.tensor, []).append(np.arange(gate.channels))
-        total += gate.channels
-    for group in graph.groups if kind != "gates" else ():
+        offset = found.offset(gate.param, 0, gate.channels)
+        found.add(offset, gate.tensor, np.arange(gate.channels), graph.classes(gate.tensor))
+    return found
+
+
+def _group_sources(graph: ChannelGraph, wanted: str, ignored: set[str]) -> _Found:
+    """The groups' sources of kind `wanted`, except those of ignored nodes and those held in a Constant
+    node (BatchNorm without affine), which are no trainable parameter."""
+    found = _Found([[] for _ in range(graph.num_classes + 1)])
+    for group in graph.groups:
         for source in group.sources:
-            # A source held in a Constant node (BatchNorm without affine) is not a trainable parameter.
-            if source.kind != KINDS[kind] or source.node in ignored or graph.model.initializer(source.param) is None:
+            initializer = graph.model.initializer(source.param)
+            if source.kind != wanted or source.node in ignored or initializer is None:
                 continue
-            key = (source.param, source.axis)
-            if key not in sources:
-                shape = graph.model.initializer(source.param).dims
-                sources[key] = SourceParam(source.param, source.axis, int(shape[source.axis]))
-                offsets[key] = total
-                total += sources[key].channels
-            classes = graph.classes(source.tensor)[source.channels]
-            for channel, cls in zip(source.channels.tolist(), classes.tolist()):
-                positions[cls].append(offsets[key] + channel)
-            covers.setdefault(source.tensor, []).append(source.channels)
-    # Pinned classes, and classes that a producer without a source feeds, live whatever their
-    # sources say: they are neither regularized nor counted dead.
+            offset = found.offset(source.param, source.axis, int(initializer.dims[source.axis]))
+            found.add(offset, source.tensor, source.channels, graph.classes(source.tensor)[source.channels])
+    return found
+
+
+def _class_positions(graph: ChannelGraph, found: _Found, force_group: list[str]) -> tuple[list[list[int]], bool]:
+    """Per class (plus the fixed class), the positions of its sources after forced grouping, and
+    whether some source was lost to a fixed class.
+
+    Pinned classes, and classes that a producer without a source feeds, live whatever their sources
+    say: they are neither regularized nor counted dead (their positions are emptied).
+    """
+    positions = [list(p) for p in found.positions]
     pinned = np.append(graph.class_pinned(), True)
-    fixed_classes = pinned | np.append(~covered_classes(graph, covers), True)
-    for members in _forced_groups(graph, list(force_group)):
+    fixed_classes = pinned | np.append(~covered_classes(graph, found.covers), True)
+    for members in _forced_groups(graph, force_group):
         union = sorted({p for c in members if not fixed_classes[c] for p in positions[c]})
         for c in members:
             positions[c] = list(union)
     unreachable = any(positions[c] for c in np.flatnonzero(fixed_classes & ~pinned))
     for cls in np.flatnonzero(fixed_classes):
         positions[cls] = []
-    if not any(positions):
-        raise _no_source_error(graph, kind, gates_everywhere, unreachable)
-    zero = total
+    return positions, unreachable
+
+
+def _gather_matrix(positions: list[list[int]], zero: int) -> tuple[np.ndarray, np.ndarray]:
+    """`Regularizer.gather` (classes with fewer sources repeat the `zero` position) and `fixed`."""
     depth = max(len(p) for p in positions)
     gather = np.full((depth, len(positions)), zero, dtype=np.int64)
     for cls, plist in enumerate(positions):
         gather[:len(plist), cls] = plist
-    fixed = np.array([not p for p in positions])
-    return Regularizer(kind, terms, list(sources.values()), gather, fixed, float(threshold), float(l1_fraction),
-                       tuple(gates))
+    return gather, np.array([not p for p in positions])
 
 
 def _no_source_error(graph: ChannelGraph, kind: str, gates_everywhere: bool, unreachable: bool) -> OptionError:
