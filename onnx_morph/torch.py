@@ -184,7 +184,7 @@ class MorphNetRegularizer:
 
     def _finish(self) -> None:
         everything = np.ones(self.graph.num_classes, dtype=bool)
-        self.total_cost: float = self.spec.terms.evaluate(everything, np.zeros(self.graph.num_classes))[0]
+        self.total_cost: float = self.spec.terms.cost(everything)
         self._backend: _TorchBackend | None = None
 
     @property

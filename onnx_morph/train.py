@@ -269,7 +269,7 @@ class _StructureTracker:
         vector = self.regularizer.vector(params)
         self.vector = vector[:-1]
         alive = self.regularizer.alive(vector)[:-1]
-        cost, _ = self.regularizer.terms.evaluate(alive, vector[:-1])
+        cost = self.regularizer.terms.cost(alive)
         self.alive_per_group = {g.id: int(alive[g.classes].sum()) for g in self.graph.groups if g.prunable}
         document = mask_document(self.graph, alive)
         self.structure = document["structure"]
@@ -279,7 +279,7 @@ class _StructureTracker:
         if final:
             kept = self._final_masks(params, vector[:-1])
             if self.target is not None:  # the learned structure is the one put at the target
-                cost, _ = self.regularizer.terms.evaluate(kept, vector[:-1])
+                cost = self.regularizer.terms.cost(kept)
                 self.structure = mask_document(self.graph, kept)["structure"]
                 (folder / f"alive_{step:05d}.json").write_text(json.dumps(self.structure, indent=1) + "\n")
             (log_dir / "masks.json").write_text(json.dumps(mask_document(self.graph, kept)) + "\n")
@@ -297,7 +297,7 @@ class _StructureTracker:
         if self.target is not None:
             before = int(kept.sum())
             kept = structure_at(self.target, kept, vector, ~self.regularizer.fixed[:-1], groups,
-                              lambda alive: self.regularizer.terms.evaluate(alive, vector)[0])
+                              self.regularizer.terms.cost)
             self.moved = before - int(kept.sum())
         return kept
 

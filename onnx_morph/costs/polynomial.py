@@ -11,9 +11,9 @@ regularizer is MorphNet's depthwise form coeff * (R_in + R_out). Latency rows ha
 compute and memory; an op costs the larger and is regularized through that one.
 
 Channels that cannot die (a non-channel axis, a fixed weight dimension) point at one extra class,
-`fixed`, that is always alive and never regularized. Op totals, the model's total, marginal costs
-and the regularizer's value are all evaluations of these rows; the training rewrite and torch
-evaluate the same rows as ONNX nodes and tensors.
+`fixed`, that is always alive and never regularized. Op totals, the model's total and marginal costs
+are evaluations of these rows here; the regularization term (`rewrite.training.expression`) evaluates
+the same rows in numpy, as ONNX nodes and in torch.
 """
 
 from __future__ import annotations
@@ -142,12 +142,9 @@ class CostTerms:
         matrix[self._layout["row_node"], np.arange(len(self.rows))] = 1.0
         return matrix
 
-    def evaluate(self, alive: np.ndarray, vector: np.ndarray) -> tuple[float, float]:
-        """(cost, regularization) for per-class alive flags and regularization values."""
-        costs = self.node_costs(alive)
-        active = costs.argmax(axis=1)[:, None]  # roofline: the larger part, compute on a tie
-        regs = self._node_sums(self._row_regularization(alive, vector))
-        return float(np.take_along_axis(costs, active, 1).sum()), float(np.take_along_axis(regs, active, 1).sum())
+    def cost(self, alive: np.ndarray) -> float:
+        """The total cost under per-class alive flags (or counts): per op the larger part, summed."""
+        return float(self.node_costs(alive).max(axis=1, initial=0.0).sum())
 
     def per_node(self, alive: np.ndarray) -> dict[str, float]:
         """Each op's cost (the larger part of a roofline latency) under `alive`."""
@@ -181,12 +178,6 @@ class CostTerms:
             np.add.at(gradient, row.in_classes, dw[i] * a[row.out_classes].reshape(-1, multiplier).sum(axis=1))
             np.add.at(gradient, row.out_classes, dw[i] * (np.repeat(a[row.in_classes], multiplier) - 1.0))
         return gradient[:-1]
-
-    def _row_regularization(self, alive: np.ndarray, vector: np.ndarray) -> np.ndarray:
-        a_in, a_out = self._sums(np.append(alive.astype(np.float64), 1.0))
-        r_in, r_out = self._sums(np.append(vector.astype(np.float64), 0.0))
-        b, li, lo, dw = (self._coefficients[n] for n in ("bilinear", "in_linear", "out_linear", "depthwise"))
-        return b * (a_in * r_out + a_out * r_in) + li * r_in + lo * r_out + dw * r_in
 
     def _sums(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per row, `values` summed over its input channels and over its output channels."""

@@ -184,7 +184,7 @@ class _Costs:
 
 
 def _initial_costs(graph: ChannelGraph, reg: Regularizer) -> _Costs:
-    total_cost, _ = reg.terms.evaluate(np.ones(graph.num_classes, dtype=bool), np.zeros(graph.num_classes))
+    total_cost = reg.terms.cost(np.ones(graph.num_classes, dtype=bool))
     initial_cost, initial_reg = reg.evaluate(_values(graph, reg))
     return _Costs(total_cost, initial_cost, initial_reg)
 

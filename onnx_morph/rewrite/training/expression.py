@@ -93,7 +93,7 @@ class Backend(Protocol[T]):
 
 
 @dataclass(frozen=True)
-class Polynomial:
+class CostArrays:
     """The numpy constants of `CostTerms`' polynomials, computed once per regularizer."""
 
     counts: dict[str, np.ndarray]  # side -> (rows, classes + 1)
@@ -103,7 +103,7 @@ class Polynomial:
     present: frozenset[str]  # the coefficients that are not all zero
 
     @classmethod
-    def of(cls, terms: CostTerms) -> Polynomial:
+    def of(cls, terms: CostTerms) -> CostArrays:
         coefficients = {name: terms.coefficients(name) for name in COEFFICIENTS}
         return cls({side: terms.counts(side) for side in SIDES}, coefficients, terms.row_nodes(), terms.parts,
                    frozenset(name for name, values in coefficients.items() if values.any()))
@@ -169,7 +169,7 @@ def alive_mask(backend: Backend[T], spec: Regularizer, vector: T) -> T:
     return backend.either(above, backend.constant("fixed", spec.fixed))
 
 
-def cost_and_regularization(backend: Backend[T], polynomial: Polynomial, alive: T, vector: T) -> tuple[T, T]:
+def cost_and_regularization(backend: Backend[T], polynomial: CostArrays, alive: T, vector: T) -> tuple[T, T]:
     """(cost, regularization): MorphNet's linearized resource function of per-class alive flags
     (0/1 floats) and regularization values, the fixed class last."""
     a_in, a_out = (backend.row_sums(alive, f"counts_{s}", polynomial.counts[s]) for s in SIDES)
@@ -184,7 +184,7 @@ def cost_and_regularization(backend: Backend[T], polynomial: Polynomial, alive: 
     return _roofline(backend, polynomial, cost, regularization)
 
 
-def _polynomial(backend: Backend[T], polynomial: Polynomial, monomials: list[tuple[str, list[T]]]) -> T:
+def _polynomial(backend: Backend[T], polynomial: CostArrays, monomials: list[tuple[str, list[T]]]) -> T:
     """sum of coefficient * prod(factors) over the monomials whose coefficients are not all zero;
     shape (parts, rows)."""
     terms = []
@@ -197,7 +197,7 @@ def _polynomial(backend: Backend[T], polynomial: Polynomial, monomials: list[tup
     return reduce(backend.add, terms)
 
 
-def _roofline(backend: Backend[T], polynomial: Polynomial, cost: T, regularization: T) -> tuple[T, T]:
+def _roofline(backend: Backend[T], polynomial: CostArrays, cost: T, regularization: T) -> tuple[T, T]:
     """Per op, the larger of compute and memory time, regularized through that one."""
     per_node = [backend.row_sums(x, "row_nodes", polynomial.row_nodes) for x in (cost, regularization)]
     parts = [[backend.gather(x, f"part_{p}", np.array(p)) for p in (0, 1)] for x in per_node]

@@ -26,7 +26,7 @@ from onnx_morph.costs.terms import RESOURCES, CostTerms, cost_terms
 from onnx_morph.errors import OptionError
 from onnx_morph.graph.alive import covered_classes
 from onnx_morph.graph.channel_graph import ChannelGraph
-from onnx_morph.rewrite.training.expression import NumpyBackend, Polynomial, alive_mask, combined, regularization_term
+from onnx_morph.rewrite.training.expression import CostArrays, NumpyBackend, alive_mask, combined, regularization_term
 
 KINDS = {"gamma": "gamma", "group-lasso": "weight", "gates": "gate"}
 DEFAULT_THRESHOLD = 1e-2
@@ -120,8 +120,8 @@ class Regularizer:
         return sum(s.channels for s in self.sources)
 
     @cached_property
-    def polynomial(self) -> Polynomial:
-        return Polynomial.of(self.terms)
+    def polynomial(self) -> CostArrays:
+        return CostArrays.of(self.terms)
 
     def vector(self, params: dict[str, np.ndarray]) -> np.ndarray:
         """Per class (plus the fixed class), the max over its sources; for gates, the probability
