@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import onnx_morph
-from onnx_morph.rewrite import prune
+from onnx_morph.rewrite import Mask, prune
 from onnx_morph.rewrite.surgery.select import mask_document
 from onnx_morph.rewrite.surgery.verify import onnxruntime as _onnxruntime
 
@@ -49,7 +49,7 @@ def _prune_half(path: Path) -> tuple[onnx_morph.Analysis, object]:
     for group in graph.groups:
         if group.prunable:
             alive[rng.choice(group.classes, size=group.size // 2, replace=False)] = False
-    result = prune(str(path), masks=mask_document(graph, alive))
+    result = prune(str(path), Mask(mask_document(graph, alive)))
     assert result.removed_channels == int((~alive).sum()) > 0
     assert result.masked_deviation is not None and result.masked_deviation.max_rel < REL_TOL
     return analysis, result

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_morph
-import onnx_morph.rewrite.surgery.select
+from onnx_morph.rewrite import Mask, prune
+from onnx_morph.rewrite.surgery.select import mask_document
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 import sweep_models  # noqa: E402
@@ -222,8 +223,7 @@ def test_group_normalization_op_prunes_whole_groups(opset, tmp_path):
     assert [g.size for g in analysis.groups if g.prunable] == [4]
     row = sweep_models.check_architecture("gn", path, sweep_models.Row("gn"))
     assert row.removed_channels == 1 and row.max_rel < 1e-4
-    pruned = onnx_morph.rewrite.surgery.prune(path, masks=onnx_morph.rewrite.surgery.select.mask_document(
-        analysis.graph, sweep_models.random_kill(analysis.graph, 0))).model
+    pruned = prune(path, Mask(mask_document(analysis.graph, sweep_models.random_kill(analysis.graph, 0)))).model
     node = next(n for n in pruned.graph.node if n.op_type == "GroupNormalization")
     assert helper.get_attribute_value(node.attribute[0]) == 3
 

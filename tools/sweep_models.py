@@ -10,7 +10,7 @@ size of its default weights, or the model's own ``image_size``):
 1. export to ONNX through ``tests/zoo.py``'s ``export_onnx`` (TorchScript exporter, BatchNorm kept);
 2. ``onnx_morph.analyze``: every group is prunable or pinned with a reason;
 3. a seeded random 30% of the channel classes of each prunable group (each group keeps one) goes
-   into a mask document, ``onnx_morph.rewrite.surgery.prune(path, masks=...)`` removes them, the result must
+   into a mask document, ``onnx_morph.rewrite.prune(path, Mask(...))`` removes them, the result must
    pass ``onnx.checker`` (full check) and, in onnxruntime on random inputs, match the original with
    the removed channels multiplied by zero (``rewrite.verify.masked_original``) to 1e-4 relative;
    ``analyze`` of the pruned model must cost what the masks said it would.
@@ -136,7 +136,7 @@ def check_architecture(name: str, path: pathlib.Path, row: Row) -> Row:
 
     import onnx_morph
     from onnx_morph.costs import op_costs, totals_of
-    from onnx_morph.rewrite import prune
+    from onnx_morph.rewrite import Mask, prune
     from onnx_morph.rewrite.surgery.select import mask_document
     from onnx_morph.rewrite.surgery.surgery import keep_masks
     from onnx_morph.rewrite.surgery.verify import deviation, masked_original, random_inputs, run
@@ -155,7 +155,7 @@ def check_architecture(name: str, path: pathlib.Path, row: Row) -> Row:
         raise AssertionError("no prunable group")
 
     alive = random_kill(graph, zlib.crc32(name.encode()))
-    result = prune(path, masks=mask_document(graph, alive))
+    result = prune(path, Mask(mask_document(graph, alive)))
     row.removed_channels = result.removed_channels
     assert result.removed_channels == int((~alive).sum()), "prune removed other channels than the masks"
     assert np.array_equal(result.alive, alive)
