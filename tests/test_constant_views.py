@@ -18,10 +18,7 @@ from onnx_morph.rewrite import Budget, Mask, Threshold, prune
 from onnx_morph.rewrite.surgery.select import mask_document
 from test_prune import max_rel_difference, zero_masked_difference
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 
 def aliased_bias_model(c_out: int) -> onnx.ModelProto:

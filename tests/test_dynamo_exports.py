@@ -12,7 +12,7 @@ from onnx_morph.rewrite.surgery.select import mask_document
 
 pytest.importorskip("onnxscript", reason="torch's dynamo exporter needs the onnxscript package")
 
-import zoo  # noqa: E402
+from tools import zoo  # noqa: E402
 
 FAMILIES = sorted(n for n in zoo.ZOO if n != "UnknownOpNet")  # its stand-in op is a TorchScript-only trick
 

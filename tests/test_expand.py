@@ -14,10 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 from cli_checks import assert_user_error
 from onnx_morph.analysis import analyze

@@ -1,6 +1,6 @@
 """Decoder LLMs: a Llama/Qwen/Mistral-style decoder (RMSNorm as Pow/ReduceMean/Sqrt/Div/Mul, rotary
 embeddings, grouped-query attention, SwiGLU MLP, causal mask, tied embeddings, with and without a KV
-cache) and a GPT-2-style one (fused c_attn Conv1D split into q, k, v), built in tests/llm_models.py
+cache) and a GPT-2-style one (fused c_attn Conv1D split into q, k, v), built in tools/llm_models.py
 with random weights, exported with both exporters, analyzed and pruned with `prune --mask`. The result
 must compute what the torch module computes with the removed units' weights set to zero.
 """
@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from llm_models import GPT2, LLAMA, GPT2Model, Llama
+from tools.llm_models import GPT2, LLAMA, GPT2Model, Llama
 
 import onnx_morph
 from onnx_morph.costs import op_costs, totals_of

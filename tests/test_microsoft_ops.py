@@ -5,7 +5,6 @@ as their unoptimized exports do and prune exactly; the fused attention kernel is
 from __future__ import annotations
 
 import collections
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +19,8 @@ from onnx_morph.rewrite import Mask, prune
 from onnx_morph.rewrite.surgery.select import mask_document
 from onnx_morph.rewrite.surgery.verify import onnxruntime as _onnxruntime
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from bench_llama_scale import build_llama  # noqa: E402
-from test_transformers import _bert, _bert_tokens, _export  # noqa: E402
+from tools.bench_llama_scale import build_llama
+from test_transformers import _bert, _bert_tokens, _export
 
 REL_TOL = 1e-4
 

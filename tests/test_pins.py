@@ -8,7 +8,6 @@ predicted, and match the original with those channels zeroed, in onnxruntime on 
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -24,13 +23,9 @@ import onnx_morph
 from onnx_morph.rewrite import Mask, prune
 from onnx_morph.rewrite.surgery.select import mask_document
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import sweep_models  # noqa: E402
+from tools import sweep_models
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 IMAGE = (1, 3, 10, 10)
 

@@ -36,10 +36,7 @@ from onnx_morph.rewrite.surgery.select import mask_document
 from onnx_morph.rewrite.surgery.surgery import keep_masks
 from onnx_morph.rewrite.surgery.verify import deviation, masked_original, random_inputs, run
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 REL_TOL = 1e-4
 INPUT = (1, 3, 8, 8)

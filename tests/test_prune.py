@@ -40,10 +40,7 @@ from onnx_morph.rewrite import Budget, Mask, Threshold, prune, prune_file
 from onnx_morph.rewrite.surgery import save as save_module
 from onnx_morph.rewrite.surgery.select import MASK_FORMAT, mask_document, write_mask_document
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 THRESHOLD = 1e-6
 KILL_FRACTION = 0.3

@@ -18,10 +18,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 from onnx_morph.report import human
 from onnx_morph.rewrite import Budget, Threshold, prune

@@ -23,10 +23,7 @@ from onnx_morph.torch import MorphNetRegularizer
 from test_prune import max_rel_difference, zero_masked_difference
 from test_torch_regularizer import check_against_onnx, ort_reference
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 SHAPE = (1, 3, 8, 8)
 STREAM_DEAD = [1, 4, 6]   # both stream BatchNorms are 0 here, the side conv is not

@@ -18,7 +18,7 @@ import onnx
 import pytest
 import torch
 from torch import nn
-from zoo import import_torchvision
+from tools.zoo import import_torchvision
 
 import onnx_morph
 from onnx_morph.costs import op_costs, totals_of
@@ -90,7 +90,7 @@ VIT = {"image_size": 64, "patch_size": 16, "num_layers": 2, "num_heads": 12, "hi
 
 
 def _export(module: nn.Module, example: torch.Tensor, path, dynamic_batch: bool = False):
-    """TorchScript export with the repo's settings (tests/zoo.py), opset 17 (GELU as Erf, LayerNormalization)."""
+    """TorchScript export with the repo's settings (tools/zoo.py), opset 17 (GELU as Erf, LayerNormalization)."""
     module.eval()
     axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
     fastpath = torch.backends.mha.get_fastpath_enabled()

@@ -21,7 +21,7 @@ from torch import nn
 from cli_checks import assert_user_error
 from onnx_morph.data import Dataset, download_fashion_mnist, load_dataset
 from onnx_morph.errors import ModelLoadError, OptionError
-from zoo import export_onnx, import_torchvision
+from tools.zoo import export_onnx, import_torchvision
 
 SCRIPT = Path(sys.executable).parent / "onnx-morph"
 

@@ -4,7 +4,7 @@
 Not a test: prints figures and a PASS/FAIL table of targets, always exits 0 unless the
 benchmark itself cannot run.
 
-    python tools/bench_prune.py [--workdir DIR] [--repeat N] [--runs N] [--quick] [--reuse]
+    python -m tools.bench_prune [--workdir DIR] [--repeat N] [--runs N] [--quick] [--reuse]
                                 [--models resnet50 mobilenet_v2] [--ratios 0.75 0.5 0.3]
                                 [--profile] [--round-to N] [--latency]
 
@@ -12,7 +12,7 @@ benchmark itself cannot run.
    downloaded) in a child process, so torch stays out of this process: every BatchNorm gets
    uniform(0.5, 1.5) gammas (and random betas / running stats) so that the exporter does not
    merge equal initializers and the |gamma| ranking means something; export through
-   ``tests/zoo.py``'s ``export_onnx(module, (1, 3, 224, 224), path, dynamic_batch=True)``
+   ``tools/zoo.py``'s ``export_onnx(module, (1, 3, 224, 224), path, dynamic_batch=True)``
    (TorchScript exporter, BatchNorm kept).
 2. For each model and ratio: times ``onnx_morph.rewrite.prune(path, Budget(ratio=R))`` in-process
    (verify on, the default, and ``verify=False``), and whole-process
@@ -53,8 +53,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from benchlib import load_average, print_targets, table, work_dir  # noqa: E402
+from tools.benchlib import load_average, print_targets, table, work_dir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -77,12 +76,9 @@ THREADS = 2
 
 
 def _export_child(workdir: str, names: list[str], reuse: bool) -> int:
-    for p in (str(REPO), str(REPO / "tests")):
-        if p not in sys.path:
-            sys.path.insert(0, p)
     import torch
     import torch.nn as nn
-    from zoo import export_onnx, import_torchvision  # tests/zoo.py
+    from tools.zoo import export_onnx, import_torchvision
 
     tv = import_torchvision()
     out = {}
@@ -105,7 +101,7 @@ def _export_child(workdir: str, names: list[str], reuse: bool) -> int:
 
 
 def export(workdir: pathlib.Path, names: list[str], reuse: bool) -> dict[str, pathlib.Path]:
-    cmd = [PY, str(pathlib.Path(__file__).resolve()), "--_export", str(workdir)] + names + (["--reuse"] if reuse else [])
+    cmd = [PY, "-m", "tools.bench_prune", "--_export", str(workdir)] + names + (["--reuse"] if reuse else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.stderr.write(r.stderr)

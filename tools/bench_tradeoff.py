@@ -2,7 +2,7 @@
 """Accuracy vs FLOPs on Fashion-MNIST: MorphNet (Gamma, and probabilistic gates) against a uniform width
 multiplier and network slimming.
 
-    python tools/bench_tradeoff.py [--out DIR] [--quick] [--seeds 3] [--budgets 0.25,0.5,0.75]
+    python -m tools.bench_tradeoff [--out DIR] [--quick] [--seeds 3] [--budgets 0.25,0.5,0.75]
                                    [--train-subset 10000] [--shrink-epochs 3] [--finetune-epochs 1] ...
 
 One seed network, onnx_morph.examples.small_resnet(width=16) exported with
@@ -67,8 +67,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import load_average, markdown_table, table  # noqa: E402
+from tools.benchlib import load_average, markdown_table, table
 
 METHODS = ("morphnet", "gates", "uniform", "slimming", "morphnet-scratch", "morphnet-expand")
 SUPPLEMENTS = ("morphnet-scratch", "morphnet-expand")
