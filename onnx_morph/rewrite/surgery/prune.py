@@ -77,14 +77,10 @@ def prune(
     provider: str | None = None,
     measure: bool = True,
 ) -> PruneResult:
-    """Remove dead channels from every prunable group.
+    """Remove the channels `criterion` finds dead from every prunable group: a `Threshold`, a `Mask`
+    or a `Budget` (criteria.py); every group keeps at least one channel.
 
-    `criterion` says which: `Threshold(gamma=T)` or `Threshold(weight=T)`, `Mask(document)` (as written
-    by `analyze --structure`), or a `Budget`: `flops=`, `params=`, `ratio=` (the fraction of FLOPs to
-    keep), met by ranking channels globally by |gamma| per unit of cost saved, or `latency=`.
-    Every group keeps at least one channel; budgets also keep `min_keep` of each group's channels
-    and remove channels `round_to` at a time, so widths stay multiples of it (thresholds and masks round
-    widths up to them). With `fold_constants`, the constant a removed channel
+    With `fold_constants`, the constant a removed channel
     holds (beta after BatchNorm) is folded into the consumer's bias where that is exact (Gemm,
     unpadded Conv), when the channel is proven independent of the inputs or equal on four probe
     inputs; `verify` compares the result with the original in onnxruntime on fresh random inputs
@@ -96,10 +92,10 @@ def prune(
     statistics are measured on them, which absorbs the shift (the deviations are the surgery's,
     before calibration).
 
-    `Budget(latency=...)` (a fraction of the measured original, or a time such as '3.2ms') prunes to the
-    latency that `latency_table` (written by `onnx-morph profile`) predicts; with any criterion, a table
-    makes the result carry the predicted latency before and after and, with `measure`, both models
-    timed now on the table's provider, threads and batch (`provider`, when given, must be the table's).
+    `Budget(latency=...)` prunes to the latency that `latency_table` (written by `onnx-morph profile`)
+    predicts; with any criterion, a table makes the result carry the predicted latency before and after
+    and, with `measure`, both models timed now on the table's provider, threads and batch (`provider`,
+    when given, must be the table's).
     """
     check_criterion(criterion, latency_table)
     graph = build_channel_graph(load_model(model, input_shapes))
