@@ -9,6 +9,7 @@ import sys
 
 from onnx_morph.data import DATA_HELP
 from onnx_morph.errors import InvariantError, OnnxMorphError, OptionError
+from onnx_morph.rewrite.surgery.criteria import MIN_KEEP, ROUND_TO, Budget, Criterion, Mask, Threshold
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -53,11 +54,7 @@ def _analyze_command(commands) -> None:
     _input_shape(analyze)
     analyze.add_argument("--cost", default="flops",
                          help="flops | params | activations | memory | latency:HW (HW: V100, T4, ... or GFLOPS,GBS)")
-    threshold = analyze.add_mutually_exclusive_group()
-    threshold.add_argument("--gamma-threshold", type=float,
-                           help="channels whose |BatchNorm scale| is at most this are dead")
-    threshold.add_argument("--weight-threshold", type=float,
-                           help="channels whose weight-slice RMS is at most this are dead")
+    _thresholds(analyze.add_mutually_exclusive_group())
     analyze.add_argument("--macs", action="store_true", help="count multiply-accumulates instead of FLOPs (2 per MAC)")
     analyze.add_argument("--json", action="store_true", help="print the JSON report (docs/analyze-json.md)")
     analyze.add_argument("--all-ops", action="store_true", help="list every op, not only the 40 costliest")
@@ -69,22 +66,25 @@ def _analyze_command(commands) -> None:
 
 def _prune_command(commands) -> None:
     prune = _model_to_model(commands, "prune", "remove dead channels and write a smaller model", "pruned")
+    # Destinations are the fields of the criteria (Threshold, Mask, Budget), so that their messages
+    # (`flops`, round_to) show as these flags.
     criterion = prune.add_mutually_exclusive_group(required=True)
-    criterion.add_argument("--gamma-threshold", type=float, help="remove channels with |BatchNorm scale| <= T")
-    criterion.add_argument("--weight-threshold", type=float, help="remove channels with weight-slice RMS <= T")
-    criterion.add_argument("--mask", dest="masks", metavar="FILE", help="channel masks written by `analyze --structure`")
-    criterion.add_argument("--target-flops", type=float, help="remove the weakest channels until FLOPs <= this")
-    criterion.add_argument("--target-params", type=float, help="remove the weakest channels until params <= this")
+    _thresholds(criterion)
+    criterion.add_argument("--mask", metavar="FILE", help="channel masks written by `analyze --structure`")
+    criterion.add_argument("--target-flops", dest="flops", type=float,
+                           help="remove the weakest channels until FLOPs <= this")
+    criterion.add_argument("--target-params", dest="params", type=float,
+                           help="remove the weakest channels until params <= this")
     criterion.add_argument("--ratio", type=float, help="keep this fraction of the FLOPs (e.g. 0.5)")
-    criterion.add_argument("--target-latency", metavar="R|TIME",
+    criterion.add_argument("--target-latency", dest="latency", metavar="R|TIME",
                            help="prune to this latency predicted by --latency-table: a fraction of the measured "
                                 "original (0.5) or a time (3.2ms)")
     prune.add_argument("--latency-table", metavar="FILE",
                        help="latency table written by `onnx-morph profile`: predicted and measured latency before and after")
     prune.add_argument("--provider", choices=["cpu", "cuda"], help="refuse a latency table profiled on another provider")
     prune.add_argument("--no-measure", action="store_true", help="with a latency table, skip timing the two models")
-    prune.add_argument("--round-to", type=int, default=1, metavar="N", help="keep every width a multiple of N")
-    prune.add_argument("--min-keep", type=float, default=0.1, metavar="F",
+    prune.add_argument("--round-to", type=int, default=ROUND_TO, metavar="N", help="keep every width a multiple of N")
+    prune.add_argument("--min-keep", type=float, default=MIN_KEEP, metavar="F",
                        help="with a budget, keep at least this fraction of every group's channels")
     prune.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     prune.add_argument("--calibrate", metavar="DATA",
@@ -113,7 +113,7 @@ def _expand_command(commands) -> None:
     target.add_argument("--target-flops", type=float, help="largest uniform width multiplier with FLOPs <= this")
     target.add_argument("--target-params", type=float, help="largest uniform width multiplier with params <= this")
     target.add_argument("--like", metavar="MODEL", help="target the FLOPs of MODEL (e.g. the network before shrinking)")
-    expand.add_argument("--round-to", type=int, default=1, metavar="N", help="make every width a multiple of N")
+    expand.add_argument("--round-to", type=int, default=ROUND_TO, metavar="N", help="make every width a multiple of N")
     expand.add_argument("--seed", type=int, default=0, help="seed of the fresh weights")
 
 
@@ -177,6 +177,14 @@ def _demo_command(commands) -> None:
     demo.add_argument("--quick", action="store_true", help="a small subset and few steps (under a minute)")
 
 
+def _thresholds(group) -> None:
+    """analyze's and prune's dead-channel thresholds (destinations: Threshold's fields)."""
+    group.add_argument("--gamma-threshold", dest="gamma", type=float, metavar="T",
+                       help="channels whose |BatchNorm scale| is at most T are dead")
+    group.add_argument("--weight-threshold", dest="weight", type=float, metavar="T",
+                       help="channels whose weight-slice RMS is at most T are dead")
+
+
 def _input_shape(command: argparse.ArgumentParser) -> None:
     command.add_argument("--input-shape", action="append", default=[], metavar="NAME=D0,D1,...",
                          help="fix the dims of a dynamic input (a dynamic batch alone is set to 1)")
@@ -223,15 +231,15 @@ def _analyze(args: argparse.Namespace) -> None:
         args.model,
         input_shapes=parse_input_shapes(args.input_shape),
         cost=args.cost,
-        gamma_threshold=args.gamma_threshold,
-        weight_threshold=args.weight_threshold,
+        gamma_threshold=args.gamma,
+        weight_threshold=args.weight,
         macs=args.macs,
     )
     if args.structure:
         from onnx_morph.rewrite.surgery.select import write_mask_document
 
         write_mask_document(result.graph, result.alive, args.structure,
-                            "weight" if args.weight_threshold is not None else "gamma")
+                            "weight" if args.weight is not None else "gamma")
     if args.graph:
         from onnx_morph.graph.graphml import write_graphml
 
@@ -248,6 +256,7 @@ def _prune(args: argparse.Namespace) -> None:
     from onnx_morph.report import render_prune
     from onnx_morph.rewrite import prune_file
 
+    criterion = _criterion(args)
     calibration = None
     if args.calibrate:
         from onnx_morph.data import load_dataset
@@ -255,26 +264,20 @@ def _prune(args: argparse.Namespace) -> None:
         data = load_dataset(args.calibrate)
         calibration = lambda shape: data.fitted(shape, args.mean, args.std).calibration_batches(  # noqa: E731
             args.calibration_images)
-    result = prune_file(
-        args.model,
-        args.output,
-        input_shapes=parse_input_shapes(args.input_shape),
-        gamma_threshold=args.gamma_threshold,
-        weight_threshold=args.weight_threshold,
-        masks=args.masks,
-        target_flops=args.target_flops,
-        target_params=args.target_params,
-        ratio=args.ratio,
-        round_to=args.round_to,
-        min_keep=args.min_keep,
-        verify=not args.no_verify,
-        calibration=calibration,
-        target_latency=args.target_latency,
-        latency_table=args.latency_table,
-        provider=args.provider,
-        measure=not args.no_measure,
-    )
+    result = prune_file(args.model, args.output, criterion, input_shapes=parse_input_shapes(args.input_shape),
+                        verify=not args.no_verify, calibration=calibration, latency_table=args.latency_table,
+                        provider=args.provider, measure=not args.no_measure)
     print(render_prune(result, args.output))
+
+
+def _criterion(args: argparse.Namespace) -> Criterion:
+    """prune's criterion from its flags (argparse lets exactly one kind through)."""
+    if args.mask is not None:
+        return Mask(args.mask, round_to=args.round_to)
+    if args.gamma is not None or args.weight is not None:
+        return Threshold(gamma=args.gamma, weight=args.weight, round_to=args.round_to)
+    return Budget(flops=args.flops, params=args.params, ratio=args.ratio, latency=args.latency,
+                  round_to=args.round_to, min_keep=args.min_keep)
 
 
 def _profile(args: argparse.Namespace) -> None:

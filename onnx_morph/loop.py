@@ -20,6 +20,7 @@ from onnx_morph.analysis import analyze
 from onnx_morph.data import Dataset
 from onnx_morph.rewrite.training.artifacts import make_training_artifacts
 from onnx_morph.rewrite.training.regularizer import RegularizerOptions
+from onnx_morph.rewrite.surgery.criteria import Budget, Mask
 from onnx_morph.rewrite.surgery.prune import LayerWidth, prune
 from onnx_morph.rewrite.surgery.save import save_model
 from onnx_morph.rewrite.surgery.verify import onnxruntime
@@ -89,10 +90,10 @@ def morphnet_loop(
     shrunk = train(shrink, train_data, epochs=epochs, learning_rate=learning_rate, target=target,
                    export=work / "trained.onnx", test_data=test_data, progress=progress)
     calibration = data.calibration_batches(CALIBRATION_BATCHES * batch_size, batch_size)
-    pruned = prune(shrunk.model_path, masks=shrink.directory / "masks.json", calibration=calibration, round_to=round_to)
+    pruned = prune(shrunk.model_path, Mask(shrink.directory / "masks.json", round_to=round_to), calibration=calibration)
     resource = regularizer.cost if regularizer.cost in ("flops", "params") and not regularizer.macs else None
     if target is not None and resource and getattr(pruned.after, resource) > target * (1 + 1e-9):
-        pruned = prune(shrunk.model_path, calibration=calibration, round_to=round_to, **{f"target_{resource}": target})
+        pruned = prune(shrunk.model_path, Budget(**{resource: target}, round_to=round_to), calibration=calibration)
     save_model(pruned.model, work / "pruned.onnx")
 
     tune = make_training_artifacts(work / "pruned.onnx", work / "finetune", regularizer=None,

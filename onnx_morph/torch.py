@@ -33,6 +33,7 @@ from onnx import numpy_helper
 
 from onnx_morph.errors import OnnxMorphError, OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
+from onnx_morph.rewrite.surgery.criteria import ROUND_TO
 from onnx_morph.rewrite.training.gates import gate_masks
 from onnx_morph.rewrite.training.expression import OperatorBackend, combined, regularization_term
 from onnx_morph.rewrite.training.regularizer import Gate, Regularizer, RegularizerOptions
@@ -514,7 +515,8 @@ def export_structure(regularizer: MorphNetRegularizer, path: str | os.PathLike |
 
 
 def prune_module(regularizer: MorphNetRegularizer, path: str | os.PathLike | None = None, *,
-                 calibration: Iterable[torch.Tensor | np.ndarray] | None = None, **prune_options: Any):
+                 calibration: Iterable[torch.Tensor | np.ndarray] | None = None, round_to: int = ROUND_TO,
+                 **prune_options: Any):
     """Export the trained module and remove the channels the regularizer finds dead.
 
     The dead set is the regularizer's own (its kind, threshold and source grouping), applied as a
@@ -526,10 +528,10 @@ def prune_module(regularizer: MorphNetRegularizer, path: str | os.PathLike | Non
     pruned model's BatchNorm statistics are then measured on them, which absorbs the shift.
     Unless `export_options` say otherwise, the batch dimension of the inputs and outputs is dynamic.
     Returns onnx_morph.rewrite.PruneResult (`model` is the calibrated one; the deviations are those
-    of the uncalibrated surgery); with `path`, the model is also saved there. `prune_options` go
-    to `prune` (round_to, fold_constants, verify).
+    of the uncalibrated surgery); with `path`, the model is also saved there. Widths are rounded up to
+    multiples of `round_to`; `prune_options` go to `prune` (fold_constants, verify).
     """
-    from onnx_morph.rewrite import prune, save_model
+    from onnx_morph.rewrite import Mask, prune, save_model
     from onnx_morph.rewrite.training.training_graph import unshare_initializers
 
     kept = regularizer.kept()
@@ -537,7 +539,7 @@ def prune_module(regularizer: MorphNetRegularizer, path: str | os.PathLike | Non
     module = regularizer.zeroed_copy(kept)
     model = unshare_initializers(export_onnx(module, regularizer.example_inputs, **_batch_dynamic(regularizer)))
     batches = None if calibration is None else [_numpy(b).astype(np.float32) for b in calibration]
-    result = prune(model, masks=document, calibration=batches, **prune_options)
+    result = prune(model, Mask(document, round_to=round_to), calibration=batches, **prune_options)
     if path is not None:
         save_model(result.model, Path(path))
     return result

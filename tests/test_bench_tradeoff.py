@@ -1,4 +1,4 @@
-"""tools/bench_tradeoff.py --quick: MorphNet (Gamma and gates), the uniform multiplier and network slimming each train,
+"""`python -m tools.bench_tradeoff --quick`: MorphNet (Gamma and gates), the uniform multiplier and network slimming each train,
 prune (or shrink uniformly) to the budget and report a test accuracy, in one run."""
 
 from __future__ import annotations
@@ -8,14 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-TOOL = Path(__file__).resolve().parent.parent / "tools" / "bench_tradeoff.py"
+REPO = Path(__file__).resolve().parent.parent
+TOOL = [sys.executable, "-m", "tools.bench_tradeoff"]  # run from the repository root
 METHODS = {"MorphNet (Gamma, FLOPs)": "morphnet", "MorphNet (LogisticSigmoid gates, FLOPs)": "gates",
            "uniform width multiplier": "uniform", "network slimming (L1 on gammas)": "slimming"}
 
 
 def test_quick_tradeoff_has_a_row_per_method_within_the_budget(tmp_path):
-    proc = subprocess.run([sys.executable, str(TOOL), "--quick", "--out", str(tmp_path)], capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run([*TOOL, "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     lines = (tmp_path / "table.md").read_text().splitlines()
@@ -43,9 +44,9 @@ def test_quick_tradeoff_has_a_row_per_method_within_the_budget(tmp_path):
 
 def test_quick_prune_after_trains_the_pruned_model_at_the_shrink_rate(tmp_path):
     """--prune-after 1 with --quick: 1 regularized epoch, prune, 1 plain epoch at the shrink rate, 1 fine-tune epoch."""
-    proc = subprocess.run([sys.executable, str(TOOL), "--quick", "--prune-after", "1", "--methods", "morphnet,uniform",
+    proc = subprocess.run([*TOOL, "--quick", "--prune-after", "1", "--methods", "morphnet,uniform",
                            "--out", str(tmp_path), "--work", str(tmp_path / "work")], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {r["method"]: r for r in map(json.loads, (tmp_path / "runs.jsonl").read_text().splitlines())}
     assert runs["morphnet"]["regularized_epochs"] == 1

@@ -22,10 +22,7 @@ import torch
 
 from onnx_morph.analysis import analyze
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 THRESHOLD = 1e-3
 IN_PIN = "graph input 'input'"

@@ -15,7 +15,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_morph
-from onnx_morph.rewrite import prune
+from onnx_morph.rewrite import Mask, Threshold, prune
 from onnx_morph.rewrite.surgery.select import mask_document
 
 DEAD = {"w1": [1, 4], "w2": [0, 5], "w3": [3]}
@@ -125,7 +125,7 @@ def test_channels_last_prune_equals_masked_original(tmp_path, per_conv, head):
     for group in analysis.graph.groups:
         if group.prunable:
             alive[np.asarray(group.classes)[[1, 4] if group.size == 8 else [0, 3, 5]]] = False
-    result = prune(path, masks=mask_document(analysis.graph, alive))
+    result = prune(path, Mask(mask_document(analysis.graph, alive)))
     assert [(w.before, w.after) for w in result.widths] == [(8, 6), (12, 9), (12, 9), (5, 5)]
     assert result.masked_deviation.max_rel <= 1e-5
     shapes = {t.name.split("::")[0]: list(t.dims) for t in result.model.graph.initializer}
@@ -138,7 +138,7 @@ def test_channels_last_weight_threshold_prunes_folded_batchnorm_convs(tmp_path):
     """BatchNorm folded into the convs: the weight slices decide, and conv1's dead channels (their
     constant relu(bias)) fold exactly into the unpadded conv2's bias."""
     path = _model(tmp_path, False, "gemm")
-    result = prune(path, weight_threshold=1e-6)
+    result = prune(path, Threshold(weight=1e-6))
     assert [(w.before, w.after) for w in result.widths] == [(8, 6), (12, 12), (12, 12), (5, 5)]
     assert result.masked_deviation.max_rel <= 1e-5
     assert result.original_deviation.max_rel <= 1e-5

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from tools import zoo
+
 try:
-    import zoo
     from test_load_errors import BAD_SPECS, CASES, build_cases, save_external
 except ImportError:  # tests/ turned into a package
-    from tests import zoo
     from tests.test_load_errors import BAD_SPECS, CASES, build_cases, save_external
 
 import onnx_morph

@@ -14,14 +14,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_morph
 from onnx_morph.graph import build_channel_graph, load_model
-from onnx_morph.rewrite import prune
+from onnx_morph.rewrite import Budget, Mask, Threshold, prune
 from onnx_morph.rewrite.surgery.select import mask_document
 from test_prune import max_rel_difference, zero_masked_difference
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 
 def aliased_bias_model(c_out: int) -> onnx.ModelProto:
@@ -59,7 +56,7 @@ def test_constants_fold_into_an_aliased_shared_bias(c_out, tmp_path):
     shared initializer behind the aliases (over the loader's 1024-element limit or not) is read."""
     path = tmp_path / "aliased.onnx"
     onnx.save(aliased_bias_model(c_out), str(path))
-    result = prune(path, gamma_threshold=1e-6)
+    result = prune(path, Threshold(gamma=1e-6))
     assert result.removed_channels == 2
     assert max_rel_difference(path, result.model, (1, 4, 2, 2), samples=4, seed=3) < 1e-5
     assert result.original_deviation.max_rel < 1e-5
@@ -110,7 +107,7 @@ def test_standardized_weights_are_pruned_exactly(std_path):
     rng = np.random.default_rng(1)
     for group in prunable:
         alive[rng.choice(group.classes, size=5, replace=False)] = False
-    result = prune(std_path, masks=mask_document(graph, alive))
+    result = prune(std_path, Mask(mask_document(graph, alive)))
     assert result.removed_channels == 15
     assert zero_masked_difference(std_path, result, SHAPE) < 1e-5
     assert onnx_morph.analyze(result.model).total.flops == result.after.flops
@@ -118,7 +115,7 @@ def test_standardized_weights_are_pruned_exactly(std_path):
 
 def test_a_budget_ranks_standardized_weights(std_path):
     """The computed weights are evaluated for the ranking too: the budget is met."""
-    result = prune(std_path, ratio=0.7)
+    result = prune(std_path, Budget(ratio=0.7))
     assert result.removed_channels > 0 and result.after.flops <= 0.7 * result.before.flops
     assert not any("not reached" in n for n in result.notes)
     assert zero_masked_difference(std_path, result, SHAPE) < 1e-5

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 import onnx_morph
-from onnx_morph.rewrite import prune
+from onnx_morph.rewrite import Mask, prune
 from onnx_morph.rewrite.surgery.select import mask_document
 
 pytest.importorskip("onnxscript", reason="torch's dynamo exporter needs the onnxscript package")
 
-import zoo  # noqa: E402
+from tools import zoo  # noqa: E402
 
 FAMILIES = sorted(n for n in zoo.ZOO if n != "UnknownOpNet")  # its stand-in op is a TorchScript-only trick
 
@@ -31,7 +31,7 @@ def test_default_exporter_analyzes_and_prunes_like_torchscript(name, tmp_path):
         for group in dynamo.graph.groups:
             if group.prunable and group.size > 1:
                 alive[group.classes[1::3]] = False  # a third of every prunable group
-        result = prune(tmp_path / "d.onnx", masks=mask_document(dynamo.graph, alive))
+        result = prune(tmp_path / "d.onnx", Mask(mask_document(dynamo.graph, alive)))
         assert result.removed_channels == int((~alive).sum()) > 0
         assert result.masked_deviation.max_rel < 1e-4
 

@@ -14,10 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 from cli_checks import assert_user_error
 from onnx_morph.analysis import analyze
@@ -26,7 +23,7 @@ from onnx_morph.data import load_dataset
 from onnx_morph.errors import OptionError
 from onnx_morph.examples import export, small_resnet
 from onnx_morph.graph import build_channel_graph, load_model
-from onnx_morph.rewrite import prune, save_model
+from onnx_morph.rewrite import Budget, prune, save_model
 from onnx_morph.rewrite.training.artifacts import make_training_artifacts
 from onnx_morph.rewrite.surgery.expand import expand, expand_file, width_copies
 from onnx_morph.train import train
@@ -121,7 +118,7 @@ def test_a_pruned_structure_grows_back_to_the_seed_budget(tmp_path):
     """MorphNet's shrink then expand: the learned proportions are kept, up to rounding."""
     path = export(small_resnet(width=16), (1, 1, 28, 28), tmp_path / "seed.onnx")
     seed_flops = analyze(path).total.flops
-    pruned = prune(path, ratio=0.4)
+    pruned = prune(path, Budget(ratio=0.4))
     pruned_path = tmp_path / "pruned.onnx"
     onnx.save(pruned.model, pruned_path)
     result = expand(pruned_path, target_flops=seed_flops)
@@ -190,7 +187,7 @@ def test_cli_like_targets_another_models_flops(exported, tmp_path):
     """Shrink by pruning half the FLOPs, then grow back to the original's FLOPs with --like."""
     path = exported("DenseBlock")
     pruned = tmp_path / "pruned.onnx"
-    save_model(prune(path, ratio=0.5, verify=False).model, pruned)
+    save_model(prune(path, Budget(ratio=0.5), verify=False).model, pruned)
     out = tmp_path / "wide.onnx"
     proc = subprocess.run([str(SCRIPT), "expand", str(pruned), "-o", str(out), "--like", str(path)],
                           capture_output=True, text=True, timeout=300)

@@ -25,11 +25,11 @@ from pathlib import Path
 import onnx
 import pytest
 
+from tools import zoo
+
 try:
-    import zoo
     from test_load_errors import save_external
 except ImportError:  # tests/ turned into a package
-    from tests import zoo
     from tests.test_load_errors import save_external
 
 from cli_checks import assert_user_error

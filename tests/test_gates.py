@@ -22,7 +22,7 @@ from onnx_morph.data import load_dataset
 from onnx_morph.errors import OptionError
 from onnx_morph.examples import export
 from onnx_morph.graph import build_channel_graph, load_model
-from onnx_morph.rewrite import prune
+from onnx_morph.rewrite import Mask, prune
 from onnx_morph.rewrite.training.artifacts import STRENGTH, load_artifacts, make_training_artifacts
 from onnx_morph.rewrite.training.gates import fold_gates
 from onnx_morph.rewrite.training.regularizer import GATE_LOGIT_SCALE, GATE_PREFIX, RegularizerOptions, build_regularizer
@@ -256,7 +256,7 @@ def test_training_shrinks_and_the_trained_model_prunes_exactly(model, tmp_path, 
     assert not [t.name for t in trained.graph.initializer if t.name.startswith(PREFIX)]
 
     masks = json.loads((artifacts.directory / "masks.json").read_text())
-    pruned = prune(result.model_path, masks=masks)
+    pruned = prune(result.model_path, Mask(masks))
     assert pruned.after.flops < 0.8 * pruned.before.flops
     # Channels counted alive (p >= 0.1) but closed (logit <= 0) are zero in the trained model, and go.
     assert pruned.after.flops <= result.effective_cost * (1 + 1e-9)

@@ -561,7 +561,7 @@ def test_load_errors_leave_their_files_alone(load_cases):
 def test_a_model_over_2gb_prunes_to_external_data(tmp_path):
     """protobuf cannot serialize (nor, under upb, even size) a message over 2 GB: the input is read
     with its weights outside, the result is written with its weights in `<name>.data`."""
-    from onnx_morph.rewrite import prune_file
+    from onnx_morph.rewrite import Budget, prune_file
 
     k, n = 2**15, 17000  # a 2.2 GB weight: even building it in memory fails, so it goes to a file directly
     source = tmp_path / "in" / "big.onnx"
@@ -582,7 +582,7 @@ def test_a_model_over_2gb_prunes_to_external_data(tmp_path):
     _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), source)
     out = tmp_path / "out" / "small.onnx"
     out.parent.mkdir()
-    result = prune_file(source, out, ratio=0.99)
+    result = prune_file(source, out, Budget(ratio=0.99))
     assert 0 < result.removed_channels and (n - result.removed_channels) * k * 4 > 2**31  # still over 2 GB
     assert any("over 2 GB" in note for note in result.notes)
     assert sorted(os.listdir(out.parent)) == ["small.onnx", "small.onnx.data"]

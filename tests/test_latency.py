@@ -209,12 +209,12 @@ def test_a_staircase_makes_the_pruner_choose_widths_on_the_step():
 
 
 def test_a_latency_target_prune_meets_its_prediction(folder):
-    from onnx_morph.rewrite import prune
+    from onnx_morph.rewrite import Budget, prune
 
     path = folder / "wider.onnx"
     onnx.save(small_cnn(width=64, hidden=128, size=32), path)
     table = profile(path, timing=FAST, max_points=3, cache=folder / "cache", progress=None)
-    result = prune(path, target_latency=0.6, latency_table=table)
+    result = prune(path, Budget(latency=0.6), latency_table=table)
     check = result.latency
     assert check.target_s == pytest.approx(0.6 * table.model_seconds)
     assert check.predicted_before == pytest.approx(table.model_seconds)
@@ -223,7 +223,7 @@ def test_a_latency_target_prune_meets_its_prediction(folder):
     assert 0 < check.fastest_before <= check.measured_before and 0 < check.fastest_after <= check.measured_after
     assert result.after.flops < result.before.flops
     assert result.masked_deviation.max_rel < 1e-4
-    fixed = prune(path, target_latency=f"{1e3 * 0.6 * table.model_seconds:.6f}ms", latency_table=table, measure=False)
+    fixed = prune(path, Budget(latency=f"{1e3 * 0.6 * table.model_seconds:.6f}ms"), latency_table=table, measure=False)
     assert fixed.latency.measured_after is None
     if any("chose again" in note for note in result.notes):  # the measured model missed: a lower predicted goal
         assert fixed.alive.sum() >= result.alive.sum()

@@ -21,7 +21,7 @@ from torch import nn
 
 import onnx_morph
 from onnx_morph.costs import op_costs, totals_of
-from onnx_morph.rewrite import prune
+from onnx_morph.rewrite import Mask, prune
 from onnx_morph.rewrite.surgery.select import mask_document
 from onnx_morph.rewrite.surgery.verify import onnxruntime
 
@@ -46,7 +46,7 @@ def _prune_and_compare(path: str, module: nn.Module, alive: np.ndarray, zero, ex
     """Prune to `alive`, check the masked deviation, the predicted FLOPs, and the outputs against the
     torch module after `zero(module)` on fresh inputs (of another batch size, by default)."""
     analysis = onnx_morph.analyze(path)
-    result = prune(path, masks=mask_document(analysis.graph, alive))
+    result = prune(path, Mask(mask_document(analysis.graph, alive)))
     assert result.removed_channels == int((~alive).sum()) > 0
     assert result.masked_deviation.max_rel < REL_TOL
     onnx.checker.check_model(result.model, full_check=True)

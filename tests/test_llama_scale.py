@@ -3,13 +3,8 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import onnx_morph
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from bench_llama_scale import build_llama  # noqa: E402
+from tools.bench_llama_scale import build_llama
 
 LAYERS, HIDDEN, INTERMEDIATE, HEADS, VOCAB, TOKENS = 2, 64, 176, 4, 100, 8
 

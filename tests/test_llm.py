@@ -1,6 +1,6 @@
 """Decoder LLMs: a Llama/Qwen/Mistral-style decoder (RMSNorm as Pow/ReduceMean/Sqrt/Div/Mul, rotary
 embeddings, grouped-query attention, SwiGLU MLP, causal mask, tied embeddings, with and without a KV
-cache) and a GPT-2-style one (fused c_attn Conv1D split into q, k, v), built in tests/llm_models.py
+cache) and a GPT-2-style one (fused c_attn Conv1D split into q, k, v), built in tools/llm_models.py
 with random weights, exported with both exporters, analyzed and pruned with `prune --mask`. The result
 must compute what the torch module computes with the removed units' weights set to zero.
 """
@@ -13,11 +13,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from llm_models import GPT2, LLAMA, GPT2Model, Llama
+from tools.llm_models import GPT2, LLAMA, GPT2Model, Llama
 
 import onnx_morph
 from onnx_morph.costs import op_costs, totals_of
-from onnx_morph.rewrite import prune
+from onnx_morph.rewrite import Mask, prune
 from onnx_morph.rewrite.surgery.select import mask_document
 from onnx_morph.rewrite.surgery.verify import onnxruntime
 
@@ -139,7 +139,7 @@ def test_llama_prunes_kv_head_groups_and_swiglu_units(exporter, repeat, tmp_path
         dead_units[i] = sorted(rng.choice(I, size=I // 3, replace=False).tolist())
         alive[graph.classes(gate)[dead_units[i]]] = False
 
-    result = prune(path, masks=mask_document(graph, alive))
+    result = prune(path, Mask(mask_document(graph, alive)))
     assert result.removed_channels == layers * (1 + I // 3)
     assert result.masked_deviation.max_rel < REL_TOL
     onnx.checker.check_model(result.model, full_check=True)
@@ -190,7 +190,7 @@ def test_llama_with_kv_cache_prunes_mlp_units_and_pins_heads_to_the_cache(export
         gate, _ = _projections(graph, units)
         dead_units[i] = list(range(i, I, 3))
         alive[graph.classes(gate)[dead_units[i]]] = False
-    result = prune(path, masks=mask_document(graph, alive))
+    result = prune(path, Mask(mask_document(graph, alive)))
     assert result.masked_deviation.max_rel < REL_TOL
     onnx.checker.check_model(result.model, full_check=True)
     module = _llama(cache=True)
@@ -222,7 +222,7 @@ def test_gpt2_heads_prune_through_the_fused_c_attn_split(exporter, tmp_path):
         assert all(np.unique(classes[:, h]).size == 1 for h in range(heads))
         dead[i] = [i, heads - 1]
         alive[classes[0, dead[i], 0]] = False
-    result = prune(path, masks=mask_document(graph, alive))
+    result = prune(path, Mask(mask_document(graph, alive)))
     assert result.removed_channels == 2 * layers
     assert result.masked_deviation.max_rel < REL_TOL
     onnx.checker.check_model(result.model, full_check=True)
@@ -258,7 +258,7 @@ def test_multi_query_attention_prunes_value_dims_and_pins_queries_and_keys(expor
     for group in values:
         (v,) = _projections(graph, group)
         alive[graph.classes(v)[[1, 6]]] = False
-    result = prune(path, masks=mask_document(graph, alive))
+    result = prune(path, Mask(mask_document(graph, alive)))
     assert result.removed_channels == 2 * layers
     assert result.masked_deviation.max_rel < REL_TOL
     torch.manual_seed(0)
@@ -305,7 +305,7 @@ def test_pruned_decoders_keep_a_dynamic_batch_and_sequence_length(family, export
     for group in graph.groups:
         if group.prunable:
             alive[group.classes[:: 3 if group in heads else 4]] = False
-    result = prune(path, masks=mask_document(graph, alive), input_shapes=shapes)
+    result = prune(path, Mask(mask_document(graph, alive)), input_shapes=shapes)
     assert result.masked_deviation.max_rel < REL_TOL
 
     module = build()

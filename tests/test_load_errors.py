@@ -22,10 +22,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 from onnx_morph.errors import ModelLoadError, OnnxMorphError, OptionError
 from onnx_morph.graph.load import MAX_OPSET, MIN_OPSET, load_model, parse_input_shapes

@@ -5,7 +5,6 @@ as their unoptimized exports do and prune exactly; the fused attention kernel is
 from __future__ import annotations
 
 import collections
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +15,12 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import onnx_morph
-from onnx_morph.rewrite import prune
+from onnx_morph.rewrite import Mask, prune
 from onnx_morph.rewrite.surgery.select import mask_document
 from onnx_morph.rewrite.surgery.verify import onnxruntime as _onnxruntime
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-from bench_llama_scale import build_llama  # noqa: E402
-from test_transformers import _bert, _bert_tokens, _export  # noqa: E402
+from tools.bench_llama_scale import build_llama
+from test_transformers import _bert, _bert_tokens, _export
 
 REL_TOL = 1e-4
 
@@ -49,7 +47,7 @@ def _prune_half(path: Path) -> tuple[onnx_morph.Analysis, object]:
     for group in graph.groups:
         if group.prunable:
             alive[rng.choice(group.classes, size=group.size // 2, replace=False)] = False
-    result = prune(str(path), masks=mask_document(graph, alive))
+    result = prune(str(path), Mask(mask_document(graph, alive)))
     assert result.removed_channels == int((~alive).sum()) > 0
     assert result.masked_deviation is not None and result.masked_deviation.max_rel < REL_TOL
     return analysis, result

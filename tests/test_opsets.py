@@ -5,7 +5,7 @@ before opset 17; chunk becomes a Shape->Gather->Div->Slice computation)."""
 import pytest
 
 import onnx_morph
-from zoo import ZOO, export_onnx
+from tools.zoo import ZOO, export_onnx
 
 
 def _summary(path):

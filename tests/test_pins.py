@@ -8,7 +8,6 @@ predicted, and match the original with those channels zeroed, in onnxruntime on 
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -21,15 +20,12 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 import onnx_morph
-import onnx_morph.rewrite.surgery.select
+from onnx_morph.rewrite import Mask, prune
+from onnx_morph.rewrite.surgery.select import mask_document
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import sweep_models  # noqa: E402
+from tools import sweep_models
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 IMAGE = (1, 3, 10, 10)
 
@@ -222,8 +218,7 @@ def test_group_normalization_op_prunes_whole_groups(opset, tmp_path):
     assert [g.size for g in analysis.groups if g.prunable] == [4]
     row = sweep_models.check_architecture("gn", path, sweep_models.Row("gn"))
     assert row.removed_channels == 1 and row.max_rel < 1e-4
-    pruned = onnx_morph.rewrite.prune(path, masks=onnx_morph.rewrite.surgery.select.mask_document(
-        analysis.graph, sweep_models.random_kill(analysis.graph, 0))).model
+    pruned = prune(path, Mask(mask_document(analysis.graph, sweep_models.random_kill(analysis.graph, 0)))).model
     node = next(n for n in pruned.graph.node if n.op_type == "GroupNormalization")
     assert helper.get_attribute_value(node.attribute[0]) == 3
 

@@ -31,15 +31,12 @@ from hypothesis import strategies as st
 
 import onnx_morph
 from onnx_morph.costs import op_costs, totals_of
-from onnx_morph.rewrite import prune
+from onnx_morph.rewrite import Mask, prune
 from onnx_morph.rewrite.surgery.select import mask_document
 from onnx_morph.rewrite.surgery.surgery import keep_masks
 from onnx_morph.rewrite.surgery.verify import deviation, masked_original, random_inputs, run
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 REL_TOL = 1e-4
 INPUT = (1, 3, 8, 8)
@@ -239,7 +236,7 @@ def test_random_cnn_properties(spec, seed, tmp_path_factory):
         return
     alive = random_mask(graph, np.random.default_rng(seed))
     event(f"removed channel classes: {'none' if alive.all() else 'some'}")
-    pruned = prune(path, masks=mask_document(graph, alive))
+    pruned = prune(path, Mask(mask_document(graph, alive)))
     assert np.array_equal(pruned.alive, alive)
     onnx.checker.check_model(pruned.model, full_check=True)
     assert pruned.masked_deviation.max_rel < REL_TOL

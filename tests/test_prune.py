@@ -2,12 +2,12 @@
 
 1. Dead channels (every ZOO model and ten torchvision architectures, random init): BatchNorms are
    randomized, a seeded 30% of the classes of each prunable group is killed by zeroing the weight
-   AND bias of every BatchNorm (gamma source) of that class, and `prune(gamma_threshold=1e-6)` must
+   AND bias of every BatchNorm (gamma source) of that class, and `Threshold(gamma=1e-6)` must
    remove exactly those classes, keep the model's contract (opset, IR version, I/O names,
    metadata), compute what the original computes, and cost what `analyze` said it would.
    Variants: weight-threshold kills (no BatchNorm), dynamic batch, constant (gamma = 0, beta != 0)
    channels folded into a Gemm bias, and budget pruning against the zero-masked original.
-2. Budgets (ratio / target FLOPs / target params) are met and not overshot by more than one channel;
+2. Budgets (`ratio`, `flops`, `params`) are met and not overshot by more than one channel;
    `round_to` rounds widths.
 3. Errors: every bad option, mask file or output path is an OptionError/ModelLoadError with a clear
    message, and `prune_file` leaves no output or temporary file behind.
@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -35,14 +36,11 @@ from onnx_morph import ModelLoadError, OnnxMorphError, OptionError, OutputError
 from onnx_morph.cli import main as cli_main
 from onnx_morph.costs import marginal_cost, total_cost
 from onnx_morph.graph import build_channel_graph, load_model
-from onnx_morph.rewrite import prune, prune_file
+from onnx_morph.rewrite import Budget, Mask, Threshold, prune, prune_file
 from onnx_morph.rewrite.surgery import save as save_module
 from onnx_morph.rewrite.surgery.select import MASK_FORMAT, mask_document, write_mask_document
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 THRESHOLD = 1e-6
 KILL_FRACTION = 0.3
@@ -247,10 +245,10 @@ def check_dead_channels(name: str, kind: str, exports, tmp_path: Path) -> None:
 
     if not any(g.prunable for g in graph.groups):
         with pytest.raises(OptionError, match="no channel group is prunable"):
-            prune(path, **threshold)
+            prune(path, Threshold(**{kind: THRESHOLD}))
         return
 
-    result = prune(path, **threshold)
+    result = prune(path, Threshold(**{kind: THRESHOLD}))
     pruned = result.model
     onnx.checker.check_model(pruned, full_check=True)
     assert contract(pruned) == contract(original)
@@ -301,7 +299,7 @@ def test_dynamic_batch_survives_pruning(name, kind, exports, tmp_path):
     module = copy.deepcopy(module)
     zero_channels(module, zeros)
     path = zoo.export_onnx(module, shape, tmp_path / f"{name}_dyn.onnx", dynamic_batch=True)
-    result = prune(path, **{f"{kind}_threshold": THRESHOLD})
+    result = prune(path, Threshold(**{kind: THRESHOLD}))
     assert result.removed_channels == len(killed)
     assert contract(result.model) == contract(onnx.load(str(path)))
     assert max_rel_difference(path, result.model, (3, *shape[1:])) < REL_TOL
@@ -318,7 +316,7 @@ def test_constant_channels_are_folded_exactly(exports, tmp_path):
     bn = module.features.bn
     assert (bn.bias[zeros["features.bn.weight"][1]] != 0).all()
     path = zoo.export_onnx(module, shape, tmp_path / "flat.onnx")
-    result = prune(path, gamma_threshold=THRESHOLD)
+    result = prune(path, Threshold(gamma=THRESHOLD))
     assert result.removed_channels == len(killed) > 0
     assert max_rel_difference(path, result.model, shape) < REL_TOL
 
@@ -345,7 +343,7 @@ def test_a_varying_channel_is_not_folded_as_a_constant(tmp_path):
     analysis = build_channel_graph(load_model(path))
     alive = np.ones(analysis.num_classes, dtype=bool)
     alive[analysis.classes("c")[1]] = False
-    result = prune(path, masks=mask_document(analysis, alive))
+    result = prune(path, Mask(mask_document(analysis, alive)))
     assert result.removed_channels == 1
     assert zero_masked_difference(path, result, (1, 3, 4, 4)) < REL_TOL
 
@@ -423,7 +421,7 @@ def prune_inputs_of(path: Path, node_op: str, channels: list[int], which: str = 
     geometry = graph.relations[node].geometry
     alive = np.ones(graph.num_classes, dtype=bool)
     alive[graph.classes(getattr(geometry, which))[channels]] = False
-    return graph, prune(path, masks=mask_document(graph, alive))
+    return graph, prune(path, Mask(mask_document(graph, alive)))
 
 
 def test_token_ids_get_valid_random_values_and_live_channels_are_not_folded(tmp_path):
@@ -525,7 +523,7 @@ def zero_masked_difference(path: Path, result, shape) -> float:
 def test_budget_pruning_equals_the_zero_masked_original(name, exports):
     """Channels removed by a budget vary with the input: nothing may be folded for them."""
     _, shape, path = exports(name)
-    result = prune(path, ratio=0.5)
+    result = prune(path, Budget(ratio=0.5))
     assert zero_masked_difference(path, result, shape) < REL_TOL
 
 
@@ -555,15 +553,15 @@ def test_budget_is_met_without_overshooting(name, criterion, exports):
     full = onnx_morph.analyze(path).total
     resource = "params" if criterion == "target_params" else "flops"
     if criterion == "ratio":
-        options, target = {"ratio": 0.5}, 0.5 * full.flops
+        budget, target = Budget(ratio=0.5), 0.5 * full.flops
     elif criterion == "target_flops":
         target = float(round(0.37 * full.flops))
-        options = {"target_flops": target}
+        budget = Budget(flops=target)
     else:
         target = float(round(0.6 * full.params))
-        options = {"target_params": target}
+        budget = Budget(params=target)
 
-    result = prune(path, **options)
+    result = prune(path, budget)
     after = getattr(result.after, resource)
     assert after <= target
     assert result.removed_channels > 0
@@ -581,7 +579,7 @@ def test_budget_is_met_without_overshooting(name, criterion, exports):
 @pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
 def test_round_to_gives_multiples(name, exports):
     _, _, path = exports(name)
-    result = prune(path, ratio=0.5, round_to=8)
+    result = prune(path, Budget(ratio=0.5, round_to=8))
     changed = [w for w in result.widths if w.after != w.before]
     assert changed
     bad = [(w.node, w.before, w.after) for w in changed if w.after % 8]
@@ -600,7 +598,7 @@ def test_round_to_gives_multiples(name, exports):
 def test_round_to_still_meets_the_budget(name, exports):
     _, _, path = exports(name)
     target = 0.5 * onnx_morph.analyze(path).total.flops
-    result = prune(path, ratio=0.5, round_to=8, verify=False)
+    result = prune(path, Budget(ratio=0.5, round_to=8), verify=False)
     assert result.after.flops <= target, (result.after.flops / target)
 
 
@@ -703,11 +701,13 @@ MASK_ERRORS = {
 }
 
 
-def _assert_refused(small: Path, out_dir: Path, error, fragment: str, **options) -> str:
+def _assert_refused(small: Path, out_dir: Path, error, fragment: str, kind, **fields) -> str:
+    """The criterion `kind(**fields)`, made and given to prune_file, is refused in one line naming its
+    fields (whether the criterion or prune() refuses it), and nothing is written."""
     before = small.read_bytes()
     out = out_dir / "out.onnx"
     with pytest.raises(error) as info:
-        prune_file(small, out, **options)
+        prune_file(small, out, kind(**fields))
     message = str(info.value)
     assert fragment in message, message
     assert "\n" not in message
@@ -722,17 +722,17 @@ def test_bad_mask_file(kind, small, valid_document, tmp_path):
     masks_dir.mkdir()
     out_dir.mkdir()
     mask = _mask_variant(kind, valid_document, masks_dir)
-    message = _assert_refused(small, out_dir, OptionError, MASK_ERRORS[kind], masks=mask)
+    message = _assert_refused(small, out_dir, OptionError, MASK_ERRORS[kind], Mask, document=mask)
     if kind != "missing":
         assert str(mask) in message
     # the same document passed as a dict gives the same complaint (file errors aside)
     if kind not in ("missing", "not_json", "not_utf8", "top_level_list"):
         with pytest.raises(OptionError, match="mask document"):
-            prune(small, masks=json.loads(mask.read_text()))
+            prune(small, Mask(json.loads(mask.read_text())))
 
 
 def test_valid_mask_document_keeps_everything(small, valid_document, tmp_path):
-    result = prune(small, masks=_mask_file(tmp_path, valid_document))
+    result = prune(small, Mask(_mask_file(tmp_path, valid_document)))
     assert result.removed_channels == 0
     assert all(w.after == w.before for w in result.widths)
 
@@ -741,9 +741,9 @@ def test_bool_and_float_mask_values_are_accepted(small, valid_document):
     doc = copy.deepcopy(valid_document)
     tensor, mask = _first_mask(doc)
     doc["masks"][tensor] = [False] + [True] * (len(mask) - 1)
-    assert prune(small, masks=doc, verify=False).removed_channels == 1
+    assert prune(small, Mask(doc), verify=False).removed_channels == 1
     doc["masks"][tensor] = [0.0] + [1.0] * (len(mask) - 1)
-    assert prune(small, masks=doc, verify=False).removed_channels == 1
+    assert prune(small, Mask(doc), verify=False).removed_channels == 1
 
 
 def _empties_a_group(document: dict) -> tuple[dict, int]:
@@ -756,7 +756,7 @@ def _empties_a_group(document: dict) -> tuple[dict, int]:
 def test_mask_that_empties_a_group_is_refused_or_keeps_one(small, valid_document):
     doc, _ = _empties_a_group(valid_document)
     try:
-        result = prune(small, masks=doc, verify=False)  # verify=True would crash the interpreter
+        result = prune(small, Mask(doc), verify=False)  # verify=True would crash the interpreter
     except OptionError as exc:
         assert "every channel" in str(exc) or "no channel" in str(exc)
         return
@@ -764,36 +764,62 @@ def test_mask_that_empties_a_group_is_refused_or_keeps_one(small, valid_document
 
 
 OPTION_ERRORS = [
-    ({}, OptionError, "give exactly one of"),
-    ({}, OptionError, "(got none)"),
-    ({"gamma_threshold": 0.5, "ratio": 0.5}, OptionError, "got gamma_threshold, ratio"),
-    ({"target_flops": 1e6, "target_params": 1e3}, OptionError, "got target_flops, target_params"),
-    ({"gamma_threshold": 1e9}, OptionError, "the threshold removes every prunable channel"),
-    ({"weight_threshold": 1e9}, OptionError, "the threshold removes every prunable channel"),
-    ({"gamma_threshold": -1.0}, OptionError, "must be a finite number >= 0"),
-    ({"gamma_threshold": math.nan}, OptionError, "must be a finite number >= 0"),
-    ({"ratio": 0.0}, OptionError, "`ratio` is the fraction of FLOPs to keep, in (0, 1], not 0.0"),
-    ({"ratio": 1.5}, OptionError, "`ratio` is the fraction of FLOPs to keep, in (0, 1], not 1.5"),
-    ({"ratio": -0.5}, OptionError, "`ratio`"),
-    ({"ratio": math.nan}, OptionError, "`ratio`"),
-    ({"target_flops": -5.0}, OptionError, "target_flops must be positive, not -5.0"),
-    ({"target_flops": 0.0}, OptionError, "target_flops must be positive"),
-    ({"target_params": -1.0}, OptionError, "target_params must be positive, not -1.0"),
-    ({"target_flops": 1.0}, OptionError, "the flops budget 1 is below"),
-    ({"target_params": 1.0}, OptionError, "the params budget 1 is below"),
-    ({"ratio": 0.5, "round_to": 0}, OptionError, "round_to must be at least 1, not 0"),
+    (Budget, {}, OptionError, "Budget: give exactly one of `flops`, `params`, `ratio`, `latency`"),
+    (Budget, {}, OptionError, "(got none)"),
+    (Threshold, {}, OptionError, "Threshold: give exactly one of `gamma`, `weight` (got none)"),
+    (Threshold, {"gamma": 0.5, "weight": 0.5}, OptionError, "(got gamma, weight)"),
+    (Budget, {"flops": 1e6, "params": 1e3}, OptionError, "(got flops, params)"),
+    (Budget, {"ratio": 0.5, "latency": 0.5}, OptionError, "(got ratio, latency)"),
+    (Threshold, {"gamma": 1e9}, OptionError, "the threshold removes every prunable channel"),
+    (Threshold, {"weight": 1e9}, OptionError, "the threshold removes every prunable channel"),
+    (Threshold, {"gamma": -1.0}, OptionError, "the gamma threshold must be a finite number >= 0, not -1.0"),
+    (Threshold, {"weight": math.nan}, OptionError, "the weight threshold must be a finite number >= 0"),
+    (Budget, {"ratio": 0.0}, OptionError, "`ratio` is the fraction of FLOPs to keep, in (0, 1], not 0.0"),
+    (Budget, {"ratio": 1.5}, OptionError, "`ratio` is the fraction of FLOPs to keep, in (0, 1], not 1.5"),
+    (Budget, {"ratio": -0.5}, OptionError, "`ratio`"),
+    (Budget, {"ratio": math.nan}, OptionError, "`ratio`"),
+    (Budget, {"flops": -5.0}, OptionError, "`flops` must be positive, not -5.0"),
+    (Budget, {"flops": 0.0}, OptionError, "`flops` must be positive"),
+    (Budget, {"params": -1.0}, OptionError, "`params` must be positive, not -1.0"),
+    (Budget, {"flops": 1.0}, OptionError, "the flops budget 1 is below"),
+    (Budget, {"params": 1.0}, OptionError, "the params budget 1 is below"),
+    (Budget, {"ratio": 0.5, "round_to": 0}, OptionError, "round_to must be at least 1, not 0"),
+    (Threshold, {"gamma": 0.5, "round_to": 0}, OptionError, "round_to must be at least 1, not 0"),
+    (Mask, {"document": {}, "round_to": -2}, OptionError, "round_to must be at least 1, not -2"),
+    (Budget, {"ratio": 0.5, "min_keep": 1.5}, OptionError, "min_keep is a fraction of each group's channels, in [0, 1]"),
+    (Budget, {"latency": 0.5}, OptionError, "`latency` needs latency_table (write one with `onnx-morph profile`)"),
+    (Budget, {"latency": "2"}, OptionError, "`latency` 2: a fraction must be at most 1 (or give a time: 2ms)"),
+    (Budget, {"latency": "fast"}, OptionError, "`latency` 'fast': give a fraction of the measured latency"),
+    (Mask, {"document": 3}, OptionError, "a mask is a document (dict) or the path of its JSON file, not int"),
 ]
 
 
-@pytest.mark.parametrize("options,error,fragment", OPTION_ERRORS, ids=[
-    f"{'+'.join(o) or 'none'}={'/'.join(str(v) for v in o.values())}:{i}" for i, (o, _, _) in enumerate(OPTION_ERRORS)
+@pytest.mark.parametrize("kind,fields,error,fragment", OPTION_ERRORS, ids=[
+    f"{k.__name__}({'+'.join(f)}={'/'.join(str(v) for v in f.values())}):{i}"
+    for i, (k, f, _, _) in enumerate(OPTION_ERRORS)
 ])
-def test_bad_options(options, error, fragment, small, tmp_path):
-    message = _assert_refused(small, tmp_path, error, fragment, **options)
+def test_bad_options(kind, fields, error, fragment, small, tmp_path):
+    message = _assert_refused(small, tmp_path, error, fragment, kind, **fields)
     if "threshold removes every" in fragment:
         assert "the strongest" in message
     if "budget" in fragment:
         assert "the least this model can reach" in message
+
+
+def test_criterion_of_another_type_is_refused(small):
+    with pytest.raises(OptionError, match="^the criterion is a Threshold, Mask or Budget, not float$"):
+        prune(small, 0.5)
+
+
+def test_criteria_are_values():
+    """Frozen, comparable, with defaults shared by the CLI; a ratio becomes an absolute FLOP budget."""
+    assert Budget(ratio=0.5) == Budget(ratio=0.5, round_to=1, min_keep=0.1)
+    assert Budget(ratio=0.5).of_total(1000.0) == Budget(flops=500.0)
+    assert (Budget(ratio=0.5).resource, Budget(params=9).resource, Budget(latency="3ms").resource) == \
+        ("flops", "params", "latency")
+    assert (Threshold(weight=0.0).kind, Threshold(weight=0.0).value) == ("weight", 0.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Budget(flops=1.0).flops = 2.0
 
 
 def test_weight_threshold_message_quotes_the_strongest_weight(small):
@@ -804,7 +830,7 @@ def test_weight_threshold_message_quotes_the_strongest_weight(small):
     weights = source_strength(graph, "weight")
     strongest = float(np.nanmax(weights[~graph.class_pinned()]))
     with pytest.raises(OptionError) as info:
-        prune(small, weight_threshold=1.0)
+        prune(small, Threshold(weight=1.0))
     message = str(info.value)
     assert f"{strongest:.4g}" in message and "gamma" not in message, message
 
@@ -820,7 +846,7 @@ def test_weight_threshold_keeps_the_strongest_weight(exports):
     threshold = float((np.nanmax(weight[weakest.classes]) + np.nanmax(weight[groups[1].classes])) / 2)
     best_weight = int(weakest.classes[np.nanargmax(weight[weakest.classes])])
     assert best_weight != int(weakest.classes[np.nanargmax(gamma[weakest.classes])])  # the test can tell them apart
-    result = prune(path, weight_threshold=threshold, verify=False)
+    result = prune(path, Threshold(weight=threshold), verify=False)
     assert any("would lose every channel" in n for n in result.notes)
     assert np.flatnonzero(result.alive[weakest.classes]).tolist() == [int(np.flatnonzero(weakest.classes == best_weight)[0])]
 
@@ -828,7 +854,7 @@ def test_weight_threshold_keeps_the_strongest_weight(exports):
 def test_budget_floor_is_reachable(small):
     """The floor quoted by the error is itself a valid budget."""
     with pytest.raises(OptionError) as info:
-        prune(small, target_flops=1.0, min_keep=0)
+        prune(small, Budget(flops=1.0, min_keep=0))
     floor = float(str(info.value).split(" is below ")[1].split(",")[0])
     graph = build_channel_graph(load_model(small))
     minimal = graph.class_pinned()
@@ -837,7 +863,7 @@ def test_budget_floor_is_reachable(small):
             minimal[group.classes[0]] = True
     exact = total_cost(graph, minimal, "flops")
     assert floor == pytest.approx(exact, rel=1e-3)
-    result = prune(small, target_flops=exact, min_keep=0)
+    result = prune(small, Budget(flops=exact, min_keep=0))
     assert result.after.flops <= exact
 
 
@@ -847,13 +873,13 @@ def test_no_prunable_group(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(OptionError, match="no channel group is prunable"):
-        prune_file(path, out / "x.onnx", ratio=0.5)
+        prune_file(path, out / "x.onnx", Budget(ratio=0.5))
     assert listing(out) == []
 
 
 def test_missing_model(tmp_path):
     with pytest.raises(ModelLoadError, match="no such file"):
-        prune_file(tmp_path / "absent.onnx", tmp_path / "out.onnx", ratio=0.5)
+        prune_file(tmp_path / "absent.onnx", tmp_path / "out.onnx", Budget(ratio=0.5))
     assert listing(tmp_path) == []
 
 
@@ -864,7 +890,7 @@ def test_corrupt_model(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(ModelLoadError):
-        prune_file(bad, out / "x.onnx", ratio=0.5)
+        prune_file(bad, out / "x.onnx", Budget(ratio=0.5))
     assert listing(out) == []
 
 
@@ -886,7 +912,7 @@ def test_output_equal_to_input_is_refused(spelling, tmp_path):
         os.link(src, out)
     expected = sorted(listing(tmp_path))
     with pytest.raises(OptionError, match="refusing to overwrite the input model"):
-        prune_file(src, out, ratio=0.5)
+        prune_file(src, out, Budget(ratio=0.5))
     assert src.read_bytes() == before
     assert listing(tmp_path) == expected
     # saving with source= refuses too, whoever calls it
@@ -898,7 +924,7 @@ def test_output_equal_to_input_is_refused(spelling, tmp_path):
 def test_output_folder_missing(small, tmp_path):
     out = tmp_path / "missing" / "out.onnx"
     with pytest.raises(OutputError, match="does not exist"):
-        prune_file(small, out, ratio=0.5)
+        prune_file(small, out, Budget(ratio=0.5))
     assert not out.parent.exists()
     assert listing(tmp_path) == []
 
@@ -907,7 +933,7 @@ def test_output_path_is_a_folder(small, tmp_path):
     folder = tmp_path / "taken.onnx"
     folder.mkdir()
     with pytest.raises(OutputError, match="cannot write"):
-        prune_file(small, folder, ratio=0.5)
+        prune_file(small, folder, Budget(ratio=0.5))
     assert listing(tmp_path) == ["taken.onnx"]
     assert listing(folder) == []
 
@@ -918,7 +944,7 @@ def test_failed_write_leaves_no_temp_file(small, tmp_path, monkeypatch):
 
     monkeypatch.setattr(save_module.os, "replace", full_disk)
     with pytest.raises(OutputError, match="cannot write: No space left on device"):
-        prune_file(small, tmp_path / "out.onnx", ratio=0.5)
+        prune_file(small, tmp_path / "out.onnx", Budget(ratio=0.5))
     monkeypatch.undo()
     assert listing(tmp_path) == []
 
@@ -929,7 +955,7 @@ def test_interrupted_write_leaves_no_temp_file(small, tmp_path, monkeypatch):
 
     monkeypatch.setattr(save_module.os, "replace", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        prune_file(small, tmp_path / "out.onnx", ratio=0.5)
+        prune_file(small, tmp_path / "out.onnx", Budget(ratio=0.5))
     monkeypatch.undo()
     assert listing(tmp_path) == []
 
@@ -937,7 +963,7 @@ def test_interrupted_write_leaves_no_temp_file(small, tmp_path, monkeypatch):
 def test_existing_output_is_replaced_whole(small, tmp_path):
     out = tmp_path / "out.onnx"
     out.write_bytes(b"old")
-    result = prune_file(small, out, ratio=0.5)
+    result = prune_file(small, out, Budget(ratio=0.5))
     assert onnx.load(str(out)).SerializeToString() == result.model.SerializeToString()
     assert listing(tmp_path) == ["out.onnx"]
 
@@ -948,7 +974,7 @@ def test_unwritable_folder_is_an_option_error(small, tmp_path, monkeypatch):
 
     monkeypatch.setattr(save_module.os, "open", denied)  # the unnamed file and the named fallback alike
     with pytest.raises(OnnxMorphError, match="Permission denied"):
-        prune_file(small, tmp_path / "out.onnx", ratio=0.5)
+        prune_file(small, tmp_path / "out.onnx", Budget(ratio=0.5))
 
 
 # --------------------------------------------------------------------------- #
@@ -989,8 +1015,8 @@ def test_structure_mask_round_trip(name, exports, tmp_path, capsys):
     assert doc["format"] == MASK_FORMAT and doc["version"] == 1 and doc["model"] == str(path)
     assert listing(tmp_path) == ["s.json"]
 
-    by_mask = prune(path, masks=structure)
-    by_threshold = prune(path, gamma_threshold=threshold)
+    by_mask = prune(path, Mask(structure))
+    by_threshold = prune(path, Threshold(gamma=threshold))
     assert not any("would lose every channel" in n for n in by_threshold.notes)  # else the two criteria differ
     assert by_mask.removed_channels > 0
     np.testing.assert_array_equal(by_mask.alive, by_threshold.alive)
@@ -1018,9 +1044,9 @@ def test_structure_round_trip_when_the_threshold_empties_a_group(exports, tmp_pa
     assert threshold < group_max[-1]
     structure = tmp_path / "s.json"
     _analyze_structure(path, threshold, structure, capsys)
-    by_threshold = prune(path, gamma_threshold=threshold, verify=False)
+    by_threshold = prune(path, Threshold(gamma=threshold), verify=False)
     assert "1 groups would lose every channel; each keeps its strongest one" in by_threshold.notes
-    by_mask = prune(path, masks=structure, verify=False)  # verify=True dies with SIGFPE
+    by_mask = prune(path, Mask(structure), verify=False)  # verify=True dies with SIGFPE
     np.testing.assert_array_equal(by_mask.alive, by_threshold.alive)
 
 
@@ -1046,8 +1072,8 @@ def test_structure_mask_applies_to_another_export_of_the_same_model(exports, tmp
     again = zoo.export_onnx(copy.deepcopy(module), shape, tmp_path / "again.onnx")
     structure = tmp_path / "s.json"
     _analyze_structure(path, 0.8, structure, capsys)
-    a = prune(path, masks=structure, verify=False)
-    b = prune(again, masks=structure, verify=False)
+    a = prune(path, Mask(structure), verify=False)
+    b = prune(again, Mask(structure), verify=False)
     np.testing.assert_array_equal(a.alive, b.alive)
 
 
@@ -1065,7 +1091,7 @@ def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path, m
 
     factory, shape = zoo.ZOO["BasicBlock"]
     source = zoo.export_onnx(factory(), shape, tmp_path / "src.onnx")
-    result = prune(source, ratio=0.6)
+    result = prune(source, Budget(ratio=0.6))
     monkeypatch.setattr(save, "PROTOBUF_LIMIT", 1000)
     out_dir = tmp_path / "out"
     out_dir.mkdir()

@@ -18,13 +18,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 from onnx_morph.report import human
-from onnx_morph.rewrite import prune
+from onnx_morph.rewrite import Budget, Threshold, prune
 from cli_checks import assert_user_error
 
 SCRIPT = Path(sys.executable).parent / "onnx-morph"
@@ -108,33 +105,34 @@ def check_report(stdout: str, out: Path, result, verified: bool = True) -> None:
         assert lines[-1] == "verification: skipped"
 
 
+# (flags, the criterion they make, prune()'s other options)
 CRITERIA = {
-    "ratio": (["--ratio", "0.5"], {"ratio": 0.5}),
-    "gamma": (["--gamma-threshold", "0.9"], {"gamma_threshold": 0.9}),
-    "weight": (["--weight-threshold", "0.07"], {"weight_threshold": 0.07}),
-    "target_flops": (["--target-flops", "300000"], {"target_flops": 300000.0}),
-    "target_params": (["--target-params", "2500"], {"target_params": 2500.0}),
-    "round_to": (["--ratio", "0.5", "--round-to", "4"], {"ratio": 0.5, "round_to": 4}),
-    "no_verify": (["--ratio", "0.5", "--no-verify"], {"ratio": 0.5, "verify": False}),
+    "ratio": (["--ratio", "0.5"], Budget(ratio=0.5), {}),
+    "gamma": (["--gamma-threshold", "0.9"], Threshold(gamma=0.9), {}),
+    "weight": (["--weight-threshold", "0.07"], Threshold(weight=0.07), {}),
+    "target_flops": (["--target-flops", "300000"], Budget(flops=300000.0), {}),
+    "target_params": (["--target-params", "2500"], Budget(params=2500.0), {}),
+    "round_to": (["--ratio", "0.5", "--round-to", "4"], Budget(ratio=0.5, round_to=4), {}),
+    "no_verify": (["--ratio", "0.5", "--no-verify"], Budget(ratio=0.5), {"verify": False}),
 }
 
 
 @pytest.mark.parametrize("criterion", list(CRITERIA))
 def test_prune_report_and_output(criterion, model, tmp_path):
-    args, options = CRITERIA[criterion]
+    args, chosen, options = CRITERIA[criterion]
     out = tmp_path / "pruned.onnx"
     proc = run("prune", model, "-o", out, *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr == ""
 
-    expected = prune(model, **options)
+    expected = prune(model, chosen, **options)
     check_report(proc.stdout, out, expected, verified=options.get("verify", True))
     assert expected.removed_channels > 0
-    if "target_flops" in options:
-        assert expected.after.flops <= options["target_flops"]
-    if "target_params" in options:
-        assert expected.after.params <= options["target_params"]
+    if isinstance(chosen, Budget) and chosen.flops is not None:
+        assert expected.after.flops <= chosen.flops
+    if isinstance(chosen, Budget) and chosen.params is not None:
+        assert expected.after.params <= chosen.params
 
     assert sorted(os.listdir(tmp_path)) == ["pruned.onnx"]
     written = onnx.load(str(out))
@@ -175,7 +173,7 @@ def test_input_shape_fixes_a_dynamic_batch(tmp_path):
     out = tmp_path / "dyn_pruned.onnx"
     proc = run("prune", src, "-o", out, "--ratio", "0.5", "--input-shape", "input=2,3,16,16")
     assert proc.returncode == 0, proc.stderr
-    check_report(proc.stdout, out, prune(src, ratio=0.5, input_shapes={"input": (2, 3, 16, 16)}))
+    check_report(proc.stdout, out, prune(src, Budget(ratio=0.5), input_shapes={"input": (2, 3, 16, 16)}))
     x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
     (y,) = ort_outputs(out, x)
     assert y.shape == (2, 16, 8, 8)
@@ -248,6 +246,10 @@ ERRORS = [
     ("negative_threshold", ["--gamma-threshold", "-1"], ["finite number >= 0"]),
     ("inf_threshold", ["--weight-threshold", "inf"], ["finite number >= 0"]),
     ("round_to_zero", ["--ratio", "0.5", "--round-to", "0"], ["--round-to must be at least 1, not 0"]),
+    ("threshold_round_to_zero", ["--gamma-threshold", "0.5", "--round-to", "0"], ["--round-to must be at least 1"]),
+    ("min_keep_too_big", ["--ratio", "0.5", "--min-keep", "2"],
+     ["--min-keep is a fraction of each group's channels, in [0, 1], not 2.0"]),
+    ("latency_without_table", ["--target-latency", "0.5"], ["--target-latency needs --latency-table"]),
     ("bad_input_shape", ["--ratio", "0.5", "--input-shape", "nope=1,2"], []),
     ("missing_mask", ["--mask", "{tmp}/absent.json"], ["absent.json: no such file"]),
 ] + [(f"mask_{k}", ["--mask", f"{{mask:{k}}}"], [v[1]]) for k, v in MASK_EDITS.items()]
@@ -420,8 +422,8 @@ def test_calibration_of_a_model_without_batchnorm_changes_nothing(workdir, tmp_p
     factory, shape = zoo.ZOO["TransformerBlock"]
     path = zoo.export_onnx(factory(), shape, workdir / "transformer.onnx")
     x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    plain = prune(path, ratio=0.6)
-    result = prune(path, ratio=0.6, calibration=[np.repeat(x, 4, axis=0)])
+    plain = prune(path, Budget(ratio=0.6))
+    result = prune(path, Budget(ratio=0.6), calibration=[np.repeat(x, 4, axis=0)])
     assert result.notes[-1] == "no BatchNorm to calibrate"
     assert result.model.SerializeToString() == plain.model.SerializeToString()
 

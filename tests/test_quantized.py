@@ -20,7 +20,7 @@ from onnx import numpy_helper
 from torch import nn
 
 import onnx_morph
-from onnx_morph.rewrite import prune
+from onnx_morph.rewrite import Mask, Threshold, prune
 from onnx_morph.rewrite.surgery.select import mask_document
 
 quantization = pytest.importorskip("onnxruntime.quantization")
@@ -99,7 +99,7 @@ def test_qdq_prune_shrinks_int8_weights_and_per_channel_scales(tmp_path, per_cha
     _, path = _qdq_model(tmp_path, per_channel, dead=True)
     analysis = onnx_morph.analyze(path, weight_threshold=1e-6)
     assert analysis.effective.flops < analysis.total.flops
-    result = prune(path, weight_threshold=1e-6)
+    result = prune(path, Threshold(weight=1e-6))
     assert [(w.node, w.before, w.after) for w in result.widths] == [
         ("/c1/Conv", 8, 6), ("/c2/Conv", 12, 9), ("/c3/Conv", 12, 9), ("/fc/Gemm", 5, 5)]
     assert result.masked_deviation.max_abs <= 1e-6
@@ -135,7 +135,7 @@ def test_qdq_large_weights_stay_int8(tmp_path, monkeypatch):
 
     monkeypatch.setattr(channel_graph, "_MAX_VIEW_ELEMENTS", 16)
     _, path = _qdq_model(tmp_path, per_channel=True, dead=True)
-    result = prune(path, weight_threshold=1e-6)
+    result = prune(path, Threshold(weight=1e-6))
     assert result.masked_deviation.max_abs <= 1e-6
     assert not [t.name for t in result.model.graph.initializer
                 if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) > 1]  # no float weight appeared
@@ -151,7 +151,7 @@ def test_qdq_random_masks_equal_the_masked_original(tmp_path, per_channel):
     for group in analysis.graph.groups:
         if group.prunable:
             alive[np.asarray(group.classes)[[0, 2, 3]]] = False
-    result = prune(path, masks=mask_document(analysis.graph, alive))
+    result = prune(path, Mask(mask_document(analysis.graph, alive)))
     assert result.removed_channels == 6
     assert result.masked_deviation.max_abs <= 1e-5
     assert [w.after for w in result.widths] == [5, 9, 9, 5]
@@ -181,7 +181,7 @@ def test_qoperator_model_analyzes_and_prunes_like_qdq(tmp_path, per_channel):
     for group in analysis.graph.groups:
         if group.prunable:
             alive[np.asarray(group.classes)[[0, 2]]] = False
-    result = prune(path, masks=mask_document(analysis.graph, alive))
+    result = prune(path, Mask(mask_document(analysis.graph, alive)))
     assert [w.after for w in result.widths] == [6, 10, 10, 5]
     assert result.masked_deviation.max_abs == 0  # removed uint8 channels held at their zero point
     shapes = _initializer_shapes(result.model)
@@ -263,7 +263,7 @@ def test_integer_ops_prune_with_their_scales_and_zero_points(tmp_path):
     for group in analysis.graph.groups:
         if group.prunable:
             alive[np.asarray(group.classes)[[0, 2]]] = False
-    result = prune(path, masks=mask_document(analysis.graph, alive))
+    result = prune(path, Mask(mask_document(analysis.graph, alive)))
     assert [(w.node, w.after) for w in result.widths] == [("conv1", 6), ("conv2", 10), ("fc1", 4), ("fc2", 5)]
     assert result.masked_deviation.max_abs == 0
     shapes = _initializer_shapes(result.model)
@@ -308,7 +308,7 @@ def test_activation_qdq_per_channel_scales_follow_their_channels(tmp_path):
     assert [(g.size, g.prunable) for g in analysis.groups] == [(3, False), (6, True), (4, False)]
     alive = np.ones(analysis.graph.num_classes, dtype=bool)
     alive[np.asarray(analysis.graph.groups[1].classes)[[1, 4]]] = False
-    result = prune(path, masks=mask_document(analysis.graph, alive))
+    result = prune(path, Mask(mask_document(analysis.graph, alive)))
     assert result.masked_deviation.max_abs <= 1e-6
     shapes = _initializer_shapes(result.model)
     assert shapes["s"] == shapes["z"] == [4] and shapes["w1"] == [4, 3, 3, 3] and shapes["w2"] == [4, 4, 1, 1]
@@ -340,7 +340,7 @@ def test_qoperator_folds_removed_constants_into_the_int32_bias(tmp_path):
     path = str(tmp_path / "qop_dead.onnx")
     quantization.quantize_static(source, path, _Reader(), quant_format=quantization.QuantFormat.QOperator,
                                  per_channel=True, weight_type=quantization.QuantType.QInt8)
-    result = prune(path, weight_threshold=1e-6)
+    result = prune(path, Threshold(weight=1e-6))
     assert [(w.before, w.after) for w in result.widths] == [(8, 6), (12, 9), (12, 9), (5, 5)]
     assert result.masked_deviation.max_abs == 0
     original = {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
@@ -367,7 +367,7 @@ def test_weight_quantized_at_run_time_slices_both_nodes_scales(tmp_path):
     analysis = onnx_morph.analyze(path)
     alive = np.ones(analysis.graph.num_classes, dtype=bool)
     alive[np.asarray(analysis.graph.groups[1].classes)[[0, 3]]] = False
-    result = prune(path, masks=mask_document(analysis.graph, alive))
+    result = prune(path, Mask(mask_document(analysis.graph, alive)))
     assert result.masked_deviation.max_abs <= 1e-5
     pruned = {n.name: n for n in result.model.graph.node}
     shapes = {t.name: list(t.dims) for t in result.model.graph.initializer}

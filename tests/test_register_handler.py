@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnx_morph
 from onnx_morph.handlers import BaseHandler, Passthrough, register_handler
-from onnx_morph.rewrite import prune
+from onnx_morph.rewrite import Mask, prune
 
 
 def _model(path) -> None:
@@ -43,7 +43,7 @@ def test_registered_custom_op_prunes_through(tmp_path, scaled_relu):
     result = onnx_morph.analyze(tmp_path / "m.onnx")
     assert [(g.size, g.prunable) for g in result.groups] == [(3, False), (8, True), (4, False)]
     keep = [1, 0, 1, 0, 1, 1, 0, 1]
-    small = prune(tmp_path / "m.onnx", masks={"format": "onnx-morph-masks", "masks": {"c1": keep}}, verify=False,
+    small = prune(tmp_path / "m.onnx", Mask({"format": "onnx-morph-masks", "masks": {"c1": keep}}), verify=False,
                   fold_constants=False)  # onnxruntime has no kernel for the custom op: nothing can run it
     weights = {t.name: numpy_helper.to_array(t) for t in small.model.graph.initializer}
     w1 = next(v for k, v in weights.items() if k.startswith("w1"))

@@ -17,16 +17,13 @@ import onnx_morph
 from onnx_morph.cli import main as cli_main
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import build_channel_graph, load_model
-from onnx_morph.rewrite import prune
+from onnx_morph.rewrite import Threshold, prune
 from onnx_morph.rewrite.training.regularizer import build_regularizer
 from onnx_morph.torch import MorphNetRegularizer
 from test_prune import max_rel_difference, zero_masked_difference
 from test_torch_regularizer import check_against_onnx, ort_reference
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 SHAPE = (1, 3, 8, 8)
 STREAM_DEAD = [1, 4, 6]   # both stream BatchNorms are 0 here, the side conv is not
@@ -80,7 +77,7 @@ def exported(tmp_path_factory):
 def test_gamma_threshold_keeps_a_stream_fed_by_a_producer_without_batchnorm(exported):
     analysis = onnx_morph.analyze(exported, gamma_threshold=1e-6)
     assert int((~analysis.alive).sum()) == len(HIDDEN_DEAD)
-    result = prune(exported, gamma_threshold=1e-6)
+    result = prune(exported, Threshold(gamma=1e-6))
     assert result.removed_channels == len(HIDDEN_DEAD)
     assert {w.node: w.after for w in result.widths if w.after != w.before} == {"/conv/Conv": 8 - len(HIDDEN_DEAD)}
     # the pruned model computes the original: on fresh inputs, and in prune's own check
@@ -130,7 +127,7 @@ def test_without_the_side_producer_the_stream_dies(tmp_path):
         module.bn3.bias[STREAM_DEAD] = 0
     path = zoo.export_onnx(module.eval(), SHAPE, tmp_path / "noside.onnx")
     assert int((~onnx_morph.analyze(path, gamma_threshold=1e-6).alive).sum()) == len(HIDDEN_DEAD) + len(STREAM_DEAD)
-    result = prune(path, gamma_threshold=1e-6)
+    result = prune(path, Threshold(gamma=1e-6))
     assert result.removed_channels == len(HIDDEN_DEAD) + len(STREAM_DEAD)
     assert max_rel_difference(path, result.model, SHAPE, samples=4, seed=11) < 1e-5
 
@@ -148,7 +145,7 @@ def test_weight_threshold_counts_every_weighted_producer(tmp_path):
         module.side.bias[STREAM_DEAD] = 0
     whole = zoo.export_onnx(module, SHAPE, tmp_path / "whole.onnx")
     assert int((~onnx_morph.analyze(whole, weight_threshold=1e-6).alive).sum()) == len(STREAM_DEAD)
-    result = prune(whole, weight_threshold=1e-6)
+    result = prune(whole, Threshold(weight=1e-6))
     assert result.removed_channels == len(STREAM_DEAD)
     assert result.masked_deviation.max_rel < 1e-5  # the BatchNorms' shifts are constants, kept where not folded
 

@@ -10,13 +10,9 @@ which writes docs/coverage.md).
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import sweep_models  # noqa: E402
+from tools import sweep_models
 
 # Small enough to run by default (a few seconds each at their full input size), and between them
 # residual adds, concats (DenseNet, Inception, SqueezeNet's Fire), splits and channel shuffles,

@@ -21,10 +21,7 @@ from onnx_morph.rewrite.training.training_graph import EFFECTIVE_COST, PREFIX, R
 from onnx_morph.rewrite.surgery.verify import onnxruntime
 from onnx_morph.torch import MorphNetRegularizer, export_onnx, export_structure, prune_module
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 GAMMA_MODELS = [n for n in zoo.ZOO if n not in ("SEBlock", "TransformerBlock", "UnknownOpNet")]
 LASSO_MODELS = [n for n in zoo.ZOO if n != "UnknownOpNet"]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import onnx_morph
-from zoo import export_onnx, import_torchvision
+from tools.zoo import export_onnx, import_torchvision
 
 # torchvision's model docs, "GFLOPS" column (multiply-accumulates, 224x224 input).
 PUBLISHED_GMACS = {

@@ -22,7 +22,7 @@ from onnx_morph.data import load_dataset
 from onnx_morph.examples import export
 from onnx_morph.graph import build_channel_graph, load_model
 from onnx_morph.costs import op_costs
-from onnx_morph.rewrite import prune
+from onnx_morph.rewrite import Mask, prune
 from onnx_morph.rewrite.surgery.select import by_mask_document
 from onnx_morph.rewrite.training.artifacts import load_artifacts, make_training_artifacts
 from onnx_morph.rewrite.training.regularizer import RegularizerOptions
@@ -202,7 +202,7 @@ def test_logs_structure_and_masks(strength_runs, tmp_path):
     assert set(final) == set(first) and all(final[n] <= first[n] for n in final)
     assert sum(first.values()) > sum(final.values())
 
-    pruned = prune(result.model_path, masks=artifacts.directory / "masks.json")
+    pruned = prune(result.model_path, Mask(artifacts.directory / "masks.json"))
     dead = [g for g in result.alive_per_group.values() if g == 0]
     assert pruned.after.flops >= result.effective_cost
     if not dead:

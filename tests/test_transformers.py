@@ -18,12 +18,12 @@ import onnx
 import pytest
 import torch
 from torch import nn
-from zoo import import_torchvision
+from tools.zoo import import_torchvision
 
 import onnx_morph
 from onnx_morph.costs import op_costs, totals_of
 from onnx_morph.graph import load_model
-from onnx_morph.rewrite import prune
+from onnx_morph.rewrite import Mask, prune
 from onnx_morph.rewrite.training.artifacts import make_training_artifacts
 from onnx_morph.rewrite.training.regularizer import RegularizerOptions
 from onnx_morph.rewrite.surgery.select import mask_document
@@ -90,7 +90,7 @@ VIT = {"image_size": 64, "patch_size": 16, "num_layers": 2, "num_heads": 12, "hi
 
 
 def _export(module: nn.Module, example: torch.Tensor, path, dynamic_batch: bool = False):
-    """TorchScript export with the repo's settings (tests/zoo.py), opset 17 (GELU as Erf, LayerNormalization)."""
+    """TorchScript export with the repo's settings (tools/zoo.py), opset 17 (GELU as Erf, LayerNormalization)."""
     module.eval()
     axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -242,7 +242,7 @@ def test_pruned_heads_and_units_equal_the_zeroed_torch_module(name, request):
     analysis = onnx_morph.analyze(path)
     graph = analysis.graph
     alive, dead_heads, dead_units = _choose(graph, name, seed=7)
-    result = prune(path, masks=mask_document(graph, alive))
+    result = prune(path, Mask(mask_document(graph, alive)))
     assert result.removed_channels == int((~alive).sum())
     assert result.masked_deviation.max_rel < REL_TOL
     pruned = result.model
@@ -290,7 +290,7 @@ def test_pruned_bert_keeps_its_dynamic_batch(dynamic_bert_path):
     """Head reshapes exported as view(b, t, H, D) keep b from the input, not the batch of 1 analyzed."""
     graph = onnx_morph.analyze(dynamic_bert_path).graph
     alive, dead_heads, dead_units = _choose(graph, "bert", seed=3)
-    pruned = prune(dynamic_bert_path, masks=mask_document(graph, alive)).model
+    pruned = prune(dynamic_bert_path, Mask(mask_document(graph, alive))).model
     module = _bert()
     _zero_bert(module, dead_heads, dead_units)
     tokens = [_bert_tokens(np.random.default_rng(5), batch=3)]
@@ -481,7 +481,7 @@ def test_fused_qkv_heads_prune_whole(take, exporter, tmp_path):
         assert np.unique(classes[:, :, 0]).size == heads
         dead[i] = sorted(rng.choice(heads, size=1 + i, replace=False).tolist())
         alive[classes[0, dead[i], 0]] = False
-    result = prune(path, masks=mask_document(graph, alive))
+    result = prune(path, Mask(mask_document(graph, alive)))
     assert result.removed_channels == sum(map(len, dead.values()))
     assert result.masked_deviation.max_rel < REL_TOL
     onnx.checker.check_model(result.model, full_check=True)
@@ -546,7 +546,7 @@ def test_swin_heads_prune_with_their_bias_table_columns(config, tmp_path):
                    or t.endswith(f"features.{2 * stage + 1}.{block}/attn/Add_output_0"))
         classes = graph.classes(qkv).reshape(3, group.size, -1)
         alive[classes[0, dead[stage, block], 0]] = False
-    result = prune(path, masks=mask_document(graph, alive))
+    result = prune(path, Mask(mask_document(graph, alive)))
     assert result.removed_channels == sum(map(len, dead.values()))
     assert result.masked_deviation.max_rel < REL_TOL
     onnx.checker.check_model(result.model, full_check=True)

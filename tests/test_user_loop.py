@@ -21,7 +21,7 @@ from torch import nn
 from cli_checks import assert_user_error
 from onnx_morph.data import Dataset, download_fashion_mnist, load_dataset
 from onnx_morph.errors import ModelLoadError, OptionError
-from zoo import export_onnx, import_torchvision
+from tools.zoo import export_onnx, import_torchvision
 
 SCRIPT = Path(sys.executable).parent / "onnx-morph"
 
@@ -299,9 +299,9 @@ def test_train_to_a_flop_target_on_digits(tmp_path):
     assert 0.95 * target <= result.effective_cost <= target
     strengths = [r["strength"] for r in result.history]
     assert max(strengths) > strengths[0]  # it had to push
-    from onnx_morph.rewrite import prune
+    from onnx_morph.rewrite import Mask, prune
 
-    pruned = prune(path, masks=tmp_path / "run" / "masks.json")
+    pruned = prune(path, Mask(tmp_path / "run" / "masks.json"))
     assert pruned.after.flops <= target
 
 

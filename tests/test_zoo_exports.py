@@ -7,10 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 
 @pytest.mark.parametrize("name", sorted(zoo.ZOO))

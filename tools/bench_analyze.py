@@ -4,11 +4,11 @@
 Not a test: prints figures and a PASS/FAIL table of targets, always exits 0 unless the
 benchmark itself cannot run.
 
-    python tools/bench_analyze.py [--workdir DIR] [--repeat N] [--layers 1000 10000]
+    python -m tools.bench_analyze [--workdir DIR] [--repeat N] [--layers 1000 10000]
                                   [--reuse] [--profile] [--no-onnx-tool]
 
 1. Exports torchvision ResNet-50 and DenseNet-121 (random init, 1x3x224x224, dynamo=False,
-   do_constant_folding=False, default opset) via tools/export_models.py in its own process.
+   do_constant_folding=False, default opset) via tools.export_models in its own process.
 2. Times whole-process `onnx-morph analyze FILE --json > /dev/null` and onnx-tool
    (`Model(path); graph.shape_infer(); graph.profile()`), each run in a fresh child process:
    median wall time of N runs and the child's peak RSS (ru_maxrss from os.wait4 of that very
@@ -42,8 +42,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from benchlib import load_average, print_targets, table, work_dir  # noqa: E402
+from tools.benchlib import load_average, print_targets, table, work_dir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -265,7 +264,7 @@ def _run(args, workdir: pathlib.Path, layers: list[int]) -> int:
 
     # ---- 1. export ------------------------------------------------------ #
     t0 = time.perf_counter()
-    cmd = [PY, str(REPO / "tools" / "export_models.py"), "--workdir", str(workdir)] + (["--reuse"] if args.reuse else [])
+    cmd = [PY, "-m", "tools.export_models", "--workdir", str(workdir)] + (["--reuse"] if args.reuse else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         print(r.stderr, file=sys.stderr)

@@ -5,10 +5,10 @@ prediction of the whole model against its measurement.
 Not a test: prints figures and a PASS/FAIL table of targets, always exits 0 unless the
 benchmark itself cannot run.
 
-    python tools/bench_latency.py [--workdir DIR] [--models resnet50 mobilenet_v2] [--threads 2]
+    python -m tools.bench_latency [--workdir DIR] [--models resnet50 mobilenet_v2] [--threads 2]
                                   [--batch 1] [--max-points 10] [--reuse]
 
-Exports the torchvision models as tools/bench_prune.py does (random init, BatchNorm kept), then
+Exports the torchvision models as tools.bench_prune does (random init, BatchNorm kept), then
 runs `onnx-morph profile MODEL -o TABLE` twice in a fresh process with ONNX_MORPH_CACHE pointing at
 a new folder: the first run measures every op (cold), the second reads the cache (warm).
 Targets: ResNet-50 cold under 3 minutes on 2 cores, warm under 2 s.
@@ -25,9 +25,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_prune import MORPH_CLI, PY, export  # noqa: E402
-from benchlib import load_average, print_targets, table, work_dir  # noqa: E402
+from tools.bench_prune import MORPH_CLI, PY, export
+from tools.benchlib import load_average, print_targets, table, work_dir
 
 COLD_TARGET = 180.0
 WARM_TARGET = 2.0

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Time `onnx-morph analyze` on a Llama-7B-shaped graph whose weights are never read.
 
-    python tools/bench_llama_scale.py [--workdir DIR] [--layers 32] [--hidden 4096]
+    python -m tools.bench_llama_scale [--workdir DIR] [--layers 32] [--hidden 4096]
                                       [--intermediate 11008] [--heads 32] [--vocab 32000]
                                       [--tokens 16] [--prune]
 

@@ -4,7 +4,7 @@
 Not a test: prints figures and a PASS/FAIL table of targets, always exits 0 unless the
 benchmark itself cannot run.
 
-    python tools/bench_prune.py [--workdir DIR] [--repeat N] [--runs N] [--quick] [--reuse]
+    python -m tools.bench_prune [--workdir DIR] [--repeat N] [--runs N] [--quick] [--reuse]
                                 [--models resnet50 mobilenet_v2] [--ratios 0.75 0.5 0.3]
                                 [--profile] [--round-to N] [--latency]
 
@@ -12,9 +12,9 @@ benchmark itself cannot run.
    downloaded) in a child process, so torch stays out of this process: every BatchNorm gets
    uniform(0.5, 1.5) gammas (and random betas / running stats) so that the exporter does not
    merge equal initializers and the |gamma| ranking means something; export through
-   ``tests/zoo.py``'s ``export_onnx(module, (1, 3, 224, 224), path, dynamic_batch=True)``
+   ``tools/zoo.py``'s ``export_onnx(module, (1, 3, 224, 224), path, dynamic_batch=True)``
    (TorchScript exporter, BatchNorm kept).
-2. For each model and ratio: times ``onnx_morph.rewrite.prune(path, ratio=R)`` in-process
+2. For each model and ratio: times ``onnx_morph.rewrite.prune(path, Budget(ratio=R))`` in-process
    (verify on, the default, and ``verify=False``), and whole-process
    ``onnx-morph prune MODEL -o OUT --ratio R`` with and without ``--no-verify``
    (median of --repeat runs each), and saves the pruned model.
@@ -28,7 +28,7 @@ benchmark itself cannot run.
    batch size; in-process prune of ResNet-50 under 3 s.
 
 --latency: also profiles each model (`onnx_morph.profile.profile`, batch 1, 2 threads, cached in
-ONNX_MORPH_CACHE) and prunes it with ``prune(path, target_latency=R, latency_table=table)``; those
+ONNX_MORPH_CACHE) and prunes it with ``prune(path, Budget(latency=R), latency_table=table)``; those
 models join the interleaved timing, and a second table compares the FLOP route and the latency
 route at each R: FLOPs and params kept, the table's predicted latency ratio, the measured one.
 Targets: latency route measured ratio <= 1.10 R at batch 1; predictions within 10% of measurements.
@@ -53,8 +53,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from benchlib import load_average, print_targets, table, work_dir  # noqa: E402
+from tools.benchlib import load_average, print_targets, table, work_dir
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -77,12 +76,9 @@ THREADS = 2
 
 
 def _export_child(workdir: str, names: list[str], reuse: bool) -> int:
-    for p in (str(REPO), str(REPO / "tests")):
-        if p not in sys.path:
-            sys.path.insert(0, p)
     import torch
     import torch.nn as nn
-    from zoo import export_onnx, import_torchvision  # tests/zoo.py
+    from tools.zoo import export_onnx, import_torchvision
 
     tv = import_torchvision()
     out = {}
@@ -105,7 +101,7 @@ def _export_child(workdir: str, names: list[str], reuse: bool) -> int:
 
 
 def export(workdir: pathlib.Path, names: list[str], reuse: bool) -> dict[str, pathlib.Path]:
-    cmd = [PY, str(pathlib.Path(__file__).resolve()), "--_export", str(workdir)] + names + (["--reuse"] if reuse else [])
+    cmd = [PY, "-m", "tools.bench_prune", "--_export", str(workdir)] + names + (["--reuse"] if reuse else [])
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         sys.stderr.write(r.stderr)
@@ -119,17 +115,17 @@ def export(workdir: pathlib.Path, names: list[str], reuse: bool) -> dict[str, pa
 
 
 def time_inprocess(path: pathlib.Path, ratio: float, repeat: int, verify: bool, round_to: int = 1):
-    """Median (wall s, CPU s) of prune(path, ratio=ratio) over `repeat` runs, and the last result.
+    """Median (wall s, CPU s) of prune(path, Budget(ratio=ratio)) over `repeat` runs, and the last result.
 
     CPU is this process's user+sys time, all threads (onnxruntime's verification runs two)."""
-    from onnx_morph.rewrite import prune
+    from onnx_morph.rewrite import Budget, prune
 
     walls, cpus, result = [], [], None
     for _ in range(repeat):
         result = None
         gc.collect()
         t0, c0 = time.perf_counter(), time.process_time()
-        result = prune(str(path), ratio=ratio, verify=verify, round_to=round_to)
+        result = prune(str(path), Budget(ratio=ratio, round_to=round_to), verify=verify)
         walls.append(time.perf_counter() - t0)
         cpus.append(time.process_time() - c0)
     return statistics.median(walls), statistics.median(cpus), result
@@ -160,14 +156,14 @@ def time_cli(path, out, ratio: float, repeat: int, verify: bool, round_to: int =
 
 
 def profile_prune(path: pathlib.Path, ratio: float, round_to: int = 1, top: int = 15) -> str:
-    from onnx_morph.rewrite import prune
+    from onnx_morph.rewrite import Budget, prune
 
-    prune(str(path), ratio=ratio, round_to=round_to)  # warm imports and lazily built caches out of the profile
+    prune(str(path), Budget(ratio=ratio, round_to=round_to))  # warm imports and lazily built caches out of the profile
     gc.collect()
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
-    prune(str(path), ratio=ratio, round_to=round_to)
+    prune(str(path), Budget(ratio=ratio, round_to=round_to))
     prof.disable()
     wall = time.perf_counter() - t0
     buf = io.StringIO()
@@ -185,15 +181,15 @@ def _latency_route(name: str, path: pathlib.Path, ratio: float, round_to: int, w
     """Profile the model (cached), prune it to R of its measured latency, and the table's prediction for the
     FLOP route's model of the same R; the latency route's model joins `pruned_paths` as 'L<R>'."""
     from onnx_morph.profile import Timing, profile
-    from onnx_morph.rewrite import prune, save_model
+    from onnx_morph.rewrite import Budget, prune, save_model
 
     t0 = time.perf_counter()
     latency_table = profile(path, timing=Timing(threads=THREADS, batch=1), progress=None)
     t_profile = time.perf_counter() - t0
-    flop_route = prune(str(path), ratio=ratio, round_to=round_to, latency_table=latency_table, measure=False)
+    flop_route = prune(str(path), Budget(ratio=ratio, round_to=round_to), latency_table=latency_table, measure=False)
     info[ratio]["predicted"] = flop_route.latency.predicted_after / flop_route.latency.predicted_before
     t0 = time.perf_counter()
-    result = prune(str(path), target_latency=ratio, latency_table=latency_table, measure=False)
+    result = prune(str(path), Budget(latency=ratio), latency_table=latency_table, measure=False)
     t_prune = time.perf_counter() - t0
     out = workdir / f"{name}.lat{ratio:g}.onnx"
     save_model(result.model, out, source=path)
@@ -313,9 +309,9 @@ def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:
     print(f"exported {', '.join(models)} in {time.perf_counter() - t0:.1f} s (BN gammas uniform 0.5..1.5, dynamic batch)")
 
     # one untimed prune of a small model so that lazy imports (onnxruntime, ...) are not charged to the first row
-    from onnx_morph.rewrite import prune
+    from onnx_morph.rewrite import Budget, prune
 
-    prune(str(models[min(models, key=lambda k: models[k].stat().st_size)]), ratio=0.9)
+    prune(str(models[min(models, key=lambda k: models[k].stat().st_size)]), Budget(ratio=0.9))
 
     rows, targets, profiles, latency_rows = [], [], [], []
     for name, path in models.items():
@@ -400,7 +396,7 @@ def _run(args, workdir: pathlib.Path, runs: dict[int, int]) -> int:
     print("\nRESULTS (ratios are pruned / original; latency = median onnxruntime CPU wall time; times in s)")
     print(table(rows, ["model", "ratio", "FLOPs", "params", "lat b1", "lat b32", "lat/FLOP b1", "lat/FLOP b32",
                        "prune s (CPU)", "prune -nv", "CLI", "CLI -nv", "masked dev"]))
-    print("  prune = in-process prune(path, ratio=R) (verify on); prune -nv = verify=False;"
+    print("  prune = in-process prune(path, Budget(ratio=R)) (verify on); prune -nv = verify=False;"
           " CLI = whole-process `onnx-morph prune`; -nv = --no-verify;\n"
           "  wall seconds, CPU seconds (all threads) in parentheses; masked dev = masked_deviation.max_rel"
           + (f"; round_to={args.round_to}" if args.round_to != 1 else ""))

@@ -4,7 +4,7 @@
 Not a test: prints figures and a PASS/FAIL table of targets, always exits 0 unless the
 benchmark itself cannot run.
 
-    python tools/bench_torch_regularizer.py [--steps N] [--warmup N] [--threads N] [--default-malloc] [--quick]
+    python -m tools.bench_torch_regularizer [--steps N] [--warmup N] [--threads N] [--default-malloc] [--quick]
 
 For each case (model, input, batch, regularizer, cost) the same model trains with SGD on random
 data in two ways, alternated step by step so that load from other processes hits both alike:
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import statistics
 import sys
 import time
@@ -44,13 +43,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tools"), str(REPO / "tests")]
-
-from benchlib import load_average, print_targets, table  # noqa: E402
-
-from onnx_morph.examples import small_resnet  # noqa: E402
-from onnx_morph.torch import MorphNetRegularizer  # noqa: E402
+from onnx_morph.examples import small_resnet
+from onnx_morph.torch import MorphNetRegularizer
+from tools.benchlib import load_average, print_targets, table
 
 OVERHEAD_TARGET = 0.05
 KEEP_MEMORY = {"MALLOC_TRIM_THRESHOLD_": "4000000000", "MALLOC_MMAP_THRESHOLD_": "4000000000",
@@ -58,7 +53,7 @@ KEEP_MEMORY = {"MALLOC_TRIM_THRESHOLD_": "4000000000", "MALLOC_MMAP_THRESHOLD_":
 
 
 def torchvision_model(name: str) -> torch.nn.Module:
-    from zoo import import_torchvision  # the workaround for torchvision's CPU-incompatible ops
+    from tools.zoo import import_torchvision  # the workaround for torchvision's CPU-incompatible ops
 
     return getattr(import_torchvision().models, name)(weights=None, num_classes=10)
 
@@ -134,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--default-malloc", action="store_true", help="keep glibc's malloc trimming (see above)")
     args = parser.parse_args(argv)
     if not args.default_malloc and any(os.environ.get(k) != v for k, v in KEEP_MEMORY.items()):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **KEEP_MEMORY})
+        os.execve(sys.executable, [sys.executable, "-m", "tools.bench_torch_regularizer", *sys.argv[1:]],
+                  {**os.environ, **KEEP_MEMORY})
     if args.threads:
         torch.set_num_threads(args.threads)
     cases = [c for c in CASES if not args.quick or c[0].startswith("example")]

@@ -2,7 +2,7 @@
 """Accuracy vs FLOPs on Fashion-MNIST: MorphNet (Gamma, and probabilistic gates) against a uniform width
 multiplier and network slimming.
 
-    python tools/bench_tradeoff.py [--out DIR] [--quick] [--seeds 3] [--budgets 0.25,0.5,0.75]
+    python -m tools.bench_tradeoff [--out DIR] [--quick] [--seeds 3] [--budgets 0.25,0.5,0.75]
                                    [--train-subset 10000] [--shrink-epochs 3] [--finetune-epochs 1] ...
 
 One seed network, onnx_morph.examples.small_resnet(width=16) exported with
@@ -67,8 +67,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import load_average, markdown_table, table  # noqa: E402
+from tools.benchlib import load_average, markdown_table, table
 
 METHODS = ("morphnet", "gates", "uniform", "slimming", "morphnet-scratch", "morphnet-expand")
 SUPPLEMENTS = ("morphnet-scratch", "morphnet-expand")
@@ -266,7 +265,7 @@ class Bench:
         from onnx_morph.analysis import analyze
         from onnx_morph.rewrite.training.artifacts import make_training_artifacts
         from onnx_morph.rewrite.training.regularizer import RegularizerOptions
-        from onnx_morph.rewrite.surgery.prune import prune
+        from onnx_morph.rewrite import Threshold, prune
         from onnx_morph.rewrite.surgery.save import save_model
         from onnx_morph.train import CALIBRATION_BATCHES, accuracy, train
 
@@ -289,7 +288,7 @@ class Bench:
         else:
             at_default = analyze(shrunk.model_path, gamma_threshold=LEARNED_THRESHOLD).effective.flops
         if method == "morphnet":
-            learned = prune(shrunk.model_path, gamma_threshold=LEARNED_THRESHOLD, verify=False)
+            learned = prune(shrunk.model_path, Threshold(gamma=LEARNED_THRESHOLD), verify=False)
             self.learned.setdefault(seed, save_model(learned.model, folder / "learned.onnx"))  # the strongest shrink
         calibration = self.data.calibration_batches(CALIBRATION_BATCHES * s.batch_size, s.batch_size)
         for budget in budgets:
@@ -425,14 +424,14 @@ def prune_to_budget(path: Path, budget: float, calibration: list[np.ndarray] | N
     its BatchNorm statistics measured on `calibration`."""
     from onnx_morph.analysis import analyze
     from onnx_morph.graph import source_strength
-    from onnx_morph.rewrite.surgery.prune import prune
+    from onnx_morph.rewrite import Threshold, prune
 
     # Per channel, the largest |gamma| of the BatchNorms on it (the value analyze compares with the threshold).
     gammas = source_strength(analyze(path).graph, "gamma")
     return _smallest_fitting_threshold(
         np.unique(np.concatenate([[0.0], gammas[np.isfinite(gammas)]])), budget, f"{path}: |gamma|",
         flops_at=lambda t: analyze(path, gamma_threshold=t).effective.flops,
-        prune_at=lambda t: prune(path, gamma_threshold=t, calibration=calibration))
+        prune_at=lambda t: prune(path, Threshold(gamma=t), calibration=calibration))
 
 
 def prune_gates_to_budget(artifacts, shrunk, budget: float, calibration: list[np.ndarray] | None = None):
@@ -442,7 +441,7 @@ def prune_gates_to_budget(artifacts, shrunk, budget: float, calibration: list[np
     the budget). A run that closed more than the budget asks for ends under it."""
     from onnx_morph.costs import total_cost
     from onnx_morph.graph import build_channel_graph, load_model
-    from onnx_morph.rewrite.surgery.prune import prune
+    from onnx_morph.rewrite import Mask, prune
     from onnx_morph.rewrite.surgery.select import mask_document
 
     graph = build_channel_graph(load_model(artifacts.base_model))
@@ -461,7 +460,7 @@ def prune_gates_to_budget(artifacts, shrunk, budget: float, calibration: list[np
     return _smallest_fitting_threshold(
         np.unique(np.concatenate([[0.0], probability[~fixed]])), budget, f"{shrunk.model_path}: gate",
         flops_at=lambda t: total_cost(graph, alive(t), "flops"),
-        prune_at=lambda t: prune(shrunk.model_path, masks=mask_document(graph, alive(t)), calibration=calibration))
+        prune_at=lambda t: prune(shrunk.model_path, Mask(mask_document(graph, alive(t))), calibration=calibration))
 
 
 def _smallest_fitting_threshold(candidates: np.ndarray, budget: float, label: str, flops_at, prune_at):

@@ -3,7 +3,7 @@
 
 Not a test: prints figures and a PASS/FAIL target table, exits 0 unless the benchmark cannot run.
 
-    python tools/bench_train.py [--width 40] [--batch 64] [--steps 30] [--rounds 5] [--cost flops]
+    python -m tools.bench_train [--width 40] [--batch 64] [--steps 30] [--rounds 5] [--cost flops]
 
 One ResNet-style CNN (onnx_morph.examples.small_resnet, about 1M parameters at width 40) on
 28x28 inputs, batch 64, timed three ways in one process, interleaved in rounds so that load
@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib import print_targets, table  # noqa: E402
+from tools.benchlib import print_targets, table
 
 
 def main() -> None:

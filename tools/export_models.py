@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Export torchvision ResNet-50 and DenseNet-121 (random init) to ONNX for benchmarks.
 
-Usage: python tools/export_models.py --workdir DIR [--models resnet50 densenet121] [--reuse]
+Usage: python -m tools.export_models --workdir DIR [--models resnet50 densenet121] [--reuse]
 
 Weights are random (``weights=None``, torch seeded with 0), nothing is downloaded.
 Export uses the TorchScript exporter (``dynamo=False``), ``do_constant_folding=False``
-and torch's default opset, input 1x3x224x224, through ``tests/zoo.py``'s ``export_onnx``.
-``import torchvision`` goes through ``tests/zoo.py``'s ``import_torchvision()``, which
+and torch's default opset, input 1x3x224x224, through ``tools/zoo.py``'s ``export_onnx``.
+``import torchvision`` goes through ``tools/zoo.py``'s ``import_torchvision()``, which
 defines the ``torchvision::nms``/``qnms`` schemas that torchvision 0.28.0's compiled ops
 fail to register beside CPU torch 2.13.
 
@@ -21,7 +21,6 @@ import json
 import pathlib
 import sys
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 MODELS = {
     # name -> torchvision.models attribute
     "resnet50": "resnet50",
@@ -31,11 +30,8 @@ INPUT_SHAPE = (1, 3, 224, 224)
 
 
 def export_models(workdir, names=tuple(MODELS), reuse: bool = False) -> dict[str, pathlib.Path]:
-    for p in (str(REPO), str(REPO / "tests")):
-        if p not in sys.path:
-            sys.path.insert(0, p)
     import torch
-    from zoo import export_onnx, import_torchvision  # tests/zoo.py
+    from tools.zoo import export_onnx, import_torchvision
 
     tv = import_torchvision()
     workdir = pathlib.Path(workdir)

@@ -1,16 +1,16 @@
 #!/usr/bin/env python
 """Sweep every torchvision classification architecture through analyze and prune; write docs/coverage.md.
 
-    python tools/sweep_models.py [--models resnet18 ...] [--output docs/coverage.md] [--workdir DIR]
+    python -m tools.sweep_models [--models resnet18 ...] [--output docs/coverage.md] [--workdir DIR]
                                  [--timeout SECONDS] [--jobs N]
 
 For each architecture (random init, ``weights=None``, nothing is downloaded; batch 1; the input
 size of its default weights, or the model's own ``image_size``):
 
-1. export to ONNX through ``tests/zoo.py``'s ``export_onnx`` (TorchScript exporter, BatchNorm kept);
+1. export to ONNX through ``tools/zoo.py``'s ``export_onnx`` (TorchScript exporter, BatchNorm kept);
 2. ``onnx_morph.analyze``: every group is prunable or pinned with a reason;
 3. a seeded random 30% of the channel classes of each prunable group (each group keeps one) goes
-   into a mask document, ``onnx_morph.rewrite.prune(path, masks=...)`` removes them, the result must
+   into a mask document, ``onnx_morph.rewrite.prune(path, Mask(...))`` removes them, the result must
    pass ``onnx.checker`` (full check) and, in onnxruntime on random inputs, match the original with
    the removed channels multiplied by zero (``rewrite.verify.masked_original``) to 1e-4 relative;
    ``analyze`` of the pruned model must cost what the masks said it would.
@@ -35,9 +35,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-for _path in (str(REPO), str(REPO / "tests")):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
 
 KILL_FRACTION = 0.3
 REL_TOL = 1e-4
@@ -65,7 +62,7 @@ class Row:
 
 def architectures() -> list[str]:
     """Every classification model torchvision builds (its top-level `models` namespace)."""
-    from zoo import import_torchvision
+    from tools.zoo import import_torchvision
 
     tv = import_torchvision()
     return sorted(tv.models.list_models(module=tv.models))
@@ -73,7 +70,7 @@ def architectures() -> list[str]:
 
 def input_side(name: str, module) -> int:
     """The model's own fixed image size (ViT), else the crop size of its default weights' transforms."""
-    from zoo import import_torchvision
+    from tools.zoo import import_torchvision
 
     side = getattr(module, "image_size", None)
     if isinstance(side, int):
@@ -85,7 +82,7 @@ def input_side(name: str, module) -> int:
 def export_architecture(name: str, folder: pathlib.Path) -> tuple[pathlib.Path, int]:
     """Build `name` with random weights (seeded) and export it at batch 1; returns (path, input side)."""
     import torch
-    from zoo import export_onnx, import_torchvision
+    from tools.zoo import export_onnx, import_torchvision
 
     tv = import_torchvision()
     torch.manual_seed(0)
@@ -136,7 +133,7 @@ def check_architecture(name: str, path: pathlib.Path, row: Row) -> Row:
 
     import onnx_morph
     from onnx_morph.costs import op_costs, totals_of
-    from onnx_morph.rewrite import prune
+    from onnx_morph.rewrite import Mask, prune
     from onnx_morph.rewrite.surgery.select import mask_document
     from onnx_morph.rewrite.surgery.surgery import keep_masks
     from onnx_morph.rewrite.surgery.verify import deviation, masked_original, random_inputs, run
@@ -155,7 +152,7 @@ def check_architecture(name: str, path: pathlib.Path, row: Row) -> Row:
         raise AssertionError("no prunable group")
 
     alive = random_kill(graph, zlib.crc32(name.encode()))
-    result = prune(path, masks=mask_document(graph, alive))
+    result = prune(path, Mask(mask_document(graph, alive)))
     row.removed_channels = result.removed_channels
     assert result.removed_channels == int((~alive).sum()), "prune removed other channels than the masks"
     assert np.array_equal(result.alive, alive)
@@ -207,7 +204,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _child(name: str, workdir: pathlib.Path, timeout: float) -> Row:
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--one", name, "--workdir", str(workdir)]
+    cmd = [sys.executable, "-m", "tools.sweep_models", "--one", name, "--workdir", str(workdir)]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
@@ -253,7 +250,7 @@ def render(rows: list[Row], total_seconds: float) -> str:
     lines = [
         "# Coverage: torchvision classification architectures",
         "",
-        "Written by `python tools/sweep_models.py` (tests/test_sweep.py runs the same check). Each model: random",
+        "Written by `python -m tools.sweep_models` (tests/test_sweep.py runs the same check). Each model: random",
         "init, batch 1, its default input size, exported with the TorchScript exporter (BatchNorm kept);",
         "`analyze`; a seeded random 30% of every prunable group's channels removed with `prune --mask`; the",
         "result passes `onnx.checker` (full check) and matches the original with those channels zeroed to",

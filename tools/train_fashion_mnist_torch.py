@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """MorphNet in a plain PyTorch training loop on Fashion-MNIST, in one process or with DDP.
 
-    python tools/train_fashion_mnist_torch.py [--ddp] [--epochs 3] [--train-limit 12000] [--width 8]
+    python -m tools.train_fashion_mnist_torch [--ddp] [--epochs 3] [--train-limit 12000] [--width 8]
                                               [--strength S] [--threshold 0.01] [--cost flops]
                                               [--out DIR]
 
@@ -37,15 +37,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(REPO), str(REPO / "tools")]
-
-from benchlib import table  # noqa: E402
-
-from onnx_morph.data import fashion_mnist  # noqa: E402
-from onnx_morph.errors import OptionError  # noqa: E402
-from onnx_morph.examples import small_resnet  # noqa: E402
-from onnx_morph.torch import MorphNetRegularizer, export_structure, prune_module  # noqa: E402
+from onnx_morph.data import fashion_mnist
+from onnx_morph.errors import OptionError
+from onnx_morph.examples import small_resnet
+from onnx_morph.torch import MorphNetRegularizer, export_structure, prune_module
+from tools.benchlib import table
 
 EXPORT = {"input_names": ["input"], "output_names": ["logits"],
           "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}

@@ -17,8 +17,8 @@ from onnx_morph.graph import ChannelGraph, ChannelGroup, build_channel_graph, lo
 from onnx_morph.graph.channel_graph import node_view
 from onnx_morph.graph.load import check_model
 from onnx_morph.handlers import handler_for
+from onnx_morph.rewrite.surgery.criteria import Budget
 from onnx_morph.rewrite.surgery.prune import LayerWidth, layer_widths
-from onnx_morph.rewrite.surgery.select import Budget
 from onnx_morph.rewrite.surgery.surgery import resize_channels
 from onnx_morph.rewrite.surgery.verify import random_inputs, run
 
@@ -62,9 +62,11 @@ def spans_channel_grid(graph: ChannelGraph, group: ChannelGroup) -> bool:
     return any(len(graph.tensors[t].axes or ()) > 1 for t in group.tensors)
 
 
-def find_multiplier(graph: ChannelGraph, budget: Budget, round_to: int = 1) -> tuple[float, np.ndarray]:
-    """The largest multiplier whose rounded widths fit the budget (bisection: cost never falls
-    as the multiplier grows), and its copies."""
+def find_multiplier(graph: ChannelGraph, budget: Budget) -> tuple[float, np.ndarray]:
+    """The largest multiplier whose widths, rounded to multiples of `budget.round_to`, fit the budget
+    (bisection: cost never falls as the multiplier grows), and its copies."""
+    round_to = budget.round_to
+
     def cost(m: float) -> float:
         return total_cost(graph, width_copies(graph, m, round_to), budget.resource)
 
@@ -128,8 +130,8 @@ def expand(
     if not any(g.prunable for g in graph.groups):
         raise OptionError(f"{graph.model.source}: no channel group can change width "
                           "(see `onnx-morph analyze` for the reasons)")
-    budget = Budget(resource, float(target))
-    multiplier, copies = find_multiplier(graph, budget, round_to)
+    budget = Budget(**{resource: float(target)}, round_to=round_to)
+    multiplier, copies = find_multiplier(graph, budget)
     resized = resize_channels(graph, copies, graph.model.materialized()).model
     expanded = build_channel_graph(load_model(resized, input_shapes))
     resized = fresh_parameters(resized, seed, expanded)  # same shapes: the graph still describes it

@@ -11,8 +11,6 @@ chosen. The last removal is the step that overshoots the target least.
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +18,7 @@ import numpy as np
 from onnx_morph.costs.measured import LatencyTable
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph
+from onnx_morph.rewrite.surgery.criteria import latency_spec
 from onnx_morph.rewrite.surgery.select import floor_width, ranking_strength
 
 RELATIVE_TOLERANCE = 0.005  # a step must save this share of its ops' latency (besides twice their noise)
@@ -70,20 +69,8 @@ class LatencyModel:
 
 def parse_latency_target(target: float | str, table: LatencyTable) -> float:
     """Seconds: a fraction of the table's measured whole-model latency ('0.5'), or a time ('3.2ms', '800us', '0.01s')."""
-    text = str(target).strip()
-    match = re.fullmatch(r"([0-9.eE+-]+)\s*(ms|us|s)?", text)
-    try:
-        value = float(match.group(1)) if match else math.nan
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise OptionError(f"target_latency '{text}': give a fraction of the measured latency (0.5) or a time (3.2ms)")
-    unit = match.group(2)
-    if unit is None:
-        if value > 1:
-            raise OptionError(f"target_latency {text}: a fraction must be at most 1 (or give a time: {text}ms)")
-        return value * table.model_seconds
-    return value * {"s": 1.0, "ms": 1e-3, "us": 1e-6}[unit]
+    value, unit = latency_spec(target)
+    return value * table.model_seconds if unit is None else value * {"s": 1.0, "ms": 1e-3, "us": 1e-6}[unit]
 
 
 def by_latency(graph: ChannelGraph, table: LatencyTable, target: float, *, min_keep: float = 0.1) -> np.ndarray:

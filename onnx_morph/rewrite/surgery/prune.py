@@ -9,15 +9,15 @@ from typing import Callable, Sequence
 import numpy as np
 import onnx
 
-from onnx_morph.costs import Totals, op_costs, total_cost, totals_of
+from onnx_morph.costs import Totals, op_costs, totals_of
 from onnx_morph.costs.measured import LatencyTable, load_table
-from onnx_morph.errors import OptionError
-from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model, source_strength
+from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.graph.dependence import input_dependence
 from onnx_morph.graph.load import PROTOBUF_LIMIT, check_model, serialized_size
-from onnx_morph.rewrite.surgery import select
 from onnx_morph.rewrite.surgery.calibrate import calibrated, has_batchnorm
-from onnx_morph.rewrite.surgery.latency import LatencyModel, by_latency, measured_to_target, parse_latency_target
+from onnx_morph.rewrite.surgery.choose import choose
+from onnx_morph.rewrite.surgery.criteria import Budget, Criterion, check_criterion
+from onnx_morph.rewrite.surgery.latency import LatencyModel, parse_latency_target
 from onnx_morph.rewrite.surgery.surgery import keep_masks, probed_tensors, remove_channels, removed_channel_values
 from onnx_morph.rewrite.surgery.verify import (Deviation, deviation, input_notes, masked_original, probe_inputs,
                                        random_inputs, run)
@@ -67,31 +67,20 @@ class LatencyCheck:
 
 def prune(
     model: str | os.PathLike | onnx.ModelProto,
+    criterion: Criterion,
     *,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
-    gamma_threshold: float | None = None,
-    weight_threshold: float | None = None,
-    masks: dict | str | os.PathLike | None = None,
-    target_flops: float | None = None,
-    target_params: float | None = None,
-    ratio: float | None = None,
-    round_to: int = 1,
-    min_keep: float = 0.1,
     fold_constants: bool = True,
     verify: bool = True,
     calibration: Sequence[np.ndarray] | Callable[[tuple[int, ...]], Sequence[np.ndarray]] | None = None,
-    target_latency: float | str | None = None,
     latency_table: str | os.PathLike | LatencyTable | None = None,
     provider: str | None = None,
     measure: bool = True,
 ) -> PruneResult:
-    """Remove dead channels from every prunable group.
+    """Remove the channels `criterion` finds dead from every prunable group: a `Threshold`, a `Mask`
+    or a `Budget` (criteria.py); every group keeps at least one channel.
 
-    Exactly one criterion: a gamma or weight threshold, a mask document (as written by
-    `analyze --structure`), or a budget: target FLOPs, target parameters, or `ratio` (the fraction
-    of FLOPs to keep), met by ranking channels globally by |gamma| per unit of cost saved.
-    Every group keeps at least one channel; budgets also keep `min_keep` of each group's channels
-    and remove channels `round_to` at a time, so widths stay multiples of it. With `fold_constants`, the constant a removed channel
+    With `fold_constants`, the constant a removed channel
     holds (beta after BatchNorm) is folded into the consumer's bias where that is exact (Gemm,
     unpadded Conv), when the channel is proven independent of the inputs or equal on four probe
     inputs; `verify` compares the result with the original in onnxruntime on fresh random inputs
@@ -103,21 +92,18 @@ def prune(
     statistics are measured on them, which absorbs the shift (the deviations are the surgery's,
     before calibration).
 
-    `target_latency` (a fraction of the measured original, or a time such as '3.2ms') prunes to the
-    latency that `latency_table` (written by `onnx-morph profile`) predicts; with any criterion, a table
-    makes the result carry the predicted latency before and after and, with `measure`, both models
-    timed now on the table's provider, threads and batch (`provider`, when given, must be the table's).
+    `Budget(latency=...)` prunes to the latency that `latency_table` (written by `onnx-morph profile`)
+    predicts; with any criterion, a table makes the result carry the predicted latency before and after
+    and, with `measure`, both models timed now on the table's provider, threads and batch (`provider`,
+    when given, must be the table's).
     """
-    criteria = {"gamma_threshold": gamma_threshold, "weight_threshold": weight_threshold, "masks": masks,
-                "target_flops": target_flops, "target_params": target_params, "ratio": ratio,
-                "target_latency": target_latency}
-    _check_options(criteria, latency_table, round_to, min_keep)
+    check_criterion(criterion, latency_table)
     graph = build_channel_graph(load_model(model, input_shapes))
     table = None
     if latency_table is not None:
         table = latency_table if isinstance(latency_table, LatencyTable) else load_table(latency_table)
         table.check(graph, provider)
-    alive, notes = _choose(graph, criteria, round_to, min_keep, table, measure)
+    alive, notes = choose(graph, criterion, table, measure)
     masks = keep_masks(graph, alive)
 
     original = graph.model.materialized()
@@ -141,7 +127,8 @@ def prune(
     after = totals_of(op_costs(graph, alive))
     latency = None
     if table is not None:
-        latency = _latency_check(graph, table, alive, original, pruned, criteria["target_latency"], measure)
+        target = criterion.latency if isinstance(criterion, Budget) else None
+        latency = _latency_check(graph, table, alive, original, pruned, target, measure)
     return PruneResult(
         model=pruned,
         before=totals_of(op_costs(graph, everything)),
@@ -154,19 +141,6 @@ def prune(
         alive=alive,
         latency=latency,
     )
-
-
-def _check_options(criteria: dict, latency_table, round_to: int, min_keep: float) -> None:
-    given = [k for k, v in criteria.items() if v is not None]
-    if len(given) != 1:
-        raise OptionError("give exactly one of gamma_threshold, weight_threshold, `masks`, target_flops, "
-                          f"target_params, `ratio`, target_latency (got {', '.join(given) or 'none'})")
-    if criteria["target_latency"] is not None and latency_table is None:
-        raise OptionError("target_latency needs latency_table (write one with `onnx-morph profile`)")
-    if round_to < 1:
-        raise OptionError(f"round_to must be at least 1, not {round_to}")
-    if not 0 <= min_keep <= 1:
-        raise OptionError(f"min_keep is a fraction of each group's channels, in [0, 1], not {min_keep}")
 
 
 def _calibrated(graph: ChannelGraph, pruned: onnx.ModelProto, calibration, original_deviation: Deviation | None,
@@ -236,62 +210,6 @@ def _shifts_batchnorm(model: onnx.ModelProto, original: Deviation | None) -> boo
     return original is not None and original.max_rel > 1e-3 and has_batchnorm(model)
 
 
-def _choose(graph: ChannelGraph, criteria: dict, round_to: int, min_keep: float,
-            table: LatencyTable | None = None, measure: bool = False) -> tuple[np.ndarray, list[str]]:
-    notes: list[str] = []
-    prunable = ~graph.class_pinned()
-    if not prunable.any():
-        raise OptionError(f"{graph.model.source}: no channel group is prunable (see `onnx-morph analyze` for the reasons)")
-    gamma, weight, masks = criteria["gamma_threshold"], criteria["weight_threshold"], criteria["masks"]
-    if gamma is not None or weight is not None or masks is not None:
-        kind = "weight" if weight is not None else "gamma"
-        if masks is not None:
-            alive = select.by_mask_document(graph, masks)
-        else:
-            alive = select.by_threshold(graph, gamma, weight)
-            if not alive[prunable].any():
-                strength = source_strength(graph, kind)[prunable]
-                best = np.max(strength[np.isfinite(strength)], initial=0.0)
-                raise OptionError(f"the threshold removes every prunable channel (the strongest {kind} is {best:.4g})")
-        alive, emptied = select.keep_minimum(graph, alive, kind)
-        if emptied:
-            notes.append(f"{len(emptied)} groups would lose every channel; each keeps its strongest one")
-        return select.round_widths(graph, alive, round_to, kind), notes
-    everything = np.ones(graph.num_classes, dtype=bool)
-    if criteria["target_latency"] is not None:
-        target = parse_latency_target(criteria["target_latency"], table)
-        alive = by_latency(graph, table, target, min_keep=min_keep)
-        if measure:
-            alive, retargeted = measured_to_target(graph, table, target, alive, min_keep=min_keep)
-            notes += retargeted
-        alive, _ = select.keep_minimum(graph, alive)
-        reached = LatencyModel(graph, table).predict(alive)
-        if reached > target:
-            notes.append(f"the latency target {1e3 * target:.4g} ms is out of reach: no further step saves time "
-                         f"(predicted {1e3 * reached:.4g} ms)")
-        return select.round_widths(graph, alive, round_to), notes
-    if criteria["ratio"] is not None:
-        ratio = criteria["ratio"]
-        if not 0 < ratio <= 1:
-            raise OptionError(f"`ratio` is the fraction of FLOPs to keep, in (0, 1], not {ratio}")
-        budget = select.Budget("flops", ratio * total_cost(graph, everything, "flops"))
-    elif criteria["target_flops"] is not None:
-        budget = select.Budget("flops", _positive(criteria["target_flops"], "target_flops"))
-    else:
-        budget = select.Budget("params", _positive(criteria["target_params"], "target_params"))
-    alive = select.by_budget(graph, budget, multiple=round_to, min_keep=min_keep)
-    missed = select.budget_shortfall(graph, budget, alive)
-    if missed:
-        notes.append(missed)
-    return alive, notes
-
-
-def _positive(value: float, option: str) -> float:
-    if not value > 0:
-        raise OptionError(f"{option} must be positive, not {value}")
-    return float(value)
-
-
 def layer_widths(graph: ChannelGraph, alive: np.ndarray) -> list[LayerWidth]:
     """Each weighted layer's output width before and after (`alive` may count copies)."""
     widths = []
@@ -305,11 +223,12 @@ def layer_widths(graph: ChannelGraph, alive: np.ndarray) -> list[LayerWidth]:
     return widths
 
 
-def prune_file(source: str | os.PathLike, output: str | os.PathLike, **options) -> PruneResult:
+def prune_file(source: str | os.PathLike, output: str | os.PathLike, criterion: Criterion,
+               **options) -> PruneResult:
     """prune() and an atomic save; the input file is never overwritten."""
     from onnx_morph.rewrite.surgery.save import refuse_overwrite, save_model
 
     refuse_overwrite(output, source)  # before the work, not only at the write
-    result = prune(source, **options)
+    result = prune(source, criterion, **options)
     save_model(result.model, output, source=source)
     return result

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,9 @@ import numpy as np
 from onnx_morph.costs.resources import marginal_cost, total_cost
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, alive_classes, source_strength
+from onnx_morph.rewrite.surgery.criteria import Budget
 
 MASK_FORMAT = "onnx-morph-masks"
-
-
-@dataclass(frozen=True)
-class Budget:
-    resource: str  # "flops" or "params"
-    target: float
 
 
 def ranking_strength(graph: ChannelGraph, kind: str | None = None) -> tuple[np.ndarray, str]:
@@ -37,14 +31,15 @@ def by_threshold(graph: ChannelGraph, gamma: float | None, weight: float | None)
     return alive_classes(graph, gamma_threshold=gamma, weight_threshold=weight)
 
 
-def by_budget(graph: ChannelGraph, budget: Budget, *, multiple: int = 1, min_keep: float = 0.1) -> np.ndarray:
+def by_budget(graph: ChannelGraph, budget: Budget) -> np.ndarray:
     """Greedy global ranking (network slimming, cost-aware): repeatedly remove the channels with the
-    least strength per unit of cost saved until the budget is met.
+    least strength per unit of cost saved until the absolute FLOP or parameter budget is met.
 
-    Channels leave a group `multiple` at a time, so widths stay multiples of it, and every group
-    keeps at least `min_keep` of its channels (and at least `multiple`, or all if fewer): emptying
-    the cheapest layers first is what an unconstrained ranking does on a freshly initialized model.
+    Channels leave a group `budget.round_to` at a time, so widths stay multiples of it, and every
+    group keeps at least `budget.min_keep` of its channels (and at least `round_to`, or all if fewer):
+    emptying the cheapest layers first is what an unconstrained ranking does on a freshly initialized model.
     """
+    multiple, min_keep = budget.round_to, budget.min_keep
     strength, _ = ranking_strength(graph)
     groups = [g for g in graph.groups if g.prunable]
     floors = {g.id: floor_width(g.size, multiple, min_keep) for g in groups}

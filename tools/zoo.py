@@ -602,7 +602,7 @@ ZOO: Dict[str, Tuple[Callable[[], nn.Module], Tuple[int, ...]]] = {
 }
 
 
-if __name__ == "__main__":  # python tests/zoo.py: export all, print op types
+if __name__ == "__main__":  # python -m tools.zoo: export all, print op types
     import tempfile
 
     import onnx
