@@ -15,11 +15,7 @@ import torch.nn as nn
 
 from onnx_morph.costs import cost_terms, marginal_cost, op_costs, parse_hardware, total_cost
 from onnx_morph.graph import build_channel_graph, load_model
-
-try:
-    import zoo
-except ImportError:  # tests/ turned into a package
-    from tests import zoo
+from tools import zoo
 
 PER_PAIR = 2 * 8 * 8 * 9  # FLOPs per channel pair of a 3x3 conv at 8x8
 FIELDS = [("flops", "flops", {}), ("flops", "flops", {"macs": True}), ("params", "params", {}),
