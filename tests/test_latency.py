@@ -225,8 +225,9 @@ def test_a_latency_target_prune_meets_its_prediction(folder):
     assert result.masked_deviation.max_rel < 1e-4
     fixed = prune(path, Budget(latency=f"{1e3 * 0.6 * table.model_seconds:.6f}ms"), latency_table=table, measure=False)
     assert fixed.latency.measured_after is None
-    if any("chose again" in note for note in result.notes):  # the measured model missed: a lower predicted goal
-        assert fixed.alive.sum() >= result.alive.sum()
+    if any("chose again" in note for note in result.notes):  # the measured model missed: a lower predicted goal,
+        # met by a cheaper prediction, not always by fewer channels (the table is a staircase)
+        assert result.latency.predicted_after <= fixed.latency.predicted_after
     else:
         np.testing.assert_array_equal(fixed.alive, result.alive)
 
