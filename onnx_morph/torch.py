@@ -35,9 +35,8 @@ from onnx_morph.errors import OnnxMorphError, OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.rewrite.surgery.criteria import ROUND_TO
 from onnx_morph.rewrite.training.gates import gate_masks
-from onnx_morph.rewrite.training.expression import OperatorBackend, combined, regularization_term
+from onnx_morph.rewrite.training.expression import OperatorBackend, combined, regularization_term, sampled_gate_mask
 from onnx_morph.rewrite.training.regularizer import Gate, Regularizer, RegularizerOptions
-from onnx_morph.rewrite.training.training_graph import NOISE_EPSILON
 
 __all__ = ["MorphNetRegularizer", "MorphNetOutput", "SourceBinding", "export_onnx", "export_structure",
            "prune_module", "unwrap"]
@@ -385,6 +384,15 @@ class _TorchBackend(OperatorBackend):
     def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(x)
 
+    def uniform(self, like: torch.Tensor, size: int, low: float, high: float) -> torch.Tensor:
+        return torch.empty(size, dtype=like.dtype, device=like.device).uniform_(low, high)
+
+    def log(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x)
+
+    def detached(self, x: torch.Tensor) -> torch.Tensor:
+        return x.detach()
+
     def channel_slices(self, x: torch.Tensor, axis: int, channels: int) -> torch.Tensor:
         return x.movedim(axis, 0).reshape(channels, -1)
 
@@ -409,11 +417,8 @@ def _gate_hook(gate: Gate, parameter: torch.nn.Parameter, temperature: float, st
     def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
         if not module.training:  # .data: an export traces the mask as a constant, which must not require grad
             return output * (parameter.data > 0).to(output.dtype).reshape(shape)
-        logits = parameter * gate.logit_scale
-        u = torch.empty_like(logits).uniform_(NOISE_EPSILON, 1 - NOISE_EPSILON)
-        mask = torch.sigmoid((logits + torch.log(u / (1 - u))) / temperature)
-        if straight_through:
-            mask = (mask > 0.5).to(mask.dtype) + mask - mask.detach()
+        backend = _TorchBackend(parameter.device, parameter.dtype)
+        mask = sampled_gate_mask(backend, parameter * gate.logit_scale, gate.channels, temperature, straight_through)
         return output * mask.to(output.dtype).reshape(shape)
 
     hook.onnx_morph_gate = gate.param

@@ -136,3 +136,12 @@ class Builder:
 
     def total(self, x: str) -> str:
         return self.reduce("ReduceSum", x, None)
+
+    def uniform(self, like: str, size: int, low: float, high: float) -> str:
+        return self.node("RandomUniform", [], dtype=TensorProto.FLOAT, shape=[size], low=low, high=high)
+
+    def log(self, x: str) -> str:
+        return self.node("Log", [x])
+
+    def div(self, x: str, y: str) -> str:
+        return self.node("Div", [x, y])

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 # Keeps the gradient of a weight slice's RMS finite when the whole slice is zero.
 RMS_EPSILON = 1e-12
+# Keeps the logistic noise log(u) - log(1 - u) finite.
+NOISE_EPSILON = 1e-6
 # Kinds whose alive test includes the threshold (MorphNet's gate probabilities: p >= 0.1).
 INCLUSIVE_KINDS = ("gates",)
 SIDES = ("in", "out")
@@ -90,6 +92,16 @@ class Backend(Protocol[T]):
 
     def total(self, x: T) -> T:
         """The sum of all elements, rank 0."""
+
+    def uniform(self, like: T, size: int, low: float, high: float) -> T:
+        """A fresh Uniform(low, high) sample of `size` elements in `like`'s float type and place."""
+
+    def log(self, x: T) -> T: ...
+
+    def div(self, x: T, y: T) -> T: ...
+
+    def detached(self, x: T) -> T:
+        """x's value, through which no gradient flows."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +217,19 @@ def _roofline(backend: Backend[T], polynomial: CostArrays, cost: T, regularizati
     return tuple(backend.total(backend.select(compute_bound, compute, memory)) for compute, memory in parts)
 
 
+def sampled_gate_mask(backend: Backend[T], logits: T, size: int, temperature: float, straight_through: bool) -> T:
+    """A probabilistic gate's training mask: sigmoid((logits + log u - log(1 - u)) / temperature),
+    u ~ Uniform; with `straight_through` the forward value is (mask > 0.5) and the gradient the soft
+    mask's."""
+    u = backend.uniform(logits, size, NOISE_EPSILON, 1.0 - NOISE_EPSILON)
+    odds = backend.div(u, backend.sub(backend.constant("one", np.array(1.0)), u))
+    mask = backend.sigmoid(backend.scale(backend.add(logits, backend.log(odds)), 1.0 / temperature))
+    if not straight_through:
+        return mask
+    hard = backend.as_float(backend.at_least(mask, backend.constant("half", np.array(0.5)), inclusive=False))
+    return backend.add(hard, backend.sub(mask, backend.detached(mask)))
+
+
 class OperatorBackend:
     """The operations numpy arrays and torch tensors spell alike (operators and shared methods)."""
 
@@ -216,6 +241,9 @@ class OperatorBackend:
 
     def mul(self, x, y):
         return x * y
+
+    def div(self, x, y):
+        return x / y
 
     def scale(self, x, factor: float):
         return x * factor
@@ -272,3 +300,12 @@ class NumpyBackend(OperatorBackend):
 
     def select(self, condition, x, y):
         return np.where(condition, x, y)
+
+    def uniform(self, like, size: int, low: float, high: float):
+        return np.random.default_rng().uniform(low, high, size)
+
+    def log(self, x):
+        return np.log(x)
+
+    def detached(self, x):
+        return x

@@ -23,14 +23,12 @@ from onnx_morph.errors import OptionError
 from onnx_morph.handlers import handler_for
 from onnx_morph.rewrite.editing import Names, drop_unused
 from onnx_morph.rewrite.training.builder import PREFIX, Builder
-from onnx_morph.rewrite.training.expression import regularization_term
+from onnx_morph.rewrite.training.expression import regularization_term, sampled_gate_mask
 from onnx_morph.rewrite.training.regularizer import Gate, Regularizer
 
 REGULARIZATION = "morph_regularization"
 EFFECTIVE_COST = "morph_effective_cost"
 MIN_TRAINING_OPSET = 15
-# Keeps the logistic noise log(u) - log(1 - u) finite.
-NOISE_EPSILON = 1e-6
 
 
 def unshare_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -118,15 +116,7 @@ def add_gates(model: onnx.ModelProto, gates: tuple[Gate, ...] | list[Gate], *, t
         node = model.graph.node[producers[gate.tensor]]
         node.output[list(node.output).index(gate.tensor)] = ungated
         start = len(model.graph.node)
-        u = builder.node("RandomUniform", [], dtype=TensorProto.FLOAT, shape=[gate.channels],
-                         low=NOISE_EPSILON, high=1.0 - NOISE_EPSILON)
-        odds = builder.node("Div", [u, builder.node("Sub", [builder.const("one", np.array(1.0)), u])])
-        noisy = builder.node("Add", [builder.gate_logits(gate), builder.node("Log", [odds])])
-        mask = builder.node("Sigmoid", [builder.scale(noisy, 1.0 / temperature)])
-        if straight_through:
-            hard = builder.node("Cast", [builder.node("Greater", [mask, builder.const("half", np.array(0.5))])],
-                                to=TensorProto.FLOAT)
-            mask = builder.node("Add", [hard, builder.node("Sub", [mask, builder.detached(mask)])])
+        mask = sampled_gate_mask(builder, builder.gate_logits(gate), gate.channels, temperature, straight_through)
         builder.apply_gate(gate, ungated, mask)
         placements.append((producers[gate.tensor], start, False))
     _place(model.graph, placements)
