@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from onnx_morph.errors import ModelLoadError, OptionError
 from onnx_morph.graph.normalize import normalized
-from onnx_morph.graph.wire import read_without_weights
+from onnx_morph.graph.wire import read_without_weights, with_data
 from onnx_morph.handlers import handler_for, is_known
 
 MIN_OPSET = 11
@@ -119,15 +120,36 @@ class LoadedModel:
         except Exception:  # noqa: BLE001 - an op the reference runtime cannot run: the value stays unknown
             return None
 
-    def materialized(self) -> onnx.ModelProto:
-        """A copy of the model with every weight in memory (for onnxruntime and surgery)."""
-        external = [t for t in self.model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
-        check_fits(self.source, serialized_size(self.model) + sum(_data_bytes(t) for t in external), "the weights")
+    def materialized(self, model: onnx.ModelProto | None = None) -> onnx.ModelProto:
+        """A copy of the model, or of `model` derived from it, with every weight in memory."""
+        model = self.model if model is None else model
+        external = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+        check_fits(self.source, serialized_size(model) + sum(_data_bytes(t) for t in external), "the weights")
         copy = onnx.ModelProto()
-        copy.CopyFrom(self.model)
+        copy.CopyFrom(model)
         if self.base_dir is not None and external:
             load_external_data_for_model(copy, str(self.base_dir))
         return copy
+
+    def encoded(self, model: onnx.ModelProto | None = None, appendix: bytes = b"") -> bytes | None:
+        """The protobuf bytes of this model, or of `model` derived from it (its weights still this
+        model's external references), with every weight in, then `appendix`: what materialized()
+        then serialized() give, without decoding and encoding the weights (wire.with_data copies
+        them from their files into the bytes, once). None past protobuf's 2 GB limit."""
+        model = self.model if model is None else model
+        places = [] if _external_elsewhere(model.graph) else [
+            _external_file(t, self.base_dir, self.source) for t in model.graph.initializer
+            if t.data_location == TensorProto.EXTERNAL]
+        if not places:
+            data = serialized(self.materialized(model) if _external_elsewhere(model.graph) else model)
+            return None if data is None else data + appendix
+        files = {path: _mapped(path) for path, _, _ in places}  # unmapped when the last view goes
+        views = [files[path][offset:None if length is None else offset + length] for path, offset, length in places]
+        size = serialized_size(model) + sum(len(v) for v in views) + len(appendix)
+        if size > PROTOBUF_LIMIT:
+            return None
+        check_fits(self.source, size, "the weights")
+        return with_data(model, iter(views), appendix)
 
     def is_constant(self, name: str) -> bool:
         return name in self._initializers or name in self._constants or name in self.folded
@@ -159,6 +181,28 @@ def load_model(
                        _shape_derived(model.graph, folded))
 
 
+def _mapped(path: Path) -> memoryview:
+    """The file's bytes, mapped read-only (an empty file has nothing to map)."""
+    with open(path, "rb") as f:
+        return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b"")
+
+
+def _external_elsewhere(graph: onnx.GraphProto, top: bool = True) -> bool:
+    """Whether a tensor other than the graph's own initializers (a node attribute's, a subgraph's)
+    keeps its data in a file."""
+    if not top and any(t.data_location == TensorProto.EXTERNAL for t in graph.initializer):
+        return True
+    for node in graph.node:
+        for attr in node.attribute:
+            tensors = [attr.t, *attr.tensors] if attr.HasField("t") else attr.tensors
+            if any(t.data_location == TensorProto.EXTERNAL for t in tensors):
+                return True
+            graphs = [attr.g, *attr.graphs] if attr.HasField("g") else attr.graphs
+            if any(_external_elsewhere(g, top=False) for g in graphs):
+                return True
+    return False
+
+
 def _shape_derived(graph: onnx.GraphProto, folded: dict[str, np.ndarray]) -> set[str]:
     """The folded outputs of Shape and Size, and of every folded computation that reads one."""
     derived: set[str] = set()
@@ -185,14 +229,15 @@ def _runtime_ops_aside(model: onnx.ModelProto) -> bool:
     return moved
 
 
-def check_model(model: onnx.ModelProto) -> None:
-    """onnx.checker.check_model, which accepts the default-domain ops of onnxruntime a handler knows."""
+def check_model(model: onnx.ModelProto, serialized: bytes | None = None) -> None:
+    """onnx.checker.check_model, which accepts the default-domain ops of onnxruntime a handler knows;
+    given the model's protobuf bytes (`serialized`), it checks them rather than encode the model again."""
     if any(_runtime_op(n) for n in model.graph.node):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         _runtime_ops_aside(copy)
-        model = copy
-    onnx.checker.check_model(model)
+        model, serialized = copy, None
+    onnx.checker.check_model(model if serialized is None else serialized)
 
 
 def _read(path: Path) -> onnx.ModelProto:
@@ -282,6 +327,16 @@ def _typed_elements(tensor: TensorProto) -> int | None:
 
 def _data_bytes(tensor: TensorProto) -> int:
     return math.prod(tensor.dims) * _itemsize(tensor.data_type)
+
+
+def serialized(model: onnx.ModelProto) -> bytes | None:
+    """The model's protobuf bytes, or None past protobuf's 2 GB limit (the upb runtime refuses to
+    encode it). Encoding a model with its weights costs as much as measuring its size (ByteSize
+    encodes too), so callers encode once and check, run and write the same bytes."""
+    try:
+        return model.SerializeToString()
+    except (EncodeError, ValueError):
+        return None
 
 
 def serialized_size(model: onnx.ModelProto) -> int:

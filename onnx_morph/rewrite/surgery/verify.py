@@ -141,11 +141,12 @@ def runtime_errors(ort) -> tuple[type, ...]:
 Feeds = list[dict[str, np.ndarray]]
 
 
-def run(graph: ChannelGraph, model: onnx.ModelProto, feeds: Feeds, extra_outputs: list[str] = (),
+def run(graph: ChannelGraph, model: onnx.ModelProto | bytes, feeds: Feeds, extra_outputs: list[str] = (),
         then: Callable[[list[list[np.ndarray]]], Feeds] | None = None, plain: Feeds = ()) -> list[list[np.ndarray]]:
-    """Outputs of `model` (then the `extra_outputs` intermediate tensors) for each feed, in one session;
-    `then`, given those results, may ask for more feeds, run alike after them; the `plain` feeds
-    come last and fetch the model's own outputs only.
+    """Outputs of `model` and then the `extra_outputs` intermediate tensors, for each feed, in one
+    session; `then`, given those results, may ask for more feeds, run alike after them; the `plain`
+    feeds come last and fetch the model's own outputs only. `model` may be the protobuf bytes of
+    the model, with with_outputs(graph, extra_outputs) appended, when the caller has them.
 
     When onnxruntime cannot load or run the input model itself (an op it lacks, a contradiction
     onnx's checker misses), that is the input's fault: a ModelLoadError. A failure only of a model
@@ -165,23 +166,37 @@ def run(graph: ChannelGraph, model: onnx.ModelProto, feeds: Feeds, extra_outputs
         raise
 
 
-def _run(ort, graph: ChannelGraph, model: onnx.ModelProto, feeds: Feeds, extra_outputs,
+def _run(ort, graph: ChannelGraph, model: onnx.ModelProto | bytes, feeds: Feeds, extra_outputs,
          then=None, plain: Feeds = ()) -> list[list[np.ndarray]]:
-    own = [o.name for o in model.graph.output]
-    if extra_outputs:
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        for name in extra_outputs:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(
-                name, graph.model.dtypes.get(name, onnx.TensorProto.FLOAT), None))
-        model = probe
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    data = model if isinstance(model, bytes) else model.SerializeToString() + with_outputs(graph, extra_outputs)
+    session = ort.InferenceSession(data, session_options(ort), providers=["CPUExecutionProvider"])
+    del data
+    own = [o.name for o in session.get_outputs()[:len(session.get_outputs()) - len(extra_outputs)]]
     results = [session.run(None, feed) for feed in feeds]
     if then is not None:
         results += [session.run(None, feed) for feed in then(results)]
     return results + [session.run(own, feed) for feed in plain]
+
+
+def session_options(ort):
+    """Options for a session that runs a few times: quiet, and with workers that sleep between runs
+    (spinning, onnxruntime's default, burns a core for a while after each run; the results are the same)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def with_outputs(graph: ChannelGraph, names: list[str]) -> bytes:
+    """Protobuf bytes that, appended to a serialized model, add `names` to its graph's outputs: a
+    parser merges a message field that occurs twice (the graph) and appends to its repeated fields
+    (the outputs), so the model's weights need not be copied and encoded again."""
+    if not names:
+        return b""
+    appendix = onnx.ModelProto()
+    appendix.graph.output.extend(onnx.helper.make_tensor_value_info(
+        name, graph.model.dtypes.get(name, onnx.TensorProto.FLOAT), None) for name in names)
+    return appendix.SerializeToString()
 
 
 def deviation(expected: list[list[np.ndarray]], actual: list[list[np.ndarray]]) -> Deviation:
