@@ -11,6 +11,7 @@ import functools
 import math
 import mmap
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,7 @@ class LoadedModel:
         self._initializers = {t.name: t for t in self.model.graph.initializer}
         self._computed: dict[str, np.ndarray | None] = {}
         self._constants: dict[str, np.ndarray] = {}
+        self._files: dict[Path, memoryview] = {}  # external data files, mapped once
         for node in self.model.graph.node:
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
                 value = _constant_node_value(node)
@@ -81,8 +83,24 @@ class LoadedModel:
         if tensor is None:
             return None
         if tensor.data_location == TensorProto.EXTERNAL:
-            tensor = _with_external_data(tensor, self.base_dir, self.source)
+            return self._external_array(tensor)
         return numpy_helper.to_array(tensor)
+
+    def _external_array(self, tensor: TensorProto) -> np.ndarray:
+        """What numpy_helper.to_array gives for an external initializer (read-only, as there), as a
+        view of its file mapped once: no copy per read (surgery and the probes read each weight)."""
+        dtype = _PLAIN_TYPES.get(tensor.data_type)
+        count = math.prod(tensor.dims)
+        if dtype is None or count == 0 or sys.byteorder != "little":
+            return numpy_helper.to_array(_with_external_data(tensor, self.base_dir, self.source))
+        path, offset, _ = _external_file(tensor, self.base_dir, self.source)
+        check_fits(self.source, _data_bytes(tensor), f"the values of initializer '{tensor.name}'")
+        return np.frombuffer(self._mapped(path), dtype=dtype, count=count, offset=offset).reshape(tuple(tensor.dims))
+
+    def _mapped(self, path: Path) -> memoryview:
+        if path not in self._files:
+            self._files[path] = _mapped(path)
+        return self._files[path]
 
     def computed_constant(self, name: str) -> np.ndarray | None:
         """The value of a tensor that nodes compute from constants alone and that loading left
@@ -134,22 +152,29 @@ class LoadedModel:
     def encoded(self, model: onnx.ModelProto | None = None, appendix: bytes = b"") -> bytes | None:
         """The protobuf bytes of this model, or of `model` derived from it (its weights still this
         model's external references), with every weight in, then `appendix`: what materialized()
-        then serialized() give, without decoding and encoding the weights (wire.with_data copies
-        them from their files into the bytes, once). None past protobuf's 2 GB limit."""
+        then serialized() give, without decoding and encoding the weights. None past protobuf's
+        2 GB limit."""
+        parts = self.encoded_parts(model, appendix)
+        return None if parts is None else b"".join(parts)
+
+    def encoded_parts(self, model: onnx.ModelProto | None = None, appendix: bytes = b"") -> list | None:
+        """`encoded` as pieces to join or write in turn: the weights are views of their files
+        (wire.with_data), copied only to where the pieces go."""
         model = self.model if model is None else model
         places = [] if _external_elsewhere(model.graph) else [
             _external_file(t, self.base_dir, self.source) for t in model.graph.initializer
             if t.data_location == TensorProto.EXTERNAL]
         if not places:
             data = serialized(self.materialized(model) if _external_elsewhere(model.graph) else model)
-            return None if data is None else data + appendix
-        files = {path: _mapped(path) for path, _, _ in places}  # unmapped when the last view goes
-        views = [files[path][offset:None if length is None else offset + length] for path, offset, length in places]
-        size = serialized_size(model) + sum(len(v) for v in views) + len(appendix)
+            return None if data is None else [data, appendix]
+        views = [self._mapped(path)[offset:None if length is None else offset + length]
+                 for path, offset, length in places]
+        parts = with_data(model, iter(views), appendix)  # views still: nothing is copied yet
+        size = sum(len(part) for part in parts)
         if size > PROTOBUF_LIMIT:
             return None
         check_fits(self.source, size, "the weights")
-        return with_data(model, iter(views), appendix)
+        return parts
 
     def is_constant(self, name: str) -> bool:
         return name in self._initializers or name in self._constants or name in self.folded
@@ -179,6 +204,13 @@ def load_model(
     _check_sizes(shapes, label)
     return LoadedModel(model, label, base_dir, opset, shapes, dtypes, resolved_inputs, notes, folded,
                        _shape_derived(model.graph, folded))
+
+
+# Element types whose raw data numpy reads as it is (to_array's frombuffer), by ONNX data type.
+_PLAIN_TYPES = {getattr(TensorProto, name): np.dtype(dtype) for name, dtype in (
+    ("FLOAT", "float32"), ("DOUBLE", "float64"), ("FLOAT16", "float16"), ("BOOL", "bool"),
+    ("INT8", "int8"), ("INT16", "int16"), ("INT32", "int32"), ("INT64", "int64"),
+    ("UINT8", "uint8"), ("UINT16", "uint16"), ("UINT32", "uint32"), ("UINT64", "uint64"))}
 
 
 def _mapped(path: Path) -> memoryview:

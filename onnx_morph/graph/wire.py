@@ -125,12 +125,13 @@ def _field(number: int, parts: list) -> list:
     return [_varint_bytes(number << 3 | _LENGTH_DELIMITED), _varint_bytes(sum(len(p) for p in parts)), *parts]
 
 
-def with_data(model: onnx.ModelProto, data, appendix: bytes = b"") -> bytes:
-    """`model`'s protobuf bytes with the data of each external initializer, in order, taken from
-    the iterator `data` (views of the files that hold them) into its raw_data: the bytes that
-    load_external_data_for_model followed by SerializeToString give, field for field, but only the
-    graph is encoded, and the weights are copied once, from the file into the result; `appendix`
-    (more protobuf fields, see verify.with_outputs) comes last."""
+def with_data(model: onnx.ModelProto, data, appendix: bytes = b"") -> list:
+    """`model`'s protobuf bytes, as a list of pieces to join or write in turn, with the data of each
+    external initializer, in order, taken from the iterator `data` (views of the files that hold
+    them) into its raw_data: the bytes that load_external_data_for_model followed by
+    SerializeToString give, field for field, but only the graph is encoded, and the weights are
+    copied once, from the file to where the pieces go; `appendix` (more protobuf fields, see
+    verify.with_outputs) comes last."""
     encoded = memoryview(model.SerializeToString())
     initializers = iter(model.graph.initializer)
     parts: list = []
@@ -146,7 +147,7 @@ def with_data(model: onnx.ModelProto, data, appendix: bytes = b"") -> bytes:
             else:
                 graph.append(encoded[start:inner_end])
         parts += _field(number, graph)
-    return b"".join([*parts, appendix])
+    return [*parts, appendix]
 
 
 def _inlined(encoded: memoryview, start: int, end: int, raw) -> list:

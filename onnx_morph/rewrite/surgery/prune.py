@@ -20,8 +20,8 @@ from onnx_morph.rewrite.surgery.calibrate import calibrated, has_batchnorm
 from onnx_morph.rewrite.surgery.latency import LatencyModel, by_latency, measured_to_target, parse_latency_target
 from onnx_morph.rewrite.surgery.surgery import (Surgery, keep_masks, probed_tensors, remove_channels,
                                                 removed_channel_values)
-from onnx_morph.rewrite.surgery.verify import (Deviation, deviation, input_notes, masked_original, probe_inputs,
-                                               random_inputs, run, with_outputs)
+from onnx_morph.rewrite.surgery.verify import (Deviation, deviation, input_notes, masked_original, model_file,
+                                               probe_inputs, random_inputs, run, with_outputs)
 
 # Removed channels' constants are measured on PROBE_SAMPLES probe inputs (of PROBE_SEED); the result
 # is verified on VERIFY_SAMPLES random inputs of VERIFY_SEED, which decided nothing.
@@ -123,9 +123,8 @@ def prune(
     alive, notes = _choose(graph, criteria, round_to, min_keep, table, measure)
     operated = _operate(graph, alive, fold_constants, verify, notes)
     pruned = _calibrated(graph, operated, calibration, notes)
-    latency = None
-    if table is not None:
-        latency = _latency_check(graph, table, alive, pruned, criteria["target_latency"], measure)
+    latency = None if table is None else _latency_check(graph, table, alive, pruned, criteria["target_latency"],
+                                                        measure)
     return _result(graph, alive, operated, pruned, notes, latency)
 
 
@@ -144,14 +143,17 @@ def _operate(graph: ChannelGraph, alive: np.ndarray, fold_constants: bool, verif
              notes: list[str]) -> _Operated:
     """Remove the dead channels, then check the result with onnx's checker and, with `verify`, run it
     against the original in onnxruntime. Surgery edits the loaded model, whose weights stay in the
-    file, and each model is encoded once with its weights copied in (LoadedModel.encoded): what the
-    check costs is the runs, not decoding and encoding the weights over and over."""
+    file, and each model is encoded once with its weights copied in (LoadedModel.encoded_parts) and
+    handed to onnxruntime as a file (model_file): what the check costs is the runs, not decoding,
+    encoding and copying the weights over and over."""
     masks = keep_masks(graph, alive)
     probes = probed_tensors(graph, masks) if fold_constants else []
-    encoded = graph.model.encoded(appendix=with_outputs(graph, probes))  # one session serves probes and runs
-    small = encoded is not None
-    removed, original_runs, fresh = _probe_and_run(graph, encoded, probes if small else [], masks, small and verify)
-    del encoded
+    parts = graph.model.encoded_parts(appendix=with_outputs(graph, probes))  # one session: probes and runs
+    small = parts is not None
+    with model_file(parts) as original:
+        removed, original_runs, fresh = _probe_and_run(graph, original, probes if small else [], masks,
+                                                        small and verify)
+    del parts
     surgery = remove_channels(graph, alive, graph.model.model, removed)
     operated = _Operated(surgery, graph.model.encoded(surgery.model) if small else None)
     if not small:
@@ -162,9 +164,11 @@ def _operate(graph: ChannelGraph, alive: np.ndarray, fold_constants: bool, verif
     check_model(surgery.model, operated.serialized)
     if verify:
         notes.extend(input_notes(graph))
-        pruned_runs = run(graph, operated.serialized, fresh)
-        masked = graph.model.encoded(masked_original(graph, graph.model.model, masks, surgery.folded))
-        masked_runs = run(graph, masked, fresh)
+        with model_file([operated.serialized]) as pruned:
+            pruned_runs = run(graph, pruned, fresh)
+        with model_file(graph.model.encoded_parts(masked_original(graph, graph.model.model, masks,
+                                                                  surgery.folded))) as masked:
+            masked_runs = run(graph, masked, fresh)
         operated.masked_deviation = deviation(masked_runs, pruned_runs)
         operated.original_deviation = deviation(original_runs, pruned_runs)
     return operated
@@ -220,11 +224,11 @@ def _calibrated(graph: ChannelGraph, operated: _Operated, calibration, notes: li
 
 
 def _probe_and_run(
-    graph: ChannelGraph, original: bytes | None, probes: list[str], masks: dict[str, np.ndarray], verify: bool,
+    graph: ChannelGraph, original: bytes | str | None, probes: list[str], masks: dict[str, np.ndarray], verify: bool,
 ) -> tuple[dict[str, np.ndarray], list[list[np.ndarray]], list[dict[str, np.ndarray]]]:
     """The constants of removed channels in the `probes` tensors, and the original's outputs on fresh
-    inputs for verification, in one onnxruntime session of the `original` model's bytes (which have
-    the probes as extra outputs). One probe run tells the value of a channel proven independent of the
+    inputs for verification, in one onnxruntime session of the `original` model's bytes or file (which
+    have the probes as extra outputs). One probe run tells the value of a channel proven independent of the
     inputs (input_dependence) and rules out one that varies over positions; any other removed channel
     takes PROBE_SAMPLES runs on probe_inputs. Verification runs on inputs of another seed, which
     decided nothing."""
