@@ -171,10 +171,8 @@ class LoadedModel:
                  for path, offset, length in places]
         parts = with_data(model, iter(views), appendix)  # views still: nothing is copied yet
         size = sum(len(part) for part in parts)
-        if size > PROTOBUF_LIMIT:
-            return None
         check_fits(self.source, size, "the weights")
-        return parts
+        return None if size > PROTOBUF_LIMIT else parts
 
     def is_constant(self, name: str) -> bool:
         return name in self._initializers or name in self._constants or name in self.folded

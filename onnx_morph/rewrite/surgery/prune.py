@@ -14,7 +14,7 @@ from onnx_morph.costs.measured import LatencyTable, load_table
 from onnx_morph.errors import OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model, source_strength
 from onnx_morph.graph.dependence import input_dependence
-from onnx_morph.graph.load import check_model, serialized
+from onnx_morph.graph.load import check_model
 from onnx_morph.rewrite.surgery import select
 from onnx_morph.rewrite.surgery.calibrate import calibrated, has_batchnorm
 from onnx_morph.rewrite.surgery.latency import LatencyModel, by_latency, measured_to_target, parse_latency_target
