@@ -1085,7 +1085,8 @@ def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path, m
 def test_each_model_is_encoded_once_as_materialized_then_serialized(tmp_path, monkeypatch):
     """LoadedModel.encoded copies the weights from their files (the model's own, or an external data
     file) into the bytes: byte for byte what materialized() then SerializeToString() give, for the
-    loaded model and for the surgery's result, which keeps the loaded model's references. A model
+    loaded model and for the surgery's result, which keeps the loaded model's references (and, with
+    `deferred`, holds its new weights as arrays). A model
     handed to onnxruntime as an in-memory file (or, without memfd, as bytes) runs as the ModelProto does."""
     from onnx_morph.rewrite.surgery.surgery import remove_channels
     from onnx_morph.rewrite.surgery.verify import model_file, random_inputs, run, with_outputs
@@ -1104,6 +1105,10 @@ def test_each_model_is_encoded_once_as_materialized_then_serialized(tmp_path, mo
         alive[[g.classes[0] for g in graph.groups if g.prunable]] = False
         pruned = remove_channels(graph, alive, loaded.model).model
         assert loaded.encoded(pruned) == loaded.materialized(pruned).SerializeToString()
+        deferred = remove_channels(graph, alive, loaded.model, deferred=True)  # new weights as arrays
+        assert deferred.arrays
+        assert loaded.encoded(deferred.model, arrays=deferred.arrays) == loaded.encoded(pruned)
+        assert loaded.materialized(deferred.model, deferred.arrays).SerializeToString() == loaded.encoded(pruned)
     feeds = random_inputs(graph, samples=2)
     probe = next(o for n in graph.model.graph.node for o in n.output if n.op_type == "Relu")
     expected = run(graph, loaded.materialized(), feeds, [probe])

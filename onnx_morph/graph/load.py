@@ -97,6 +97,10 @@ class LoadedModel:
         check_fits(self.source, _data_bytes(tensor), f"the values of initializer '{tensor.name}'")
         return np.frombuffer(self._mapped(path), dtype=dtype, count=count, offset=offset).reshape(tuple(tensor.dims))
 
+    def _view(self, tensor: TensorProto) -> memoryview:
+        path, offset, length = _external_file(tensor, self.base_dir, self.source)
+        return self._mapped(path)[offset:None if length is None else offset + length]
+
     def _mapped(self, path: Path) -> memoryview:
         if path not in self._files:
             self._files[path] = _mapped(path)
@@ -138,37 +142,44 @@ class LoadedModel:
         except Exception:  # noqa: BLE001 - an op the reference runtime cannot run: the value stays unknown
             return None
 
-    def materialized(self, model: onnx.ModelProto | None = None) -> onnx.ModelProto:
-        """A copy of the model, or of `model` derived from it, with every weight in memory."""
+    def materialized(self, model: onnx.ModelProto | None = None,
+                     arrays: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+        """A copy of the model, or of `model` derived from it, with every weight in memory; `arrays`
+        holds the data of `model`'s placeholder initializers (Surgery.arrays)."""
         model = self.model if model is None else model
         external = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
         check_fits(self.source, serialized_size(model) + sum(_data_bytes(t) for t in external), "the weights")
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
+        for tensor in copy.graph.initializer if arrays else ():
+            if tensor.name in arrays and tensor.data_location == TensorProto.EXTERNAL:
+                tensor.ClearField("data_location")  # as numpy_helper.from_array leaves it
+                tensor.raw_data = arrays[tensor.name].tobytes()
         if self.base_dir is not None and external:
             load_external_data_for_model(copy, str(self.base_dir))
         return copy
 
-    def encoded(self, model: onnx.ModelProto | None = None, appendix: bytes = b"") -> bytes | None:
+    def encoded(self, model: onnx.ModelProto | None = None, appendix: bytes = b"",
+                arrays: dict[str, np.ndarray] | None = None) -> bytes | None:
         """The protobuf bytes of this model, or of `model` derived from it (its weights still this
-        model's external references), with every weight in, then `appendix`: what materialized()
-        then serialized() give, without decoding and encoding the weights. None past protobuf's
-        2 GB limit."""
-        parts = self.encoded_parts(model, appendix)
+        model's external references, its placeholders' data in `arrays`), with every weight in, then
+        `appendix`: what materialized() then serialized() give, without decoding and encoding the
+        weights. None past protobuf's 2 GB limit."""
+        parts = self.encoded_parts(model, appendix, arrays)
         return None if parts is None else b"".join(parts)
 
-    def encoded_parts(self, model: onnx.ModelProto | None = None, appendix: bytes = b"") -> list | None:
-        """`encoded` as pieces to join or write in turn: the weights are views of their files
-        (wire.with_data), copied only to where the pieces go."""
-        model = self.model if model is None else model
-        places = [] if _external_elsewhere(model.graph) else [
-            _external_file(t, self.base_dir, self.source) for t in model.graph.initializer
-            if t.data_location == TensorProto.EXTERNAL]
-        if not places:
-            data = serialized(self.materialized(model) if _external_elsewhere(model.graph) else model)
+    def encoded_parts(self, model: onnx.ModelProto | None = None, appendix: bytes = b"",
+                      arrays: dict[str, np.ndarray] | None = None) -> list | None:
+        """`encoded` as pieces to join or write in turn: the weights are views of their files or
+        arrays (wire.with_data), copied only to where the pieces go."""
+        model, arrays = self.model if model is None else model, arrays or {}
+        external = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+        if not external or _external_elsewhere(model.graph):
+            data = serialized(self.materialized(model, arrays) if external or _external_elsewhere(model.graph)
+                              else model)
             return None if data is None else [data, appendix]
-        views = [self._mapped(path)[offset:None if length is None else offset + length]
-                 for path, offset, length in places]
+        views = [(memoryview(arrays[t.name]).cast("B"), False) if t.name in arrays else (self._view(t), True)
+                 for t in external]
         parts = with_data(model, iter(views), appendix)  # views still: nothing is copied yet
         size = sum(len(part) for part in parts)
         check_fits(self.source, size, "the weights")

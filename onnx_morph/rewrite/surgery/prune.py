@@ -154,13 +154,13 @@ def _operate(graph: ChannelGraph, alive: np.ndarray, fold_constants: bool, verif
         removed, original_runs, fresh = _probe_and_run(graph, original, probes if small else [], masks,
                                                         small and verify)
     del parts
-    surgery = remove_channels(graph, alive, graph.model.model, removed)
-    operated = _Operated(surgery, graph.model.encoded(surgery.model) if small else None)
+    surgery = remove_channels(graph, alive, graph.model.model, removed, deferred=True)
+    operated = _Operated(surgery, graph.model.encoded(surgery.model, arrays=surgery.arrays) if small else None)
     if not small:
-        surgery.model = graph.model.materialized(surgery.model)
+        surgery.model = graph.model.materialized(surgery.model, surgery.arrays)
         notes.append("over 2 GB: the checker and onnxruntime verification were skipped")
         return operated
-    surgery.model = onnx.ModelProto.FromString(operated.serialized)
+    surgery.model, surgery.arrays = onnx.ModelProto.FromString(operated.serialized), {}
     check_model(surgery.model, operated.serialized)
     if verify:
         notes.extend(input_notes(graph))
