@@ -199,11 +199,13 @@ def model_file(parts: list | None) -> Iterator[str | bytes | None]:
             if fd is not None:
                 os.close(fd)
             fd = None
+    if fd is None:
+        yield None if parts is None else b"".join(parts)
+        return
     try:
-        yield f"/proc/self/fd/{fd}" if fd is not None else None if parts is None else b"".join(parts)
+        yield f"/proc/self/fd/{fd}"
     finally:
-        if fd is not None:
-            os.close(fd)
+        os.close(fd)
 
 
 def session_options(ort):
