@@ -241,7 +241,10 @@ class MorphNetRegularizer:
         """The regularization term, effective cost and alive classes for the parameters' current values."""
         backend = self._backend_on_parameters()
         term = regularization_term(backend, self.spec, self._inputs(backend))
-        return MorphNetOutput(term.regularization, term.cost.detach(), term.alive[:-1].detach().bool())
+        regularization = term.regularization
+        if not regularization.requires_grad and term.vector.requires_grad:  # every slope 0 (a flat measured table)
+            regularization = regularization + 0.0 * term.vector.sum()
+        return MorphNetOutput(regularization, term.cost.detach(), term.alive[:-1].detach().bool())
 
     def alive_counts(self, alive: torch.Tensor | np.ndarray | None = None) -> dict[str, int]:
         """{producer node: alive output channels} for `alive` (by default the parameters' current

@@ -1106,3 +1106,47 @@ def test_models_over_the_protobuf_limit_are_saved_with_external_data(tmp_path, m
     actual = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"]).run(None, {"input": x})
     np.testing.assert_allclose(actual[0], expected[0], rtol=1e-6, atol=1e-7)
     assert [i.name for i in loaded.graph.input] == [i.name for i in result.model.graph.input]
+
+
+def test_each_model_is_encoded_once_as_materialized_then_serialized(tmp_path, monkeypatch):
+    """LoadedModel.encoded copies the weights from their files (the model's own, or an external data
+    file) into the bytes: byte for byte what materialized() then SerializeToString() give, for the
+    loaded model and for the surgery's result, which keeps the loaded model's references (and, with
+    `deferred`, holds its new weights as arrays). A model
+    handed to onnxruntime as an in-memory file (or, without memfd, as bytes) runs as the ModelProto does."""
+    from onnx_morph.rewrite.surgery.surgery import remove_channels
+    from onnx_morph.rewrite.surgery.verify import model_file, random_inputs, run, with_outputs
+
+    factory, shape = zoo.ZOO["BasicBlock"]
+    source = zoo.export_onnx(factory(), shape, tmp_path / "block.onnx")
+    external = tmp_path / "external.onnx"
+    onnx.save_model(onnx.load(str(source)), str(external), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="external.data", size_threshold=0)
+    for path in (source, external):
+        loaded = load_model(path)
+        assert sum(t.data_location == onnx.TensorProto.EXTERNAL for t in loaded.model.graph.initializer) >= 2
+        assert loaded.encoded() == loaded.materialized().SerializeToString()
+        graph = build_channel_graph(loaded)
+        alive = np.ones(graph.num_classes, dtype=bool)
+        alive[[g.classes[0] for g in graph.groups if g.prunable]] = False
+        pruned = remove_channels(graph, alive, loaded.model).model
+        assert loaded.encoded(pruned) == loaded.materialized(pruned).SerializeToString()
+        deferred = remove_channels(graph, alive, loaded.model, deferred=True)  # new weights as arrays
+        assert deferred.arrays
+        assert loaded.encoded(deferred.model, arrays=deferred.arrays) == loaded.encoded(pruned)
+        assert loaded.materialized(deferred.model, deferred.arrays).SerializeToString() == loaded.encoded(pruned)
+    feeds = random_inputs(graph, samples=2)
+    probe = next(o for n in graph.model.graph.node for o in n.output if n.op_type == "Relu")
+    expected = run(graph, loaded.materialized(), feeds, [probe])
+    with model_file(loaded.encoded_parts(appendix=with_outputs(graph, [probe]))) as data:
+        assert isinstance(data, str) or not hasattr(os, "memfd_create")
+        actual = run(graph, data, feeds, [probe])
+    monkeypatch.delattr(os, "memfd_create", raising=False)
+    with model_file(loaded.encoded_parts(appendix=with_outputs(graph, [probe]))) as data:
+        assert isinstance(data, bytes)
+        joined = run(graph, data, feeds, [probe])
+    for runs in (actual, joined):
+        assert [len(r) for r in runs] == [2, 2]
+        for want, got in zip(expected, runs):
+            for a, b in zip(want, got):
+                np.testing.assert_array_equal(a, b)

@@ -135,6 +135,73 @@ def test_other_costs_match_onnx(name, cost):
     check_against_onnx(factory(), shape, "gamma", cost=cost)
 
 
+def _slopes_per_class(graph, table) -> np.ndarray:
+    """d latency / d (alive channels) of each class at the full widths, as finite differences of the
+    table to the next lower grid width, summed over the timed ops that read or write the class."""
+    per_class = np.zeros(graph.num_classes + 1)
+    for name, op in table.ops.items():
+        geometry = graph.relations[name].geometry
+        full = op.latency(op.in_width, op.out_width)
+        for side, tensor, axis in (("in", geometry.input, geometry.in_axis), ("out", geometry.output, geometry.out_axis)):
+            width = op.in_width if side == "in" else op.out_width
+            lower = [g for g in (op.grid_in if side == "in" else op.grid_out) if g < width]
+            classes = graph.axis_classes(tensor, axis)
+            if not lower or (side == "in" and op.tied) or classes is None:
+                continue
+            fewer = op.latency(lower[-1], op.out_width) if side == "in" else op.latency(op.in_width, lower[-1])
+            np.add.at(per_class, classes, table.scale * (full - fewer) / (width - lower[-1]))
+    return per_class
+
+
+def test_measured_latency_table_in_torch(tmp_path):
+    """cost='latency:measured=TABLE', a table `onnx-morph profile` wrote for the module's own export:
+    at the current widths the cost is the table's predicted latency; the gradient of each gamma is the
+    table's slopes (finite differences) of the ops reading and writing its channel; with half the
+    channels dead, value and gradient equal the ONNX rewrite's and the numpy reference's."""
+    from onnx_morph.costs.measured import load_table
+    from onnx_morph.profile import Timing, profile
+    from onnx_morph.rewrite.surgery.latency import LatencyModel
+
+    factory, shape = zoo.ZOO["ConvStack"]
+    module = factory()
+    path = tmp_path / "convstack.onnx"
+    onnx.save(MorphNetRegularizer(module, torch.randn(*shape), regularizer="gamma").graph.model.model, path)
+    profiled = profile(path, timing=Timing(warmup=1, repeats=3, min_seconds=0.0), max_points=3,
+                       cache=tmp_path / "cache", progress=None)
+    document = profiled.to_json()
+    # A staircase-free synthetic latency on the profiled grids, so that every slope is positive and
+    # differs from the others (timings of ops this small are mostly noise).
+    for entry in document["ops"].values():
+        widths_in = entry["out"] if entry["tied"] else entry["in"]
+        ms = [[0.01 + 1e-4 * (i + 1) * (7 * o + 3) for o in entry["out"]] for i in widths_in]
+        entry["ms"] = ms[-1] if entry["tied"] else ms
+    for name, doc in (("profiled", profiled.to_json()), ("synthetic", document)):
+        table_path = tmp_path / f"{name}.json"
+        table_path.write_text(json.dumps(doc))
+        table = load_table(table_path)
+        cost = f"latency:measured={table_path}"
+        reg = MorphNetRegularizer(module, torch.randn(*shape), regularizer="gamma", cost=cost)
+        module.zero_grad(set_to_none=True)
+        out = reg()
+        out.regularization.backward()
+        assert bool(out.alive.all())
+        assert float(out.cost) == pytest.approx(table.model_seconds, rel=1e-6)
+        assert float(out.cost) == pytest.approx(LatencyModel(reg.graph, table).predict(out.alive.numpy()), rel=1e-6)
+        per_class = _slopes_per_class(reg.graph, table)
+        offset = 0
+        for binding, param in zip(reg.bindings, reg.source_parameters()):
+            slopes = [per_class[np.flatnonzero((reg.spec.gather == offset + j).any(0))].sum()
+                      for j in range(binding.channels)]
+            expected = np.sign(param.detach().numpy()) * np.array(slopes)
+            np.testing.assert_allclose(param.grad.numpy(), expected, rtol=1e-5, atol=1e-9 * np.abs(per_class).max(),
+                                       err_msg=f"{name} table: gradient of {binding.parameter}")
+            offset += binding.channels
+        values = {b.initializer: p.detach().numpy() for b, p in zip(reg.bindings, reg.source_parameters())}
+        assert (float(out.cost), float(out.regularization.detach())) == pytest.approx(reg.spec.evaluate(values), rel=1e-5)
+    assert (np.abs(per_class) > 0).sum() >= 8  # the synthetic table's slopes, which the profiled one may lack
+    check_against_onnx(module, shape, "gamma", cost=cost)
+
+
 def test_onnxruntime_matmul_vector_gradient():
     """Why ort_reference moves the vector to the left: onnxruntime-training 1.19.2's gradient of
     MatMul(A, x) with a 1-D x is wrong, that of MatMul(x, A^T) is right. If this test fails,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import math
+import mmap
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from onnx.external_data_helper import load_external_data_for_model
 
 from onnx_morph.errors import ModelLoadError, OptionError
 from onnx_morph.graph.normalize import normalized
-from onnx_morph.graph.wire import read_without_weights
+from onnx_morph.graph.wire import read_without_weights, with_data
 from onnx_morph.handlers import handler_for, is_known
 
 MIN_OPSET = 11
@@ -64,6 +66,7 @@ class LoadedModel:
         self._initializers = {t.name: t for t in self.model.graph.initializer}
         self._computed: dict[str, np.ndarray | None] = {}
         self._constants: dict[str, np.ndarray] = {}
+        self._files: dict[Path, memoryview] = {}  # external data files, mapped once
         for node in self.model.graph.node:
             value = handler_for(node.op_type, node.domain).constant_output(node)
             if value is not None:
@@ -79,8 +82,28 @@ class LoadedModel:
         if tensor is None:
             return None
         if tensor.data_location == TensorProto.EXTERNAL:
-            tensor = _with_external_data(tensor, self.base_dir, self.source)
+            return self._external_array(tensor)
         return numpy_helper.to_array(tensor)
+
+    def _external_array(self, tensor: TensorProto) -> np.ndarray:
+        """What numpy_helper.to_array gives for an external initializer (read-only, as there), as a
+        view of its file mapped once: no copy per read (surgery and the probes read each weight)."""
+        dtype = _PLAIN_TYPES.get(tensor.data_type)
+        count = math.prod(tensor.dims)
+        if dtype is None or count == 0 or sys.byteorder != "little":
+            return numpy_helper.to_array(_with_external_data(tensor, self.base_dir, self.source))
+        path, offset, _ = _external_file(tensor, self.base_dir, self.source)
+        check_fits(self.source, _data_bytes(tensor), f"the values of initializer '{tensor.name}'")
+        return np.frombuffer(self._mapped(path), dtype=dtype, count=count, offset=offset).reshape(tuple(tensor.dims))
+
+    def _view(self, tensor: TensorProto) -> memoryview:
+        path, offset, length = _external_file(tensor, self.base_dir, self.source)
+        return self._mapped(path)[offset:None if length is None else offset + length]
+
+    def _mapped(self, path: Path) -> memoryview:
+        if path not in self._files:
+            self._files[path] = _mapped(path)
+        return self._files[path]
 
     def computed_constant(self, name: str) -> np.ndarray | None:
         """The value of a tensor that nodes compute from constants alone and that loading left
@@ -118,15 +141,48 @@ class LoadedModel:
         except Exception:  # noqa: BLE001 - an op the reference runtime cannot run: the value stays unknown
             return None
 
-    def materialized(self) -> onnx.ModelProto:
-        """A copy of the model with every weight in memory (for onnxruntime and surgery)."""
-        external = [t for t in self.model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
-        check_fits(self.source, serialized_size(self.model) + sum(_data_bytes(t) for t in external), "the weights")
+    def materialized(self, model: onnx.ModelProto | None = None,
+                     arrays: dict[str, np.ndarray] | None = None) -> onnx.ModelProto:
+        """A copy of the model, or of `model` derived from it, with every weight in memory; `arrays`
+        holds the data of `model`'s placeholder initializers (Surgery.arrays)."""
+        model = self.model if model is None else model
+        external = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+        check_fits(self.source, serialized_size(model) + sum(_data_bytes(t) for t in external), "the weights")
         copy = onnx.ModelProto()
-        copy.CopyFrom(self.model)
+        copy.CopyFrom(model)
+        for tensor in copy.graph.initializer if arrays else ():
+            if tensor.name in arrays and tensor.data_location == TensorProto.EXTERNAL:
+                tensor.ClearField("data_location")  # as numpy_helper.from_array leaves it
+                tensor.raw_data = arrays[tensor.name].tobytes()
         if self.base_dir is not None and external:
             load_external_data_for_model(copy, str(self.base_dir))
         return copy
+
+    def encoded(self, model: onnx.ModelProto | None = None, appendix: bytes = b"",
+                arrays: dict[str, np.ndarray] | None = None) -> bytes | None:
+        """The protobuf bytes of this model, or of `model` derived from it (its weights still this
+        model's external references, its placeholders' data in `arrays`), with every weight in, then
+        `appendix`: what materialized() then serialized() give, without decoding and encoding the
+        weights. None past protobuf's 2 GB limit."""
+        parts = self.encoded_parts(model, appendix, arrays)
+        return None if parts is None else b"".join(parts)
+
+    def encoded_parts(self, model: onnx.ModelProto | None = None, appendix: bytes = b"",
+                      arrays: dict[str, np.ndarray] | None = None) -> list | None:
+        """`encoded` as pieces to join or write in turn: the weights are views of their files or
+        arrays (wire.with_data), copied only to where the pieces go."""
+        model, arrays = self.model if model is None else model, arrays or {}
+        external = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+        if not external or _external_elsewhere(model.graph):
+            data = serialized(self.materialized(model, arrays) if external or _external_elsewhere(model.graph)
+                              else model)
+            return None if data is None else [data, appendix]
+        views = [(memoryview(arrays[t.name]).cast("B"), False) if t.name in arrays else (self._view(t), True)
+                 for t in external]
+        parts = with_data(model, iter(views), appendix)  # views still: nothing is copied yet
+        size = sum(len(part) for part in parts)
+        check_fits(self.source, size, "the weights")
+        return None if size > PROTOBUF_LIMIT else parts
 
     def is_constant(self, name: str) -> bool:
         return name in self._initializers or name in self._constants or name in self.folded
@@ -158,6 +214,35 @@ def load_model(
                        _shape_derived(model.graph, folded))
 
 
+# Element types whose raw data numpy reads as it is (to_array's frombuffer), by ONNX data type.
+_PLAIN_TYPES = {getattr(TensorProto, name): np.dtype(dtype) for name, dtype in (
+    ("FLOAT", "float32"), ("DOUBLE", "float64"), ("FLOAT16", "float16"), ("BOOL", "bool"),
+    ("INT8", "int8"), ("INT16", "int16"), ("INT32", "int32"), ("INT64", "int64"),
+    ("UINT8", "uint8"), ("UINT16", "uint16"), ("UINT32", "uint32"), ("UINT64", "uint64"))}
+
+
+def _mapped(path: Path) -> memoryview:
+    """The file's bytes, mapped read-only (an empty file has nothing to map)."""
+    with open(path, "rb") as f:
+        return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(f.fileno()).st_size else b"")
+
+
+def _external_elsewhere(graph: onnx.GraphProto, top: bool = True) -> bool:
+    """Whether a tensor other than the graph's own initializers (a node attribute's, a subgraph's)
+    keeps its data in a file."""
+    if not top and any(t.data_location == TensorProto.EXTERNAL for t in graph.initializer):
+        return True
+    for node in graph.node:
+        for attr in node.attribute:
+            tensors = [attr.t, *attr.tensors] if attr.HasField("t") else attr.tensors
+            if any(t.data_location == TensorProto.EXTERNAL for t in tensors):
+                return True
+            graphs = [attr.g, *attr.graphs] if attr.HasField("g") else attr.graphs
+            if any(_external_elsewhere(g, top=False) for g in graphs):
+                return True
+    return False
+
+
 def _shape_derived(graph: onnx.GraphProto, folded: dict[str, np.ndarray]) -> set[str]:
     """The folded outputs of Shape and Size, and of every folded computation that reads one."""
     derived: set[str] = set()
@@ -184,14 +269,15 @@ def _runtime_ops_aside(model: onnx.ModelProto) -> bool:
     return moved
 
 
-def check_model(model: onnx.ModelProto) -> None:
-    """onnx.checker.check_model, which accepts the default-domain ops of onnxruntime a handler knows."""
+def check_model(model: onnx.ModelProto, serialized: bytes | None = None) -> None:
+    """onnx.checker.check_model, which accepts the default-domain ops of onnxruntime a handler knows;
+    given the model's protobuf bytes (`serialized`), it checks them rather than encode the model again."""
     if any(_runtime_op(n) for n in model.graph.node):
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         _runtime_ops_aside(copy)
-        model = copy
-    onnx.checker.check_model(model)
+        model, serialized = copy, None
+    onnx.checker.check_model(model if serialized is None else serialized)
 
 
 def _read(path: Path) -> onnx.ModelProto:
@@ -281,6 +367,16 @@ def _typed_elements(tensor: TensorProto) -> int | None:
 
 def _data_bytes(tensor: TensorProto) -> int:
     return math.prod(tensor.dims) * _itemsize(tensor.data_type)
+
+
+def serialized(model: onnx.ModelProto) -> bytes | None:
+    """The model's protobuf bytes, or None past protobuf's 2 GB limit (the upb runtime refuses to
+    encode it). Encoding a model with its weights costs as much as measuring its size (ByteSize
+    encodes too), so callers encode once and check, run and write the same bytes."""
+    try:
+        return model.SerializeToString()
+    except (EncodeError, ValueError):
+        return None
 
 
 def serialized_size(model: onnx.ModelProto) -> int:

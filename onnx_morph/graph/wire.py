@@ -104,3 +104,61 @@ def _tensor(buffer, start: int, end: int, location: str) -> TensorProto:
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
     return tensor
+
+
+_TENSOR_EXTERNAL_DATA = 13
+_TENSOR_DATA_LOCATION = 14
+_VARINT = 0
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, parts: list) -> list:
+    """A length-delimited field holding `parts` (bytes-like pieces, joined only at the end)."""
+    return [_varint_bytes(number << 3 | _LENGTH_DELIMITED), _varint_bytes(sum(len(p) for p in parts)), *parts]
+
+
+def with_data(model: onnx.ModelProto, data, appendix: bytes = b"") -> list:
+    """`model`'s protobuf bytes, as a list of pieces to join or write in turn, with the data of each
+    external initializer, in order, taken from the iterator `data` into its raw_data: the bytes
+    that load_external_data_for_model followed by SerializeToString give, field for field, but only
+    the graph is encoded, and the weights are copied once, from the file to where the pieces go.
+    `data` gives (view, from_file): a view of the file that holds the data, or of an array that
+    numpy_helper.from_array would have stored (no data_location then, as from_array writes none).
+    `appendix` (more protobuf fields, see verify.with_outputs) comes last."""
+    encoded = memoryview(model.SerializeToString())
+    initializers = iter(model.graph.initializer)
+    parts: list = []
+    for number, wire, field_start, value_start, end in _fields(encoded, 0, len(encoded)):
+        if number != _MODEL_GRAPH or wire != _LENGTH_DELIMITED:
+            parts.append(encoded[field_start:end])
+            continue
+        graph: list = []
+        for inner, inner_wire, start, inner_value, inner_end in _fields(encoded, value_start, end):
+            if inner == _GRAPH_INITIALIZER and inner_wire == _LENGTH_DELIMITED \
+                    and next(initializers).data_location == TensorProto.EXTERNAL:
+                graph += _field(inner, _inlined(encoded, inner_value, inner_end, *next(data)))
+            else:
+                graph.append(encoded[start:inner_end])
+        parts += _field(number, graph)
+    return [*parts, appendix]
+
+
+def _inlined(encoded: memoryview, start: int, end: int, raw, from_file: bool) -> list:
+    """An external tensor's fields with `raw` as its raw_data and, `from_file`, its location the
+    default (as load_external_data_for_model sets it), in field-number order as protobuf writes them."""
+    fields = [(number, [encoded[field_start:field_end]])
+              for number, _, field_start, _, field_end in _fields(encoded, start, end)
+              if number not in (_TENSOR_RAW_DATA, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION)]
+    fields.append((_TENSOR_RAW_DATA, _field(_TENSOR_RAW_DATA, [raw])))
+    if from_file:
+        fields.append((_TENSOR_DATA_LOCATION, [_varint_bytes(_TENSOR_DATA_LOCATION << 3 | _VARINT), b"\0"]))
+    fields.sort(key=lambda field: field[0])
+    return [part for _, pieces in fields for part in pieces]

@@ -13,8 +13,7 @@ from onnx import numpy_helper
 from onnx_morph.errors import OptionError
 from onnx_morph.handlers import handler_for
 from onnx_morph.rewrite.editing import Names, drop_unused
-from onnx_morph.rewrite.training.training_graph import trainable
-from onnx_morph.rewrite.surgery.verify import onnxruntime
+from onnx_morph.rewrite.surgery.verify import onnxruntime, session_options
 
 
 def _with_statistics(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -29,6 +28,8 @@ def has_batchnorm(model: onnx.ModelProto) -> bool:
 def recalibrated_batchnorm(model: onnx.ModelProto, inputs: list[np.ndarray], input_name: str) -> onnx.ModelProto:
     """Set every BatchNorm's running mean and variance to its input's statistics over `inputs`,
     measured with every BatchNorm normalizing by batch statistics, as in training."""
+    from onnx_morph.rewrite.training.training_graph import trainable  # off prune's start-up path
+
     norms = _with_statistics(model)
     if not norms or not inputs:
         return model
@@ -37,7 +38,7 @@ def recalibrated_batchnorm(model: onnx.ModelProto, inputs: list[np.ndarray], inp
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(n.input[0], onnx.TensorProto.FLOAT, None)
                               for n in norms if n.input[0] not in known)
     ort = onnxruntime()
-    options = ort.SessionOptions()
+    options = session_options(ort)
     # onnxruntime 1.19's graph optimizations treat a training-mode BatchNormalization whose statistics
     # are initializers as an inference one (normalized by the running statistics), so the measured
     # statistics downstream of it would be wrong.

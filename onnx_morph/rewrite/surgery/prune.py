@@ -13,14 +13,15 @@ from onnx_morph.costs import Totals, op_costs, totals_of
 from onnx_morph.costs.measured import LatencyTable, load_table
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.graph.dependence import input_dependence
-from onnx_morph.graph.load import PROTOBUF_LIMIT, check_model, serialized_size
+from onnx_morph.graph.load import check_model
 from onnx_morph.rewrite.surgery.calibrate import calibrated, has_batchnorm
 from onnx_morph.rewrite.surgery.choose import choose
 from onnx_morph.rewrite.surgery.criteria import Budget, Criterion, check_criterion
 from onnx_morph.rewrite.surgery.latency import LatencyModel, parse_latency_target
-from onnx_morph.rewrite.surgery.surgery import keep_masks, probed_tensors, remove_channels, removed_channel_values
-from onnx_morph.rewrite.surgery.verify import (Deviation, deviation, input_notes, masked_original, probe_inputs,
-                                       random_inputs, run)
+from onnx_morph.rewrite.surgery.surgery import (Surgery, keep_masks, probed_tensors, remove_channels,
+                                                removed_channel_values)
+from onnx_morph.rewrite.surgery.verify import (Deviation, deviation, input_notes, masked_original, model_file,
+                                               probe_inputs, random_inputs, run, with_outputs)
 
 # Removed channels' constants are measured on PROBE_SAMPLES probe inputs (of PROBE_SEED); the result
 # is verified on VERIFY_SAMPLES random inputs of VERIFY_SEED, which decided nothing.
@@ -48,6 +49,8 @@ class PruneResult:
     notes: list[str] = field(default_factory=list)
     alive: np.ndarray | None = field(default=None, repr=False)
     latency: LatencyCheck | None = None
+    # `model`'s protobuf bytes as verified, which prune_file writes; None once `model` may differ from them.
+    serialized: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -104,54 +107,87 @@ def prune(
         table = latency_table if isinstance(latency_table, LatencyTable) else load_table(latency_table)
         table.check(graph, provider)
     alive, notes = choose(graph, criterion, table, measure)
-    masks = keep_masks(graph, alive)
+    operated = _operate(graph, alive, fold_constants, verify, notes)
+    pruned = _calibrated(graph, operated, calibration, notes)
+    target = criterion.latency if isinstance(criterion, Budget) else None
+    latency = None if table is None else _latency_check(graph, table, alive, pruned, target, measure)
+    return _result(graph, alive, operated, pruned, notes, latency)
 
-    original = graph.model.materialized()
-    small = serialized_size(original) < PROTOBUF_LIMIT
-    removed, original_runs, fresh = _probe_and_run(graph, original, masks, small and fold_constants, small and verify)
-    surgery = remove_channels(graph, alive, original, removed)
-    pruned = surgery.model
-    masked_deviation = original_deviation = None
-    if small:
-        check_model(pruned)
-        if verify:
-            notes.extend(input_notes(graph))
-            pruned_runs = run(graph, pruned, fresh)
-            masked_runs = run(graph, masked_original(graph, original, masks, surgery.folded), fresh)
-            masked_deviation = deviation(masked_runs, pruned_runs)
-            original_deviation = deviation(original_runs, pruned_runs)
-    else:
+
+@dataclass
+class _Operated:
+    """The surgery's result and how it was verified; `serialized` is the pruned model's protobuf
+    bytes, encoded once to be checked, run and written (None past protobuf's 2 GB limit)."""
+
+    surgery: Surgery
+    serialized: bytes | None
+    masked_deviation: Deviation | None = None
+    original_deviation: Deviation | None = None
+
+
+def _operate(graph: ChannelGraph, alive: np.ndarray, fold_constants: bool, verify: bool,
+             notes: list[str]) -> _Operated:
+    """Remove the dead channels, then check the result with onnx's checker and, with `verify`, run it
+    against the original in onnxruntime. Surgery edits the loaded model, whose weights stay in the
+    file, and each model is encoded once with its weights copied in (LoadedModel.encoded_parts) and
+    handed to onnxruntime as a file (model_file): what the check costs is the runs, not decoding,
+    encoding and copying the weights over and over."""
+    masks = keep_masks(graph, alive)
+    probes = probed_tensors(graph, masks) if fold_constants else []
+    parts = graph.model.encoded_parts(appendix=with_outputs(graph, probes))  # one session: probes and runs
+    small = parts is not None
+    with model_file(parts) as original:
+        removed, original_runs, fresh = _probe_and_run(graph, original, probes if small else [], masks,
+                                                        small and verify)
+    del parts
+    surgery = remove_channels(graph, alive, graph.model.model, removed, deferred=True)
+    operated = _Operated(surgery, graph.model.encoded(surgery.model, arrays=surgery.arrays) if small else None)
+    if not small:
+        surgery.model = graph.model.materialized(surgery.model, surgery.arrays)
         notes.append("over 2 GB: the checker and onnxruntime verification were skipped")
-    pruned = _calibrated(graph, pruned, calibration, original_deviation, notes)
-    everything = np.ones(graph.num_classes, dtype=bool)
+        return operated
+    surgery.model, surgery.arrays = onnx.ModelProto.FromString(operated.serialized), {}
+    check_model(surgery.model, operated.serialized)
+    if verify:
+        notes.extend(input_notes(graph))
+        with model_file([operated.serialized]) as pruned:
+            pruned_runs = run(graph, pruned, fresh)
+        with model_file(graph.model.encoded_parts(masked_original(graph, graph.model.model, masks,
+                                                                  surgery.folded))) as masked:
+            masked_runs = run(graph, masked, fresh)
+        operated.masked_deviation = deviation(masked_runs, pruned_runs)
+        operated.original_deviation = deviation(original_runs, pruned_runs)
+    return operated
+
+
+def _result(graph: ChannelGraph, alive: np.ndarray, operated: _Operated, pruned: onnx.ModelProto, notes: list[str],
+            latency: LatencyCheck | None) -> PruneResult:
     after = totals_of(op_costs(graph, alive))
-    latency = None
-    if table is not None:
-        target = criterion.latency if isinstance(criterion, Budget) else None
-        latency = _latency_check(graph, table, alive, original, pruned, target, measure)
     return PruneResult(
         model=pruned,
-        before=totals_of(op_costs(graph, everything)),
-        after=replace(after, params=after.params + surgery.new_parameters),
+        before=totals_of(op_costs(graph, np.ones(graph.num_classes, dtype=bool))),
+        after=replace(after, params=after.params + operated.surgery.new_parameters),
         removed_channels=int((~alive).sum()),
         widths=layer_widths(graph, alive),
-        masked_deviation=masked_deviation,
-        original_deviation=original_deviation,
+        masked_deviation=operated.masked_deviation,
+        original_deviation=operated.original_deviation,
         notes=notes,
         alive=alive,
         latency=latency,
+        serialized=operated.serialized,
     )
 
 
-def _calibrated(graph: ChannelGraph, pruned: onnx.ModelProto, calibration, original_deviation: Deviation | None,
-                notes: list[str]) -> onnx.ModelProto:
+def _calibrated(graph: ChannelGraph, operated: _Operated, calibration, notes: list[str]) -> onnx.ModelProto:
     """The pruned model with BatchNorm statistics measured on `calibration`, or a note on why not."""
+    pruned, original_deviation = operated.surgery.model, operated.original_deviation
     if calibration is not None and not has_batchnorm(pruned):
         notes.append("no BatchNorm to calibrate")
     elif calibration is not None:
         if callable(calibration):
             calibration = calibration(next(iter(graph.model.input_shapes.values())))
         pruned = calibrated(pruned, calibration)
+        operated.serialized = None  # the verified bytes are the model's before calibration
         notes.append(f"BatchNorm statistics measured on {sum(len(b) for b in calibration)} calibration inputs")
     elif _shifts_batchnorm(pruned, original_deviation):
         notes.append(f"the pruned model differs from the original (max relative {original_deviation.max_rel:.2g}) "
@@ -161,19 +197,19 @@ def _calibrated(graph: ChannelGraph, pruned: onnx.ModelProto, calibration, origi
 
 
 def _probe_and_run(
-    graph: ChannelGraph, original: onnx.ModelProto, masks: dict[str, np.ndarray], fold: bool, verify: bool,
+    graph: ChannelGraph, original: bytes | str | None, probes: list[str], masks: dict[str, np.ndarray], verify: bool,
 ) -> tuple[dict[str, np.ndarray], list[list[np.ndarray]], list[dict[str, np.ndarray]]]:
-    """The constants of removed channels, and the original's outputs on fresh inputs for verification,
-    in one onnxruntime session. One probe run tells the value of a channel proven independent of the
+    """The constants of removed channels in the `probes` tensors, and the original's outputs on fresh
+    inputs for verification, in one onnxruntime session of the `original` model's bytes or file (which
+    have the probes as extra outputs). One probe run tells the value of a channel proven independent of the
     inputs (input_dependence) and rules out one that varies over positions; any other removed channel
     takes PROBE_SAMPLES runs on probe_inputs. Verification runs on inputs of another seed, which
     decided nothing."""
-    probes = probed_tensors(graph, masks) if fold else []
     fresh = random_inputs(graph, samples=VERIFY_SAMPLES, seed=VERIFY_SEED) if verify else []
     if not probes:
         return {}, run(graph, original, [], plain=fresh) if fresh else [], fresh
     proven = {t: ~v for t, v in input_dependence(graph).items() if t in probes}
-    outputs = len(original.graph.output)
+    outputs = len(graph.model.graph.output)
     feeds = probe_inputs(graph, PROBE_SAMPLES, seed=PROBE_SEED)
 
     def samples(runs) -> dict[str, list[np.ndarray]]:
@@ -189,8 +225,8 @@ def _probe_and_run(
     return removed_channel_values(graph, masks, samples(probed), proven), runs[len(probed):], fresh
 
 
-def _latency_check(graph: ChannelGraph, table: LatencyTable, alive: np.ndarray, original: onnx.ModelProto,
-                   pruned: onnx.ModelProto, target, measure: bool) -> LatencyCheck:
+def _latency_check(graph: ChannelGraph, table: LatencyTable, alive: np.ndarray, pruned: onnx.ModelProto, target,
+                   measure: bool) -> LatencyCheck:
     from onnx_morph.profile import Timing, measure_models
 
     model = LatencyModel(graph, table)
@@ -199,7 +235,7 @@ def _latency_check(graph: ChannelGraph, table: LatencyTable, alive: np.ndarray, 
     if measure:
         shapes = {name: (table.batch, *shape[1:]) for name, shape in graph.model.input_shapes.items()}
         timing = Timing(table.provider, table.threads, table.batch)
-        both = measure_models([original, pruned], shapes, graph.model.dtypes, timing)
+        both = measure_models([graph.model.materialized(), pruned], shapes, graph.model.dtypes, timing)
         medians, fastest = [m.median for m in both], [m.fastest for m in both]
     return LatencyCheck(table.source, table.description,
                         None if target is None else parse_latency_target(target, table),
@@ -230,5 +266,5 @@ def prune_file(source: str | os.PathLike, output: str | os.PathLike, criterion: 
 
     refuse_overwrite(output, source)  # before the work, not only at the write
     result = prune(source, criterion, **options)
-    save_model(result.model, output, source=source)
+    save_model(result.model, output, source=source, serialized=result.serialized)
     return result

@@ -12,12 +12,13 @@ from typing import BinaryIO
 import onnx
 
 from onnx_morph.errors import OptionError, OutputError
-from onnx_morph.graph.load import PROTOBUF_LIMIT, serialized_size
+from onnx_morph.graph.load import PROTOBUF_LIMIT, serialized as encoded
 
 
-
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None) -> Path:
-    """Write `model` to `path` through a temporary file in the same folder, then rename.
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str | os.PathLike | None = None,
+               serialized: bytes | None = None) -> Path:
+    """Write `model` to `path` through a temporary file in the same folder, then rename; `serialized`,
+    when the caller has it, is `model`'s protobuf bytes (written as they are, not encoded again).
 
     Models over protobuf's 2 GB limit are written with their weights in `<name>.data` beside them.
     """
@@ -27,9 +28,9 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, *, source: str |
     folder = target.resolve().parent
     if not folder.is_dir():
         raise OutputError(f"{target}: the folder {folder} does not exist")
-    external = serialized_size(model) > PROTOBUF_LIMIT
-    if not external:
-        _write_atomically(target, folder, lambda f: f.write(model.SerializeToString()))
+    data = serialized if serialized is not None else encoded(model)
+    if data is not None and len(data) <= PROTOBUF_LIMIT:
+        _write_atomically(target, folder, lambda f: f.write(data))
         return target
     data_name = target.name + ".data"
     try:

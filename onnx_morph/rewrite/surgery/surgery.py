@@ -5,8 +5,9 @@ keeps several copies of some channels, and only the shapes of the result matter.
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -135,7 +136,7 @@ class _Surgery:
         self.nodes: dict[str, onnx.NodeProto] = {}  # the copy's nodes, by the graph's node names
         self.sliced_views: set[tuple[str, int]] = set()  # (node, input) sliced at the initializer it views
         self.created: set[str] = set()
-        self.added: dict[str, onnx.TensorProto] = {}
+        self.added: dict[str, None] = {}  # the new initializers' names, in order (values: `values`)
         self.values: dict[str, np.ndarray] = {}
         self.names = Counter(t.name for t in graph.model.graph.initializer)
         self.names.update(o for n in graph.model.graph.node for o in n.output)
@@ -151,7 +152,7 @@ class _Surgery:
     def new_initializer(self, base: str, value: np.ndarray) -> str:
         name = base if base in self.added else self._fresh(base)
         self.values[name] = value
-        self.added[name] = numpy_helper.from_array(np.ascontiguousarray(value), name)
+        self.added[name] = None
         return name
 
     def _fresh(self, base: str) -> str:
@@ -168,22 +169,28 @@ class Surgery:
     model: onnx.ModelProto
     folded: dict[tuple[str, str], np.ndarray]
     new_parameters: int = 0  # biases created to hold folded constants
+    # With `deferred`: the data of the new initializers that `model` holds as placeholders (external,
+    # without a location), which LoadedModel.encoded_parts and materialized fill in.
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def remove_channels(
-    graph: ChannelGraph, alive: np.ndarray, original: onnx.ModelProto, removed: dict[str, np.ndarray] | None = None
+    graph: ChannelGraph, alive: np.ndarray, original: onnx.ModelProto, removed: dict[str, np.ndarray] | None = None,
+    *, deferred: bool = False,
 ) -> Surgery:
     """A copy of `original` (the graph's model with its weights) without the channels of dead classes.
 
     A dead channel is not exactly zero (after BatchNorm it holds beta, after ReLU relu(beta));
     consumers fold the constants in `removed` (see removed_channel_values) into their bias where
-    doing so is exact.
+    doing so is exact. With `deferred`, the new weights stay arrays (Surgery.arrays) behind
+    placeholders, which encoding the model copies once, rather than through a TensorProto.
     """
-    return resize_channels(graph, alive.astype(np.int64), original, removed)
+    return resize_channels(graph, alive.astype(np.int64), original, removed, deferred=deferred)
 
 
 def resize_channels(
-    graph: ChannelGraph, copies: np.ndarray, original: onnx.ModelProto, removed: dict[str, np.ndarray] | None = None
+    graph: ChannelGraph, copies: np.ndarray, original: onnx.ModelProto, removed: dict[str, np.ndarray] | None = None,
+    *, deferred: bool = False,
 ) -> Surgery:
     """A copy of `original` in which channel class c appears copies[c] times, in place of once."""
     pruned = onnx.ModelProto()
@@ -193,13 +200,30 @@ def resize_channels(
     for name in graph.relations:
         node = nodes[name]
         handler_for(node.op_type, node.domain).prune(node_view(graph, name), _NodeEditor(surgery, name, node))
-    for tensor in surgery.added.values():
-        # add().CopyFrom, not extend: the upb protobuf runtime copies appended messages through
-        # serialization, which fails for a tensor over 2 GB.
-        pruned.graph.initializer.add().CopyFrom(tensor)
+    arrays = _add_initializers(pruned, surgery, deferred)
     del pruned.graph.value_info[:]
     drop_unused(pruned.graph)
-    return Surgery(pruned, surgery.folded, sum(surgery.values[name].size for name in surgery.created))
+    return Surgery(pruned, surgery.folded, sum(surgery.values[name].size for name in surgery.created), arrays)
+
+
+def _add_initializers(pruned: onnx.ModelProto, surgery: _Surgery, deferred: bool) -> dict[str, np.ndarray]:
+    """Append the new initializers; with `deferred`, those of plain numeric types as placeholders
+    (name, type, shape, external data) whose arrays are returned."""
+    arrays = {}
+    for name in surgery.added:
+        value = np.ascontiguousarray(surgery.values[name])
+        tensor = pruned.graph.initializer.add()
+        if not (deferred and value.dtype.kind in "biuf" and value.dtype.isnative and value.dtype.itemsize <= 8
+                and sys.byteorder == "little"):
+            # add().CopyFrom, not extend: the upb protobuf runtime copies appended messages through
+            # serialization, which fails for a tensor over 2 GB.
+            tensor.CopyFrom(numpy_helper.from_array(value, name))
+            continue
+        arrays[name] = value
+        tensor.name, tensor.data_type = name, onnx.helper.np_dtype_to_tensor_dtype(value.dtype)
+        tensor.dims.extend(value.shape)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+    return arrays
 
 
 def probed_tensors(graph: ChannelGraph, masks: dict[str, np.ndarray]) -> list[str]:

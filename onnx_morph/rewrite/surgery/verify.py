@@ -4,9 +4,11 @@ model against the original."""
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -141,11 +143,13 @@ def runtime_errors(ort) -> tuple[type, ...]:
 Feeds = list[dict[str, np.ndarray]]
 
 
-def run(graph: ChannelGraph, model: onnx.ModelProto, feeds: Feeds, extra_outputs: list[str] = (),
+def run(graph: ChannelGraph, model: onnx.ModelProto | bytes | str, feeds: Feeds, extra_outputs: list[str] = (),
         then: Callable[[list[list[np.ndarray]]], Feeds] | None = None, plain: Feeds = ()) -> list[list[np.ndarray]]:
-    """Outputs of `model` (then the `extra_outputs` intermediate tensors) for each feed, in one session;
-    `then`, given those results, may ask for more feeds, run alike after them; the `plain` feeds
-    come last and fetch the model's own outputs only.
+    """Outputs of `model` and then the `extra_outputs` intermediate tensors, for each feed, in one
+    session; `then`, given those results, may ask for more feeds, run alike after them; the `plain`
+    feeds come last and fetch the model's own outputs only. `model` may be the model's protobuf
+    bytes, or the path of a file that holds them (see model_file), with
+    with_outputs(graph, extra_outputs) appended, when the caller has them.
 
     When onnxruntime cannot load or run the input model itself (an op it lacks, a contradiction
     onnx's checker misses), that is the input's fault: a ModelLoadError. A failure only of a model
@@ -165,23 +169,64 @@ def run(graph: ChannelGraph, model: onnx.ModelProto, feeds: Feeds, extra_outputs
         raise
 
 
-def _run(ort, graph: ChannelGraph, model: onnx.ModelProto, feeds: Feeds, extra_outputs,
+def _run(ort, graph: ChannelGraph, model: onnx.ModelProto | bytes | str, feeds: Feeds, extra_outputs,
          then=None, plain: Feeds = ()) -> list[list[np.ndarray]]:
-    own = [o.name for o in model.graph.output]
-    if extra_outputs:
-        probe = onnx.ModelProto()
-        probe.CopyFrom(model)
-        for name in extra_outputs:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(
-                name, graph.model.dtypes.get(name, onnx.TensorProto.FLOAT), None))
-        model = probe
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if isinstance(model, onnx.ModelProto):
+        model = model.SerializeToString() + with_outputs(graph, extra_outputs)
+    session = ort.InferenceSession(model, session_options(ort), providers=["CPUExecutionProvider"])
+    del model
+    own = [o.name for o in session.get_outputs()[:len(session.get_outputs()) - len(extra_outputs)]]
     results = [session.run(None, feed) for feed in feeds]
     if then is not None:
         results += [session.run(None, feed) for feed in then(results)]
     return results + [session.run(own, feed) for feed in plain]
+
+
+@contextmanager
+def model_file(parts: list | None) -> Iterator[str | bytes | None]:
+    """The model bytes `parts` (see LoadedModel.encoded_parts) as the path of an anonymous file in
+    memory: onnxruntime loads a path for about half the CPU time and memory that the same bytes
+    cost it (it copies bytes several times over). The joined bytes where the platform has no
+    memfd_create; None for None (a model past protobuf's limit)."""
+    fd = None
+    if parts is not None and hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        try:
+            fd = os.memfd_create("onnx-morph-model", os.MFD_CLOEXEC)
+            with open(fd, "wb", closefd=False) as f:
+                for part in parts:
+                    f.write(part)
+        except OSError:  # no memfd (a sandbox), or no memory for it: the bytes, as before
+            if fd is not None:
+                os.close(fd)
+            fd = None
+    if fd is None:
+        yield None if parts is None else b"".join(parts)
+        return
+    try:
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def session_options(ort):
+    """Options for a session that runs a few times: quiet, and with workers that sleep between runs
+    (spinning, onnxruntime's default, burns a core for a while after each run; the results are the same)."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def with_outputs(graph: ChannelGraph, names: list[str]) -> bytes:
+    """Protobuf bytes that, appended to a serialized model, add `names` to its graph's outputs: a
+    parser merges a message field that occurs twice (the graph) and appends to its repeated fields
+    (the outputs), so the model's weights need not be copied and encoded again."""
+    if not names:
+        return b""
+    appendix = onnx.ModelProto()
+    appendix.graph.output.extend(onnx.helper.make_tensor_value_info(
+        name, graph.model.dtypes.get(name, onnx.TensorProto.FLOAT), None) for name in names)
+    return appendix.SerializeToString()
 
 
 def deviation(expected: list[list[np.ndarray]], actual: list[list[np.ndarray]]) -> Deviation:
