@@ -233,10 +233,16 @@ def _inprocess_child(path: str, out: str, ratio: str, round_to: str) -> int:
     """Time prune_file in this process after a warm-up call (imports and caches out of the figure)."""
     from onnx_morph.rewrite import prune_file
 
-    prune_file(path, out, ratio=float(ratio), round_to=int(round_to))
+    try:
+        from onnx_morph.rewrite import Budget
+
+        criterion, options = (Budget(ratio=float(ratio), round_to=int(round_to)),), {}
+    except ImportError:  # a baseline checkout from before the criteria
+        criterion, options = (), {"ratio": float(ratio), "round_to": int(round_to)}
+    prune_file(path, out, *criterion, **options)
     gc.collect()
     t0, c0 = time.perf_counter(), time.process_time()
-    prune_file(path, out, ratio=float(ratio), round_to=int(round_to))
+    prune_file(path, out, *criterion, **options)
     print(json.dumps({"wall": time.perf_counter() - t0, "cpu": time.process_time() - c0}))
     return 0
 
