@@ -159,7 +159,7 @@ def measured_to_target(graph: ChannelGraph, table: LatencyTable, target: float, 
     on the table's provider, threads and batch); while it keeps more than the target's share of the
     original's latency (by over `tolerance`), the prediction's error is taken out of the target and the
     channels are chosen again. Returns the alive set and what happened, for the report."""
-    from onnx_morph.profile import Timing, measure_models
+    from onnx_morph.rewrite.surgery.timing import Timing, measure_models
     from onnx_morph.rewrite.surgery.surgery import remove_channels
 
     original = graph.model.materialized()

@@ -227,7 +227,7 @@ def _probe_and_run(
 
 def _latency_check(graph: ChannelGraph, table: LatencyTable, alive: np.ndarray, pruned: onnx.ModelProto, target,
                    measure: bool) -> LatencyCheck:
-    from onnx_morph.profile import Timing, measure_models
+    from onnx_morph.rewrite.surgery.timing import Timing, measure_models
 
     model = LatencyModel(graph, table)
     medians: list[float | None] = [None, None]
