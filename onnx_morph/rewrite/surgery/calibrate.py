@@ -13,7 +13,7 @@ from onnx import numpy_helper
 from onnx_morph.errors import OptionError
 from onnx_morph.handlers import handler_for
 from onnx_morph.rewrite.editing import Names, drop_unused
-from onnx_morph.rewrite.surgery.verify import onnxruntime, session_options
+from onnx_morph.rewrite.surgery.verify import onnxruntime, reference_options
 
 
 def _with_statistics(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -38,12 +38,10 @@ def recalibrated_batchnorm(model: onnx.ModelProto, inputs: list[np.ndarray], inp
     probe.graph.output.extend(onnx.helper.make_tensor_value_info(n.input[0], onnx.TensorProto.FLOAT, None)
                               for n in norms if n.input[0] not in known)
     ort = onnxruntime()
-    options = session_options(ort)
-    # onnxruntime 1.19's graph optimizations treat a training-mode BatchNormalization whose statistics
+    # No graph rewrites: onnxruntime 1.19's optimizations treat a training-mode BatchNormalization whose statistics
     # are initializers as an inference one (normalized by the running statistics), so the measured
     # statistics downstream of it would be wrong.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(probe.SerializeToString(), reference_options(ort), providers=["CPUExecutionProvider"])
     wanted = [n.input[0] for n in norms]
     sums: dict[str, list] = {}
     for x in inputs:
