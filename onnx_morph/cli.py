@@ -7,8 +7,9 @@ import json
 import re
 import sys
 
-from onnx_morph.data import DATA_HELP
+from onnx_morph.data import CALIBRATION_IMAGES, DATA_HELP
 from onnx_morph.errors import InvariantError, OnnxMorphError, OptionError
+from onnx_morph.rewrite.training import BATCH_SIZE
 from onnx_morph.rewrite.surgery.criteria import MIN_KEEP, ROUND_TO, Budget, Criterion, Mask, Threshold
 
 
@@ -89,7 +90,7 @@ def _prune_command(commands) -> None:
     prune.add_argument("--no-verify", action="store_true", help="skip the onnxruntime comparison")
     prune.add_argument("--calibrate", metavar="DATA",
                        help=f"re-measure BatchNorm statistics of the pruned model on training images of DATA: {DATA_HELP}")
-    prune.add_argument("--calibration-images", type=int, default=1280, metavar="N",
+    prune.add_argument("--calibration-images", type=int, default=CALIBRATION_IMAGES, metavar="N",
                        help="how many training images --calibrate uses")
     _normalization(prune)
 
@@ -143,7 +144,7 @@ def _regularize_command(commands) -> None:
     regularize.add_argument("--loss", default="cross-entropy", choices=["cross-entropy", "mse", "bce"],
                             help="task loss on the model's first output")
     regularize.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="optimizer of the artifacts")
-    regularize.add_argument("--batch-size", type=int, default=64, help="training batch size (fixed in the artifacts)")
+    regularize.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="training batch size (fixed in the artifacts)")
     for option, text in (("--input-boundary", "regularize only after nodes matching this regex"),
                          ("--output-boundary", "regularize only up to nodes matching this regex"),
                          ("--force-group", "regularize the outputs of all nodes matching this regex as one group"),

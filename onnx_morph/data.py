@@ -21,6 +21,9 @@ from typing import Sequence
 import numpy as np
 
 from onnx_morph.errors import OptionError
+from onnx_morph.rewrite.training import BATCH_SIZE, CALIBRATION_BATCHES
+
+CALIBRATION_IMAGES = CALIBRATION_BATCHES * BATCH_SIZE
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_MIRROR = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -115,7 +118,7 @@ class Dataset:
 
         return replace(self, x_train=convert(self.x_train), x_test=convert(self.x_test), pixel_mean=0.0, pixel_std=1.0)
 
-    def calibration_batches(self, images: int = 1280, batch_size: int = 64) -> list[np.ndarray]:
+    def calibration_batches(self, images: int = CALIBRATION_IMAGES, batch_size: int = BATCH_SIZE) -> list[np.ndarray]:
         """The first `images` training images in batches: inputs on which to re-measure BatchNorm statistics."""
         if images < 1 or batch_size < 1:
             raise OptionError(f"calibration takes at least one image in batches of at least one, not {images} "

@@ -18,6 +18,7 @@ import onnx
 
 from onnx_morph.analysis import analyze
 from onnx_morph.data import Dataset
+from onnx_morph.rewrite.training import BATCH_SIZE, CALIBRATION_BATCHES
 from onnx_morph.rewrite.training.artifacts import make_training_artifacts
 from onnx_morph.rewrite.training.regularizer import RegularizerOptions
 from onnx_morph.rewrite.surgery.criteria import Budget, Mask
@@ -25,7 +26,7 @@ from onnx_morph.rewrite.surgery.prune import LayerWidth, prune
 from onnx_morph.rewrite.surgery.save import save_model
 from onnx_morph.rewrite.surgery.verify import onnxruntime
 from onnx_morph.target import cost_target
-from onnx_morph.train import CALIBRATION_BATCHES, accuracy, train
+from onnx_morph.train import accuracy, train
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def morphnet_loop(
     finetune_epochs: int = 1,
     learning_rate: float = 5e-3,
     finetune_learning_rate: float = 1e-3,
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     round_to: int = 4,
     target_ratio: float | None = None,
     progress: TextIO | None = None,

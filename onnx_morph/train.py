@@ -26,6 +26,7 @@ from onnx import numpy_helper
 
 from onnx_morph.errors import OptionError, TrainingError
 from onnx_morph.graph import build_channel_graph, load_model
+from onnx_morph.rewrite.training import CALIBRATION_BATCHES
 from onnx_morph.rewrite.training.artifacts import STRENGTH, TrainingArtifacts, load_artifacts, native_stderr_silenced
 from onnx_morph.rewrite.surgery.calibrate import recalibrated_batchnorm
 from onnx_morph.rewrite.training.gates import fold_gates
@@ -35,7 +36,6 @@ from onnx_morph.rewrite.surgery.verify import onnxruntime, onnxruntime_training
 from onnx_morph.target import StrengthController, structure_at
 
 Batch = tuple[np.ndarray, np.ndarray]
-CALIBRATION_BATCHES = 20
 
 
 @dataclass

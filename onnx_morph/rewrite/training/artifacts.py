@@ -25,6 +25,7 @@ from onnx import TensorProto
 from onnx_morph.costs.params import param_uses
 from onnx_morph.errors import OptionError, OutputError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
+from onnx_morph.rewrite.training import BATCH_SIZE
 from onnx_morph.rewrite.training.batch import flexible_batch
 from onnx_morph.rewrite.training.regularizer import Regularizer, RegularizerOptions
 from onnx_morph.rewrite.training.training_graph import (
@@ -55,7 +56,7 @@ class TrainingArtifacts:
     strength: float
     regularizer: RegularizerOptions | None
     trainable: list[str]
-    batch_size: int = 64
+    batch_size: int = BATCH_SIZE
     total_cost: float | None = None
     initial_cost: float | None = None
     initial_regularization: float | None = None
@@ -120,7 +121,7 @@ def make_training_artifacts(
     regularizer: RegularizerOptions | None = RegularizerOptions(),
     strength: float | None = None,
     optimizer: str = "adamw",
-    batch_size: int = 64,
+    batch_size: int = BATCH_SIZE,
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     overwrite: bool = False,
 ) -> TrainingArtifacts:
