@@ -7,24 +7,9 @@ import math
 import numpy as np
 
 from onnx_morph.errors import ModelLoadError
-from onnx_morph.handlers.base import (
-    BaseHandler,
-    NodeView,
-    OpGeometry,
-    ParamTerm,
-    Pin,
-    Relation,
-    Source,
-    Tie,
-    TensorInfo,
-    along_axis,
-    collapse_tie,
-    describe,
-    fresh_weight_and_bias,
-    slice_members,
-    spread_over_positions,
-    varying_through_weight,
-)
+from onnx_morph.handlers.base import (BaseHandler, NodeView, OpGeometry, ParamTerm, Pin, Relation, Source, Tie,
+                                      TensorInfo, along_axis, collapse_tie, describe, fresh_weight_and_bias,
+                                      slice_members, spread_over_positions, varying_through_weight)
 
 NCHW = (1,)
 

@@ -8,22 +8,9 @@ import math
 import numpy as np
 
 from onnx_morph.errors import InvariantError
-from onnx_morph.handlers.base import (
-    BaseHandler,
-    Grid,
-    NodeView,
-    ParamTerm,
-    Pin,
-    Relation,
-    Source,
-    Tie,
-    TensorInfo,
-    channel_ids,
-    describe,
-    identity_tie,
-    normalize_axis,
-    slice_members,
-)
+from onnx_morph.handlers.base import (BaseHandler, Grid, NodeView, ParamTerm, Pin, Relation, Source, Tie,
+                                      TensorInfo, channel_ids, describe, identity_tie, normalize_axis,
+                                      slice_members)
 
 _MAX_RESHAPE_ELEMENTS = 1 << 26
 

@@ -8,21 +8,9 @@ import math
 import numpy as np
 
 from onnx_morph.errors import ModelLoadError
-from onnx_morph.handlers.base import (
-    BaseHandler,
-    NodeView,
-    OpGeometry,
-    ParamTerm,
-    Pin,
-    Relation,
-    Source,
-    TensorInfo,
-    describe,
-    fresh_weight_and_bias,
-    param_dtype,
-    uniform_init,
-    varying_through_weight,
-)
+from onnx_morph.handlers.base import (BaseHandler, NodeView, OpGeometry, ParamTerm, Pin, Relation, Source,
+                                      TensorInfo, describe, fresh_weight_and_bias, param_dtype, uniform_init,
+                                      varying_through_weight)
 from onnx_morph.handlers.products import activation_product
 
 

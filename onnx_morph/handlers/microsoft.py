@@ -12,20 +12,8 @@ import math
 import numpy as np
 import onnx
 
-from onnx_morph.handlers.base import (
-    BaseHandler,
-    NodeView,
-    OpGeometry,
-    ParamTerm,
-    Pin,
-    Relation,
-    Source,
-    TensorInfo,
-    describe,
-    identity_tie,
-    pin_all,
-    varying_through_weight,
-)
+from onnx_morph.handlers.base import (BaseHandler, NodeView, OpGeometry, ParamTerm, Pin, Relation, Source,
+                                      TensorInfo, describe, identity_tie, pin_all, varying_through_weight)
 from onnx_morph.handlers.conv import Conv
 from onnx_morph.handlers.elementwise import Elementwise
 from onnx_morph.handlers.linear import Gemm, MatMul
