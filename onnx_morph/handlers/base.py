@@ -557,5 +557,10 @@ def fresh_weight_and_bias(view: NodeView, fan_in: int, rng: np.random.Generator)
     return values
 
 
+def has_channels(x: TensorInfo | None) -> bool:
+    """Whether `x` carries activation channels to relate: present, with channel axes, not a constant."""
+    return x is not None and x.axes is not None and not x.constant
+
+
 def describe(view: NodeView) -> str:
     return f"{view.op_type} node '{view.name}'"

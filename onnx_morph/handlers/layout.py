@@ -8,8 +8,8 @@ import math
 import numpy as np
 
 from onnx_morph.errors import InvariantError
-from onnx_morph.handlers.base import (BaseHandler, Grid, NodeView, ParamTerm, Pin, Relation, Source, Tie,
-                                      TensorInfo, channel_ids, describe, identity_tie, normalize_axis,
+from onnx_morph.handlers.base import (BaseHandler, Grid, NodeView, ParamTerm, Pin, Relation, Source, TensorInfo,
+                                      Tie, channel_ids, describe, has_channels, identity_tie, normalize_axis,
                                       slice_members)
 
 _MAX_RESHAPE_ELEMENTS = 1 << 26
@@ -27,7 +27,7 @@ class Reshape(BaseHandler):
 
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
-        if x is None or x.axes is None or x.constant:
+        if not has_channels(x):
             return Relation([None])
         if y.shape is None or x.shape is None or math.prod(x.shape) != math.prod(y.shape):
             return Relation([None], pins=[Pin(x.name, f"{describe(view)} has an unknown output shape")])
@@ -192,7 +192,7 @@ class Transpose(BaseHandler):
 
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
-        if x is None or x.axes is None or x.constant:
+        if not has_channels(x):
             return Relation([None])
         perm = view.attr("perm") or list(reversed(range(len(x.shape))))
         axes = tuple(perm.index(a) for a in x.axes)
@@ -317,7 +317,7 @@ class Split(BaseHandler):
     def relate(self, view: NodeView) -> Relation:
         x = view.input(0)
         outputs = view.outputs
-        if x is None or x.axes is None or x.constant:
+        if not has_channels(x):
             return Relation([None] * len(outputs))
         if any(y is None or y.shape is None for y in outputs):
             return Relation([None] * len(outputs), pins=[Pin(x.name, f"{describe(view)} has outputs of unknown shape")])
@@ -352,7 +352,7 @@ class Slice(BaseHandler):
 
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
-        if x is None or x.axes is None or x.constant:
+        if not has_channels(x):
             return Relation([None])
         rank = len(x.shape)
         starts, ends, axes, steps = self._bounds(view, rank)
@@ -583,7 +583,7 @@ class DepthToSpace(BaseHandler):
 
     def relate(self, view: NodeView) -> Relation:
         x, y = view.input(0), view.outputs[0]
-        if x is None or x.axes is None or x.constant:
+        if not has_channels(x):
             return Relation([None])
         if x.axes != (1,) or x.shape is None or y.shape is None or len(x.shape) != 4:
             return Relation([None], pins=[Pin(x.name, f"{describe(view)} needs NCHW channels on axis 1")])
@@ -606,7 +606,7 @@ class Tile(BaseHandler):
 
     def relate(self, view: NodeView) -> Relation:
         x, y, repeats = view.input(0), view.outputs[0], view.const(1)
-        if x is None or x.axes is None or x.constant or y.shape is None:
+        if not has_channels(x) or y.shape is None:
             return Relation([None])
         if repeats is None:
             return Relation([None], pins=[Pin(x.name, f"{describe(view)} takes its repeats at run time")])

@@ -10,22 +10,9 @@ from typing import Callable
 import numpy as np
 import onnx
 
-from onnx_morph.handlers.base import (
-    BaseHandler,
-    NodeView,
-    ParamTerm,
-    Pin,
-    Relation,
-    Source,
-    along_axis,
-    collapse_tie,
-    Tie,
-    describe,
-    normalize_axis,
-    param_dtype,
-    set_attribute,
-    spread_over_positions,
-)
+from onnx_morph.handlers.base import (BaseHandler, NodeView, ParamTerm, Pin, Relation, Source, Tie, along_axis,
+                                      collapse_tie, describe, has_channels, normalize_axis, param_dtype,
+                                      set_attribute, spread_over_positions)
 from onnx_morph.handlers.passthrough import pass_through
 
 NCHW = (1,)
@@ -171,7 +158,7 @@ class GroupNorm(BaseHandler):
         if x is not None and x.axes is not None and y.shape is None:
             return Relation([None], pins=[Pin(x.name, f"{describe(view)} has no inferred output shape (onnx's shape "
                                                       "inference gives none; exporters' value_info does)")])
-        if x is None or x.axes is None or x.constant or x.axes != NCHW or x.shape[1] % groups:
+        if not has_channels(x) or x.axes != NCHW or x.shape[1] % groups:
             relation = pass_through(view, f"{describe(view)} normalizes groups of channels together")
         else:
             relation = pass_through(view)

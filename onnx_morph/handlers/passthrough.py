@@ -4,19 +4,8 @@ from __future__ import annotations
 
 import onnx
 
-from onnx_morph.handlers.base import (
-    BaseHandler,
-    NodeView,
-    Pin,
-    Relation,
-    TensorInfo,
-    Tie,
-    describe,
-    grid_index,
-    identity_tie,
-    normalize_axis,
-    sub_grid_index,
-)
+from onnx_morph.handlers.base import (BaseHandler, NodeView, Pin, Relation, TensorInfo, Tie, describe, grid_index,
+                                      has_channels, identity_tie, normalize_axis, sub_grid_index)
 
 
 def keeps_channels(x: TensorInfo, y: TensorInfo | None) -> bool:
@@ -34,7 +23,7 @@ def pass_through(view: NodeView, pin_reason: str | None = None) -> Relation:
     (masks, indices, statistics) carry no channels."""
     x, y = view.input(0), view.outputs[0]
     extra = [None] * (len(view.outputs) - 1)
-    if x is None or x.axes is None or x.constant:
+    if not has_channels(x):
         return Relation([None, *extra])
     if not keeps_channels(x, y):
         return Relation([None, *extra], pins=[Pin(x.name, f"{describe(view)} changes the channel dimension")])

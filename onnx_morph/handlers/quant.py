@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnx_morph.handlers.base import BaseHandler, NodeView, Relation, TensorInfo, describe, normalize_axis, pin_all
+from onnx_morph.handlers.base import (BaseHandler, NodeView, Relation, TensorInfo, describe, has_channels,
+                                      normalize_axis, pin_all)
 from onnx_morph.handlers.conv import Conv, unpadded
 from onnx_morph.handlers.elementwise import Elementwise
 from onnx_morph.handlers.linear import Gemm, MatMul
@@ -38,7 +39,7 @@ class QuantizeLinear(BaseHandler):
 
     def relate(self, view: NodeView) -> Relation:
         x = view.input(0)
-        if x is None or x.axes is None or x.constant:
+        if not has_channels(x):
             return Relation([None] * len(view.outputs))
         if int(view.attr("block_size", 0) or 0):
             return pass_through(view, f"{describe(view)} quantizes in blocks")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import math
 
-from onnx_morph.handlers.base import BaseHandler, NodeView, OpGeometry, ParamTerm, Pin, Relation, describe
+from onnx_morph.handlers.base import (BaseHandler, NodeView, OpGeometry, ParamTerm, Pin, Relation, describe,
+                                      has_channels)
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 FEATURES = (2,)  # X is [seq, batch, input] (layout 0) or [batch, seq, input] (layout 1)
@@ -29,7 +30,7 @@ class Recurrent(BaseHandler):
             t = view.input(index)
             if t is not None and t.constant and t.shape is not None:
                 relation.params.append(ParamTerm(t.name, math.prod(t.shape)))
-        if x is None or x.axes is None or x.constant:
+        if not has_channels(x):
             return relation
         if x.shape is None or w is None or w.shape is None or not w.constant:
             relation.pins.append(Pin(x.name, f"{describe(view)} has a weight of unknown shape or computed from activations"))

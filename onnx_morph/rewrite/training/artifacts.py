@@ -45,6 +45,16 @@ OPTIMIZERS = ("adamw", "sgd")
 MAX_IR_VERSION = 10
 
 
+class _InDirectory:
+    """A file of the artifacts' directory, read as an attribute (`artifacts.eval_model`)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, artifacts: TrainingArtifacts, owner: type) -> Path:
+        return artifacts.directory / self.name
+
+
 @dataclass
 class TrainingArtifacts:
     """What `make_training_artifacts` wrote, and the model's cost before training."""
@@ -63,25 +73,11 @@ class TrainingArtifacts:
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    @property
-    def training_model(self) -> Path:
-        return self.directory / "training_model.onnx"
-
-    @property
-    def eval_model(self) -> Path:
-        return self.directory / "eval_model.onnx"
-
-    @property
-    def optimizer_model(self) -> Path:
-        return self.directory / "optimizer_model.onnx"
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.directory / "checkpoint"
-
-    @property
-    def base_model(self) -> Path:
-        return self.directory / BASE_MODEL
+    training_model = _InDirectory("training_model.onnx")
+    eval_model = _InDirectory("eval_model.onnx")
+    optimizer_model = _InDirectory("optimizer_model.onnx")
+    checkpoint = _InDirectory("checkpoint")
+    base_model = _InDirectory(BASE_MODEL)
 
     def to_json(self) -> dict:
         data = asdict(self)
