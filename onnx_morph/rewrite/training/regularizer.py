@@ -372,31 +372,19 @@ def _match(graph: ChannelGraph, pattern: str, option: str) -> set[str]:
 
 
 def _region(graph: ChannelGraph, input_boundary: list[str], output_boundary: list[str]) -> set[str]:
-    """Nodes strictly after every input-boundary node and up to (and including) output-boundary nodes."""
-    producers = {t: name for name, node in graph.nodes.items() for t in node.output}
-    consumers: dict[str, list[str]] = {}
-    for name, node in graph.nodes.items():
-        for t in node.input:
-            consumers.setdefault(t, []).append(name)
-    region = set(graph.nodes)
-    upstream = lambda n: [producers[t] for t in graph.nodes[n].input if t in producers]  # noqa: E731
+    """Nodes strictly after every input-boundary node and up to (and including) output-boundary nodes:
+    reachability in the channel graph's networkx view."""
+    import networkx as nx
+
+    view, region = graph.nx, set(graph.nodes)
     if input_boundary:
-        boundary = _matching(graph, input_boundary, "input boundary")
-        downstream = lambda n: [c for t in graph.nodes[n].output for c in consumers.get(t, [])]  # noqa: E731
-        region &= _closure(boundary, downstream) - _closure(boundary, upstream)
+        starts = _matching(graph, input_boundary, "input boundary")
+        after = set().union(*(nx.descendants(view, n) for n in starts))
+        region &= after - starts.union(*(nx.ancestors(view, n) for n in starts))
     if output_boundary:
-        region &= _closure(_matching(graph, output_boundary, "output boundary"), upstream)
+        ends = _matching(graph, output_boundary, "output boundary")
+        region &= ends.union(*(nx.ancestors(view, n) for n in ends))
     return region
-
-
-def _closure(start: set[str], step) -> set[str]:
-    seen, stack = set(start), list(start)
-    while stack:
-        for nxt in step(stack.pop()):
-            if nxt not in seen:
-                seen.add(nxt)
-                stack.append(nxt)
-    return seen
 
 
 def _forced_groups(graph: ChannelGraph, patterns: list[str]) -> list[list[int]]:
