@@ -35,7 +35,8 @@ from onnx_morph.errors import OnnxMorphError, OptionError
 from onnx_morph.graph import ChannelGraph, build_channel_graph, load_model
 from onnx_morph.rewrite.surgery.criteria import ROUND_TO
 from onnx_morph.rewrite.training.gates import gate_masks
-from onnx_morph.rewrite.training.expression import OperatorBackend, combined, regularization_term, sampled_gate_mask
+from onnx_morph.rewrite.training.expression import (OperatorBackend, combined, open_gate_mask, regularization_term,
+                                                     sampled_gate_mask)
 from onnx_morph.rewrite.training.regularizer import Gate, Regularizer, RegularizerOptions
 
 __all__ = ["MorphNetRegularizer", "MorphNetOutput", "SourceBinding", "export_onnx", "export_structure",
@@ -418,9 +419,9 @@ def _gate_hook(gate: Gate, parameter: torch.nn.Parameter, temperature: float, st
     shape = gate.shape
 
     def hook(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        if not module.training:  # .data: an export traces the mask as a constant, which must not require grad
-            return output * (parameter.data > 0).to(output.dtype).reshape(shape)
         backend = _TorchBackend(parameter.device, parameter.dtype)
+        if not module.training:  # .data: an export traces the mask as a constant, which must not require grad
+            return output * open_gate_mask(backend, parameter.data).to(output.dtype).reshape(shape)
         mask = sampled_gate_mask(backend, parameter * gate.logit_scale, gate.channels, temperature, straight_through)
         return output * mask.to(output.dtype).reshape(shape)
 

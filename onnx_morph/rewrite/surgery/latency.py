@@ -159,16 +159,14 @@ def measured_to_target(graph: ChannelGraph, table: LatencyTable, target: float, 
     on the table's provider, threads and batch); while it keeps more than the target's share of the
     original's latency (by over `tolerance`), the prediction's error is taken out of the target and the
     channels are chosen again. Returns the alive set and what happened, for the report."""
-    from onnx_morph.rewrite.surgery.timing import Timing, measure_models
     from onnx_morph.rewrite.surgery.surgery import remove_channels
+    from onnx_morph.rewrite.surgery.timing import measure_as_table
 
     original = graph.model.materialized()
-    shapes = {name: (table.batch, *shape[1:]) for name, shape in graph.model.input_shapes.items()}
-    timing = Timing(table.provider, table.threads, table.batch)
     wanted, goal, notes = target / table.model_seconds, target, []
     for _ in range(rounds):
         candidate = remove_channels(graph, alive, original, {}).model
-        full, pruned = (m.median for m in measure_models([original, candidate], shapes, graph.model.dtypes, timing))
+        full, pruned = (m.median for m in measure_as_table(graph, table, [original, candidate]))
         kept = pruned / full
         if kept <= wanted * (1 + tolerance):
             break

@@ -227,15 +227,13 @@ def _probe_and_run(
 
 def _latency_check(graph: ChannelGraph, table: LatencyTable, alive: np.ndarray, pruned: onnx.ModelProto, target,
                    measure: bool) -> LatencyCheck:
-    from onnx_morph.rewrite.surgery.timing import Timing, measure_models
+    from onnx_morph.rewrite.surgery.timing import measure_as_table
 
     model = LatencyModel(graph, table)
     medians: list[float | None] = [None, None]
     fastest: list[float | None] = [None, None]
     if measure:
-        shapes = {name: (table.batch, *shape[1:]) for name, shape in graph.model.input_shapes.items()}
-        timing = Timing(table.provider, table.threads, table.batch)
-        both = measure_models([graph.model.materialized(), pruned], shapes, graph.model.dtypes, timing)
+        both = measure_as_table(graph, table, [graph.model.materialized(), pruned])
         medians, fastest = [m.median for m in both], [m.fastest for m in both]
     return LatencyCheck(table.source, table.description,
                         None if target is None else parse_latency_target(target, table),

@@ -95,3 +95,10 @@ def measure_models(models: list[onnx.ModelProto], input_shapes: dict[str, tuple[
         median = statistics.median(series)
         results.append(Measurement(median, statistics.median(abs(t - median) for t in series), min(series)))
     return results
+
+
+def measure_as_table(graph, table, models: list[onnx.ModelProto]) -> list[Measurement]:
+    """`models` (variants of `graph`'s model) timed in turns as `table` was measured: its provider,
+    threads and batch."""
+    shapes = {name: (table.batch, *shape[1:]) for name, shape in graph.model.input_shapes.items()}
+    return measure_models(models, shapes, graph.model.dtypes, Timing(table.provider, table.threads, table.batch))

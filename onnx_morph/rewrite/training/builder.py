@@ -52,8 +52,12 @@ class Builder:
         return self.scale(self.node("Cast", [fixed], to=TensorProto.FLOAT), 1.0 / DETACH_SCALE)
 
     def apply_gate(self, gate: Gate, ungated: str, mask: str) -> None:
-        shaped = self.node("Reshape", [mask, self.const("shape", gate.shape, np.int64)])
-        self.graph.node.append(helper.make_node("Mul", [ungated, shaped], [gate.tensor], name=f"{gate.param}/apply"))
+        self.graph.node.append(helper.make_node("Mul", [ungated, self.gate_shaped(gate, mask)], [gate.tensor],
+                                                name=f"{gate.param}/apply"))
+
+    def gate_shaped(self, gate: Gate, mask: str) -> str:
+        """The per-channel `mask` shaped to broadcast over the gated tensor."""
+        return self.node("Reshape", [mask, self.const("shape", gate.shape, np.int64)])
 
     def gate_logits(self, gate: Gate) -> str:
         """`Gate.logits` in the graph: the stored parameter times the gate's logit scale."""

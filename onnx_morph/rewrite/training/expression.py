@@ -230,6 +230,11 @@ def sampled_gate_mask(backend: Backend[T], logits: T, size: int, temperature: fl
     return backend.add(hard, backend.sub(mask, backend.detached(mask)))
 
 
+def open_gate_mask(backend: Backend[T], logits: T) -> T:
+    """The eval mask of a gate: 1 where its logit is positive (the gate more likely open than not)."""
+    return backend.as_float(backend.at_least(logits, backend.constant("zero", np.array(0.0)), inclusive=False))
+
+
 class OperatorBackend:
     """The operations numpy arrays and torch tensors spell alike (operators and shared methods)."""
 

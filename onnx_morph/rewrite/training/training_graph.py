@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -23,7 +22,7 @@ from onnx_morph.errors import OptionError
 from onnx_morph.handlers import handler_for
 from onnx_morph.rewrite.editing import Names, drop_unused
 from onnx_morph.rewrite.training.builder import PREFIX, Builder
-from onnx_morph.rewrite.training.expression import regularization_term, sampled_gate_mask
+from onnx_morph.rewrite.training.expression import open_gate_mask, regularization_term, sampled_gate_mask
 from onnx_morph.rewrite.training.regularizer import Gate, Regularizer
 
 REGULARIZATION = "morph_regularization"
@@ -133,11 +132,8 @@ def deterministic_gates(model: onnx.ModelProto, gates: tuple[Gate, ...] | list[G
             raise OptionError(f"the model has no gate '{gate.param}'")
         index = applied[f"{gate.param}/apply"]
         start = len(model.graph.node)
-        mask = builder.node("Cast", [builder.node("Greater", [builder.gate_logits(gate),
-                                                              builder.const("zero", np.array(0.0))])],
-                            to=TensorProto.FLOAT)
-        model.graph.node[index].input[1] = builder.node(
-            "Reshape", [mask, builder.const("shape", gate.shape, np.int64)])
+        mask = open_gate_mask(builder, builder.gate_logits(gate))
+        model.graph.node[index].input[1] = builder.gate_shaped(gate, mask)
         placements.append((index, start, True))
     _place(model.graph, placements)
     drop_unused(model.graph, PREFIX)
